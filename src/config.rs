@@ -1,0 +1,345 @@
+//! Typed settings, loaded in layers and validated at start-up.
+//!
+//! Layers, later wins: the embedded `config/default.toml`, then
+//! `config/<USAGE_WORKER_ENV>.toml` (looked up under `USAGE_WORKER_CONFIG_DIR`,
+//! default `config`), then `USAGE_WORKER__<SECTION>__<KEY>` environment
+//! variables, then the conventional `DATABASE_URL` and
+//! `KAFKA_BOOTSTRAP_SERVERS`. Unknown keys and bad values stop start-up with a
+//! message naming the setting.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+    pub pipeline: PipelineSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub statement_timeout_ms: u64,
+    pub migrate_on_start: bool,
+}
+
+/// The URL may carry a password: never print it.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    #[serde(deserialize_with = "offset_reset")]
+    pub auto_offset_reset: OffsetReset,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSettings {
+    pub usage_events: String,
+    pub subscriptions: String,
+    pub usage_results: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    pub batch_size: usize,
+    pub linger_ms: u64,
+    pub max_payload_bytes: usize,
+    pub max_future_usage_time_secs: i64,
+    pub period_grace_secs: i64,
+    pub snapshot_wait_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    pub outcome_retention_days: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(deserialize_with = "log_format")]
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Enum settings are read as text so that the error names the setting (the
+/// config crate's own enum errors do not).
+fn offset_reset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<OffsetReset, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "earliest" => Ok(OffsetReset::Earliest),
+        "latest" => Ok(OffsetReset::Latest),
+        other => Err(serde::de::Error::custom(format!(
+            "kafka.auto_offset_reset must be \"earliest\" or \"latest\", got {other:?}"
+        ))),
+    }
+}
+
+fn log_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(serde::de::Error::custom(format!(
+            "log.format must be \"text\" or \"json\", got {other:?}"
+        ))),
+    }
+}
+
+impl Settings {
+    /// Loads the layers from the process environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(&vars)
+    }
+
+    /// Loads the layers from the given environment (tests pass their own).
+    pub fn load_from(vars: &[(String, String)]) -> anyhow::Result<Self> {
+        let var = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(env) = var("USAGE_WORKER_ENV").filter(|e| !e.is_empty()) {
+            let dir =
+                PathBuf::from(var("USAGE_WORKER_CONFIG_DIR").unwrap_or_else(|| "config".into()));
+            let path = dir.join(format!("{env}.toml"));
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("USAGE_WORKER_ENV={env}: cannot read {}", path.display())
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        for (key, value) in vars {
+            let Some(rest) = key.strip_prefix("USAGE_WORKER__") else {
+                continue;
+            };
+            let path = rest.to_ascii_lowercase().replace("__", ".");
+            builder = builder
+                .set_override(&path, value.as_str())
+                .with_context(|| format!("setting {key}"))?;
+        }
+        if let Some(url) = var("DATABASE_URL") {
+            builder = builder.set_override("database.url", url)?;
+        }
+        if let Some(servers) = var("KAFKA_BOOTSTRAP_SERVERS") {
+            builder = builder.set_override("kafka.bootstrap_servers", servers)?;
+        }
+        let settings: Settings = builder
+            .build()
+            .context("loading settings")?
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        fn positive(name: &str, value: u64) -> anyhow::Result<()> {
+            if value == 0 {
+                bail!("invalid setting {name}: must be greater than 0");
+            }
+            Ok(())
+        }
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            bail!("invalid setting database.url (DATABASE_URL): must be a postgres:// URL");
+        }
+        positive(
+            "database.max_connections",
+            self.database.max_connections.into(),
+        )?;
+        positive(
+            "database.statement_timeout_ms",
+            self.database.statement_timeout_ms,
+        )?;
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            bail!("invalid setting kafka.bootstrap_servers (KAFKA_BOOTSTRAP_SERVERS): must not be empty");
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            bail!("invalid setting kafka.group_id: must not be empty");
+        }
+        positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
+        positive(
+            "kafka.heartbeat_interval_ms",
+            self.kafka.heartbeat_interval_ms,
+        )?;
+        for (name, topic) in [
+            ("topics.usage_events", &self.topics.usage_events),
+            ("topics.subscriptions", &self.topics.subscriptions),
+            ("topics.usage_results", &self.topics.usage_results),
+        ] {
+            if topic.is_empty()
+                || topic.len() > 249
+                || !topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                bail!("invalid setting {name}: {topic:?} is not a valid Kafka topic name");
+            }
+        }
+        let p = &self.pipeline;
+        positive("pipeline.batch_size", p.batch_size as u64)?;
+        positive("pipeline.max_payload_bytes", p.max_payload_bytes as u64)?;
+        positive("pipeline.shutdown_timeout_ms", p.shutdown_timeout_ms)?;
+        positive(
+            "pipeline.retry_initial_backoff_ms",
+            p.retry_initial_backoff_ms,
+        )?;
+        if p.retry_max_backoff_ms < p.retry_initial_backoff_ms {
+            bail!("invalid setting pipeline.retry_max_backoff_ms: must be at least pipeline.retry_initial_backoff_ms");
+        }
+        if p.max_future_usage_time_secs < 0 {
+            bail!("invalid setting pipeline.max_future_usage_time_secs: must not be negative");
+        }
+        if p.period_grace_secs < 0 {
+            bail!("invalid setting pipeline.period_grace_secs: must not be negative");
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| anyhow::anyhow!("invalid setting log.level: {e}"))?;
+        Ok(())
+    }
+}
+
+impl PipelineSettings {
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+    pub fn snapshot_wait(&self) -> Duration {
+        Duration::from_millis(self.snapshot_wait_ms)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    pub fn max_future(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.max_future_usage_time_secs)
+    }
+    pub fn period_grace(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.period_grace_secs)
+    }
+}
+
+/// Replaces the password of a URL, for logs and errors.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_load() {
+        let s = Settings::load_from(&[]).unwrap();
+        assert_eq!(s.kafka.group_id, "usage-worker");
+        assert_eq!(s.topics.usage_events, "usage-events");
+        assert_eq!(s.pipeline.max_payload_bytes, 65536);
+        assert_eq!(s.kafka.auto_offset_reset, OffsetReset::Earliest);
+    }
+
+    #[test]
+    fn environment_overrides_sections_and_conventional_names() {
+        let s = Settings::load_from(&env(&[
+            ("USAGE_WORKER__PIPELINE__BATCH_SIZE", "17"),
+            ("USAGE_WORKER__KAFKA__GROUP_ID", "billing"),
+            ("DATABASE_URL", "postgres://u:p@db/x"),
+            ("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092"),
+        ]))
+        .unwrap();
+        assert_eq!(s.pipeline.batch_size, 17);
+        assert_eq!(s.kafka.group_id, "billing");
+        assert_eq!(s.database.url, "postgres://u:p@db/x");
+        assert_eq!(s.kafka.bootstrap_servers, "k1:9092,k2:9092");
+    }
+
+    #[test]
+    fn bad_value_names_the_setting() {
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "lots")]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("batch_size"), "{err:#}");
+        let err =
+            Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "0")])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("pipeline.batch_size"),
+            "{err:#}"
+        );
+        let err = Settings::load_from(&env(&[(
+            "USAGE_WORKER__KAFKA__AUTO_OFFSET_RESET",
+            "middle",
+        )]))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("auto_offset_reset"), "{err:#}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err =
+            Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZES", "5")])).unwrap_err();
+        assert!(format!("{err:#}").contains("batch_sizes"), "{err:#}");
+    }
+
+    #[test]
+    fn missing_environment_file_is_named() {
+        let err = Settings::load_from(&env(&[("USAGE_WORKER_ENV", "nowhere")])).unwrap_err();
+        assert!(format!("{err:#}").contains("nowhere.toml"), "{err:#}");
+    }
+
+    #[test]
+    fn database_password_never_prints() {
+        let s =
+            Settings::load_from(&env(&[("DATABASE_URL", "postgres://u:hunter2@db/x")])).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("***"));
+    }
+}

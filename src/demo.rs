@@ -1,0 +1,363 @@
+//! `usage-worker demo`: the real pipeline on an embedded Kafka mock cluster
+//! and a fresh local database, fed with generated subscriptions and a mixed
+//! stream of events, ending with a summary read back from `usage-results`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{Duration as Span, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::config::Settings;
+use crate::kafka::mock::EmbeddedKafka;
+use crate::{pipeline, store};
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How many usage events to publish.
+    #[arg(long, default_value_t = 5000)]
+    pub events: usize,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Keep the demo database instead of dropping it at the end.
+    #[arg(long)]
+    pub keep_database: bool,
+}
+
+const SUBSCRIPTIONS: usize = 12;
+
+pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
+    let kafka = EmbeddedKafka::start(1)?;
+    let t = settings.topics.clone();
+    for topic in [&t.usage_events, &t.subscriptions, &t.usage_results] {
+        kafka.create_topic(topic, args.partitions)?;
+    }
+    settings.kafka.bootstrap_servers = kafka.bootstrap_servers().to_owned();
+    settings.kafka.session_timeout_ms = 6000;
+    settings.kafka.heartbeat_interval_ms = 500;
+
+    let database = format!("usage_worker_demo_{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
+    settings.database.url = with_database(&settings.database.url, &database)?;
+    store::create_database(&settings.database.url).await?;
+    let pool = store::connect(&settings.database).await?;
+    store::migrate(&pool).await?;
+    eprintln!(
+        "demo: mock Kafka at {}, database {database}",
+        kafka.bootstrap_servers()
+    );
+
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("linger.ms", "5")
+        .create()?;
+    for (id, snapshot) in subscriptions() {
+        send(&producer, &t.subscriptions, &id, &snapshot)?;
+    }
+
+    let stats = Arc::new(pipeline::Stats::default());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(pipeline::run(
+        settings.clone(),
+        pool.clone(),
+        stats.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let events = events(args.events);
+    let started = Instant::now();
+    for (key, payload) in &events {
+        send(&producer, &t.usage_events, key, payload)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+
+    let outcomes = read_outcomes(
+        &settings,
+        &t.usage_results,
+        args.partitions,
+        events.len(),
+        &worker,
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    eprintln!();
+    let _ = stop_tx.send(());
+    worker.await.context("worker task")??;
+
+    print_summary(&outcomes, events.len(), elapsed);
+    pool.close().await;
+    if !args.keep_database {
+        drop_database(&settings.database.url, &database).await?;
+    } else {
+        println!("database kept: {database}");
+    }
+    Ok(())
+}
+
+fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(url).context("invalid setting database.url (DATABASE_URL)")?;
+    url.set_path(database);
+    Ok(url.to_string())
+}
+
+async fn drop_database(url: &str, database: &str) -> anyhow::Result<()> {
+    let admin = with_database(url, "postgres")?;
+    let pool = sqlx::PgPool::connect(&admin).await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+    ))
+    .execute(&pool)
+    .await?;
+    Ok(())
+}
+
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) -> anyhow::Result<()> {
+    loop {
+        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                _,
+            )) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
+}
+
+/// A handful of subscriptions that exercise every rule: generous and tight
+/// hard limits, no limit, a paused one, one whose period closed long ago,
+/// and one that never named a period.
+fn subscriptions() -> Vec<(String, String)> {
+    let now = Utc::now();
+    let start = (now - Span::days(10)).to_rfc3339();
+    let end = (now + Span::days(20)).to_rfc3339();
+    let mut subs = Vec::new();
+    for i in 0..SUBSCRIPTIONS {
+        let id = format!("sub_{i}");
+        let (status, limits, period) = match i {
+            0 => (
+                "paused",
+                r#"{"hardLimit": 100}"#.to_owned(),
+                Some((start.clone(), end.clone())),
+            ),
+            1 => (
+                "active",
+                r#"{"hardLimit": 50}"#.to_owned(),
+                Some((
+                    (now - Span::days(60)).to_rfc3339(),
+                    (now - Span::days(30)).to_rfc3339(),
+                )),
+            ),
+            2 => (
+                "active",
+                r#"{"hardLimit": {"quantity": 500}}"#.to_owned(),
+                None,
+            ),
+            3 => (
+                "trial",
+                "null".to_owned(),
+                Some((start.clone(), end.clone())),
+            ),
+            _ => (
+                "active",
+                format!(r#"{{"hardLimit": {{"quantity": {}}}}}"#, 400 + 150 * i),
+                Some((start.clone(), end.clone())),
+            ),
+        };
+        let period = match period {
+            Some((s, e)) => {
+                format!(r#""currentPeriodStartTime": "{s}", "currentPeriodEndTime": "{e}","#)
+            }
+            None => String::new(),
+        };
+        let snapshot = format!(
+            r#"{{"id": "{id}", "status": "{status}", "version": 1, {period} "usageLimits": {limits}}}"#
+        );
+        subs.push((id, snapshot));
+    }
+    subs
+}
+
+/// A deterministic mix of events: mostly valid, some partial, some over the
+/// limit, some invalid, some re-sent (duplicates), some for unknown
+/// subscriptions.
+fn events(count: usize) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::with_capacity(count);
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..count {
+        let r = next();
+        let sub = format!("sub_{}", r % SUBSCRIPTIONS as u64);
+        let quantity = format!("{}.{:03}", 1 + r % 9, (r >> 8) % 1000);
+        let payload = match (r >> 20) % 100 {
+            0..=59 => {
+                format!(r#"{{"id": "evt_{i}", "subscriptionId": "{sub}", "quantity": {quantity}}}"#)
+            }
+            60..=79 => format!(
+                r#"{{"id": "evt_{i}", "subscriptionId": "{sub}", "quantity": "{quantity}", "acceptPartialQuantity": true}}"#
+            ),
+            80..=83 if i > 0 => {
+                // An earlier event sent again, unchanged: a duplicate (or the
+                // same rejection again, when the first was rejected).
+                let (key, payload) = out[(r >> 32) as usize % i].clone();
+                out.push((key, payload));
+                continue;
+            }
+            84 if i > 0 => {
+                // An earlier id with a different quantity: a conflict.
+                let j = (r >> 32) as usize % i;
+                format!(r#"{{"id": "evt_{j}", "subscriptionId": "{sub}", "quantity": 0.001}}"#)
+            }
+            95 => {
+                // Usage inside sub_1's period that closed a month ago.
+                let when = (Utc::now() - Span::days(45)).to_rfc3339();
+                let payload = format!(
+                    r#"{{"id": "evt_{i}", "subscriptionId": "sub_1", "quantity": 1, "usageTime": "{when}"}}"#
+                );
+                out.push(("sub_1".to_owned(), payload));
+                continue;
+            }
+            85..=87 => {
+                format!(r#"{{"id": "evt_{i}", "subscriptionId": "sub_unknown", "quantity": 1}}"#)
+            }
+            88..=89 => {
+                format!(r#"{{"id": "evt_{i}", "subscriptionId": "{sub}", "quantity": 0.0005}}"#)
+            }
+            90..=91 => format!(r#"{{"id": "evt_{i}", "subscriptionId": "{sub}"}}"#),
+            92 => "not json at all".to_owned(),
+            93 => format!(
+                r#"{{"id": "evt_{i}", "subscriptionId": "{sub}", "quantity": 1, "usageTime": "2026-01-01T00:00:00"}}"#
+            ),
+            _ => format!(r#"{{"subscriptionId": "{sub}", "quantity": 1e0}}"#),
+        };
+        out.push((sub, payload));
+    }
+    out
+}
+
+/// Reads `usage-results` from the start until `expected` outcomes arrived,
+/// with a progress line.
+async fn read_outcomes(
+    settings: &Settings,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    worker: &tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("group.id", "usage-worker-demo-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    let mut outcomes = Vec::with_capacity(expected);
+    while outcomes.len() < expected {
+        anyhow::ensure!(!worker.is_finished(), "the worker stopped early");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "timed out waiting for outcomes"
+        );
+        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(100)));
+        if let Some(message) = polled {
+            let message = message?;
+            if let Some(payload) = message.payload() {
+                outcomes.push(serde_json::from_slice(payload)?);
+            }
+        }
+        if last_print.elapsed() > Duration::from_millis(250) {
+            last_print = Instant::now();
+            let rate = outcomes.len() as f64 / started.elapsed().as_secs_f64().max(0.001);
+            eprint!(
+                "\rdemo: {}/{} outcomes ({rate:.0}/s)   ",
+                outcomes.len(),
+                expected
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    Ok(outcomes)
+}
+
+fn print_summary(outcomes: &[serde_json::Value], events: usize, elapsed: Duration) {
+    let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut samples: HashMap<(String, String), &serde_json::Value> = HashMap::new();
+    let mut per_source: HashMap<(i64, i64), usize> = HashMap::new();
+    for outcome in outcomes {
+        let mut status = outcome["status"].as_str().unwrap_or("?").to_owned();
+        if outcome["partial"] == serde_json::Value::Bool(true) {
+            status.push_str(" (partial)");
+        }
+        let code = outcome["error"]["code"].as_str().unwrap_or("").to_owned();
+        *counts.entry((status.clone(), code.clone())).or_default() += 1;
+        samples.entry((status, code)).or_insert(outcome);
+        let source = (
+            outcome["source"]["partition"].as_i64().unwrap_or(-1),
+            outcome["source"]["offset"].as_i64().unwrap_or(-1),
+        );
+        *per_source.entry(source).or_default() += 1;
+    }
+    let repeated = per_source.values().filter(|n| **n > 1).count();
+    println!("\n== usage-worker demo ==");
+    println!("events published     {events}");
+    println!(
+        "outcomes read back   {} ({} events with more than one outcome)",
+        outcomes.len(),
+        repeated
+    );
+    println!(
+        "elapsed              {:.2} s ({:.0} events/s end to end)",
+        elapsed.as_secs_f64(),
+        events as f64 / elapsed.as_secs_f64()
+    );
+    println!("\n{:<18} {:<26} {:>7}", "status", "reason", "count");
+    for ((status, code), count) in &counts {
+        println!(
+            "{:<18} {:<26} {:>7}",
+            status,
+            if code.is_empty() { "-" } else { code },
+            count
+        );
+    }
+    println!("\nsample outcomes:");
+    for key in [
+        ("created".to_owned(), String::new()),
+        ("created (partial)".to_owned(), String::new()),
+        ("duplicate".to_owned(), String::new()),
+        ("rejected".to_owned(), "usage_limit_exceeded".to_owned()),
+        ("rejected".to_owned(), "invalid_field".to_owned()),
+    ] {
+        if let Some(sample) = samples.get(&key) {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(sample).unwrap_or_default()
+            );
+        }
+    }
+}

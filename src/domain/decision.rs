@@ -1,0 +1,650 @@
+//! The limit decision: given a validated request and what the database knows
+//! about its subscription, is the usage created, clamped, a duplicate or
+//! rejected, and why. Pure: the caller loads the state, applies the decisions
+//! in input order (each one updates the in-memory `used`), and stores them.
+
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+
+use super::event::UsageRequest;
+use super::{ReasonCode, Rejection};
+
+/// Start of the open-ended period of a subscription that never named one.
+/// A real timestamp (0001-01-01T00:00:00Z, within PostgreSQL's range) so that
+/// every period has a start and one key shape.
+pub fn open_period_start() -> DateTime<Utc> {
+    DateTime::from_timestamp(-62_135_596_800, 0).expect("0001-01-01 is representable")
+}
+
+/// Smallest billable quantity.
+pub fn min_quantity() -> Decimal {
+    Decimal::new(1, 3)
+}
+
+/// One service period of a subscription and what has been accepted in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodState {
+    /// Inclusive; `open_period_start()` for the implicit open-ended period.
+    pub start: DateTime<Utc>,
+    /// Exclusive; `None` while open-ended.
+    pub end: Option<DateTime<Utc>>,
+    pub hard_limit: Option<Decimal>,
+    pub used: Decimal,
+    /// Set when the period was closed early (an invoice was issued for it).
+    pub closed_time: Option<DateTime<Utc>>,
+}
+
+impl PeriodState {
+    pub fn contains(&self, t: DateTime<Utc>) -> bool {
+        self.start <= t && self.end.is_none_or(|end| t < end)
+    }
+
+    /// A period accepts usage until its end plus the grace time, unless it was
+    /// closed before that.
+    pub fn is_closed(&self, now: DateTime<Utc>, grace: Duration) -> bool {
+        self.closed_time.is_some_and(|c| c <= now) || self.end.is_some_and(|end| end + grace <= now)
+    }
+}
+
+/// What the decision needs to know about a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionState {
+    pub id: String,
+    pub status: String,
+    pub deleted: bool,
+    pub periods: Vec<PeriodState>,
+}
+
+impl SubscriptionState {
+    /// The period that counts a usage at `t`: the one containing it; where a
+    /// correction left two overlapping, the later-starting one.
+    pub fn period_index_at(&self, t: DateTime<Utc>) -> Option<usize> {
+        self.periods
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.contains(t))
+            .max_by_key(|(_, p)| p.start)
+            .map(|(i, _)| i)
+    }
+}
+
+/// A usage already stored under the request's id, as far as the idempotency
+/// comparison needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredUsage {
+    pub id: String,
+    pub subscription_id: String,
+    pub quantity: Decimal,
+    pub requested_quantity: Decimal,
+    pub accept_partial: bool,
+    pub usage_time: DateTime<Utc>,
+    pub invoice_id: Option<String>,
+    pub invoice_item_id: Option<String>,
+    pub created_time: DateTime<Utc>,
+    pub updated_time: DateTime<Utc>,
+}
+
+impl StoredUsage {
+    /// SPEC: "the same" request compares subscriptionId, the requested
+    /// quantity by value, acceptPartialQuantity, and usageTime as an instant
+    /// only when the request gave one.
+    pub fn same_request(&self, req: &UsageRequest) -> bool {
+        self.subscription_id == req.subscription_id
+            && self.requested_quantity == req.quantity
+            && self.accept_partial == req.accept_partial
+            && req.usage_time.is_none_or(|t| t == self.usage_time)
+    }
+}
+
+/// Which limit decided, with the figures the outcome reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitReport {
+    pub applied: &'static str,
+    pub limit: Decimal,
+    /// Used in the period after this decision.
+    pub used: Decimal,
+    /// Still available after this decision.
+    pub available: Decimal,
+    pub period_start: DateTime<Utc>,
+    pub period_end: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Counted in full, or clamped to what was available (`partial`).
+    Created {
+        quantity: Decimal,
+        requested_quantity: Decimal,
+        partial: bool,
+        usage_time: DateTime<Utc>,
+        period_start: DateTime<Utc>,
+        period_end: Option<DateTime<Utc>>,
+        limit: Option<LimitReport>,
+    },
+    /// The same request was already stored: nothing counted again.
+    Duplicate { original: StoredUsage },
+    Rejected {
+        rejection: Rejection,
+        /// For `usage_limit_exceeded`: what was available and which limit.
+        limit: Option<LimitReport>,
+    },
+}
+
+/// Decides one request. `now` is the processing time (periods close by the
+/// clock), `usage_time` the request's effective usage time. On `Created`
+/// the chosen period's `used` grows by the accepted quantity, so the next
+/// request of the same batch sees it.
+pub fn decide(
+    req: &UsageRequest,
+    usage_time: DateTime<Utc>,
+    existing: Option<&StoredUsage>,
+    subscription: Option<&mut SubscriptionState>,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> Decision {
+    let reject = |code, field: Option<&'static str>, message: String| Decision::Rejected {
+        rejection: Rejection {
+            code,
+            message,
+            field,
+            invalid_fields: Vec::new(),
+        },
+        limit: None,
+    };
+
+    if let Some(original) = existing {
+        return if original.same_request(req) {
+            Decision::Duplicate {
+                original: original.clone(),
+            }
+        } else {
+            reject(
+                ReasonCode::IdempotencyConflict,
+                Some("id"),
+                format!(
+                    "usage {} already exists with a different request",
+                    original.id
+                ),
+            )
+        };
+    }
+
+    let Some(sub) = subscription else {
+        return reject(
+            ReasonCode::SubscriptionNotFound,
+            Some("subscriptionId"),
+            format!("subscription {} is not known", req.subscription_id),
+        );
+    };
+    if sub.deleted || !super::subscription::accepts_usage(&sub.status) {
+        let status = if sub.deleted {
+            "deleted"
+        } else {
+            sub.status.as_str()
+        };
+        return reject(
+            ReasonCode::SubscriptionNotActive,
+            Some("subscriptionId"),
+            format!("subscription {} is {status}, not active or trial", sub.id),
+        );
+    }
+
+    let Some(index) = sub.period_index_at(usage_time) else {
+        return reject(
+            ReasonCode::NoServicePeriod,
+            Some("usageTime"),
+            format!(
+                "no service period of subscription {} contains {usage_time:?}",
+                sub.id
+            ),
+        );
+    };
+    let period = &mut sub.periods[index];
+    if period.is_closed(now, grace) {
+        return reject(
+            ReasonCode::PeriodClosed,
+            Some("usageTime"),
+            format!(
+                "the service period starting {:?} is closed for new usage",
+                period.start
+            ),
+        );
+    }
+
+    let requested = req.quantity;
+    let available = period
+        .hard_limit
+        .map(|limit| (limit - period.used).max(Decimal::ZERO));
+    let quantity = match available {
+        Some(available) if requested > available => {
+            if req.accept_partial && available >= min_quantity() {
+                available
+            } else {
+                return Decision::Rejected {
+                    rejection: Rejection::on_field(
+                        ReasonCode::UsageLimitExceeded,
+                        "quantity",
+                        format!(
+                            "quantity {requested} exceeds the {available} available under hardLimit"
+                        ),
+                    ),
+                    limit: Some(report(period, period.used, available)),
+                };
+            }
+        }
+        _ => requested,
+    };
+
+    period.used += quantity;
+    let limit = period.hard_limit.map(|limit| {
+        report(
+            period,
+            period.used,
+            (limit - period.used).max(Decimal::ZERO),
+        )
+    });
+    Decision::Created {
+        quantity,
+        requested_quantity: requested,
+        partial: quantity != requested,
+        usage_time,
+        period_start: period.start,
+        period_end: period.end,
+        limit,
+    }
+}
+
+fn report(period: &PeriodState, used: Decimal, available: Decimal) -> LimitReport {
+    LimitReport {
+        applied: "hardLimit",
+        limit: period.hard_limit.unwrap_or_default(),
+        used,
+        available,
+        period_start: period.start,
+        period_end: period.end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn now() -> DateTime<Utc> {
+        t("2026-11-27T12:00:00Z")
+    }
+
+    fn grace() -> Duration {
+        Duration::hours(1)
+    }
+
+    fn sub(hard: Option<&str>) -> SubscriptionState {
+        SubscriptionState {
+            id: "sub_1".into(),
+            status: "active".into(),
+            deleted: false,
+            periods: vec![PeriodState {
+                start: t("2026-11-01T00:00:00Z"),
+                end: Some(t("2026-12-01T00:00:00Z")),
+                hard_limit: hard.map(d),
+                used: Decimal::ZERO,
+                closed_time: None,
+            }],
+        }
+    }
+
+    fn req(quantity: &str, partial: bool) -> UsageRequest {
+        UsageRequest {
+            id: Some("usg_1".into()),
+            subscription_id: "sub_1".into(),
+            quantity: d(quantity),
+            usage_time: None,
+            accept_partial: partial,
+        }
+    }
+
+    fn decide_now(r: &UsageRequest, s: &mut SubscriptionState) -> Decision {
+        decide(r, now(), None, Some(s), now(), grace())
+    }
+
+    fn code(decision: &Decision) -> Option<ReasonCode> {
+        match decision {
+            Decision::Rejected { rejection, .. } => Some(rejection.code),
+            _ => None,
+        }
+    }
+
+    fn created_quantity(decision: &Decision) -> Decimal {
+        match decision {
+            Decision::Created { quantity, .. } => *quantity,
+            other => panic!("expected created, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn creates_within_the_hard_limit_and_reports_what_is_left() {
+        let mut s = sub(Some("1000"));
+        let decision = decide_now(&req("12.5", false), &mut s);
+        let Decision::Created {
+            limit: Some(limit),
+            partial,
+            ..
+        } = &decision
+        else {
+            panic!("{decision:?}")
+        };
+        assert!(!partial);
+        assert_eq!(
+            (limit.used, limit.available, limit.limit),
+            (d("12.5"), d("987.5"), d("1000"))
+        );
+        assert_eq!(s.periods[0].used, d("12.5"));
+    }
+
+    #[test]
+    fn exact_decimals_fill_a_limit_to_the_last_unit() {
+        let mut s = sub(Some("0.3"));
+        assert_eq!(
+            created_quantity(&decide_now(&req("0.1", false), &mut s)),
+            d("0.1")
+        );
+        assert_eq!(
+            created_quantity(&decide_now(&req("0.2", false), &mut s)),
+            d("0.2")
+        );
+        assert_eq!(s.periods[0].used, d("0.3"));
+        assert_eq!(
+            code(&decide_now(&req("0.001", false), &mut s)),
+            Some(ReasonCode::UsageLimitExceeded)
+        );
+    }
+
+    #[test]
+    fn rejects_over_the_limit_without_partial_and_says_what_was_available() {
+        let mut s = sub(Some("10"));
+        s.periods[0].used = d("7");
+        let decision = decide_now(&req("5", false), &mut s);
+        let Decision::Rejected {
+            rejection,
+            limit: Some(limit),
+        } = &decision
+        else {
+            panic!("{decision:?}")
+        };
+        assert_eq!(rejection.code, ReasonCode::UsageLimitExceeded);
+        assert_eq!(rejection.field, Some("quantity"));
+        assert_eq!(limit.available, d("3"));
+        assert_eq!(limit.applied, "hardLimit");
+        assert_eq!(s.periods[0].used, d("7"), "a rejection counts nothing");
+    }
+
+    #[test]
+    fn clamps_to_available_when_partial_accepted() {
+        let mut s = sub(Some("10"));
+        s.periods[0].used = d("7.5");
+        let decision = decide_now(&req("5", true), &mut s);
+        let Decision::Created {
+            quantity,
+            requested_quantity,
+            partial,
+            limit,
+            ..
+        } = &decision
+        else {
+            panic!("{decision:?}")
+        };
+        assert_eq!(
+            (*quantity, *requested_quantity, *partial),
+            (d("2.5"), d("5"), true)
+        );
+        assert_eq!(limit.as_ref().unwrap().available, Decimal::ZERO);
+        assert_eq!(s.periods[0].used, d("10"));
+    }
+
+    #[test]
+    fn partial_with_nothing_left_is_rejected() {
+        let mut s = sub(Some("10"));
+        s.periods[0].used = d("10");
+        assert_eq!(
+            code(&decide_now(&req("1", true), &mut s)),
+            Some(ReasonCode::UsageLimitExceeded)
+        );
+    }
+
+    #[test]
+    fn a_limit_lowered_below_usage_leaves_zero_not_negative() {
+        let mut s = sub(Some("5"));
+        s.periods[0].used = d("8");
+        let decision = decide_now(&req("1", false), &mut s);
+        let Decision::Rejected {
+            limit: Some(limit), ..
+        } = decision
+        else {
+            panic!()
+        };
+        assert_eq!(limit.available, Decimal::ZERO);
+    }
+
+    #[test]
+    fn no_hard_limit_means_no_cap() {
+        let mut s = sub(None);
+        assert_eq!(
+            created_quantity(&decide_now(&req("999999999999.999", false), &mut s)),
+            d("999999999999.999")
+        );
+    }
+
+    #[test]
+    fn unknown_subscription_is_not_found() {
+        let decision = decide(&req("1", false), now(), None, None, now(), grace());
+        assert_eq!(code(&decision), Some(ReasonCode::SubscriptionNotFound));
+    }
+
+    #[test]
+    fn only_active_and_trial_subscriptions_accept_usage() {
+        for (status, accepted) in [
+            ("active", true),
+            ("trial", true),
+            ("paused", false),
+            ("cancelled", false),
+        ] {
+            let mut s = sub(None);
+            s.status = status.into();
+            let decision = decide_now(&req("1", false), &mut s);
+            assert_eq!(code(&decision).is_none(), accepted, "{status}");
+            if !accepted {
+                assert_eq!(code(&decision), Some(ReasonCode::SubscriptionNotActive));
+            }
+        }
+        let mut s = sub(None);
+        s.deleted = true;
+        assert_eq!(
+            code(&decide_now(&req("1", false), &mut s)),
+            Some(ReasonCode::SubscriptionNotActive)
+        );
+    }
+
+    #[test]
+    fn usage_outside_every_period_has_no_service_period() {
+        let mut s = sub(None);
+        let decision = decide(
+            &req("1", false),
+            t("2026-10-31T23:59:59Z"),
+            None,
+            Some(&mut s),
+            now(),
+            grace(),
+        );
+        assert_eq!(code(&decision), Some(ReasonCode::NoServicePeriod));
+        let decision = decide(
+            &req("1", false),
+            t("2026-12-01T00:00:00Z"),
+            None,
+            Some(&mut s),
+            now(),
+            grace(),
+        );
+        assert_eq!(
+            code(&decision),
+            Some(ReasonCode::NoServicePeriod),
+            "periods are half-open"
+        );
+    }
+
+    #[test]
+    fn a_period_closes_at_its_end_plus_grace() {
+        let mut s = sub(None);
+        let usage_time = t("2026-11-30T23:00:00Z");
+        let within_grace = t("2026-12-01T00:59:59Z");
+        let after_grace = t("2026-12-01T01:00:00Z");
+        let r = req("1", false);
+        assert_eq!(
+            code(&decide(
+                &r,
+                usage_time,
+                None,
+                Some(&mut s),
+                within_grace,
+                grace()
+            )),
+            None
+        );
+        assert_eq!(
+            code(&decide(
+                &r,
+                usage_time,
+                None,
+                Some(&mut s),
+                after_grace,
+                grace()
+            )),
+            Some(ReasonCode::PeriodClosed)
+        );
+    }
+
+    #[test]
+    fn a_period_closed_early_rejects_usage() {
+        let mut s = sub(None);
+        s.periods[0].closed_time = Some(t("2026-11-20T00:00:00Z"));
+        assert_eq!(
+            code(&decide_now(&req("1", false), &mut s)),
+            Some(ReasonCode::PeriodClosed)
+        );
+    }
+
+    #[test]
+    fn the_open_ended_period_takes_any_time_before_the_first_real_one() {
+        let mut s = sub(Some("100"));
+        s.periods[0] = PeriodState {
+            start: open_period_start(),
+            end: None,
+            hard_limit: Some(d("100")),
+            used: Decimal::ZERO,
+            closed_time: None,
+        };
+        assert!(matches!(
+            decide(
+                &req("1", false),
+                t("1999-01-01T00:00:00Z"),
+                None,
+                Some(&mut s),
+                now(),
+                grace()
+            ),
+            Decision::Created { .. }
+        ));
+    }
+
+    #[test]
+    fn usage_counts_against_the_period_containing_its_time() {
+        let mut s = sub(Some("10"));
+        s.periods.push(PeriodState {
+            start: t("2026-12-01T00:00:00Z"),
+            end: Some(t("2027-01-01T00:00:00Z")),
+            hard_limit: Some(d("10")),
+            used: Decimal::ZERO,
+            closed_time: None,
+        });
+        s.periods[0].used = d("10");
+        let december = t("2026-12-02T00:00:00Z");
+        let decision = decide(
+            &req("4", false),
+            december,
+            None,
+            Some(&mut s),
+            december,
+            grace(),
+        );
+        assert_eq!(created_quantity(&decision), d("4"));
+        assert_eq!(s.periods[1].used, d("4"));
+    }
+
+    fn stored(r: &UsageRequest) -> StoredUsage {
+        StoredUsage {
+            id: r.id.clone().unwrap(),
+            subscription_id: r.subscription_id.clone(),
+            quantity: r.quantity,
+            requested_quantity: r.quantity,
+            accept_partial: r.accept_partial,
+            usage_time: now(),
+            invoice_id: None,
+            invoice_item_id: None,
+            created_time: now(),
+            updated_time: now(),
+        }
+    }
+
+    #[test]
+    fn the_same_request_again_is_a_duplicate_and_counts_nothing() {
+        let mut s = sub(Some("10"));
+        let r = req("1.50", false);
+        let original = stored(&req("1.5", false));
+        let decision = decide(&r, now(), Some(&original), Some(&mut s), now(), grace());
+        assert!(
+            matches!(decision, Decision::Duplicate { .. }),
+            "{decision:?}"
+        );
+        assert_eq!(s.periods[0].used, Decimal::ZERO);
+    }
+
+    #[test]
+    fn the_same_id_with_a_different_request_is_a_conflict() {
+        let original = stored(&req("1", false));
+        let mut variants = vec![req("2", false), req("1", true)];
+        let mut other_sub = req("1", false);
+        other_sub.subscription_id = "sub_2".into();
+        variants.push(other_sub);
+        let mut other_time = req("1", false);
+        other_time.usage_time = Some(t("2026-11-27T11:00:00Z"));
+        variants.push(other_time);
+        for r in variants {
+            let decision = decide(&r, now(), Some(&original), None, now(), grace());
+            assert_eq!(
+                code(&decision),
+                Some(ReasonCode::IdempotencyConflict),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn usage_time_is_compared_only_when_the_request_gave_one() {
+        let original = stored(&req("1", false));
+        let mut same_instant = req("1", false);
+        same_instant.usage_time = Some(
+            DateTime::parse_from_rfc3339("2026-11-27T13:00:00+01:00")
+                .unwrap()
+                .with_timezone(&Utc),
+        );
+        assert!(original.same_request(&same_instant));
+        assert!(original.same_request(&req("1", false)));
+    }
+}

@@ -1,0 +1,14 @@
+//! The pure core: wire formats, parsing, validation, the limit decision and
+//! the outcomes it produces. Nothing in here knows about tokio, sqlx or
+//! rdkafka; every rule of SPEC that can be checked without I/O lives here and
+//! is tested here.
+
+pub mod decision;
+pub mod event;
+pub mod ids;
+pub mod outcome;
+pub mod quantity;
+pub mod reason;
+pub mod subscription;
+
+pub use reason::{InvalidField, ReasonCode, Rejection};

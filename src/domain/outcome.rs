@@ -1,0 +1,454 @@
+//! The outcome published on `usage-results`: one per decided message.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::{Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+use super::decision::{open_period_start, Decision, LimitReport, StoredUsage};
+use super::{InvalidField, Rejection};
+
+/// Writes a decimal as a JSON number with exactly its digits (no float).
+pub fn serialize_decimal<S: Serializer>(value: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+    let text = value.normalize().to_string();
+    let raw = serde_json::value::RawValue::from_string(text).map_err(serde::ser::Error::custom)?;
+    raw.serialize(s)
+}
+
+fn serialize_opt_decimal<S: Serializer>(value: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => serialize_decimal(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds: one spelling for every time we write.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn serialize_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(*t))
+}
+
+fn serialize_opt_time<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serialize_time(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// A period start written for readers: the open-ended period has none.
+fn period_start(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    (t != open_period_start()).then_some(t)
+}
+
+/// Where the decided message came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Source {
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        #[serde(serialize_with = "serialize_opt_time")]
+        timestamp: Option<DateTime<Utc>>,
+    },
+    Http {
+        http: bool,
+    },
+}
+
+impl Source {
+    /// A stable digest of the source coordinates; outcome and derived event
+    /// ids are built from it so that a re-decision after a crash names the
+    /// same things.
+    fn digest(&self) -> String {
+        let text = match self {
+            Source::Kafka {
+                topic,
+                partition,
+                offset,
+                ..
+            } => format!("{topic}\u{0}{partition}\u{0}{offset}"),
+            Source::Http { .. } => unreachable!("HTTP outcomes carry their own ids"),
+        };
+        let hash = Sha256::digest(text.as_bytes());
+        hash.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The id used for an event that carries none: `msg_` + a hash of the
+/// message's topic, partition and offset.
+pub fn derived_event_id(topic: &str, partition: i32, offset: i64) -> String {
+    let source = Source::Kafka {
+        topic: topic.into(),
+        partition,
+        offset,
+        timestamp: None,
+    };
+    format!("{}{}", super::ids::DERIVED_ID_PREFIX, source.digest())
+}
+
+/// The outcome id of the decision about one Kafka message.
+pub fn kafka_outcome_id(topic: &str, partition: i32, offset: i64) -> String {
+    let source = Source::Kafka {
+        topic: topic.into(),
+        partition,
+        offset,
+        timestamp: None,
+    };
+    format!("oc_{}", source.digest())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeStatus {
+    Created,
+    Duplicate,
+    Rejected,
+    Deleted,
+}
+
+impl OutcomeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Duplicate => "duplicate",
+            Self::Rejected => "rejected",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Link {
+    pub href: String,
+    pub rel: &'static str,
+}
+
+/// The usage resource, as `POST /usages` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageBody {
+    pub id: String,
+    pub subscription_id: String,
+    #[serde(serialize_with = "serialize_decimal")]
+    pub quantity: Decimal,
+    #[serde(serialize_with = "serialize_time")]
+    pub usage_time: DateTime<Utc>,
+    pub invoice_id: Option<String>,
+    pub invoice_item_id: Option<String>,
+    #[serde(serialize_with = "serialize_time")]
+    pub created_time: DateTime<Utc>,
+    #[serde(serialize_with = "serialize_time")]
+    pub updated_time: DateTime<Utc>,
+    #[serde(rename = "_links")]
+    pub links: Vec<Link>,
+}
+
+impl UsageBody {
+    pub fn new(
+        id: String,
+        subscription_id: String,
+        quantity: Decimal,
+        usage_time: DateTime<Utc>,
+        created: DateTime<Utc>,
+    ) -> Self {
+        let links = vec![Link {
+            href: format!("/usages/{id}"),
+            rel: "self",
+        }];
+        Self {
+            id,
+            subscription_id,
+            quantity,
+            usage_time,
+            invoice_id: None,
+            invoice_item_id: None,
+            created_time: created,
+            updated_time: created,
+            links,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitBlock {
+    pub applied: &'static str,
+    #[serde(serialize_with = "serialize_decimal")]
+    pub limit: Decimal,
+    #[serde(serialize_with = "serialize_decimal")]
+    pub used: Decimal,
+    #[serde(serialize_with = "serialize_decimal")]
+    pub available: Decimal,
+    #[serde(serialize_with = "serialize_opt_time")]
+    pub period_start_time: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "serialize_opt_time")]
+    pub period_end_time: Option<DateTime<Utc>>,
+}
+
+impl From<&LimitReport> for LimitBlock {
+    fn from(r: &LimitReport) -> Self {
+        Self {
+            applied: r.applied,
+            limit: r.limit,
+            used: r.used,
+            available: r.available,
+            period_start_time: period_start(r.period_start),
+            period_end_time: r.period_end,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBlock {
+    pub code: super::ReasonCode,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub invalid_fields: Vec<InvalidField>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_opt_decimal"
+    )]
+    pub available: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitBlock>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    pub outcome_id: String,
+    pub event_id: String,
+    pub status: OutcomeStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial: Option<bool>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_opt_decimal"
+    )]
+    pub requested_quantity: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<LimitBlock>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBlock>,
+    pub source: Source,
+    #[serde(serialize_with = "serialize_time")]
+    pub processed_time: DateTime<Utc>,
+}
+
+impl Outcome {
+    /// The rejected outcome of a message that never became a request.
+    pub fn rejected(
+        outcome_id: String,
+        event_id: String,
+        subscription_id: Option<String>,
+        rejection: Rejection,
+        source: Source,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self::from_rejection(
+            outcome_id,
+            event_id,
+            subscription_id,
+            rejection,
+            None,
+            source,
+            now,
+        )
+    }
+
+    fn from_rejection(
+        outcome_id: String,
+        event_id: String,
+        subscription_id: Option<String>,
+        rejection: Rejection,
+        limit: Option<&LimitReport>,
+        source: Source,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            outcome_id,
+            event_id,
+            status: OutcomeStatus::Rejected,
+            partial: None,
+            requested_quantity: None,
+            subscription_id,
+            usage: None,
+            limit: None,
+            error: Some(ErrorBlock {
+                code: rejection.code,
+                message: rejection.message,
+                field: rejection.field,
+                invalid_fields: rejection.invalid_fields,
+                available: limit.map(|l| l.available),
+                limit: limit.map(LimitBlock::from),
+            }),
+            source,
+            processed_time: now,
+        }
+    }
+
+    /// The outcome of a decision about a valid request.
+    pub fn from_decision(
+        outcome_id: String,
+        event_id: String,
+        subscription_id: &str,
+        decision: &Decision,
+        source: Source,
+        now: DateTime<Utc>,
+    ) -> Self {
+        match decision {
+            Decision::Created {
+                quantity,
+                requested_quantity,
+                partial,
+                usage_time,
+                limit,
+                ..
+            } => Self {
+                outcome_id,
+                event_id: event_id.clone(),
+                status: OutcomeStatus::Created,
+                partial: Some(*partial),
+                requested_quantity: Some(*requested_quantity),
+                subscription_id: Some(subscription_id.to_owned()),
+                usage: Some(UsageBody::new(
+                    event_id,
+                    subscription_id.to_owned(),
+                    *quantity,
+                    *usage_time,
+                    now,
+                )),
+                limit: limit.as_ref().map(LimitBlock::from),
+                error: None,
+                source,
+                processed_time: now,
+            },
+            Decision::Duplicate { original } => Self::duplicate(outcome_id, original, source, now),
+            Decision::Rejected { rejection, limit } => Self::from_rejection(
+                outcome_id,
+                event_id,
+                Some(subscription_id.to_owned()),
+                rejection.clone(),
+                limit.as_ref(),
+                source,
+                now,
+            ),
+        }
+    }
+
+    fn duplicate(
+        outcome_id: String,
+        original: &StoredUsage,
+        source: Source,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            outcome_id,
+            event_id: original.id.clone(),
+            status: OutcomeStatus::Duplicate,
+            partial: Some(original.quantity != original.requested_quantity),
+            requested_quantity: Some(original.requested_quantity),
+            subscription_id: Some(original.subscription_id.clone()),
+            usage: Some(UsageBody {
+                invoice_id: original.invoice_id.clone(),
+                invoice_item_id: original.invoice_item_id.clone(),
+                updated_time: original.updated_time,
+                ..UsageBody::new(
+                    original.id.clone(),
+                    original.subscription_id.clone(),
+                    original.quantity,
+                    original.usage_time,
+                    original.created_time,
+                )
+            }),
+            limit: None,
+            error: None,
+            source,
+            processed_time: now,
+        }
+    }
+
+    /// Headers every outcome record carries, besides `outbox-seq` (added
+    /// when it is published).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("outcome-id", self.outcome_id.clone()),
+            ("event-id", self.event_id.clone()),
+            ("status", self.status.as_str().to_owned()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn decimals_are_json_numbers_with_exact_digits() {
+        #[derive(Serialize)]
+        struct Q {
+            #[serde(serialize_with = "serialize_decimal")]
+            q: Decimal,
+        }
+        for (input, written) in [
+            ("12.500", "12.5"),
+            ("1000", "1000"),
+            ("0.001", "0.001"),
+            ("999999999999.999", "999999999999.999"),
+        ] {
+            let json = serde_json::to_string(&Q {
+                q: Decimal::from_str(input).unwrap(),
+            })
+            .unwrap();
+            assert_eq!(json, format!("{{\"q\":{written}}}"));
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct_per_message() {
+        assert_eq!(kafka_outcome_id("t", 1, 2), kafka_outcome_id("t", 1, 2));
+        assert_ne!(kafka_outcome_id("t", 1, 2), kafka_outcome_id("t", 1, 3));
+        assert_ne!(kafka_outcome_id("t", 1, 23), kafka_outcome_id("t", 12, 3));
+        let id = derived_event_id("usage-events", 3, 1234);
+        assert!(id.starts_with("msg_"));
+        assert!(crate::domain::ids::check_id(&id).is_ok());
+    }
+
+    #[test]
+    fn rejected_outcome_names_code_and_fields() {
+        let rejection = Rejection::on_field(
+            crate::domain::ReasonCode::MissingField,
+            "quantity",
+            "required",
+        );
+        let source = Source::Kafka {
+            topic: "usage-events".into(),
+            partition: 0,
+            offset: 7,
+            timestamp: None,
+        };
+        let now = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let outcome =
+            Outcome::rejected("oc_1".into(), "usg_1".into(), None, rejection, source, now);
+        let json: serde_json::Value = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(json["status"], "rejected");
+        assert_eq!(json["error"]["code"], "missing_field");
+        assert_eq!(json["error"]["field"], "quantity");
+        assert_eq!(json["source"]["offset"], 7);
+        assert_eq!(json["processedTime"], "2026-11-27T10:00:00.000Z");
+    }
+}

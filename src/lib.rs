@@ -1,0 +1,10 @@
+//! usage-worker: usage events from Kafka, decided against subscription limits
+//! in PostgreSQL, with exactly one outcome per event.
+
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod kafka;
+pub mod pipeline;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,416 @@
+//! The worker: consume -> decide -> store -> publish. Wires the Kafka
+//! adapters to the store around the pure decision, and owns the retry and
+//! shutdown behaviour.
+
+pub mod decide;
+pub mod relay;
+pub mod snapshots;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+
+use crate::config::Settings;
+use crate::domain::event::{decode_usage_event, identify, DecodeContext};
+use crate::domain::{ReasonCode, Rejection};
+use crate::kafka::{self, consumer};
+use crate::store::{self, FailureKind};
+use decide::{decide_batch, BatchReport, DecideContext, DecodedMessage};
+use relay::Relay;
+use snapshots::{SnapshotProgress, SnapshotReader};
+
+/// Counts of what the worker decided, for logs, the demo and the tests.
+#[derive(Default)]
+pub struct Stats {
+    by_outcome: Mutex<BTreeMap<(String, Option<String>), u64>>,
+    pub decided: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+impl Stats {
+    fn record(&self, report: &BatchReport) {
+        let mut by = self.by_outcome.lock().expect("stats lock");
+        for (status, code) in &report.decided {
+            *by.entry((
+                status.as_str().to_owned(),
+                code.map(|c| c.as_str().to_owned()),
+            ))
+            .or_default() += 1;
+        }
+        self.decided
+            .fetch_add(report.decided.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (status, reason code) -> count.
+    pub fn snapshot(&self) -> BTreeMap<(String, Option<String>), u64> {
+        self.by_outcome.lock().expect("stats lock").clone()
+    }
+}
+
+/// Runs the worker until `shutdown` resolves, then stops consuming, finishes
+/// the batch in flight, publishes what was committed and returns.
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let k = &settings.kafka;
+    let t = &settings.topics;
+    let p = &settings.pipeline;
+    let metadata_config = kafka::reader_config(k, "metadata");
+    let partitions =
+        kafka::topics::ensure_outputs(&metadata_config, &t.usage_events, &[&t.usage_results])
+            .await?;
+    let metadata: BaseConsumer = metadata_config.create()?;
+    let snapshot_partitions = tokio::task::block_in_place(|| {
+        kafka::topics::partition_count(&metadata, &t.subscriptions)
+    })?
+    .with_context(|| format!("input topic {} does not exist", t.subscriptions))?;
+    tracing::info!(partitions, snapshot_partitions, "topics checked");
+
+    let relay = Arc::new(Relay::new(
+        pool.clone(),
+        &kafka::producer_config(k),
+        kafka::reader_config(k, "relay"),
+        vec![t.usage_results.clone()],
+    )?);
+    let (relay_stop_tx, relay_stop_rx) = tokio::sync::watch::channel(false);
+    let relay_task = {
+        let relay = relay.clone();
+        let retry_max = Duration::from_millis(p.retry_max_backoff_ms);
+        let retention = p.outcome_retention_days;
+        tokio::spawn(async move { relay.run(retry_max, retention, relay_stop_rx).await })
+    };
+
+    let stop_threads = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(SnapshotProgress::default());
+    let snapshot_thread = SnapshotReader {
+        pool: pool.clone(),
+        group: k.group_id.clone(),
+        topic: t.subscriptions.clone(),
+        partitions: snapshot_partitions,
+        retry_max: Duration::from_millis(p.retry_max_backoff_ms),
+    }
+    .spawn(
+        &kafka::reader_config(k, "subscriptions"),
+        progress.clone(),
+        stop_threads.clone(),
+    )
+    .await?;
+
+    let hooks = Arc::new(PartitionHooks {
+        pool: pool.clone(),
+        runtime: Handle::current(),
+        group: k.group_id.clone(),
+        topic: t.usage_events.clone(),
+        reset: k.auto_offset_reset,
+        metadata: kafka::reader_config(k, "metadata").create()?,
+        relay: relay.clone(),
+    });
+    let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel(2);
+    let (command_tx, command_rx) = std::sync::mpsc::channel();
+    let consumer_thread = consumer::spawn(
+        &kafka::usage_consumer_config(k),
+        consumer::ConsumerSettings {
+            topic: t.usage_events.clone(),
+            batch_size: p.batch_size,
+            linger: p.linger(),
+        },
+        hooks,
+        batch_tx,
+        command_rx,
+        stop_threads.clone(),
+    )?;
+
+    let worker = Worker {
+        pool,
+        ctx: DecideContext {
+            group: k.group_id.clone(),
+            input_topic: t.usage_events.clone(),
+            results_topic: t.usage_results.clone(),
+            grace: p.period_grace(),
+        },
+        settings: settings.clone(),
+        stats,
+        progress,
+        metadata,
+        snapshot_partitions,
+        relay: relay.clone(),
+        commands: command_tx,
+        shutting_down: AtomicBool::new(false),
+    };
+
+    tokio::pin!(shutdown);
+    loop {
+        let batch = tokio::select! {
+            batch = batch_rx.recv() => batch,
+            _ = &mut shutdown => break,
+        };
+        let Some(batch) = batch else {
+            anyhow::bail!("the usage consumer stopped");
+        };
+        // The batch runs to its end (commit or roll back); a shutdown that
+        // arrives meanwhile only cuts transient retries short.
+        let processing = worker.process(batch);
+        tokio::pin!(processing);
+        tokio::select! {
+            result = &mut processing => result?,
+            _ = &mut shutdown => {
+                worker.shutting_down.store(true, Ordering::Relaxed);
+                processing.await?;
+                break;
+            }
+        }
+    }
+
+    tracing::info!("shutting down: publishing what was committed");
+    let deadline = tokio::time::Instant::now() + settings.pipeline.shutdown_timeout();
+    let drained = relay.drain(deadline).await;
+    stop_threads.store(true, Ordering::Relaxed);
+    drop(batch_rx);
+    let _ = relay_stop_tx.send(true);
+    let joined = tokio::task::spawn_blocking(move || {
+        let _ = consumer_thread.join();
+        let _ = snapshot_thread.join();
+    });
+    let _ = tokio::time::timeout_at(deadline + Duration::from_secs(5), joined).await;
+    let _ = relay_task.await;
+    drained.context("publishing committed outcomes at shutdown")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct Worker {
+    pool: PgPool,
+    ctx: DecideContext,
+    settings: Settings,
+    stats: Arc<Stats>,
+    progress: Arc<SnapshotProgress>,
+    metadata: BaseConsumer,
+    snapshot_partitions: i32,
+    relay: Arc<Relay>,
+    commands: std::sync::mpsc::Sender<consumer::Command>,
+    shutting_down: AtomicBool,
+}
+
+impl Worker {
+    async fn process(&self, batch: consumer::UsageBatch) -> anyhow::Result<()> {
+        self.wait_for_snapshots().await;
+        let now = Utc::now();
+        let messages: Vec<DecodedMessage> =
+            batch.messages.iter().map(|m| self.decode(m, now)).collect();
+        match self
+            .decide_with_retry(&batch.ranges, &messages, None)
+            .await?
+        {
+            Some(()) => {}
+            None => self.decide_one_by_one(&batch.ranges, &messages).await?,
+        }
+        self.relay.wake();
+        Ok(())
+    }
+
+    /// Snapshots already on their topic when the batch was read are applied
+    /// before it is decided (bounded wait).
+    async fn wait_for_snapshots(&self) {
+        let topic = &self.settings.topics.subscriptions;
+        let highs = match tokio::task::block_in_place(|| {
+            snapshots::high_watermarks(&self.metadata, topic, self.snapshot_partitions)
+        }) {
+            Ok(highs) => highs,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot read subscription watermarks; deciding with what is applied"
+                );
+                return;
+            }
+        };
+        if !self
+            .progress
+            .wait_for(&highs, self.settings.pipeline.snapshot_wait())
+            .await
+        {
+            tracing::warn!(
+                ?highs,
+                "subscription snapshots still being applied after the wait; deciding anyway"
+            );
+        }
+    }
+
+    fn decode(&self, message: &OwnedMessage, now: DateTime<Utc>) -> DecodedMessage {
+        let timestamp = message
+            .timestamp()
+            .to_millis()
+            .and_then(DateTime::<Utc>::from_timestamp_millis);
+        let request_time = timestamp.unwrap_or(now);
+        let p = &self.settings.pipeline;
+        let ctx = DecodeContext {
+            request_time,
+            max_future: p.max_future(),
+            max_payload_bytes: p.max_payload_bytes,
+        };
+        let payload = message.payload().unwrap_or_default();
+        let request = decode_usage_event(payload, &ctx);
+        let identity = match &request {
+            Ok(_) => (None, None),
+            Err(_) => identify(payload, p.max_payload_bytes),
+        };
+        DecodedMessage {
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp,
+            key: message.key().map(<[u8]>::to_vec),
+            request_time,
+            request,
+            identity,
+        }
+    }
+
+    /// Decides a batch, retrying transient failures with capped backoff.
+    /// `Ok(None)` means the database refused the data (a permanent failure):
+    /// the caller splits the batch.
+    async fn decide_with_retry(
+        &self,
+        ranges: &[(i32, i64, i64)],
+        messages: &[DecodedMessage],
+        forced: Option<&Rejection>,
+    ) -> anyhow::Result<Option<()>> {
+        let p = &self.settings.pipeline;
+        let mut backoff = Duration::from_millis(p.retry_initial_backoff_ms);
+        loop {
+            match decide_batch(&self.pool, &self.ctx, ranges, messages, forced, Utc::now()).await {
+                Ok(report) => {
+                    self.stats.record(&report);
+                    for (partition, offset) in &report.reread {
+                        let _ = self.commands.send(consumer::Command::Seek {
+                            partition: *partition,
+                            offset: *offset,
+                        });
+                    }
+                    return Ok(Some(()));
+                }
+                Err(e) => match store::classify(&e) {
+                    FailureKind::Permanent => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            messages = messages.len(),
+                            "the database refused a message"
+                        );
+                        return Ok(None);
+                    }
+                    FailureKind::Transient => {
+                        if self.shutting_down.load(Ordering::Relaxed) {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                "batch rolled back at shutdown; it is decided after restart"
+                            );
+                            return Ok(Some(()));
+                        }
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            backoff_ms = backoff.as_millis() as u64,
+                            "deciding the batch failed; retrying"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(p.retry_max_backoff_ms));
+                    }
+                },
+            }
+        }
+    }
+
+    /// After a permanent failure: one message per transaction, and the one
+    /// the database refuses is rejected alone.
+    async fn decide_one_by_one(
+        &self,
+        ranges: &[(i32, i64, i64)],
+        messages: &[DecodedMessage],
+    ) -> anyhow::Result<()> {
+        let mut position: HashMap<i32, i64> = ranges.iter().map(|r| (r.0, r.1)).collect();
+        for message in messages {
+            let Some(from) = position.get(&message.partition).copied() else {
+                continue;
+            };
+            let range = [(message.partition, from, message.offset + 1)];
+            position.insert(message.partition, message.offset + 1);
+            let one = std::slice::from_ref(message);
+            if self.decide_with_retry(&range, one, None).await?.is_none() {
+                let rejection = Rejection::new(
+                    ReasonCode::Unprocessable,
+                    "the database refused this message's data",
+                );
+                if self
+                    .decide_with_retry(&range, one, Some(&rejection))
+                    .await?
+                    .is_none()
+                {
+                    anyhow::bail!(
+                        "the database refused even the rejection of {}/{}",
+                        message.partition,
+                        message.offset
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Assignment hooks: resume from PostgreSQL's offsets, and hand the output
+/// partitions to the relay (or take them back).
+struct PartitionHooks {
+    pool: PgPool,
+    runtime: Handle,
+    group: String,
+    topic: String,
+    reset: crate::config::OffsetReset,
+    metadata: BaseConsumer,
+    relay: Arc<Relay>,
+}
+
+impl consumer::Assignments for PartitionHooks {
+    fn assigned(&self, partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
+        let stored = self.runtime.block_on(store::stored_offsets(
+            &self.pool,
+            &self.group,
+            &self.topic,
+            partitions,
+        ))?;
+        let mut initial = HashMap::new();
+        for p in partitions.iter().filter(|p| !stored.contains_key(p)) {
+            let (low, high) = self
+                .metadata
+                .fetch_watermarks(&self.topic, *p, Duration::from_secs(10))
+                .with_context(|| format!("reading watermarks of {}/{p}", self.topic))?;
+            initial.insert(*p, kafka::initial_offset(self.reset, low, high));
+        }
+        let mut offsets = stored;
+        if !initial.is_empty() {
+            offsets.extend(self.runtime.block_on(store::load_offsets(
+                &self.pool,
+                &self.group,
+                &self.topic,
+                &initial,
+            ))?);
+        }
+        self.relay.assign(partitions);
+        Ok(offsets)
+    }
+
+    fn revoked(&self, partitions: &[i32]) {
+        self.relay.revoke(partitions);
+    }
+}

@@ -1,0 +1,276 @@
+//! The transaction that decides a batch: claim the offsets, lock and load the
+//! subscriptions, store usages, `used` and outbox records, commit. All of it
+//! or none of it.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::outbox::{append, OutboxRecord};
+use crate::domain::decision::{PeriodState, StoredUsage, SubscriptionState};
+
+/// The part of a partition a batch wants to decide: messages from
+/// `from_offset` (the consumer's position before the first one) up to
+/// `to_offset` (the position after the last one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetClaim {
+    pub partition: i32,
+    pub from_offset: i64,
+    pub to_offset: i64,
+}
+
+/// A usage to insert.
+#[derive(Debug, Clone)]
+pub struct NewUsage {
+    pub id: String,
+    pub subscription_id: String,
+    pub quantity: Decimal,
+    pub requested_quantity: Decimal,
+    pub accept_partial: bool,
+    pub usage_time: DateTime<Utc>,
+    pub period_start: DateTime<Utc>,
+    pub created_time: DateTime<Utc>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+}
+
+pub struct BatchTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl BatchTx {
+    pub async fn begin(pool: &PgPool) -> anyhow::Result<Self> {
+        Ok(Self {
+            tx: pool.begin().await.context("beginning batch transaction")?,
+        })
+    }
+
+    /// Locks the offset rows of the claimed partitions (in partition order,
+    /// so that two workers never deadlock on them) and returns what is
+    /// stored. The caller compares: only messages at or after the stored
+    /// offset may be decided, and only when the claim starts at or before it.
+    pub async fn lock_offsets(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> anyhow::Result<HashMap<i32, i64>> {
+        let mut sorted = partitions.to_vec();
+        sorted.sort_unstable();
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM consumer_offsets
+             WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)
+             ORDER BY partition FOR UPDATE",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(&sorted)
+        .fetch_all(&mut *self.tx)
+        .await
+        .context("locking consumer offsets")?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Advances the offsets, compare-and-set: each claim moves its partition
+    /// from exactly `from_offset` to `to_offset`. Fails when any row moved.
+    pub async fn advance_offsets(
+        &mut self,
+        group: &str,
+        topic: &str,
+        claims: &[OffsetClaim],
+    ) -> anyhow::Result<()> {
+        let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
+        let from: Vec<i64> = claims.iter().map(|c| c.from_offset).collect();
+        let to: Vec<i64> = claims.iter().map(|c| c.to_offset).collect();
+        let updated = sqlx::query(
+            "UPDATE consumer_offsets o SET next_offset = c.to_offset, updated_time = now()
+             FROM UNNEST($3::int[], $4::bigint[], $5::bigint[]) AS c(partition, from_offset, to_offset)
+             WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = c.partition
+               AND o.next_offset = c.from_offset",
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(&partitions)
+        .bind(&from)
+        .bind(&to)
+        .execute(&mut *self.tx)
+        .await
+        .context("advancing consumer offsets")?
+        .rows_affected();
+        anyhow::ensure!(
+            updated == claims.len() as u64,
+            "offset compare-and-set moved {updated} of {} partitions",
+            claims.len()
+        );
+        Ok(())
+    }
+
+    /// Locks the subscriptions in id order (a fixed order, so concurrent
+    /// batches cannot deadlock) and loads them with their periods. Unknown
+    /// ids are absent from the result.
+    pub async fn lock_subscriptions(
+        &mut self,
+        ids: &[String],
+    ) -> anyhow::Result<HashMap<String, SubscriptionState>> {
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let subs: Vec<(String, String, bool)> = sqlx::query_as(
+            "SELECT id, status, deleted FROM subscriptions
+             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&sorted)
+        .fetch_all(&mut *self.tx)
+        .await
+        .context("locking subscriptions")?;
+        let mut states: HashMap<String, SubscriptionState> = subs
+            .into_iter()
+            .map(|(id, status, deleted)| {
+                let state = SubscriptionState {
+                    id: id.clone(),
+                    status,
+                    deleted,
+                    periods: Vec::new(),
+                };
+                (id, state)
+            })
+            .collect();
+        type PeriodRow = (
+            String,
+            DateTime<Utc>,
+            Option<DateTime<Utc>>,
+            Option<Decimal>,
+            Decimal,
+            Option<DateTime<Utc>>,
+        );
+        let periods: Vec<PeriodRow> = sqlx::query_as(
+            "SELECT subscription_id, start_time, end_time, hard_limit, used, closed_time
+             FROM service_periods WHERE subscription_id = ANY($1) ORDER BY subscription_id, start_time",
+        )
+        .bind(&sorted)
+        .fetch_all(&mut *self.tx)
+        .await
+        .context("loading service periods")?;
+        for (sub, start, end, hard_limit, used, closed_time) in periods {
+            if let Some(state) = states.get_mut(&sub) {
+                state.periods.push(PeriodState {
+                    start,
+                    end,
+                    hard_limit,
+                    used,
+                    closed_time,
+                });
+            }
+        }
+        Ok(states)
+    }
+
+    /// Usages already stored under any of these ids.
+    pub async fn stored_usages(
+        &mut self,
+        ids: &[String],
+    ) -> anyhow::Result<HashMap<String, StoredUsage>> {
+        type UsageRow = (
+            String,
+            String,
+            Decimal,
+            Decimal,
+            bool,
+            DateTime<Utc>,
+            Option<String>,
+            Option<String>,
+            DateTime<Utc>,
+            DateTime<Utc>,
+        );
+        let rows: Vec<UsageRow> = sqlx::query_as(
+            "SELECT id, subscription_id, quantity, requested_quantity, accept_partial, usage_time,
+                    invoice_id, invoice_item_id, created_time, updated_time
+             FROM usages WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .context("loading stored usages")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let usage = StoredUsage {
+                    id: r.0.clone(),
+                    subscription_id: r.1,
+                    quantity: r.2,
+                    requested_quantity: r.3,
+                    accept_partial: r.4,
+                    usage_time: r.5,
+                    invoice_id: r.6,
+                    invoice_item_id: r.7,
+                    created_time: r.8,
+                    updated_time: r.9,
+                };
+                (r.0, usage)
+            })
+            .collect())
+    }
+
+    pub async fn insert_usages(&mut self, usages: &[NewUsage]) -> anyhow::Result<()> {
+        if usages.is_empty() {
+            return Ok(());
+        }
+        let col = |f: fn(&NewUsage) -> String| usages.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO usages (id, subscription_id, quantity, requested_quantity, accept_partial,
+                                 usage_time, period_start_time, created_time, updated_time,
+                                 source_partition, source_offset)
+             SELECT id, sub, q, rq, ap, ut, ps, ct, ct, sp, so
+             FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::bool[],
+                         $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::bigint[])
+                  AS u(id, sub, q, rq, ap, ut, ps, ct, sp, so)",
+        )
+        .bind(col(|u| u.id.clone()))
+        .bind(col(|u| u.subscription_id.clone()))
+        .bind(usages.iter().map(|u| u.quantity).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.requested_quantity).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.accept_partial).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.usage_time).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.period_start).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.created_time).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.source_partition).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.source_offset).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await
+        .context("inserting usages")?;
+        Ok(())
+    }
+
+    /// Writes the new `used` of each touched period.
+    pub async fn update_used(
+        &mut self,
+        periods: &[(String, DateTime<Utc>, Decimal)],
+    ) -> anyhow::Result<()> {
+        if periods.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE service_periods p SET used = c.used
+             FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[]) AS c(sub, start_time, used)
+             WHERE p.subscription_id = c.sub AND p.start_time = c.start_time",
+        )
+        .bind(periods.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+        .bind(periods.iter().map(|p| p.1).collect::<Vec<_>>())
+        .bind(periods.iter().map(|p| p.2).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await
+        .context("updating used quantities")?;
+        Ok(())
+    }
+
+    pub async fn append_outbox(&mut self, records: &[OutboxRecord]) -> anyhow::Result<()> {
+        append(&mut self.tx, records).await
+    }
+
+    pub async fn commit(self) -> anyhow::Result<()> {
+        self.tx.commit().await.context("committing batch")
+    }
+}

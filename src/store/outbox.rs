@@ -1,0 +1,183 @@
+//! The transactional outbox: records stored with the decision that made them,
+//! published later in sequence order per output partition.
+
+use anyhow::Context;
+use sqlx::{PgConnection, PgPool};
+
+/// A record to publish, as the deciding transaction stores it.
+#[derive(Debug, Clone)]
+pub struct OutboxRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    /// The input message this record decides, when there is one.
+    pub source: Option<(String, i32, i64)>,
+}
+
+/// A stored record, with its sequence number in its output partition.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub seq: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Appends records, giving each the next sequence number of its output
+/// partition. The counter row is locked for the rest of the transaction, so
+/// sequence numbers follow commit order within a partition.
+pub(super) async fn append(
+    conn: &mut PgConnection,
+    records: &[OutboxRecord],
+) -> anyhow::Result<()> {
+    let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<&OutboxRecord>> =
+        Default::default();
+    for r in records {
+        by_partition
+            .entry((r.topic.as_str(), r.partition))
+            .or_default()
+            .push(r);
+    }
+    for ((topic, partition), records) in by_partition {
+        let count = records.len() as i64;
+        let first: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox_partitions (topic, partition, next_seq) VALUES ($1, $2, 1 + $3)
+             ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + $3
+             RETURNING next_seq - $3",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(count)
+        .fetch_one(&mut *conn)
+        .await
+        .context("allocating outbox sequence numbers")?;
+        let headers: Vec<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(&r.headers).expect("headers serialize"))
+            .collect();
+        sqlx::query(
+            "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
+                                 source_topic, source_partition, source_offset)
+             SELECT $1, $2, $3 + ord - 1, k, p, h::jsonb, st, sp, so
+             FROM UNNEST($4::bytea[], $5::bytea[], $6::text[], $7::text[], $8::int[], $9::bigint[])
+                  WITH ORDINALITY AS r(k, p, h, st, sp, so, ord)",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(first)
+        .bind(records.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
+        .bind(
+            records
+                .iter()
+                .map(|r| r.payload.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(headers)
+        .bind(
+            records
+                .iter()
+                .map(|r| r.source.as_ref().map(|s| s.0.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.source.as_ref().map(|s| s.1))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            records
+                .iter()
+                .map(|r| r.source.as_ref().map(|s| s.2))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await
+        .context("inserting outbox records")?;
+    }
+    Ok(())
+}
+
+/// The last sequence number known to be on the topic for a partition.
+pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<i64> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        "SELECT published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await
+    .context("reading published outbox sequence")?;
+    Ok(seq.unwrap_or(0))
+}
+
+/// Records after `after_seq`, in order, at most `limit`.
+pub async fn pending(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    after_seq: i64,
+    limit: i64,
+) -> anyhow::Result<Vec<StoredRecord>> {
+    type Row = (i64, Option<Vec<u8>>, Vec<u8>, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT seq, key, payload, headers::text FROM outbox
+         WHERE topic = $1 AND partition = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading pending outbox records")?;
+    rows.into_iter()
+        .map(|(seq, key, payload, headers)| {
+            let headers = serde_json::from_str(&headers).context("decoding stored headers")?;
+            Ok(StoredRecord {
+                seq,
+                key,
+                payload,
+                headers,
+            })
+        })
+        .collect()
+}
+
+/// Records that `seq` (and everything before it) is on the topic.
+pub async fn mark_published(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    seq: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_partitions (topic, partition, next_seq, published_seq) VALUES ($1, $2, $3 + 1, $3)
+         ON CONFLICT (topic, partition) DO UPDATE
+         SET published_seq = GREATEST(outbox_partitions.published_seq, EXCLUDED.published_seq)",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(seq)
+    .execute(pool)
+    .await
+    .context("recording published outbox sequence")?;
+    Ok(())
+}
+
+/// Deletes published records older than the retention time.
+pub async fn delete_expired(pool: &PgPool, retention_days: u32) -> anyhow::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM outbox o USING outbox_partitions p
+         WHERE o.topic = p.topic AND o.partition = p.partition AND o.seq <= p.published_seq
+           AND o.created_time < now() - make_interval(days => $1)",
+    )
+    .bind(retention_days as i32)
+    .execute(pool)
+    .await
+    .context("deleting expired outbox records")?
+    .rows_affected();
+    Ok(deleted)
+}
