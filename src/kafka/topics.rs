@@ -59,7 +59,7 @@ pub async fn ensure_outputs(
             config.create().context("creating admin client")?;
         let topics: Vec<NewTopic> = missing
             .iter()
-            .map(|t| NewTopic::new(t, input_count, TopicReplication::Fixed(-1)))
+            .map(|t| NewTopic::new(t, input_count, TopicReplication::Fixed(1)))
             .collect();
         for result in admin
             .create_topics(

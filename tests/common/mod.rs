@@ -1,0 +1,316 @@
+//! Test harness: a fresh PostgreSQL database per test, an embedded Kafka
+//! mock cluster, and the worker running in-process or as a child process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use sqlx::PgPool;
+use usage_worker::config::Settings;
+use usage_worker::kafka::mock::EmbeddedKafka;
+use usage_worker::{pipeline, store};
+
+pub const PARTITIONS: i32 = 4;
+
+pub fn base_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// One test's world: its own database and its own Kafka cluster.
+pub struct TestEnv {
+    pub kafka: EmbeddedKafka,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestEnv {
+    pub async fn start() -> Self {
+        Self::start_with_partitions(PARTITIONS).await
+    }
+
+    pub async fn start_with_partitions(partitions: i32) -> Self {
+        // RUST_LOG=usage_worker=info shows the worker's logs in a failing test.
+        usage_worker::telemetry::init(&usage_worker::config::LogSettings {
+            format: usage_worker::config::LogFormat::Text,
+            level: "off".into(),
+        });
+        let kafka = EmbeddedKafka::start(1).expect("mock cluster");
+        for topic in ["usage-events", "subscriptions", "usage-results"] {
+            kafka.create_topic(topic, partitions).expect("topic");
+        }
+        let name = format!(
+            "usage_worker_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            chrono::Utc::now().timestamp_micros()
+        );
+        let mut url = url::Url::parse(&base_database_url()).unwrap();
+        url.set_path(&name);
+        let database_url = url.to_string();
+        store::create_database(&database_url)
+            .await
+            .expect("create database");
+        let pool = PgPool::connect(&database_url).await.expect("connect");
+        store::migrate(&pool).await.expect("migrate");
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("linger.ms", "1")
+            .create()
+            .expect("producer");
+        Self {
+            kafka,
+            database_url,
+            pool,
+            producer,
+        }
+    }
+
+    /// Settings for a worker of this environment (the `test` profile).
+    pub fn settings(&self) -> Settings {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+        Settings::load_from(&self.env_vars(dir)).expect("settings")
+    }
+
+    pub fn env_vars(&self, config_dir: &str) -> Vec<(String, String)> {
+        vec![
+            ("USAGE_WORKER_ENV".into(), "test".into()),
+            ("USAGE_WORKER_CONFIG_DIR".into(), config_dir.into()),
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            (
+                "KAFKA_BOOTSTRAP_SERVERS".into(),
+                self.kafka.bootstrap_servers().into(),
+            ),
+        ]
+    }
+
+    /// Starts an in-process worker with these settings.
+    pub async fn worker_with(&self, settings: Settings) -> Worker {
+        let stats = Arc::new(pipeline::Stats::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let pool = store::connect(&settings.database).await.expect("pool");
+        let task = tokio::spawn(pipeline::run(settings, pool, stats.clone(), async {
+            let _ = stopped.await;
+        }));
+        Worker {
+            stop: Some(stop),
+            task: Some(task),
+            stats,
+        }
+    }
+
+    pub async fn worker(&self) -> Worker {
+        self.worker_with(self.settings()).await
+    }
+
+    pub fn send(&self, topic: &str, key: Option<&str>, payload: Option<&[u8]>) {
+        self.send_at(topic, None, key, payload)
+    }
+
+    pub fn send_at(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&str>,
+        payload: Option<&[u8]>,
+    ) {
+        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = payload {
+            record = record.payload(v);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    pub fn flush(&self) {
+        self.producer.flush(Duration::from_secs(10)).expect("flush");
+    }
+
+    /// Publishes a subscription snapshot, keyed by its id.
+    pub fn subscription(&self, snapshot: Value) {
+        let id = snapshot["id"].as_str().unwrap().to_owned();
+        self.send(
+            "subscriptions",
+            Some(&id),
+            Some(snapshot.to_string().as_bytes()),
+        );
+        self.flush();
+    }
+
+    /// Publishes a usage event keyed by its subscription id.
+    pub fn usage(&self, event: Value) {
+        let key = event["subscriptionId"].as_str().map(str::to_owned);
+        self.send(
+            "usage-events",
+            key.as_deref(),
+            Some(event.to_string().as_bytes()),
+        );
+    }
+
+    pub fn results_reader(&self) -> Reader {
+        Reader::new(self.kafka.bootstrap_servers(), "usage-results", PARTITIONS)
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect(sql)
+    }
+}
+
+/// An active subscription with a current period around now.
+pub fn active_subscription(id: &str, hard_limit: Option<&str>) -> Value {
+    let now = chrono::Utc::now();
+    let mut limits = serde_json::Map::new();
+    if let Some(limit) = hard_limit {
+        limits.insert("hardLimit".into(), serde_json::from_str(limit).unwrap());
+    }
+    serde_json::json!({
+        "id": id, "status": "active", "version": 1,
+        "currentPeriodStartTime": (now - chrono::Duration::days(10)).to_rfc3339(),
+        "currentPeriodEndTime": (now + chrono::Duration::days(20)).to_rfc3339(),
+        "usageLimits": limits,
+    })
+}
+
+pub struct Worker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub stats: Arc<pipeline::Stats>,
+}
+
+impl Worker {
+    /// Asks the worker to shut down and returns its result.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task.take().unwrap())
+            .await
+            .expect("worker shut down in time")
+            .expect("worker task")
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// One published record, decoded.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub value: Value,
+}
+
+/// Reads a topic from the beginning, all partitions.
+pub struct Reader {
+    consumer: BaseConsumer,
+}
+
+impl Reader {
+    pub fn new(bootstrap: &str, topic: &str, partitions: i32) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("reader");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        Self { consumer }
+    }
+
+    /// Reads until `count` records arrived (panics after `timeout`).
+    pub fn read(&self, count: usize, timeout: Duration) -> Vec<Record> {
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::new();
+        while records.len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "timed out: {} of {count} records read: {records:#?}",
+                records.len()
+            );
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                records.push(decode(&m.detach()));
+            }
+        }
+        records
+    }
+
+    /// Whatever else arrives within `quiet`.
+    pub fn read_rest(&self, quiet: Duration) -> Vec<Record> {
+        let mut records = Vec::new();
+        let mut deadline = Instant::now() + quiet;
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                records.push(decode(&m.detach()));
+                deadline = Instant::now() + quiet;
+            }
+        }
+        records
+    }
+}
+
+fn decode(m: &OwnedMessage) -> Record {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        headers,
+        value: m
+            .payload()
+            .map(|p| serde_json::from_slice(p).expect("JSON outcome"))
+            .unwrap_or(Value::Null),
+    }
+}
