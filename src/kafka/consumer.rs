@@ -291,15 +291,18 @@ fn on_error(
     for (partition, next) in positions.next.iter() {
         match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5)) {
             Ok((low, high)) if *next < low || *next > high => {
+                let gap = if *next < low {
+                    format!("events {next}..{low} were removed before they were decided")
+                } else {
+                    format!("it is beyond the end of the partition ({high}): the topic was truncated or recreated")
+                };
                 tracing::error!(
                     topic,
                     partition,
                     stored_offset = *next,
                     log_start_offset = low,
                     high_watermark = high,
-                    missing = low.saturating_sub(*next),
-                    "STOPPED PARTITION: the stored offset is no longer on the topic; \
-                     events {next}..{low} were removed before they were decided. \
+                    "STOPPED PARTITION {topic}/{partition}: the stored offset {next} is no longer on the topic; {gap}. \
                      Nothing was skipped; an operator must decide how to proceed",
                 );
                 stopped.add_partition(topic, *partition);
