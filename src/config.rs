@@ -68,7 +68,17 @@ pub struct KafkaSettings {
 pub struct TopicSettings {
     pub usage_events: String,
     pub subscriptions: String,
+    pub invoice_events: String,
     pub usage_results: String,
+    pub usage_alerts: String,
+    pub dead_letters: String,
+}
+
+impl TopicSettings {
+    /// The topics the worker publishes, each with `usage_events`' partition count.
+    pub fn outputs(&self) -> [&str; 3] {
+        [&self.usage_results, &self.usage_alerts, &self.dead_letters]
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,17 +142,13 @@ impl Settings {
     /// Loads the layers from the given environment (tests pass their own).
     pub fn load_from(vars: &[(String, String)]) -> anyhow::Result<Self> {
         let var = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
         if let Some(env) = var("USAGE_WORKER_ENV").filter(|e| !e.is_empty()) {
-            let dir =
-                PathBuf::from(var("USAGE_WORKER_CONFIG_DIR").unwrap_or_else(|| "config".into()));
+            let dir = PathBuf::from(var("USAGE_WORKER_CONFIG_DIR").unwrap_or_else(|| "config".into()));
             let path = dir.join(format!("{env}.toml"));
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("USAGE_WORKER_ENV={env}: cannot read {}", path.display())
-            })?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("USAGE_WORKER_ENV={env}: cannot read {}", path.display()))?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         for (key, value) in vars {
@@ -176,19 +182,11 @@ impl Settings {
             }
             Ok(())
         }
-        if !self.database.url.starts_with("postgres://")
-            && !self.database.url.starts_with("postgresql://")
-        {
+        if !self.database.url.starts_with("postgres://") && !self.database.url.starts_with("postgresql://") {
             bail!("invalid setting database.url (DATABASE_URL): must be a postgres:// URL");
         }
-        positive(
-            "database.max_connections",
-            self.database.max_connections.into(),
-        )?;
-        positive(
-            "database.statement_timeout_ms",
-            self.database.statement_timeout_ms,
-        )?;
+        positive("database.max_connections", self.database.max_connections.into())?;
+        positive("database.statement_timeout_ms", self.database.statement_timeout_ms)?;
         if self.kafka.bootstrap_servers.trim().is_empty() {
             bail!("invalid setting kafka.bootstrap_servers (KAFKA_BOOTSTRAP_SERVERS): must not be empty");
         }
@@ -196,20 +194,18 @@ impl Settings {
             bail!("invalid setting kafka.group_id: must not be empty");
         }
         positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
-        positive(
-            "kafka.heartbeat_interval_ms",
-            self.kafka.heartbeat_interval_ms,
-        )?;
+        positive("kafka.heartbeat_interval_ms", self.kafka.heartbeat_interval_ms)?;
         for (name, topic) in [
             ("topics.usage_events", &self.topics.usage_events),
             ("topics.subscriptions", &self.topics.subscriptions),
+            ("topics.invoice_events", &self.topics.invoice_events),
             ("topics.usage_results", &self.topics.usage_results),
+            ("topics.usage_alerts", &self.topics.usage_alerts),
+            ("topics.dead_letters", &self.topics.dead_letters),
         ] {
             if topic.is_empty()
                 || topic.len() > 249
-                || !topic
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                || !topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
             {
                 bail!("invalid setting {name}: {topic:?} is not a valid Kafka topic name");
             }
@@ -218,10 +214,7 @@ impl Settings {
         positive("pipeline.batch_size", p.batch_size as u64)?;
         positive("pipeline.max_payload_bytes", p.max_payload_bytes as u64)?;
         positive("pipeline.shutdown_timeout_ms", p.shutdown_timeout_ms)?;
-        positive(
-            "pipeline.retry_initial_backoff_ms",
-            p.retry_initial_backoff_ms,
-        )?;
+        positive("pipeline.retry_initial_backoff_ms", p.retry_initial_backoff_ms)?;
         if p.retry_max_backoff_ms < p.retry_initial_backoff_ms {
             bail!("invalid setting pipeline.retry_max_backoff_ms: must be at least pipeline.retry_initial_backoff_ms");
         }
@@ -272,10 +265,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -304,27 +294,17 @@ mod tests {
 
     #[test]
     fn bad_value_names_the_setting() {
-        let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "lots")]))
-            .unwrap_err();
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "lots")])).unwrap_err();
         assert!(format!("{err:#}").contains("batch_size"), "{err:#}");
-        let err =
-            Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "0")])).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("pipeline.batch_size"),
-            "{err:#}"
-        );
-        let err = Settings::load_from(&env(&[(
-            "USAGE_WORKER__KAFKA__AUTO_OFFSET_RESET",
-            "middle",
-        )]))
-        .unwrap_err();
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "0")])).unwrap_err();
+        assert!(format!("{err:#}").contains("pipeline.batch_size"), "{err:#}");
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__AUTO_OFFSET_RESET", "middle")])).unwrap_err();
         assert!(format!("{err:#}").contains("auto_offset_reset"), "{err:#}");
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err =
-            Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZES", "5")])).unwrap_err();
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__BATCH_SIZES", "5")])).unwrap_err();
         assert!(format!("{err:#}").contains("batch_sizes"), "{err:#}");
     }
 
@@ -336,8 +316,7 @@ mod tests {
 
     #[test]
     fn database_password_never_prints() {
-        let s =
-            Settings::load_from(&env(&[("DATABASE_URL", "postgres://u:hunter2@db/x")])).unwrap();
+        let s = Settings::load_from(&env(&[("DATABASE_URL", "postgres://u:hunter2@db/x")])).unwrap();
         let printed = format!("{s:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("***"));

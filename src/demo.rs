@@ -35,7 +35,10 @@ const SUBSCRIPTIONS: usize = 12;
 pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let kafka = EmbeddedKafka::start(1)?;
     let t = settings.topics.clone();
-    for topic in [&t.usage_events, &t.subscriptions, &t.usage_results] {
+    for topic in [t.usage_events.as_str(), &t.subscriptions, &t.invoice_events]
+        .into_iter()
+        .chain(t.outputs())
+    {
         kafka.create_topic(topic, args.partitions)?;
     }
     settings.kafka.bootstrap_servers = kafka.bootstrap_servers().to_owned();
@@ -47,10 +50,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     store::create_database(&settings.database.url).await?;
     let pool = store::connect(&settings.database).await?;
     store::migrate(&pool).await?;
-    eprintln!(
-        "demo: mock Kafka at {}, database {database}",
-        kafka.bootstrap_servers()
-    );
+    eprintln!("demo: mock Kafka at {}, database {database}", kafka.bootstrap_servers());
 
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers())
@@ -62,14 +62,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     let stats = Arc::new(pipeline::Stats::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(pipeline::run(
-        settings.clone(),
-        pool.clone(),
-        stats.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let worker = tokio::spawn(pipeline::run(settings.clone(), pool.clone(), stats.clone(), async {
+        let _ = stop_rx.await;
+    }));
 
     let events = events(args.events);
     let started = Instant::now();
@@ -78,14 +73,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_secs(30))?;
 
-    let outcomes = read_outcomes(
-        &settings,
-        &t.usage_results,
-        args.partitions,
-        events.len(),
-        &worker,
-    )
-    .await?;
+    let outcomes = read_outcomes(&settings, &t.usage_results, args.partitions, events.len(), &worker).await?;
     let elapsed = started.elapsed();
     eprintln!();
     let _ = stop_tx.send(());
@@ -110,11 +98,9 @@ fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
 async fn drop_database(url: &str, database: &str) -> anyhow::Result<()> {
     let admin = with_database(url, "postgres")?;
     let pool = sqlx::PgPool::connect(&admin).await?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-    ))
-    .execute(&pool)
-    .await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
+        .execute(&pool)
+        .await?;
     Ok(())
 }
 
@@ -127,12 +113,7 @@ fn send(
     loop {
         match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
             Ok(()) => return Ok(()),
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ),
-                _,
-            )) => {
+            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err((e, _)) => return Err(e.into()),
@@ -159,21 +140,10 @@ fn subscriptions() -> Vec<(String, String)> {
             1 => (
                 "active",
                 r#"{"hardLimit": 50}"#.to_owned(),
-                Some((
-                    (now - Span::days(60)).to_rfc3339(),
-                    (now - Span::days(30)).to_rfc3339(),
-                )),
+                Some(((now - Span::days(60)).to_rfc3339(), (now - Span::days(30)).to_rfc3339())),
             ),
-            2 => (
-                "active",
-                r#"{"hardLimit": {"quantity": 500}}"#.to_owned(),
-                None,
-            ),
-            3 => (
-                "trial",
-                "null".to_owned(),
-                Some((start.clone(), end.clone())),
-            ),
+            2 => ("active", r#"{"hardLimit": {"quantity": 500}}"#.to_owned(), None),
+            3 => ("trial", "null".to_owned(), Some((start.clone(), end.clone()))),
             _ => (
                 "active",
                 format!(r#"{{"hardLimit": {{"quantity": {}}}}}"#, 400 + 150 * i),
@@ -186,9 +156,8 @@ fn subscriptions() -> Vec<(String, String)> {
             }
             None => String::new(),
         };
-        let snapshot = format!(
-            r#"{{"id": "{id}", "status": "{status}", "version": 1, {period} "usageLimits": {limits}}}"#
-        );
+        let snapshot =
+            format!(r#"{{"id": "{id}", "status": "{status}", "version": 1, {period} "usageLimits": {limits}}}"#);
         subs.push((id, snapshot));
     }
     subs
@@ -232,9 +201,8 @@ fn events(count: usize) -> Vec<(String, String)> {
             95 => {
                 // Usage inside sub_1's period that closed a month ago.
                 let when = (Utc::now() - Span::days(45)).to_rfc3339();
-                let payload = format!(
-                    r#"{{"id": "evt_{i}", "subscriptionId": "sub_1", "quantity": 1, "usageTime": "{when}"}}"#
-                );
+                let payload =
+                    format!(r#"{{"id": "evt_{i}", "subscriptionId": "sub_1", "quantity": 1, "usageTime": "{when}"}}"#);
                 out.push(("sub_1".to_owned(), payload));
                 continue;
             }
@@ -294,11 +262,7 @@ async fn read_outcomes(
         if last_print.elapsed() > Duration::from_millis(250) {
             last_print = Instant::now();
             let rate = outcomes.len() as f64 / started.elapsed().as_secs_f64().max(0.001);
-            eprint!(
-                "\rdemo: {}/{} outcomes ({rate:.0}/s)   ",
-                outcomes.len(),
-                expected
-            );
+            eprint!("\rdemo: {}/{} outcomes ({rate:.0}/s)   ", outcomes.len(), expected);
             let _ = std::io::stderr().flush();
         }
     }
@@ -354,10 +318,7 @@ fn print_summary(outcomes: &[serde_json::Value], events: usize, elapsed: Duratio
         ("rejected".to_owned(), "invalid_field".to_owned()),
     ] {
         if let Some(sample) = samples.get(&key) {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(sample).unwrap_or_default()
-            );
+            println!("{}", serde_json::to_string_pretty(sample).unwrap_or_default());
         }
     }
 }

@@ -43,10 +43,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&settings.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("usage-worker: cannot start the runtime: {e}");

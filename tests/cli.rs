@@ -4,8 +4,7 @@ use std::process::Command;
 
 fn worker() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_usage-worker"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     cmd
 }
 

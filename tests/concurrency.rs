@@ -43,20 +43,11 @@ async fn two_workers_never_exceed_a_limit_shared_across_partitions() {
     let mut per_event: HashMap<&str, usize> = HashMap::new();
     let mut accepted = Decimal::ZERO;
     for r in &records {
-        *per_event
-            .entry(r.value["eventId"].as_str().unwrap())
-            .or_default() += 1;
+        *per_event.entry(r.value["eventId"].as_str().unwrap()).or_default() += 1;
         if r.value["status"] == "created" {
-            accepted += r.value["usage"]["quantity"]
-                .to_string()
-                .parse::<Decimal>()
-                .unwrap();
+            accepted += r.value["usage"]["quantity"].to_string().parse::<Decimal>().unwrap();
         } else {
-            assert_eq!(
-                r.value["error"]["code"], "usage_limit_exceeded",
-                "{}",
-                r.value
-            );
+            assert_eq!(r.value["error"]["code"], "usage_limit_exceeded", "{}", r.value);
         }
     }
     assert_eq!(per_event.len(), EVENTS);
@@ -79,10 +70,7 @@ async fn two_workers_never_exceed_a_limit_shared_across_partitions() {
         first.stats.decided.load(Ordering::Relaxed),
         second.stats.decided.load(Ordering::Relaxed),
     );
-    assert!(
-        a > 0 && b > 0,
-        "both workers decided part of the stream ({a} and {b})"
-    );
+    assert!(a > 0 && b > 0, "both workers decided part of the stream ({a} and {b})");
     assert_eq!(a + b, EVENTS as u64);
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();

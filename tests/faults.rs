@@ -85,10 +85,7 @@ async fn a_stalled_database_is_retried_never_turned_into_rejections() {
     blocker.rollback().await.unwrap();
 
     let records = reader.read(10, WAIT);
-    assert!(
-        records.iter().all(|r| r.value["status"] == "created"),
-        "{records:#?}"
-    );
+    assert!(records.iter().all(|r| r.value["status"] == "created"), "{records:#?}");
     assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 11);
     worker.shutdown().await.unwrap();
 }
@@ -121,7 +118,11 @@ async fn a_stored_offset_no_longer_on_the_topic_stops_only_that_partition() {
         reader.read_rest(Duration::from_secs(3)).is_empty(),
         "partition 0 is not read from anywhere else"
     );
-    assert_eq!(env.scalar_i64("SELECT next_offset FROM consumer_offsets WHERE topic = 'usage-events' AND partition = 0").await, 1000);
+    assert_eq!(
+        env.scalar_i64("SELECT next_offset FROM consumer_offsets WHERE topic = 'usage-events' AND partition = 0")
+            .await,
+        1000
+    );
     assert!(!worker.is_finished(), "the other partitions go on");
     worker.shutdown().await.unwrap();
 }

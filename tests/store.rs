@@ -25,16 +25,14 @@ fn snapshot(version: i64, period: Option<(&str, &str)>, hard: &str) -> SnapshotC
 type Period = (DateTime<Utc>, Option<DateTime<Utc>>, Option<Decimal>);
 
 async fn periods(env: &TestEnv) -> Vec<Period> {
-    sqlx::query_as(
-        "SELECT start_time, end_time, hard_limit FROM service_periods ORDER BY start_time",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap()
+    sqlx::query_as("SELECT start_time, end_time, hard_limit FROM service_periods ORDER BY start_time")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
 }
 
 async fn apply(env: &TestEnv, changes: &[SnapshotChange]) {
-    apply_snapshots(&env.pool, "g", "subscriptions", changes, &[(0, 1)])
+    apply_snapshots(&env.pool, "g", "subscriptions", changes, &[], &[(0, 1)])
         .await
         .unwrap();
 }
@@ -62,11 +60,7 @@ async fn the_open_ended_period_ends_where_the_first_real_period_starts() {
         Some(t("2026-11-01T00:00:00Z")),
         "cut at the first real start"
     );
-    assert_eq!(
-        after[0].2,
-        Some(Decimal::from(5)),
-        "keeps the limits it had"
-    );
+    assert_eq!(after[0].2, Some(Decimal::from(5)), "keeps the limits it had");
     assert_eq!(
         after[1],
         (
@@ -84,11 +78,7 @@ async fn each_period_keeps_the_limits_of_the_latest_snapshot_that_named_it() {
     let dec = Some(("2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"));
     apply(
         &env,
-        &[
-            snapshot(1, nov, "10"),
-            snapshot(2, nov, "20"),
-            snapshot(3, dec, "30"),
-        ],
+        &[snapshot(1, nov, "10"), snapshot(2, nov, "20"), snapshot(3, dec, "30")],
     )
     .await;
     let limits: Vec<Option<Decimal>> = periods(&env).await.into_iter().map(|p| p.2).collect();
@@ -134,6 +124,7 @@ async fn older_versions_and_replays_change_nothing_and_offsets_never_move_back()
         "g",
         "subscriptions",
         &[snapshot(5, nov, "50")],
+        &[],
         &[(0, 10)],
     )
     .await
@@ -144,6 +135,7 @@ async fn older_versions_and_replays_change_nothing_and_offsets_never_move_back()
         "g",
         "subscriptions",
         &[snapshot(4, nov, "1"), snapshot(5, nov, "2")],
+        &[],
         &[(0, 3)],
     )
     .await

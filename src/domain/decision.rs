@@ -21,6 +21,49 @@ pub fn min_quantity() -> Decimal {
     Decimal::new(1, 3)
 }
 
+/// The three limits of SPEC. The serialized names are the snapshot's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LimitKind {
+    Hard,
+    Soft,
+    Trial,
+}
+
+impl LimitKind {
+    pub const ALL: [LimitKind; 3] = [LimitKind::Soft, LimitKind::Hard, LimitKind::Trial];
+
+    /// The name in snapshots and in an outcome's `limit.applied`.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Hard => "hardLimit",
+            Self::Soft => "softLimit",
+            Self::Trial => "trialLimit",
+        }
+    }
+
+    /// The `type` of the alert raised when the limit is reached.
+    pub fn alert_type(self) -> &'static str {
+        match self {
+            Self::Hard => "hard-usage-limit-reached",
+            Self::Soft => "soft-usage-limit-reached",
+            Self::Trial => "trial-usage-limit-reached",
+        }
+    }
+
+    /// The stored spelling (`limit_alerts.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hard => "hard",
+            Self::Soft => "soft",
+            Self::Trial => "trial",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
 /// One service period of a subscription and what has been accepted in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeriodState {
@@ -29,9 +72,12 @@ pub struct PeriodState {
     /// Exclusive; `None` while open-ended.
     pub end: Option<DateTime<Utc>>,
     pub hard_limit: Option<Decimal>,
+    pub soft_limit: Option<Decimal>,
     pub used: Decimal,
     /// Set when the period was closed early (an invoice was issued for it).
     pub closed_time: Option<DateTime<Utc>>,
+    /// Limits whose alert this period already raised.
+    pub alerted: Vec<LimitKind>,
 }
 
 impl PeriodState {
@@ -53,6 +99,17 @@ pub struct SubscriptionState {
     pub status: String,
     pub deleted: bool,
     pub periods: Vec<PeriodState>,
+    /// Usage with a `usageTime` before this counts against `trial_limit`.
+    pub trial_end_time: Option<DateTime<Utc>>,
+    pub trial_limit: Option<Decimal>,
+    /// Accepted quantity with a `usageTime` before `trial_end_time`.
+    pub trial_used: Decimal,
+}
+
+impl SubscriptionState {
+    fn in_trial(&self, usage_time: DateTime<Utc>) -> bool {
+        self.trial_end_time.is_some_and(|end| usage_time < end)
+    }
 }
 
 impl SubscriptionState {
@@ -99,7 +156,7 @@ impl StoredUsage {
 /// Which limit decided, with the figures the outcome reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitReport {
-    pub applied: &'static str,
+    pub applied: LimitKind,
     pub limit: Decimal,
     /// Used in the period after this decision.
     pub used: Decimal,
@@ -107,6 +164,15 @@ pub struct LimitReport {
     pub available: Decimal,
     pub period_start: DateTime<Utc>,
     pub period_end: Option<DateTime<Utc>>,
+}
+
+/// A limit that a created usage reached (used ≥ limit) for the first time
+/// in its period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitReached {
+    pub kind: LimitKind,
+    pub limit: Decimal,
+    pub used: Decimal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +186,8 @@ pub enum Decision {
         period_start: DateTime<Utc>,
         period_end: Option<DateTime<Utc>>,
         limit: Option<LimitReport>,
+        /// Limits this usage reached whose alert the period had not raised.
+        alerts: Vec<LimitReached>,
     },
     /// The same request was already stored: nothing counted again.
     Duplicate { original: StoredUsage },
@@ -161,10 +229,7 @@ pub fn decide(
             reject(
                 ReasonCode::IdempotencyConflict,
                 Some("id"),
-                format!(
-                    "usage {} already exists with a different request",
-                    original.id
-                ),
+                format!("usage {} already exists with a different request", original.id),
             )
         };
     }
@@ -177,11 +242,7 @@ pub fn decide(
         );
     };
     if sub.deleted || !super::subscription::accepts_usage(&sub.status) {
-        let status = if sub.deleted {
-            "deleted"
-        } else {
-            sub.status.as_str()
-        };
+        let status = if sub.deleted { "deleted" } else { sub.status.as_str() };
         return reject(
             ReasonCode::SubscriptionNotActive,
             Some("subscriptionId"),
@@ -193,73 +254,106 @@ pub fn decide(
         return reject(
             ReasonCode::NoServicePeriod,
             Some("usageTime"),
-            format!(
-                "no service period of subscription {} contains {usage_time:?}",
-                sub.id
-            ),
+            format!("no service period of subscription {} contains {usage_time:?}", sub.id),
         );
     };
-    let period = &mut sub.periods[index];
+    let period = &sub.periods[index];
     if period.is_closed(now, grace) {
         return reject(
             ReasonCode::PeriodClosed,
             Some("usageTime"),
-            format!(
-                "the service period starting {:?} is closed for new usage",
-                period.start
-            ),
+            format!("the service period starting {:?} is closed for new usage", period.start),
         );
     }
 
     let requested = req.quantity;
-    let available = period
-        .hard_limit
-        .map(|limit| (limit - period.used).max(Decimal::ZERO));
-    let quantity = match available {
-        Some(available) if requested > available => {
-            if req.accept_partial && available >= min_quantity() {
-                available
+    let in_trial = sub.in_trial(usage_time);
+    let period = &sub.periods[index];
+    // Every cap that applies, with what it leaves; the smallest wins (the
+    // hard limit on a tie).
+    let mut caps: Vec<LimitReport> = Vec::new();
+    if let Some(limit) = period.hard_limit {
+        caps.push(report(LimitKind::Hard, limit, period.used, period));
+    }
+    if let (true, Some(limit)) = (in_trial, sub.trial_limit) {
+        caps.push(report(LimitKind::Trial, limit, sub.trial_used, period));
+    }
+    let binding = caps.into_iter().min_by_key(|c| c.available);
+    let quantity = match &binding {
+        Some(cap) if requested > cap.available => {
+            if req.accept_partial && cap.available >= min_quantity() {
+                cap.available
             } else {
                 return Decision::Rejected {
                     rejection: Rejection::on_field(
                         ReasonCode::UsageLimitExceeded,
                         "quantity",
                         format!(
-                            "quantity {requested} exceeds the {available} available under hardLimit"
+                            "quantity {requested} exceeds the {} available under {}",
+                            cap.available,
+                            cap.applied.field()
                         ),
                     ),
-                    limit: Some(report(period, period.used, available)),
+                    limit: binding,
                 };
             }
         }
         _ => requested,
     };
 
+    let period = &mut sub.periods[index];
     period.used += quantity;
-    let limit = period.hard_limit.map(|limit| {
-        report(
-            period,
-            period.used,
-            (limit - period.used).max(Decimal::ZERO),
-        )
+    let mut reached = Vec::new();
+    for (kind, limit, used) in [
+        (LimitKind::Soft, period.soft_limit, period.used),
+        (LimitKind::Hard, period.hard_limit, period.used),
+    ] {
+        if let Some(limit) = limit.filter(|limit| used >= *limit && !period.alerted.contains(&kind)) {
+            period.alerted.push(kind);
+            reached.push(LimitReached { kind, limit, used });
+        }
+    }
+    let (start, end) = (period.start, period.end);
+    if in_trial {
+        sub.trial_used += quantity;
+        let period = &mut sub.periods[index];
+        if let Some(limit) = sub
+            .trial_limit
+            .filter(|limit| sub.trial_used >= *limit && !period.alerted.contains(&LimitKind::Trial))
+        {
+            period.alerted.push(LimitKind::Trial);
+            reached.push(LimitReached {
+                kind: LimitKind::Trial,
+                limit,
+                used: sub.trial_used,
+            });
+        }
+    }
+    let period = &sub.periods[index];
+    let limit = binding.map(|cap| match cap.applied {
+        LimitKind::Trial => report(LimitKind::Trial, cap.limit, sub.trial_used, period),
+        kind => report(kind, cap.limit, period.used, period),
     });
     Decision::Created {
         quantity,
         requested_quantity: requested,
         partial: quantity != requested,
         usage_time,
-        period_start: period.start,
-        period_end: period.end,
+        period_start: start,
+        period_end: end,
         limit,
+        alerts: reached,
     }
 }
 
-fn report(period: &PeriodState, used: Decimal, available: Decimal) -> LimitReport {
+/// A limit with what is used against it; never a negative availability
+/// (a limit lowered below what is used leaves nothing).
+fn report(kind: LimitKind, limit: Decimal, used: Decimal, period: &PeriodState) -> LimitReport {
     LimitReport {
-        applied: "hardLimit",
-        limit: period.hard_limit.unwrap_or_default(),
+        applied: kind,
+        limit,
         used,
-        available,
+        available: (limit - used).max(Decimal::ZERO),
         period_start: period.start,
         period_end: period.end,
     }
@@ -295,9 +389,14 @@ mod tests {
                 start: t("2026-11-01T00:00:00Z"),
                 end: Some(t("2026-12-01T00:00:00Z")),
                 hard_limit: hard.map(d),
+                soft_limit: None,
                 used: Decimal::ZERO,
                 closed_time: None,
+                alerted: Vec::new(),
             }],
+            trial_end_time: None,
+            trial_limit: None,
+            trial_used: Decimal::ZERO,
         }
     }
 
@@ -352,14 +451,8 @@ mod tests {
     #[test]
     fn exact_decimals_fill_a_limit_to_the_last_unit() {
         let mut s = sub(Some("0.3"));
-        assert_eq!(
-            created_quantity(&decide_now(&req("0.1", false), &mut s)),
-            d("0.1")
-        );
-        assert_eq!(
-            created_quantity(&decide_now(&req("0.2", false), &mut s)),
-            d("0.2")
-        );
+        assert_eq!(created_quantity(&decide_now(&req("0.1", false), &mut s)), d("0.1"));
+        assert_eq!(created_quantity(&decide_now(&req("0.2", false), &mut s)), d("0.2"));
         assert_eq!(s.periods[0].used, d("0.3"));
         assert_eq!(
             code(&decide_now(&req("0.001", false), &mut s)),
@@ -382,7 +475,7 @@ mod tests {
         assert_eq!(rejection.code, ReasonCode::UsageLimitExceeded);
         assert_eq!(rejection.field, Some("quantity"));
         assert_eq!(limit.available, d("3"));
-        assert_eq!(limit.applied, "hardLimit");
+        assert_eq!(limit.applied, LimitKind::Hard);
         assert_eq!(s.periods[0].used, d("7"), "a rejection counts nothing");
     }
 
@@ -401,10 +494,7 @@ mod tests {
         else {
             panic!("{decision:?}")
         };
-        assert_eq!(
-            (*quantity, *requested_quantity, *partial),
-            (d("2.5"), d("5"), true)
-        );
+        assert_eq!((*quantity, *requested_quantity, *partial), (d("2.5"), d("5"), true));
         assert_eq!(limit.as_ref().unwrap().available, Decimal::ZERO);
         assert_eq!(s.periods[0].used, d("10"));
     }
@@ -424,10 +514,7 @@ mod tests {
         let mut s = sub(Some("5"));
         s.periods[0].used = d("8");
         let decision = decide_now(&req("1", false), &mut s);
-        let Decision::Rejected {
-            limit: Some(limit), ..
-        } = decision
-        else {
+        let Decision::Rejected { limit: Some(limit), .. } = decision else {
             panic!()
         };
         assert_eq!(limit.available, Decimal::ZERO);
@@ -507,25 +594,11 @@ mod tests {
         let after_grace = t("2026-12-01T01:00:00Z");
         let r = req("1", false);
         assert_eq!(
-            code(&decide(
-                &r,
-                usage_time,
-                None,
-                Some(&mut s),
-                within_grace,
-                grace()
-            )),
+            code(&decide(&r, usage_time, None, Some(&mut s), within_grace, grace())),
             None
         );
         assert_eq!(
-            code(&decide(
-                &r,
-                usage_time,
-                None,
-                Some(&mut s),
-                after_grace,
-                grace()
-            )),
+            code(&decide(&r, usage_time, None, Some(&mut s), after_grace, grace())),
             Some(ReasonCode::PeriodClosed)
         );
     }
@@ -547,8 +620,10 @@ mod tests {
             start: open_period_start(),
             end: None,
             hard_limit: Some(d("100")),
+            soft_limit: None,
             used: Decimal::ZERO,
             closed_time: None,
+            alerted: Vec::new(),
         };
         assert!(matches!(
             decide(
@@ -570,19 +645,14 @@ mod tests {
             start: t("2026-12-01T00:00:00Z"),
             end: Some(t("2027-01-01T00:00:00Z")),
             hard_limit: Some(d("10")),
+            soft_limit: None,
             used: Decimal::ZERO,
             closed_time: None,
+            alerted: Vec::new(),
         });
         s.periods[0].used = d("10");
         let december = t("2026-12-02T00:00:00Z");
-        let decision = decide(
-            &req("4", false),
-            december,
-            None,
-            Some(&mut s),
-            december,
-            grace(),
-        );
+        let decision = decide(&req("4", false), december, None, Some(&mut s), december, grace());
         assert_eq!(created_quantity(&decision), d("4"));
         assert_eq!(s.periods[1].used, d("4"));
     }
@@ -608,10 +678,7 @@ mod tests {
         let r = req("1.50", false);
         let original = stored(&req("1.5", false));
         let decision = decide(&r, now(), Some(&original), Some(&mut s), now(), grace());
-        assert!(
-            matches!(decision, Decision::Duplicate { .. }),
-            "{decision:?}"
-        );
+        assert!(matches!(decision, Decision::Duplicate { .. }), "{decision:?}");
         assert_eq!(s.periods[0].used, Decimal::ZERO);
     }
 
@@ -627,11 +694,7 @@ mod tests {
         variants.push(other_time);
         for r in variants {
             let decision = decide(&r, now(), Some(&original), None, now(), grace());
-            assert_eq!(
-                code(&decision),
-                Some(ReasonCode::IdempotencyConflict),
-                "{r:?}"
-            );
+            assert_eq!(code(&decision), Some(ReasonCode::IdempotencyConflict), "{r:?}");
         }
     }
 

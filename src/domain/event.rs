@@ -53,11 +53,7 @@ impl fmt::Display for MalformedJson {
             Self::DuplicateKey(key) => {
                 let shown: String = key.chars().take(MAX_KEY_IN_MESSAGE).collect();
                 let more = if shown.len() < key.len() { "…" } else { "" };
-                write!(
-                    f,
-                    "payload repeats the key \"{}{more}\"",
-                    shown.escape_debug()
-                )
+                write!(f, "payload repeats the key \"{}{more}\"", shown.escape_debug())
             }
             Self::TooDeep => write!(f, "payload nests deeper than {MAX_NESTING_DEPTH} levels"),
         }
@@ -142,8 +138,7 @@ pub(crate) fn json_string(raw: &RawValue) -> Result<String, String> {
     }
     // The document is valid JSON already, so only an escape that does not
     // decode to a character (an unpaired surrogate) can fail here.
-    serde_json::from_str(raw.get())
-        .map_err(|_| "must not contain an unpaired surrogate escape".to_owned())
+    serde_json::from_str(raw.get()).map_err(|_| "must not contain an unpaired surrogate escape".to_owned())
 }
 
 /// What one open bracket of [`check_unique_keys`] has seen so far.
@@ -171,9 +166,7 @@ fn check_unique_keys(text: &str) -> Result<(), MalformedJson> {
                 }
                 expect_key = open == b'{';
                 stack.push(if expect_key {
-                    Frame::Object {
-                        keys: HashSet::new(),
-                    }
+                    Frame::Object { keys: HashSet::new() }
                 } else {
                     Frame::Array
                 });
@@ -187,8 +180,7 @@ fn check_unique_keys(text: &str) -> Result<(), MalformedJson> {
                 let end = string_end(bytes, i);
                 if expect_key {
                     let token = &text[i..end];
-                    let key: String = serde_json::from_str(token)
-                        .map_err(|e| MalformedJson::NotJson(e.to_string()))?;
+                    let key: String = serde_json::from_str(token).map_err(|e| MalformedJson::NotJson(e.to_string()))?;
                     if let Some(Frame::Object { keys }) = stack.last_mut() {
                         if let Some(key) = keys.replace(key) {
                             return Err(MalformedJson::DuplicateKey(key));
@@ -323,10 +315,7 @@ pub fn identify(bytes: &[u8], max_payload_bytes: usize) -> (Option<String>, Opti
 /// Validates a request body already read as a [`JsonObject`] (an event, a
 /// CloudEvent's `data`, an HTTP body). Every wrong field is reported, in
 /// SPEC's table order; read-only and unknown fields are ignored.
-pub fn decode_usage_object(
-    object: &JsonObject<'_>,
-    ctx: &DecodeContext,
-) -> Result<UsageRequest, Rejection> {
+pub fn decode_usage_object(object: &JsonObject<'_>, ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
     let id = decode_id(object.given(fields::ID));
     let subscription_id = decode_subscription_id(object.given(fields::SUBSCRIPTION_ID));
     let quantity = decode_quantity(object.given(fields::QUANTITY));
@@ -334,15 +323,13 @@ pub fn decode_usage_object(
     let accept_partial = decode_accept_partial(object.given(fields::ACCEPT_PARTIAL_QUANTITY));
 
     match (id, subscription_id, quantity, usage_time, accept_partial) {
-        (Ok(id), Ok(subscription_id), Ok(quantity), Ok(usage_time), Ok(accept_partial)) => {
-            Ok(UsageRequest {
-                id,
-                subscription_id,
-                quantity,
-                usage_time,
-                accept_partial,
-            })
-        }
+        (Ok(id), Ok(subscription_id), Ok(quantity), Ok(usage_time), Ok(accept_partial)) => Ok(UsageRequest {
+            id,
+            subscription_id,
+            quantity,
+            usage_time,
+            accept_partial,
+        }),
         (id, subscription_id, quantity, usage_time, accept_partial) => {
             let problems = [
                 id.err(),
@@ -354,8 +341,7 @@ pub fn decode_usage_object(
             .into_iter()
             .flatten()
             .collect();
-            Err(Rejection::from_fields(problems)
-                .expect("a field failed, or the first arm would have matched"))
+            Err(Rejection::from_fields(problems).expect("a field failed, or the first arm would have matched"))
         }
     }
 }
@@ -389,9 +375,7 @@ fn decode_id(raw: Option<&RawValue>) -> Result<Option<String>, InvalidField> {
     if id.starts_with(DERIVED_ID_PREFIX) {
         return Err(invalid(
             fields::ID,
-            format_args!(
-                "must not start with \"{DERIVED_ID_PREFIX}\" (reserved for ids the worker derives)"
-            ),
+            format_args!("must not start with \"{DERIVED_ID_PREFIX}\" (reserved for ids the worker derives)"),
         ));
     }
     Ok(Some(id))
@@ -407,10 +391,7 @@ fn decode_quantity(raw: Option<&RawValue>) -> Result<Decimal, InvalidField> {
     parse_quantity(raw).map_err(|message| invalid(fields::QUANTITY, message))
 }
 
-fn decode_usage_time(
-    raw: Option<&RawValue>,
-    ctx: &DecodeContext,
-) -> Result<Option<DateTime<Utc>>, InvalidField> {
+fn decode_usage_time(raw: Option<&RawValue>, ctx: &DecodeContext) -> Result<Option<DateTime<Utc>>, InvalidField> {
     let field = fields::USAGE_TIME;
     let Some(raw) = raw else { return Ok(None) };
     let text = json_string(raw).map_err(|message| invalid(field, message))?;
@@ -452,14 +433,8 @@ mod identify_tests {
 
     #[test]
     fn a_rejected_event_keeps_its_valid_ids() {
-        let (id, sub) = identify(
-            br#"{"id": "usg_1", "subscriptionId": "sub_1", "quantity": -1}"#,
-            1000,
-        );
-        assert_eq!(
-            (id.as_deref(), sub.as_deref()),
-            (Some("usg_1"), Some("sub_1"))
-        );
+        let (id, sub) = identify(br#"{"id": "usg_1", "subscriptionId": "sub_1", "quantity": -1}"#, 1000);
+        assert_eq!((id.as_deref(), sub.as_deref()), (Some("usg_1"), Some("sub_1")));
     }
 
     #[test]
@@ -587,13 +562,7 @@ mod tests {
         let named: Vec<_> = rej.invalid_fields.iter().map(|f| f.field).collect();
         assert_eq!(
             named,
-            [
-                "id",
-                "subscriptionId",
-                "quantity",
-                "usageTime",
-                "acceptPartialQuantity"
-            ]
+            ["id", "subscriptionId", "quantity", "usageTime", "acceptPartialQuantity"]
         );
         assert_eq!(rej.message, rej.invalid_fields[0].message);
     }
@@ -602,11 +571,7 @@ mod tests {
     fn reports_the_first_field_code_when_codes_differ() {
         let rej = rejection(r#"{"quantity": "abc", "usageTime": "2030-01-01T00:00:00Z"}"#);
         assert_rejected(&rej, ReasonCode::MissingField, "subscriptionId");
-        let codes: Vec<_> = rej
-            .invalid_fields
-            .iter()
-            .map(|f| (f.field, f.code))
-            .collect();
+        let codes: Vec<_> = rej.invalid_fields.iter().map(|f| (f.field, f.code)).collect();
         assert_eq!(
             codes,
             [
@@ -644,22 +609,14 @@ mod tests {
 
     #[test]
     fn rejects_invalid_utf8_as_malformed() {
-        let rej = decode_usage_event(b"{\"subscriptionId\": \"s\xff\", \"quantity\": 1}", &ctx())
-            .unwrap_err();
+        let rej = decode_usage_event(b"{\"subscriptionId\": \"s\xff\", \"quantity\": 1}", &ctx()).unwrap_err();
         assert_eq!(rej.code, ReasonCode::MalformedPayload);
         assert_eq!(rej.message, "payload is not valid UTF-8");
     }
 
     #[test]
     fn rejects_non_objects_as_malformed() {
-        for json in [
-            "[]",
-            "1",
-            "null",
-            "\"x\"",
-            "true",
-            "[{\"subscriptionId\": \"s\"}]",
-        ] {
+        for json in ["[]", "1", "null", "\"x\"", "true", "[{\"subscriptionId\": \"s\"}]"] {
             let rej = rejection(json);
             assert_eq!(rej.code, ReasonCode::MalformedPayload, "{json}");
             assert_eq!(rej.message, "payload must be a JSON object", "{json}");
@@ -755,10 +712,7 @@ mod tests {
     #[test]
     fn accepts_a_50_character_id() {
         let id = format!("\"{}\"", "a".repeat(50));
-        assert_eq!(
-            decode(&event_with("id", Some(&id))).unwrap().id,
-            Some("a".repeat(50))
-        );
+        assert_eq!(decode(&event_with("id", Some(&id))).unwrap().id, Some("a".repeat(50)));
     }
 
     #[test]
@@ -778,21 +732,13 @@ mod tests {
             r#""a\u0000b""#,
             "\"\u{feff}a\"",
         ] {
-            assert_rejected(
-                &field_rejection("id", Some(id)),
-                ReasonCode::InvalidField,
-                "id",
-            );
+            assert_rejected(&field_rejection("id", Some(id)), ReasonCode::InvalidField, "id");
         }
     }
 
     #[test]
     fn rejects_an_empty_id() {
-        assert_rejected(
-            &field_rejection("id", Some("\"\"")),
-            ReasonCode::InvalidField,
-            "id",
-        );
+        assert_rejected(&field_rejection("id", Some("\"\"")), ReasonCode::InvalidField, "id");
     }
 
     #[test]
@@ -805,11 +751,7 @@ mod tests {
     #[test]
     fn rejects_an_id_that_is_not_a_string() {
         for id in ["1", "true", "{}", "[\"a\"]"] {
-            assert_rejected(
-                &field_rejection("id", Some(id)),
-                ReasonCode::InvalidField,
-                "id",
-            );
+            assert_rejected(&field_rejection("id", Some(id)), ReasonCode::InvalidField, "id");
         }
     }
 
@@ -882,10 +824,7 @@ mod tests {
             ("1.2345", "quantity must have at most 3 decimal places"),
             ("1e12", "quantity must be below 1000000000000"),
             ("1e400", "quantity must be below 1000000000000"),
-            (
-                "true",
-                "quantity must be a number or a decimal string, got a boolean",
-            ),
+            ("true", "quantity must be a number or a decimal string, got a boolean"),
             (
                 "\"\"",
                 "quantity must be a number or a decimal string, got an empty string",
@@ -909,11 +848,7 @@ mod tests {
 
     #[test]
     fn converts_an_offset_usage_time_to_utc() {
-        let request = decode(&event_with(
-            "usageTime",
-            Some("\"2026-11-27T10:00:00+05:30\""),
-        ))
-        .unwrap();
+        let request = decode(&event_with("usageTime", Some("\"2026-11-27T10:00:00+05:30\""))).unwrap();
         assert_eq!(
             request.usage_time,
             Some(Utc.with_ymd_and_hms(2026, 11, 27, 4, 30, 0).unwrap())
@@ -924,18 +859,13 @@ mod tests {
     fn accepts_rfc3339_variants() {
         for (text, want) in [
             ("2026-11-27t09:00:00z", "2026-11-27T09:00:00Z"),
-            (
-                "2026-11-27T09:00:00.123456789Z",
-                "2026-11-27T09:00:00.123456789Z",
-            ),
+            ("2026-11-27T09:00:00.123456789Z", "2026-11-27T09:00:00.123456789Z"),
             ("2026-11-27T09:00:00-00:00", "2026-11-27T09:00:00Z"),
             ("2026-11-27T11:00:00+02:00", "2026-11-27T09:00:00Z"),
         ] {
             let value = format!("\"{text}\"");
             let request = decode(&event_with("usageTime", Some(&value))).unwrap();
-            let want = DateTime::parse_from_rfc3339(want)
-                .unwrap()
-                .with_timezone(&Utc);
+            let want = DateTime::parse_from_rfc3339(want).unwrap().with_timezone(&Utc);
             assert_eq!(request.usage_time, Some(want), "{text}");
         }
     }
@@ -990,10 +920,7 @@ mod tests {
     #[test]
     fn accepts_a_usage_time_exactly_five_minutes_ahead() {
         let request = decode(&event_with("usageTime", Some("\"2026-11-27T10:05:00Z\""))).unwrap();
-        assert_eq!(
-            request.usage_time,
-            Some(request_time() + Duration::minutes(5))
-        );
+        assert_eq!(request.usage_time, Some(request_time() + Duration::minutes(5)));
     }
 
     #[test]
@@ -1009,11 +936,7 @@ mod tests {
     #[test]
     fn compares_the_future_bound_as_an_instant() {
         // 15:35 at +05:30 is 10:05 UTC: exactly on the bound.
-        assert!(decode(&event_with(
-            "usageTime",
-            Some("\"2026-11-27T15:35:00+05:30\"")
-        ))
-        .is_ok());
+        assert!(decode(&event_with("usageTime", Some("\"2026-11-27T15:35:00+05:30\""))).is_ok());
         let rej = field_rejection("usageTime", Some("\"2026-11-27T10:05:00.000000001Z\""));
         assert_eq!(rej.code, ReasonCode::UsageTimeInFuture);
     }

@@ -22,9 +22,7 @@ pub fn check_id(value: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if chars > MAX_ID_CHARS {
-        return Err(format!(
-            "must be at most {MAX_ID_CHARS} characters, got {chars}"
-        ));
+        return Err(format!("must be at most {MAX_ID_CHARS} characters, got {chars}"));
     }
     if let Some(c) = value
         .chars()

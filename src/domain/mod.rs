@@ -3,9 +3,11 @@
 //! rdkafka; every rule of SPEC that can be checked without I/O lives here and
 //! is tested here.
 
+pub mod cloudevents;
 pub mod decision;
 pub mod event;
 pub mod ids;
+pub mod invoice;
 pub mod outcome;
 pub mod quantity;
 pub mod reason;

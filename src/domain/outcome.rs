@@ -39,7 +39,7 @@ fn serialize_opt_time<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<
 }
 
 /// A period start written for readers: the open-ended period has none.
-fn period_start(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+fn period_start_of(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
     (t != open_period_start()).then_some(t)
 }
 
@@ -192,11 +192,11 @@ pub struct LimitBlock {
 impl From<&LimitReport> for LimitBlock {
     fn from(r: &LimitReport) -> Self {
         Self {
-            applied: r.applied,
+            applied: r.applied.field(),
             limit: r.limit,
             used: r.used,
             available: r.available,
-            period_start_time: period_start(r.period_start),
+            period_start_time: period_start_of(r.period_start),
             period_end_time: r.period_end,
         }
     }
@@ -211,10 +211,7 @@ pub struct ErrorBlock {
     pub field: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub invalid_fields: Vec<InvalidField>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "serialize_opt_decimal"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "serialize_opt_decimal")]
     pub available: Option<Decimal>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<LimitBlock>,
@@ -228,10 +225,7 @@ pub struct Outcome {
     pub status: OutcomeStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partial: Option<bool>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "serialize_opt_decimal"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "serialize_opt_decimal")]
     pub requested_quantity: Option<Decimal>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscription_id: Option<String>,
@@ -256,15 +250,7 @@ impl Outcome {
         source: Source,
         now: DateTime<Utc>,
     ) -> Self {
-        Self::from_rejection(
-            outcome_id,
-            event_id,
-            subscription_id,
-            rejection,
-            None,
-            source,
-            now,
-        )
+        Self::from_rejection(outcome_id, event_id, subscription_id, rejection, None, source, now)
     }
 
     fn from_rejection(
@@ -347,12 +333,7 @@ impl Outcome {
         }
     }
 
-    fn duplicate(
-        outcome_id: String,
-        original: &StoredUsage,
-        source: Source,
-        now: DateTime<Utc>,
-    ) -> Self {
+    fn duplicate(outcome_id: String, original: &StoredUsage, source: Source, now: DateTime<Utc>) -> Self {
         Self {
             outcome_id,
             event_id: original.id.clone(),
@@ -387,6 +368,65 @@ impl Outcome {
             ("event-id", self.event_id.clone()),
             ("status", self.status.as_str().to_owned()),
         ]
+    }
+}
+
+/// A limit-reached alert on `usage-alerts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    /// Stable per subscription, period and kind: consumers drop repeats by it.
+    pub alert_id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub subscription_id: String,
+    #[serde(serialize_with = "serialize_opt_time")]
+    pub period_start_time: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "serialize_opt_time")]
+    pub period_end_time: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "serialize_decimal")]
+    pub limit: Decimal,
+    #[serde(serialize_with = "serialize_decimal")]
+    pub used: Decimal,
+    pub usage_id: String,
+    #[serde(serialize_with = "serialize_time")]
+    pub time: DateTime<Utc>,
+}
+
+impl Alert {
+    pub fn new(
+        subscription_id: &str,
+        period_start: DateTime<Utc>,
+        period_end: Option<DateTime<Utc>>,
+        reached: &super::decision::LimitReached,
+        usage_id: &str,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let key = format!(
+            "{subscription_id}\u{0}{}\u{0}{}",
+            period_start.timestamp_micros(),
+            reached.kind.as_str()
+        );
+        let hash = Sha256::digest(key.as_bytes());
+        let alert_id = format!(
+            "al_{}",
+            hash.iter().take(16).map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        Self {
+            alert_id,
+            kind: reached.kind.alert_type(),
+            subscription_id: subscription_id.to_owned(),
+            period_start_time: period_start_of(period_start),
+            period_end_time: period_end,
+            limit: reached.limit,
+            used: reached.used,
+            usage_id: usage_id.to_owned(),
+            time: now,
+        }
+    }
+
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        vec![("alert-id", self.alert_id.clone()), ("type", self.kind.to_owned())]
     }
 }
 
@@ -428,11 +468,7 @@ mod tests {
 
     #[test]
     fn rejected_outcome_names_code_and_fields() {
-        let rejection = Rejection::on_field(
-            crate::domain::ReasonCode::MissingField,
-            "quantity",
-            "required",
-        );
+        let rejection = Rejection::on_field(crate::domain::ReasonCode::MissingField, "quantity", "required");
         let source = Source::Kafka {
             topic: "usage-events".into(),
             partition: 0,
@@ -442,8 +478,7 @@ mod tests {
         let now = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let outcome =
-            Outcome::rejected("oc_1".into(), "usg_1".into(), None, rejection, source, now);
+        let outcome = Outcome::rejected("oc_1".into(), "usg_1".into(), None, rejection, source, now);
         let json: serde_json::Value = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["status"], "rejected");
         assert_eq!(json["error"]["code"], "missing_field");

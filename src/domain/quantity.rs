@@ -73,9 +73,9 @@ impl<'a> ExactNumber<'a> {
                 if digits.is_empty() || leading_digits(digits) != digits.len() {
                     return None;
                 }
-                let magnitude = digits.bytes().fold(0i128, |acc, d| {
-                    (acc * 10 + i128::from(d - b'0')).min(EXPONENT_CLAMP)
-                });
+                let magnitude = digits
+                    .bytes()
+                    .fold(0i128, |acc, d| (acc * 10 + i128::from(d - b'0')).min(EXPONENT_CLAMP));
                 if exp_negative {
                     -magnitude
                 } else {
@@ -137,10 +137,7 @@ impl<'a> ExactNumber<'a> {
     }
 
     fn digits(&self) -> impl Iterator<Item = u8> + '_ {
-        self.integer
-            .bytes()
-            .chain(self.fraction.bytes())
-            .map(|d| d - b'0')
+        self.integer.bytes().chain(self.fraction.bytes()).map(|d| d - b'0')
     }
 
     /// Decimal places once trailing zeros are removed.
@@ -200,8 +197,7 @@ struct Bounds {
 }
 
 const NOT_A_NUMBER: &str = "must be a number or a decimal string";
-const NOT_A_DECIMAL_STRING: &str =
-    "must be a decimal string such as \"12.5\" (no spaces, '+', NaN or Infinity)";
+const NOT_A_DECIMAL_STRING: &str = "must be a decimal string such as \"12.5\" (no spaces, '+', NaN or Infinity)";
 
 /// How a raw JSON value is named in messages ("got a boolean").
 pub(crate) fn json_kind(raw: &RawValue) -> &'static str {
@@ -237,12 +233,8 @@ fn parse_bounded(raw: &RawValue, bounds: Bounds) -> Result<Decimal, String> {
     let text = number_text(raw)?;
     let number = match &text {
         NumberText::Literal(t) => ExactNumber::parse(t).ok_or_else(|| NOT_A_NUMBER.to_owned())?,
-        NumberText::Quoted(s) if s.is_empty() => {
-            return Err(format!("{NOT_A_NUMBER}, got an empty string"))
-        }
-        NumberText::Quoted(s) => {
-            ExactNumber::parse(s).ok_or_else(|| NOT_A_DECIMAL_STRING.to_owned())?
-        }
+        NumberText::Quoted(s) if s.is_empty() => return Err(format!("{NOT_A_NUMBER}, got an empty string")),
+        NumberText::Quoted(s) => ExactNumber::parse(s).ok_or_else(|| NOT_A_DECIMAL_STRING.to_owned())?,
     };
     check_bounds(&number, &bounds)?;
     // In range with at most 3 places means at most 15 digits, which any
@@ -264,9 +256,7 @@ fn check_bounds(number: &ExactNumber<'_>, bounds: &Bounds) -> Result<(), String>
         return Err("must be at least 0.001".into());
     }
     if number.decimal_places() > max_places {
-        return Err(format!(
-            "must have at most {MAX_DECIMAL_PLACES} decimal places"
-        ));
+        return Err(format!("must have at most {MAX_DECIMAL_PLACES} decimal places"));
     }
     if !number.is_zero() && number.magnitude() > MAX_INTEGER_DIGITS {
         return Err("must be below 1000000000000".into());
@@ -345,14 +335,8 @@ mod tests {
             ("1.5e-2", "0.015"),
             ("0e999999999999", "0"),
             ("123.456e1", "1234.56"),
-            (
-                "79228162514264337593543950335",
-                "79228162514264337593543950335",
-            ),
-            (
-                "0.0000000000000000000000000001",
-                "0.0000000000000000000000000001",
-            ),
+            ("79228162514264337593543950335", "79228162514264337593543950335"),
+            ("0.0000000000000000000000000001", "0.0000000000000000000000000001"),
         ] {
             assert_eq!(parse_decimal_text(text), Some(dec(want)), "{text}");
         }
@@ -369,8 +353,8 @@ mod tests {
     #[test]
     fn rejects_text_outside_the_json_number_grammar() {
         for text in [
-            "", " 1", "1 ", "+1", "0x10", "1.", ".5", "01", "-01", "NaN", "Infinity", "-", "1e",
-            "1e+", "1.e3", "--1", "1_000", "١", "1,5",
+            "", " 1", "1 ", "+1", "0x10", "1.", ".5", "01", "-01", "NaN", "Infinity", "-", "1e", "1e+", "1.e3", "--1",
+            "1_000", "١", "1,5",
         ] {
             assert_eq!(parse_decimal_text(text), None, "{text:?}");
         }
@@ -418,29 +402,19 @@ mod tests {
     fn rejects_below_the_minimum_billable_unit() {
         assert_eq!(quantity("0.0005"), Err("must be at least 0.001".into()));
         assert_eq!(quantity("1e-4"), Err("must be at least 0.001".into()));
-        assert_eq!(
-            quantity("1e-999999999"),
-            Err("must be at least 0.001".into())
-        );
+        assert_eq!(quantity("1e-999999999"), Err("must be at least 0.001".into()));
     }
 
     #[test]
     fn rejects_zero_and_negative_quantities() {
         for json in ["0", "0.000", "-0", "-1", "\"-5\"", "-0.001"] {
-            assert_eq!(
-                quantity(json),
-                Err("must be at least 0.001".into()),
-                "{json}"
-            );
+            assert_eq!(quantity(json), Err("must be at least 0.001".into()), "{json}");
         }
     }
 
     #[test]
     fn rejects_four_decimal_places() {
-        assert_eq!(
-            quantity("1.2345"),
-            Err("must have at most 3 decimal places".into())
-        );
+        assert_eq!(quantity("1.2345"), Err("must have at most 3 decimal places".into()));
         assert!(quantity("\"1.0001\"").is_err());
     }
 
@@ -448,10 +422,7 @@ mod tests {
     fn counts_decimal_places_after_removing_trailing_zeros() {
         assert_eq!(quantity("\"1.2300\""), Ok(dec("1.23")));
         assert_eq!(quantity("1.2300"), Ok(dec("1.23")));
-        assert_eq!(
-            quantity("1.500000000000000000000000000000000"),
-            Ok(dec("1.5"))
-        );
+        assert_eq!(quantity("1.500000000000000000000000000000000"), Ok(dec("1.5")));
     }
 
     #[test]
@@ -469,27 +440,14 @@ mod tests {
 
     #[test]
     fn rejects_ten_to_the_twelfth_and_above() {
-        for json in [
-            "1000000000000",
-            "1e12",
-            "1e15",
-            "1000000000000000",
-            "1e999999999",
-        ] {
-            assert_eq!(
-                quantity(json),
-                Err("must be below 1000000000000".into()),
-                "{json}"
-            );
+        for json in ["1000000000000", "1e12", "1e15", "1000000000000000", "1e999999999"] {
+            assert_eq!(quantity(json), Err("must be below 1000000000000".into()), "{json}");
         }
     }
 
     #[test]
     fn rejects_a_400_digit_number() {
-        assert_eq!(
-            quantity(&"9".repeat(400)),
-            Err("must be below 1000000000000".into())
-        );
+        assert_eq!(quantity(&"9".repeat(400)), Err("must be below 1000000000000".into()));
         let tiny = format!("0.{}1", "0".repeat(399));
         assert_eq!(quantity(&tiny), Err("must be at least 0.001".into()));
     }
@@ -569,18 +527,12 @@ mod tests {
     #[test]
     fn rejects_a_negative_limit() {
         assert_eq!(limit("-1"), Err("must not be negative".into()));
-        assert_eq!(
-            limit("{\"quantity\": -0.5}"),
-            Err("must not be negative".into())
-        );
+        assert_eq!(limit("{\"quantity\": -0.5}"), Err("must not be negative".into()));
     }
 
     #[test]
     fn rejects_a_limit_with_four_decimal_places() {
-        assert_eq!(
-            limit("0.0005"),
-            Err("must have at most 3 decimal places".into())
-        );
+        assert_eq!(limit("0.0005"), Err("must have at most 3 decimal places".into()));
     }
 
     #[test]

@@ -86,30 +86,22 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SubscriptionSnapshot, String> {
 
     let id = problems.check(fields::ID, decode_id(object.given(fields::ID)));
     let status = problems.check(fields::STATUS, decode_status(object.given(fields::STATUS)));
-    let version = problems.check(
-        fields::VERSION,
-        decode_version(object.given(fields::VERSION)),
-    );
+    let version = problems.check(fields::VERSION, decode_version(object.given(fields::VERSION)));
     let period = decode_period(&object, &mut problems);
     let trial_end_time = problems
-        .check(
-            fields::TRIAL_END,
-            optional_time(object.given(fields::TRIAL_END)),
-        )
+        .check(fields::TRIAL_END, optional_time(object.given(fields::TRIAL_END)))
         .flatten();
     let limits = decode_limits(object.given(fields::USAGE_LIMITS), &mut problems);
 
     match (id, status, version, period, limits, problems.into_error()) {
-        (Some(id), Some(status), Some(version), Some(period), Some(limits), None) => {
-            Ok(SubscriptionSnapshot {
-                id,
-                status,
-                version,
-                period,
-                trial_end_time,
-                limits,
-            })
-        }
+        (Some(id), Some(status), Some(version), Some(period), Some(limits), None) => Ok(SubscriptionSnapshot {
+            id,
+            status,
+            version,
+            period,
+            trial_end_time,
+            limits,
+        }),
         (.., error) => Err(error.unwrap_or_else(|| "invalid snapshot".into())),
     }
 }
@@ -173,24 +165,14 @@ fn shorten(text: &str) -> String {
 
 /// An optional RFC 3339 time with an offset; absent or null is `None`.
 fn optional_time(raw: Option<&RawValue>) -> Result<Option<DateTime<Utc>>, String> {
-    raw.map(|raw| parse_timestamp(&json_string(raw)?))
-        .transpose()
+    raw.map(|raw| parse_timestamp(&json_string(raw)?)).transpose()
 }
 
 /// Both ends or neither; `Some(None)` is a valid snapshot without a period,
 /// `None` means a problem was recorded.
-fn decode_period(
-    object: &JsonObject<'_>,
-    problems: &mut Problems,
-) -> Option<Option<ServicePeriodSpan>> {
-    let start = problems.check(
-        fields::PERIOD_START,
-        optional_time(object.given(fields::PERIOD_START)),
-    );
-    let end = problems.check(
-        fields::PERIOD_END,
-        optional_time(object.given(fields::PERIOD_END)),
-    );
+fn decode_period(object: &JsonObject<'_>, problems: &mut Problems) -> Option<Option<ServicePeriodSpan>> {
+    let start = problems.check(fields::PERIOD_START, optional_time(object.given(fields::PERIOD_START)));
+    let end = problems.check(fields::PERIOD_END, optional_time(object.given(fields::PERIOD_END)));
     let span = match (start?, end?) {
         (None, None) => return Some(None),
         (Some(start), Some(end)) if start < end => ServicePeriodSpan { start, end },
@@ -220,8 +202,7 @@ fn decode_limits(raw: Option<&RawValue>, problems: &mut Problems) -> Option<Limi
     };
     let object = problems.check(
         fields::USAGE_LIMITS,
-        JsonObject::parse(raw.get())
-            .map_err(|_| format!("must be an object, got {}", json_kind(raw))),
+        JsonObject::parse(raw.get()).map_err(|_| format!("must be an object, got {}", json_kind(raw))),
     )?;
     let mut limit = |name: &str| {
         let result = object.given(name).map(parse_limit).transpose();
@@ -263,8 +244,7 @@ mod tests {
 
     /// The SPEC example with `field` replaced by the JSON `value`, or removed.
     fn snapshot_with(field: &str, value: Option<&str>) -> String {
-        let mut object: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(SPEC_EXAMPLE).unwrap();
+        let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(SPEC_EXAMPLE).unwrap();
         object.remove(field);
         let mut text = serde_json::to_string(&object).unwrap();
         if let Some(value) = value {
@@ -310,11 +290,7 @@ mod tests {
 
     #[test]
     fn ignores_unknown_fields() {
-        assert!(decode(&snapshot_with(
-            "plan",
-            Some(r#"{"name": "pro", "price": 1e400}"#)
-        ))
-        .is_ok());
+        assert!(decode(&snapshot_with("plan", Some(r#"{"name": "pro", "price": 1e400}"#))).is_ok());
     }
 
     #[test]
@@ -345,15 +321,10 @@ mod tests {
     #[test]
     fn rejects_repeated_keys() {
         let json = r#"{"id": "sub_1", "status": "active", "version": 1, "version": 2}"#;
-        assert!(decode(json)
-            .unwrap_err()
-            .contains("repeats the key \"version\""));
+        assert!(decode(json).unwrap_err().contains("repeats the key \"version\""));
         let nested = snapshot_with("usageLimits", Some(r#"{"hardLimit": 1, "hardLimit": 2}"#));
         assert!(decode(&nested).unwrap_err().contains("hardLimit"));
-        let in_limit = snapshot_with(
-            "usageLimits",
-            Some(r#"{"hardLimit": {"quantity": 1, "quantity": 1}}"#),
-        );
+        let in_limit = snapshot_with("usageLimits", Some(r#"{"hardLimit": {"quantity": 1, "quantity": 1}}"#));
         assert!(decode(&in_limit).is_err());
     }
 
@@ -394,10 +365,7 @@ mod tests {
     #[test]
     fn requires_a_non_empty_status_string() {
         assert_eq!(error_with("status", None), "status: is required");
-        assert_eq!(
-            error_with("status", Some("\"\"")),
-            "status: must not be empty"
-        );
+        assert_eq!(error_with("status", Some("\"\"")), "status: must not be empty");
         assert!(error_with("status", Some("true")).starts_with("status: must be a string"));
     }
 
@@ -411,33 +379,14 @@ mod tests {
 
     #[test]
     fn accepts_version_zero_and_the_largest_i64() {
-        assert_eq!(
-            decode(&snapshot_with("version", Some("0")))
-                .unwrap()
-                .version,
-            0
-        );
+        assert_eq!(decode(&snapshot_with("version", Some("0"))).unwrap().version, 0);
         let max = i64::MAX.to_string();
-        assert_eq!(
-            decode(&snapshot_with("version", Some(&max)))
-                .unwrap()
-                .version,
-            i64::MAX
-        );
+        assert_eq!(decode(&snapshot_with("version", Some(&max))).unwrap().version, i64::MAX);
     }
 
     #[test]
     fn rejects_a_version_that_is_not_a_non_negative_integer() {
-        for value in [
-            "-1",
-            "7.0",
-            "7.5",
-            "7e0",
-            "\"7\"",
-            "9223372036854775808",
-            "true",
-            "{}",
-        ] {
+        for value in ["-1", "7.0", "7.5", "7e0", "\"7\"", "9223372036854775808", "true", "{}"] {
             assert!(
                 error_with("version", Some(value)).starts_with("version: must be a non-negative"),
                 "{value}"
@@ -469,20 +418,14 @@ mod tests {
     fn rejects_a_period_that_does_not_move_forward() {
         for end in ["\"2026-11-01T00:00:00Z\"", "\"2026-10-01T00:00:00Z\""] {
             let error = error_with("currentPeriodEndTime", Some(end));
-            assert_eq!(
-                error,
-                "currentPeriodEndTime: must be after currentPeriodStartTime"
-            );
+            assert_eq!(error, "currentPeriodEndTime: must be after currentPeriodStartTime");
         }
     }
 
     #[test]
     fn compares_period_ends_as_instants() {
         // 02:00+02:00 is midnight UTC, the start: an empty period.
-        let error = error_with(
-            "currentPeriodEndTime",
-            Some("\"2026-11-01T02:00:00+02:00\""),
-        );
+        let error = error_with("currentPeriodEndTime", Some("\"2026-11-01T02:00:00+02:00\""));
         assert!(error.contains("must be after"), "{error}");
         let snapshot = decode(&snapshot_with(
             "currentPeriodEndTime",
@@ -494,17 +437,9 @@ mod tests {
 
     #[test]
     fn rejects_period_times_without_an_offset_or_in_other_formats() {
-        for value in [
-            "\"2026-11-01T00:00:00\"",
-            "\"2026-11-01\"",
-            "\"\"",
-            "1764547200",
-        ] {
+        for value in ["\"2026-11-01T00:00:00\"", "\"2026-11-01\"", "\"\"", "1764547200"] {
             let error = error_with("currentPeriodStartTime", Some(value));
-            assert!(
-                error.starts_with("currentPeriodStartTime: "),
-                "{value}: {error}"
-            );
+            assert!(error.starts_with("currentPeriodStartTime: "), "{value}: {error}");
         }
     }
 
@@ -524,16 +459,10 @@ mod tests {
 
     #[test]
     fn reads_an_optional_trial_end_time() {
-        let snapshot = decode(&snapshot_with(
-            "trialEndTime",
-            Some("\"2026-11-15T00:00:00Z\""),
-        ))
-        .unwrap();
+        let snapshot = decode(&snapshot_with("trialEndTime", Some("\"2026-11-15T00:00:00Z\""))).unwrap();
         assert_eq!(snapshot.trial_end_time, Some(utc(2026, 11, 15)));
         assert_eq!(
-            decode(&snapshot_with("trialEndTime", None))
-                .unwrap()
-                .trial_end_time,
+            decode(&snapshot_with("trialEndTime", None)).unwrap().trial_end_time,
             None
         );
     }
@@ -604,10 +533,7 @@ mod tests {
     fn rejects_usage_limits_that_are_not_an_object() {
         for value in ["[]", "5", "\"x\"", "true"] {
             let error = error_with("usageLimits", Some(value));
-            assert!(
-                error.starts_with("usageLimits: must be an object"),
-                "{value}: {error}"
-            );
+            assert!(error.starts_with("usageLimits: must be an object"), "{value}: {error}");
         }
     }
 

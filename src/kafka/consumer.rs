@@ -84,10 +84,7 @@ impl ConsumerContext for Ctx {
                         Err(e) => {
                             // Without the stored offsets nothing can be read
                             // safely: keep trying (the group waits for us).
-                            tracing::warn!(
-                                error = format!("{e:#}"),
-                                "loading stored offsets failed; retrying"
-                            );
+                            tracing::warn!(error = format!("{e:#}"), "loading stored offsets failed; retrying");
                             std::thread::sleep(Duration::from_millis(500));
                         }
                     }
@@ -229,38 +226,18 @@ fn run(
     consumer.unsubscribe();
     // Let the revocation run its hooks before the consumer is dropped.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline
-        && consumer
-            .assignment()
-            .map(|a| a.count() > 0)
-            .unwrap_or(false)
-    {
+    while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
         consumer.poll(Duration::from_millis(50));
     }
 }
 
-fn seek(
-    consumer: &BaseConsumer<Ctx>,
-    topic: &str,
-    positions: &Mutex<Positions>,
-    partition: i32,
-    offset: i64,
-) {
+fn seek(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>, partition: i32, offset: i64) {
     let mut positions = positions.lock().expect("positions lock");
     if !positions.next.contains_key(&partition) {
         return;
     }
-    tracing::warn!(
-        partition,
-        offset,
-        "re-reading partition from its stored offset"
-    );
-    match consumer.seek(
-        topic,
-        partition,
-        Offset::Offset(offset),
-        Duration::from_secs(10),
-    ) {
+    tracing::warn!(partition, offset, "re-reading partition from its stored offset");
+    match consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
         Ok(()) => {
             positions.next.insert(partition, offset);
         }
@@ -271,12 +248,7 @@ fn seek(
 /// A consumer error. When a position is no longer on the topic (retention
 /// removed events nobody decided), the partition stops, loudly: skipping
 /// would lose billing data.
-fn on_error(
-    consumer: &BaseConsumer<Ctx>,
-    topic: &str,
-    positions: &Mutex<Positions>,
-    error: KafkaError,
-) {
+fn on_error(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>, error: KafkaError) {
     let out_of_range = matches!(
         error,
         KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)

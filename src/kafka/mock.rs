@@ -30,8 +30,7 @@ impl EmbeddedKafka {
         drop(cluster);
         // SAFETY: the pointer comes from a live client that owns the cluster.
         unsafe {
-            let handle =
-                rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
+            let handle = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr());
             rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(handle, 0);
         }
         Ok(Self { owner, bootstrap })

@@ -32,14 +32,8 @@ pub fn usage_consumer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "error")
         .set("partition.assignment.strategy", "range")
-        .set(
-            "session.timeout.ms",
-            settings.session_timeout_ms.to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            settings.heartbeat_interval_ms.to_string(),
-        )
+        .set("session.timeout.ms", settings.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", settings.heartbeat_interval_ms.to_string())
         .set("enable.partition.eof", "false");
     config
 }

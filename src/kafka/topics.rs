@@ -28,11 +28,7 @@ pub fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<O
 
 /// Makes sure the input exists and every output has its partition count,
 /// creating missing outputs. Returns the partition count.
-pub async fn ensure_outputs(
-    config: &ClientConfig,
-    input: &str,
-    outputs: &[&str],
-) -> anyhow::Result<i32> {
+pub async fn ensure_outputs(config: &ClientConfig, input: &str, outputs: &[&str]) -> anyhow::Result<i32> {
     let consumer: BaseConsumer = config.create().context("creating metadata client")?;
     let (input_count, missing, wrong) = {
         let input_count = tokio::task::block_in_place(|| partition_count(&consumer, input))?
@@ -55,17 +51,13 @@ pub async fn ensure_outputs(
         );
     }
     if !missing.is_empty() {
-        let admin: AdminClient<DefaultClientContext> =
-            config.create().context("creating admin client")?;
+        let admin: AdminClient<DefaultClientContext> = config.create().context("creating admin client")?;
         let topics: Vec<NewTopic> = missing
             .iter()
             .map(|t| NewTopic::new(t, input_count, TopicReplication::Fixed(1)))
             .collect();
         for result in admin
-            .create_topics(
-                &topics,
-                &AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)),
-            )
+            .create_topics(&topics, &AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)))
             .await
             .context("creating output topics")?
         {

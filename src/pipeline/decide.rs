@@ -6,11 +6,19 @@ use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
-use crate::domain::decision::{decide, Decision, StoredUsage};
+use crate::domain::decision::{decide, Decision, LimitReached, StoredUsage};
 use crate::domain::event::UsageRequest;
-use crate::domain::outcome::{derived_event_id, kafka_outcome_id, Outcome, OutcomeStatus, Source};
+use crate::domain::outcome::{derived_event_id, kafka_outcome_id, Alert, Outcome, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
 use crate::store::{BatchTx, NewUsage, OffsetClaim, OutboxRecord};
+
+/// The original bytes of a message that could not be decoded, for the DLQ.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
 
 /// A usage message after decoding (pure, outside the transaction).
 #[derive(Debug, Clone)]
@@ -24,6 +32,9 @@ pub struct DecodedMessage {
     pub request: Result<UsageRequest, Rejection>,
     /// For a rejected message: its own valid `id` and `subscriptionId`, if any.
     pub identity: (Option<String>, Option<String>),
+    /// Set for input that could not be decoded at all: it is also copied to
+    /// the dead-letter topic.
+    pub dead_letter: Option<RawMessage>,
 }
 
 impl DecodedMessage {
@@ -43,7 +54,11 @@ pub struct DecideContext {
     pub group: String,
     pub input_topic: String,
     pub results_topic: String,
+    pub alerts_topic: String,
+    pub dead_letter_topic: String,
     pub grace: Duration,
+    /// Largest dead-letter payload the producer can send.
+    pub max_dead_letter_bytes: usize,
 }
 
 /// What a committed batch did.
@@ -51,6 +66,8 @@ pub struct DecideContext {
 pub struct BatchReport {
     /// (status, reason code) of every decided message.
     pub decided: Vec<(OutcomeStatus, Option<ReasonCode>)>,
+    pub alerts: usize,
+    pub dead_letters: usize,
     /// Messages already decided by someone (a former owner, a retry).
     pub skipped: usize,
     /// Partitions whose stored offset is behind what was read: the consumer
@@ -58,11 +75,21 @@ pub struct BatchReport {
     pub reread: Vec<(i32, i64)>,
 }
 
+/// Everything a batch writes besides the offsets.
+#[derive(Default)]
+struct Writes {
+    usages: Vec<NewUsage>,
+    periods: HashMap<(String, DateTime<Utc>), Decimal>,
+    trial_used: HashMap<String, Decimal>,
+    alerts: Vec<(String, DateTime<Utc>, String, LimitReached)>,
+    outbox: Vec<OutboxRecord>,
+}
+
 /// Decides the messages (in input order) whose partitions' claims hold, and
-/// commits usages, periods, outcomes and offsets together. `ranges` are the
-/// consumer's (partition, position before, position after) of the batch.
-/// `forced` turns every message into the given rejection (the fallback for a
-/// message the database refuses).
+/// commits usages, periods, alerts, outcomes and offsets together. `ranges`
+/// are the consumer's (partition, position before, position after) of the
+/// batch. `forced` turns every message into the given rejection (the
+/// fallback for a message the database refuses).
 pub async fn decide_batch(
     pool: &PgPool,
     ctx: &DecideContext,
@@ -78,9 +105,7 @@ pub async fn decide_batch(
     //    still undecided; a claim that starts after it means the consumer
     //    missed some and must read again.
     let partitions: Vec<i32> = ranges.iter().map(|r| r.0).collect();
-    let stored = tx
-        .lock_offsets(&ctx.group, &ctx.input_topic, &partitions)
-        .await?;
+    let stored = tx.lock_offsets(&ctx.group, &ctx.input_topic, &partitions).await?;
     let mut claims = Vec::new();
     let mut start_of: HashMap<i32, i64> = HashMap::new();
     for &(partition, from, to) in ranges {
@@ -100,11 +125,7 @@ pub async fn decide_batch(
     }
     let todo: Vec<&DecodedMessage> = messages
         .iter()
-        .filter(|m| {
-            start_of
-                .get(&m.partition)
-                .is_some_and(|start| m.offset >= *start)
-        })
+        .filter(|m| start_of.get(&m.partition).is_some_and(|start| m.offset >= *start))
         .collect();
     report.skipped = messages.len() - todo.len();
     if claims.is_empty() {
@@ -112,11 +133,11 @@ pub async fn decide_batch(
     }
 
     // 2. Lock and load what the decisions need.
-    let valid: Vec<&UsageRequest> = todo
+    let sub_ids: Vec<String> = todo
         .iter()
         .filter_map(|m| m.request.as_ref().ok())
+        .map(|r| r.subscription_id.clone())
         .collect();
-    let sub_ids: Vec<String> = valid.iter().map(|r| r.subscription_id.clone()).collect();
     let mut subscriptions = if forced.is_none() {
         tx.lock_subscriptions(&sub_ids).await?
     } else {
@@ -126,9 +147,7 @@ pub async fn decide_batch(
     let mut usages = tx.stored_usages(&ids).await?;
 
     // 3. Decide in input order.
-    let mut new_usages = Vec::new();
-    let mut touched: HashMap<(String, DateTime<Utc>), Decimal> = HashMap::new();
-    let mut outbox = Vec::with_capacity(todo.len());
+    let mut writes = Writes::default();
     for (message, event_id) in todo.iter().zip(ids) {
         let source = Source::Kafka {
             topic: ctx.input_topic.clone(),
@@ -137,7 +156,7 @@ pub async fn decide_batch(
             timestamp: message.timestamp,
         };
         let outcome_id = kafka_outcome_id(&ctx.input_topic, message.partition, message.offset);
-        let (outcome, key) = match (&message.request, forced) {
+        let outcome = match (&message.request, forced) {
             (Ok(request), None) => {
                 let usage_time = request.usage_time.unwrap_or(message.request_time);
                 let decision = decide(
@@ -152,6 +171,8 @@ pub async fn decide_batch(
                     quantity,
                     requested_quantity,
                     period_start,
+                    period_end,
+                    alerts,
                     ..
                 } = &decision
                 {
@@ -161,8 +182,9 @@ pub async fn decide_batch(
                         .iter()
                         .find(|p| p.start == *period_start)
                         .expect("decided period");
-                    touched.insert((sub.id.clone(), *period_start), period.used);
-                    new_usages.push(NewUsage {
+                    writes.periods.insert((sub.id.clone(), *period_start), period.used);
+                    writes.trial_used.insert(sub.id.clone(), sub.trial_used);
+                    writes.usages.push(NewUsage {
                         id: event_id.clone(),
                         subscription_id: request.subscription_id.clone(),
                         quantity: *quantity,
@@ -191,74 +213,141 @@ pub async fn decide_batch(
                             updated_time: now,
                         },
                     );
+                    for reached in alerts {
+                        let alert = Alert::new(&sub.id, *period_start, *period_end, reached, &event_id, now);
+                        writes.outbox.push(OutboxRecord {
+                            topic: ctx.alerts_topic.clone(),
+                            partition: message.partition,
+                            key: Some(sub.id.clone().into_bytes()),
+                            payload: serde_json::to_vec(&alert)?,
+                            headers: to_bytes(alert.headers()),
+                            // At most one per period and kind: limit_alerts' key.
+                            source: None,
+                        });
+                        writes
+                            .alerts
+                            .push((sub.id.clone(), *period_start, event_id.clone(), reached.clone()));
+                        report.alerts += 1;
+                    }
                 }
-                let outcome = Outcome::from_decision(
-                    outcome_id,
-                    event_id,
-                    &request.subscription_id,
-                    &decision,
-                    source,
-                    now,
-                );
-                (outcome, Some(request.subscription_id.clone().into_bytes()))
+                Outcome::from_decision(outcome_id, event_id, &request.subscription_id, &decision, source, now)
             }
-            (Ok(request), Some(rejection)) => (
+            (Ok(request), Some(rejection)) => Outcome::rejected(
+                outcome_id,
+                event_id,
+                Some(request.subscription_id.clone()),
+                rejection.clone(),
+                source,
+                now,
+            ),
+            (Err(rejection), _) => {
+                if let Some(raw) = &message.dead_letter {
+                    writes.outbox.push(dead_letter(ctx, message, raw, rejection.code));
+                    report.dead_letters += 1;
+                }
                 Outcome::rejected(
                     outcome_id,
                     event_id,
-                    Some(request.subscription_id.clone()),
+                    message.identity.1.clone(),
                     rejection.clone(),
                     source,
                     now,
-                ),
-                Some(request.subscription_id.clone().into_bytes()),
-            ),
-            (Err(rejection), _) => {
-                let subscription_id = message.identity.1.clone();
-                let key = subscription_id
-                    .clone()
-                    .map(String::into_bytes)
-                    .or_else(|| message.key.clone());
-                (
-                    Outcome::rejected(
-                        outcome_id,
-                        event_id,
-                        subscription_id,
-                        rejection.clone(),
-                        source,
-                        now,
-                    ),
-                    key,
                 )
             }
         };
         report
             .decided
             .push((outcome.status, outcome.error.as_ref().map(|e| e.code)));
-        outbox.push(OutboxRecord {
+        let key = outcome
+            .subscription_id
+            .clone()
+            .map(String::into_bytes)
+            .or_else(|| message.key.clone());
+        writes.outbox.push(OutboxRecord {
             topic: ctx.results_topic.clone(),
             partition: message.partition,
             key,
             payload: serde_json::to_vec(&outcome)?,
-            headers: outcome
-                .headers()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
+            headers: to_bytes(outcome.headers()),
             source: Some((ctx.input_topic.clone(), message.partition, message.offset)),
         });
     }
 
     // 4. Store everything and move the offsets, together.
-    tx.insert_usages(&new_usages).await?;
-    let periods: Vec<(String, DateTime<Utc>, Decimal)> = touched
+    tx.insert_usages(&writes.usages).await?;
+    let periods: Vec<(String, DateTime<Utc>, Decimal)> = writes
+        .periods
         .into_iter()
         .map(|((sub, start), used)| (sub, start, used))
         .collect();
     tx.update_used(&periods).await?;
-    tx.append_outbox(&outbox).await?;
-    tx.advance_offsets(&ctx.group, &ctx.input_topic, &claims)
+    tx.update_trial_used(&writes.trial_used.into_iter().collect::<Vec<_>>())
         .await?;
+    tx.insert_alerts(&writes.alerts).await?;
+    tx.append_outbox(&writes.outbox).await?;
+    tx.advance_offsets(&ctx.group, &ctx.input_topic, &claims).await?;
     tx.commit().await?;
     Ok(report)
+}
+
+fn to_bytes(headers: Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>)> {
+    headers
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+        .collect()
+}
+
+/// Names of the headers a dead letter carries besides the original ones.
+pub mod dlq_headers {
+    pub const REASON: &str = "dlq-reason";
+    pub const SOURCE_TOPIC: &str = "dlq-source-topic";
+    pub const SOURCE_PARTITION: &str = "dlq-source-partition";
+    pub const SOURCE_OFFSET: &str = "dlq-source-offset";
+    /// Set when the payload was cut to fit the producer's message limit:
+    /// the original length in bytes.
+    pub const TRUNCATED_FROM: &str = "dlq-truncated-from";
+}
+
+/// The dead-letter copy of an input message: original key, bytes and
+/// headers, plus headers naming the reason and where it came from.
+pub fn dead_letter_record(
+    topic: &str,
+    partition: i32,
+    source: (&str, i32, i64),
+    raw: &RawMessage,
+    reason: &str,
+    max_bytes: usize,
+) -> OutboxRecord {
+    let mut headers = raw.headers.clone();
+    headers.push((dlq_headers::REASON.into(), reason.as_bytes().to_vec()));
+    headers.push((dlq_headers::SOURCE_TOPIC.into(), source.0.as_bytes().to_vec()));
+    headers.push((dlq_headers::SOURCE_PARTITION.into(), source.1.to_string().into_bytes()));
+    headers.push((dlq_headers::SOURCE_OFFSET.into(), source.2.to_string().into_bytes()));
+    let mut payload = raw.payload.clone().unwrap_or_default();
+    if payload.len() > max_bytes {
+        headers.push((
+            dlq_headers::TRUNCATED_FROM.into(),
+            payload.len().to_string().into_bytes(),
+        ));
+        payload.truncate(max_bytes);
+    }
+    OutboxRecord {
+        topic: topic.to_owned(),
+        partition,
+        key: raw.key.clone(),
+        payload,
+        headers,
+        source: Some((source.0.to_owned(), source.1, source.2)),
+    }
+}
+
+fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, code: ReasonCode) -> OutboxRecord {
+    dead_letter_record(
+        &ctx.dead_letter_topic,
+        message.partition,
+        (&ctx.input_topic, message.partition, message.offset),
+        raw,
+        code.as_str(),
+        ctx.max_dead_letter_bytes,
+    )
 }

@@ -2,9 +2,9 @@
 //! adapters to the store around the pure decision, and owns the retry and
 //! shutdown behaviour.
 
+pub mod control;
 pub mod decide;
 pub mod relay;
-pub mod snapshots;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -15,19 +15,25 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 
 use crate::config::Settings;
-use crate::domain::event::{decode_usage_event, identify, DecodeContext};
+use crate::domain::cloudevents::decode_usage_message;
+use crate::domain::event::{identify, DecodeContext};
 use crate::domain::{ReasonCode, Rejection};
 use crate::kafka::{self, consumer};
 use crate::store::{self, FailureKind};
+use control::{ControlKind, ControlReader, Progress};
 use decide::{decide_batch, BatchReport, DecideContext, DecodedMessage};
 use relay::Relay;
-use snapshots::{SnapshotProgress, SnapshotReader};
+
+/// Largest dead-letter payload: below the producer's `message.max.bytes`
+/// with room for the key and headers.
+pub const MAX_DEAD_LETTER_BYTES: usize = 900_000;
 
 /// Counts of what the worker decided, for logs, the demo and the tests.
 #[derive(Default)]
@@ -41,14 +47,10 @@ impl Stats {
     fn record(&self, report: &BatchReport) {
         let mut by = self.by_outcome.lock().expect("stats lock");
         for (status, code) in &report.decided {
-            *by.entry((
-                status.as_str().to_owned(),
-                code.map(|c| c.as_str().to_owned()),
-            ))
-            .or_default() += 1;
+            *by.entry((status.as_str().to_owned(), code.map(|c| c.as_str().to_owned())))
+                .or_default() += 1;
         }
-        self.decided
-            .fetch_add(report.decided.len() as u64, Ordering::Relaxed);
+        self.decided.fetch_add(report.decided.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -70,21 +72,31 @@ pub async fn run(
     let t = &settings.topics;
     let p = &settings.pipeline;
     let metadata_config = kafka::reader_config(k, "metadata");
-    let partitions =
-        kafka::topics::ensure_outputs(&metadata_config, &t.usage_events, &[&t.usage_results])
-            .await?;
+    let partitions = kafka::topics::ensure_outputs(&metadata_config, &t.usage_events, &t.outputs()).await?;
     let metadata: BaseConsumer = metadata_config.create()?;
-    let snapshot_partitions = tokio::task::block_in_place(|| {
-        kafka::topics::partition_count(&metadata, &t.subscriptions)
-    })?
-    .with_context(|| format!("input topic {} does not exist", t.subscriptions))?;
-    tracing::info!(partitions, snapshot_partitions, "topics checked");
+    let control_partitions = |topic: &str| {
+        tokio::task::block_in_place(|| kafka::topics::partition_count(&metadata, topic))?
+            .with_context(|| format!("input topic {topic} does not exist"))
+    };
+    let controls = [
+        (
+            t.subscriptions.clone(),
+            ControlKind::Subscriptions,
+            control_partitions(&t.subscriptions)?,
+        ),
+        (
+            t.invoice_events.clone(),
+            ControlKind::Invoices,
+            control_partitions(&t.invoice_events)?,
+        ),
+    ];
+    tracing::info!(partitions, ?controls, "topics checked");
 
     let relay = Arc::new(Relay::new(
         pool.clone(),
         &kafka::producer_config(k),
         kafka::reader_config(k, "relay"),
-        vec![t.usage_results.clone()],
+        t.outputs().iter().map(|t| t.to_string()).collect(),
     )?);
     let (relay_stop_tx, relay_stop_rx) = tokio::sync::watch::channel(false);
     let relay_task = {
@@ -95,20 +107,29 @@ pub async fn run(
     };
 
     let stop_threads = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(SnapshotProgress::default());
-    let snapshot_thread = SnapshotReader {
-        pool: pool.clone(),
-        group: k.group_id.clone(),
-        topic: t.subscriptions.clone(),
-        partitions: snapshot_partitions,
-        retry_max: Duration::from_millis(p.retry_max_backoff_ms),
+    let mut control_threads = Vec::new();
+    let mut progress = Vec::new();
+    for (topic, kind, count) in &controls {
+        let topic_progress = Arc::new(Progress::default());
+        let reader = ControlReader {
+            pool: pool.clone(),
+            group: k.group_id.clone(),
+            topic: topic.clone(),
+            kind: *kind,
+            partitions: *count,
+            retry_max: Duration::from_millis(p.retry_max_backoff_ms),
+            dead_letter_topic: t.dead_letters.clone(),
+            dead_letter_partitions: partitions,
+            max_dead_letter_bytes: MAX_DEAD_LETTER_BYTES,
+        };
+        let config = kafka::reader_config(k, topic);
+        control_threads.push(
+            reader
+                .spawn(&config, topic_progress.clone(), stop_threads.clone())
+                .await?,
+        );
+        progress.push((topic.clone(), *count, topic_progress));
     }
-    .spawn(
-        &kafka::reader_config(k, "subscriptions"),
-        progress.clone(),
-        stop_threads.clone(),
-    )
-    .await?;
 
     let hooks = Arc::new(PartitionHooks {
         pool: pool.clone(),
@@ -140,13 +161,15 @@ pub async fn run(
             group: k.group_id.clone(),
             input_topic: t.usage_events.clone(),
             results_topic: t.usage_results.clone(),
+            alerts_topic: t.usage_alerts.clone(),
+            dead_letter_topic: t.dead_letters.clone(),
             grace: p.period_grace(),
+            max_dead_letter_bytes: MAX_DEAD_LETTER_BYTES,
         },
         settings: settings.clone(),
         stats,
         progress,
         metadata,
-        snapshot_partitions,
         relay: relay.clone(),
         commands: command_tx,
         shutting_down: AtomicBool::new(false),
@@ -183,7 +206,9 @@ pub async fn run(
     let _ = relay_stop_tx.send(true);
     let joined = tokio::task::spawn_blocking(move || {
         let _ = consumer_thread.join();
-        let _ = snapshot_thread.join();
+        for thread in control_threads {
+            let _ = thread.join();
+        }
     });
     let _ = tokio::time::timeout_at(deadline + Duration::from_secs(5), joined).await;
     let _ = relay_task.await;
@@ -197,9 +222,9 @@ struct Worker {
     ctx: DecideContext,
     settings: Settings,
     stats: Arc<Stats>,
-    progress: Arc<SnapshotProgress>,
+    /// (topic, partitions, progress) of each control topic.
+    progress: Vec<(String, i32, Arc<Progress>)>,
     metadata: BaseConsumer,
-    snapshot_partitions: i32,
     relay: Arc<Relay>,
     commands: std::sync::mpsc::Sender<consumer::Command>,
     shutting_down: AtomicBool,
@@ -207,14 +232,10 @@ struct Worker {
 
 impl Worker {
     async fn process(&self, batch: consumer::UsageBatch) -> anyhow::Result<()> {
-        self.wait_for_snapshots().await;
+        self.wait_for_control_topics().await;
         let now = Utc::now();
-        let messages: Vec<DecodedMessage> =
-            batch.messages.iter().map(|m| self.decode(m, now)).collect();
-        match self
-            .decide_with_retry(&batch.ranges, &messages, None)
-            .await?
-        {
+        let messages: Vec<DecodedMessage> = batch.messages.iter().map(|m| self.decode(m, now)).collect();
+        match self.decide_with_retry(&batch.ranges, &messages, None).await? {
             Some(()) => {}
             None => self.decide_one_by_one(&batch.ranges, &messages).await?,
         }
@@ -222,31 +243,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Snapshots already on their topic when the batch was read are applied
-    /// before it is decided (bounded wait).
-    async fn wait_for_snapshots(&self) {
-        let topic = &self.settings.topics.subscriptions;
-        let highs = match tokio::task::block_in_place(|| {
-            snapshots::high_watermarks(&self.metadata, topic, self.snapshot_partitions)
-        }) {
-            Ok(highs) => highs,
-            Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "cannot read subscription watermarks; deciding with what is applied"
-                );
-                return;
+    /// Snapshots and invoice events already on their topics when the batch
+    /// was read are applied before it is decided (bounded wait).
+    async fn wait_for_control_topics(&self) {
+        let deadline = tokio::time::Instant::now() + self.settings.pipeline.snapshot_wait();
+        for (topic, partitions, progress) in &self.progress {
+            let highs =
+                match tokio::task::block_in_place(|| control::high_watermarks(&self.metadata, topic, *partitions)) {
+                    Ok(highs) => highs,
+                    Err(e) => {
+                        tracing::warn!(
+                            topic,
+                            error = format!("{e:#}"),
+                            "cannot read watermarks; deciding with what is applied"
+                        );
+                        continue;
+                    }
+                };
+            if !progress.wait_for(&highs, deadline).await {
+                tracing::warn!(topic, ?highs, "still being applied after the wait; deciding anyway");
             }
-        };
-        if !self
-            .progress
-            .wait_for(&highs, self.settings.pipeline.snapshot_wait())
-            .await
-        {
-            tracing::warn!(
-                ?highs,
-                "subscription snapshots still being applied after the wait; deciding anyway"
-            );
         }
     }
 
@@ -263,10 +279,23 @@ impl Worker {
             max_payload_bytes: p.max_payload_bytes,
         };
         let payload = message.payload().unwrap_or_default();
-        let request = decode_usage_event(payload, &ctx);
-        let identity = match &request {
-            Ok(_) => (None, None),
-            Err(_) => identify(payload, p.max_payload_bytes),
+        let headers: Vec<(&str, &[u8])> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
+            .unwrap_or_default();
+        let request = decode_usage_message(&headers, payload, &ctx);
+        let (identity, dead_letter) = match &request {
+            Ok(_) => ((None, None), None),
+            Err(rejection) => {
+                let undecodable = matches!(
+                    rejection.code,
+                    ReasonCode::MalformedPayload | ReasonCode::PayloadTooLarge
+                );
+                (
+                    identify(payload, p.max_payload_bytes),
+                    undecodable.then(|| control::raw_message(message)),
+                )
+            }
         };
         DecodedMessage {
             partition: message.partition(),
@@ -276,6 +305,7 @@ impl Worker {
             request_time,
             request,
             identity,
+            dead_letter,
         }
     }
 
@@ -334,11 +364,7 @@ impl Worker {
 
     /// After a permanent failure: one message per transaction, and the one
     /// the database refuses is rejected alone.
-    async fn decide_one_by_one(
-        &self,
-        ranges: &[(i32, i64, i64)],
-        messages: &[DecodedMessage],
-    ) -> anyhow::Result<()> {
+    async fn decide_one_by_one(&self, ranges: &[(i32, i64, i64)], messages: &[DecodedMessage]) -> anyhow::Result<()> {
         let mut position: HashMap<i32, i64> = ranges.iter().map(|r| (r.0, r.1)).collect();
         for message in messages {
             let Some(from) = position.get(&message.partition).copied() else {
@@ -348,15 +374,8 @@ impl Worker {
             position.insert(message.partition, message.offset + 1);
             let one = std::slice::from_ref(message);
             if self.decide_with_retry(&range, one, None).await?.is_none() {
-                let rejection = Rejection::new(
-                    ReasonCode::Unprocessable,
-                    "the database refused this message's data",
-                );
-                if self
-                    .decide_with_retry(&range, one, Some(&rejection))
-                    .await?
-                    .is_none()
-                {
+                let rejection = Rejection::new(ReasonCode::Unprocessable, "the database refused this message's data");
+                if self.decide_with_retry(&range, one, Some(&rejection)).await?.is_none() {
                     anyhow::bail!(
                         "the database refused even the rejection of {}/{}",
                         message.partition,
@@ -383,12 +402,9 @@ struct PartitionHooks {
 
 impl consumer::Assignments for PartitionHooks {
     fn assigned(&self, partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
-        let stored = self.runtime.block_on(store::stored_offsets(
-            &self.pool,
-            &self.group,
-            &self.topic,
-            partitions,
-        ))?;
+        let stored = self
+            .runtime
+            .block_on(store::stored_offsets(&self.pool, &self.group, &self.topic, partitions))?;
         let mut initial = HashMap::new();
         for p in partitions.iter().filter(|p| !stored.contains_key(p)) {
             let (low, high) = self

@@ -91,12 +91,7 @@ impl Relay {
     }
 
     /// Runs rounds until `stop` resolves.
-    pub async fn run(
-        &self,
-        retry_max: Duration,
-        retention_days: u32,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
+    pub async fn run(&self, retry_max: Duration, retention_days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
         let mut last_cleanup = tokio::time::Instant::now();
         loop {
@@ -131,10 +126,7 @@ impl Relay {
                         tracing::info!(deleted = n, "deleted expired outcome records")
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(
-                        error = format!("{e:#}"),
-                        "deleting expired outcome records failed"
-                    ),
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "deleting expired outcome records failed"),
                 }
             }
             tokio::select! {
@@ -165,8 +157,7 @@ impl Relay {
                     seq
                 }
             };
-            let records =
-                store::pending(&self.pool, &topic, partition, published, ROUND_LIMIT).await?;
+            let records = store::pending(&self.pool, &topic, partition, published, ROUND_LIMIT).await?;
             let Some(last) = records.last().map(|r| r.seq) else {
                 continue;
             };
@@ -209,7 +200,7 @@ impl Relay {
             for (k, v) in &record.headers {
                 headers = headers.insert(Header {
                     key: k,
-                    value: Some(v.as_bytes()),
+                    value: Some(v.as_slice()),
                 });
             }
             headers = headers.insert(Header {
@@ -262,10 +253,9 @@ impl Relay {
         let stored = store::published_seq(&self.pool, topic, partition).await?;
         let config = self.reader_config.clone();
         let topic_owned = topic.to_owned();
-        let on_topic =
-            tokio::task::spawn_blocking(move || last_outbox_seq(&config, &topic_owned, partition))
-                .await
-                .context("reading the last record")??;
+        let on_topic = tokio::task::spawn_blocking(move || last_outbox_seq(&config, &topic_owned, partition))
+            .await
+            .context("reading the last record")??;
         let seq = stored.max(on_topic.unwrap_or(0));
         if on_topic.is_some_and(|s| s > stored) {
             store::mark_published(&self.pool, topic, partition, seq).await?;
@@ -283,11 +273,7 @@ impl Relay {
 }
 
 /// The `outbox-seq` header of the last record of a partition, if any.
-fn last_outbox_seq(
-    config: &ClientConfig,
-    topic: &str,
-    partition: i32,
-) -> anyhow::Result<Option<i64>> {
+fn last_outbox_seq(config: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
     let consumer: BaseConsumer = config.create().context("creating a reader")?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
@@ -311,11 +297,7 @@ fn last_outbox_seq(
                         .and_then(|v| v.parse::<i64>().ok())
                 });
                 if seq.is_none() {
-                    tracing::warn!(
-                        topic,
-                        partition,
-                        "the last record has no outbox-seq header (not ours?)"
-                    );
+                    tracing::warn!(topic, partition, "the last record has no outbox-seq header (not ours?)");
                 }
                 return Ok(seq);
             }

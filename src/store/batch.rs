@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::outbox::{append, OutboxRecord};
-use crate::domain::decision::{PeriodState, StoredUsage, SubscriptionState};
+use crate::domain::decision::{LimitKind, LimitReached, PeriodState, StoredUsage, SubscriptionState};
 
 /// The part of a partition a batch wants to decide: messages from
 /// `from_offset` (the consumer's position before the first one) up to
@@ -76,12 +76,7 @@ impl BatchTx {
 
     /// Advances the offsets, compare-and-set: each claim moves its partition
     /// from exactly `from_offset` to `to_offset`. Fails when any row moved.
-    pub async fn advance_offsets(
-        &mut self,
-        group: &str,
-        topic: &str,
-        claims: &[OffsetClaim],
-    ) -> anyhow::Result<()> {
+    pub async fn advance_offsets(&mut self, group: &str, topic: &str, claims: &[OffsetClaim]) -> anyhow::Result<()> {
         let partitions: Vec<i32> = claims.iter().map(|c| c.partition).collect();
         let from: Vec<i64> = claims.iter().map(|c| c.from_offset).collect();
         let to: Vec<i64> = claims.iter().map(|c| c.to_offset).collect();
@@ -111,15 +106,13 @@ impl BatchTx {
     /// Locks the subscriptions in id order (a fixed order, so concurrent
     /// batches cannot deadlock) and loads them with their periods. Unknown
     /// ids are absent from the result.
-    pub async fn lock_subscriptions(
-        &mut self,
-        ids: &[String],
-    ) -> anyhow::Result<HashMap<String, SubscriptionState>> {
+    pub async fn lock_subscriptions(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, SubscriptionState>> {
         let mut sorted = ids.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        let subs: Vec<(String, String, bool)> = sqlx::query_as(
-            "SELECT id, status, deleted FROM subscriptions
+        type SubRow = (String, String, bool, Option<DateTime<Utc>>, Option<Decimal>, Decimal);
+        let subs: Vec<SubRow> = sqlx::query_as(
+            "SELECT id, status, deleted, trial_end_time, trial_limit, trial_used FROM subscriptions
              WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
         .bind(&sorted)
@@ -128,12 +121,15 @@ impl BatchTx {
         .context("locking subscriptions")?;
         let mut states: HashMap<String, SubscriptionState> = subs
             .into_iter()
-            .map(|(id, status, deleted)| {
+            .map(|(id, status, deleted, trial_end_time, trial_limit, trial_used)| {
                 let state = SubscriptionState {
                     id: id.clone(),
                     status,
                     deleted,
                     periods: Vec::new(),
+                    trial_end_time,
+                    trial_limit,
+                    trial_used,
                 };
                 (id, state)
             })
@@ -143,25 +139,31 @@ impl BatchTx {
             DateTime<Utc>,
             Option<DateTime<Utc>>,
             Option<Decimal>,
+            Option<Decimal>,
             Decimal,
             Option<DateTime<Utc>>,
+            Vec<String>,
         );
         let periods: Vec<PeriodRow> = sqlx::query_as(
-            "SELECT subscription_id, start_time, end_time, hard_limit, used, closed_time
-             FROM service_periods WHERE subscription_id = ANY($1) ORDER BY subscription_id, start_time",
+            "SELECT p.subscription_id, p.start_time, p.end_time, p.hard_limit, p.soft_limit, p.used, p.closed_time,
+                    ARRAY(SELECT a.kind FROM limit_alerts a
+                          WHERE a.subscription_id = p.subscription_id AND a.period_start_time = p.start_time)
+             FROM service_periods p WHERE p.subscription_id = ANY($1) ORDER BY p.subscription_id, p.start_time",
         )
         .bind(&sorted)
         .fetch_all(&mut *self.tx)
         .await
         .context("loading service periods")?;
-        for (sub, start, end, hard_limit, used, closed_time) in periods {
+        for (sub, start, end, hard_limit, soft_limit, used, closed_time, alerted) in periods {
             if let Some(state) = states.get_mut(&sub) {
                 state.periods.push(PeriodState {
                     start,
                     end,
                     hard_limit,
+                    soft_limit,
                     used,
                     closed_time,
+                    alerted: alerted.iter().filter_map(|k| LimitKind::parse(k)).collect(),
                 });
             }
         }
@@ -169,10 +171,7 @@ impl BatchTx {
     }
 
     /// Usages already stored under any of these ids.
-    pub async fn stored_usages(
-        &mut self,
-        ids: &[String],
-    ) -> anyhow::Result<HashMap<String, StoredUsage>> {
+    pub async fn stored_usages(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, StoredUsage>> {
         type UsageRow = (
             String,
             String,
@@ -245,10 +244,7 @@ impl BatchTx {
     }
 
     /// Writes the new `used` of each touched period.
-    pub async fn update_used(
-        &mut self,
-        periods: &[(String, DateTime<Utc>, Decimal)],
-    ) -> anyhow::Result<()> {
+    pub async fn update_used(&mut self, periods: &[(String, DateTime<Utc>, Decimal)]) -> anyhow::Result<()> {
         if periods.is_empty() {
             return Ok(());
         }
@@ -263,6 +259,48 @@ impl BatchTx {
         .execute(&mut *self.tx)
         .await
         .context("updating used quantities")?;
+        Ok(())
+    }
+
+    /// Writes the new `trial_used` of each touched subscription.
+    pub async fn update_trial_used(&mut self, subscriptions: &[(String, Decimal)]) -> anyhow::Result<()> {
+        if subscriptions.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE subscriptions s SET trial_used = c.used
+             FROM UNNEST($1::text[], $2::numeric[]) AS c(id, used) WHERE s.id = c.id",
+        )
+        .bind(subscriptions.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+        .bind(subscriptions.iter().map(|s| s.1).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await
+        .context("updating trial usage")?;
+        Ok(())
+    }
+
+    /// Records raised alerts. The primary key makes a second alert of the
+    /// same period and kind fail the batch rather than go out twice.
+    pub async fn insert_alerts(
+        &mut self,
+        alerts: &[(String, DateTime<Utc>, String, LimitReached)],
+    ) -> anyhow::Result<()> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO limit_alerts (subscription_id, period_start_time, kind, usage_id, limit_quantity, used)
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::numeric[], $6::numeric[])",
+        )
+        .bind(alerts.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.1).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.3.kind.as_str().to_owned()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.2.clone()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.3.limit).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.3.used).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await
+        .context("recording limit alerts")?;
         Ok(())
     }
 

@@ -48,14 +48,9 @@ mod tests {
 
     #[test]
     fn outages_and_races_are_transient() {
-        for code in [
-            "08006", "57P01", "57014", "40001", "40P01", "23505", "53300",
-        ] {
+        for code in ["08006", "57P01", "57014", "40001", "40P01", "23505", "53300"] {
             assert_eq!(classify_sqlstate(code), FailureKind::Transient, "{code}");
         }
-        assert_eq!(
-            classify(&anyhow::anyhow!("io error")),
-            FailureKind::Transient
-        );
+        assert_eq!(classify(&anyhow::anyhow!("io error")), FailureKind::Transient);
     }
 }

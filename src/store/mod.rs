@@ -3,6 +3,7 @@
 
 mod batch;
 mod errors;
+mod invoices;
 mod outbox;
 mod snapshots;
 
@@ -16,9 +17,8 @@ use sqlx::PgPool;
 
 pub use batch::{BatchTx, NewUsage, OffsetClaim};
 pub use errors::{classify, FailureKind};
-pub use outbox::{
-    delete_expired, mark_published, pending, published_seq, OutboxRecord, StoredRecord,
-};
+pub use invoices::{apply_invoices, ItemResult};
+pub use outbox::{delete_expired, mark_published, pending, published_seq, OutboxRecord, StoredRecord};
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
 
 use crate::config::DatabaseSettings;
@@ -31,10 +31,7 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(&settings.url)
         .map_err(|e| anyhow::anyhow!("invalid setting database.url (DATABASE_URL): {e}"))?
         .options([
-            (
-                "statement_timeout",
-                settings.statement_timeout_ms.to_string(),
-            ),
+            ("statement_timeout", settings.statement_timeout_ms.to_string()),
             ("synchronous_commit", "on".to_owned()),
         ]);
     Ok(PgPoolOptions::new()
@@ -57,11 +54,10 @@ pub async fn create_database(url: &str) -> anyhow::Result<()> {
         .context("database URL names no database")?
         .to_owned();
     let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
     if !exists {
         sqlx::query(&format!("CREATE DATABASE \"{}\"", name.replace('"', "")))
             .execute(&mut admin)

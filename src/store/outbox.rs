@@ -11,7 +11,8 @@ pub struct OutboxRecord {
     pub partition: i32,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: Vec<(String, String)>,
+    /// Header values are bytes: a dead letter keeps the original headers.
+    pub headers: Vec<(String, Vec<u8>)>,
     /// The input message this record decides, when there is one.
     pub source: Option<(String, i32, i64)>,
 }
@@ -22,23 +23,42 @@ pub struct StoredRecord {
     pub seq: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Headers are stored as a JSON array of `[key, base64 value]` pairs.
+fn encode_headers(headers: &[(String, Vec<u8>)]) -> String {
+    use base64::Engine;
+    let pairs: Vec<(&str, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect();
+    serde_json::to_string(&pairs).expect("headers serialize")
+}
+
+fn decode_headers(text: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    use base64::Engine;
+    let pairs: Vec<(String, String)> = serde_json::from_str(text).context("decoding stored headers")?;
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                k,
+                base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .context("decoding a stored header")?,
+            ))
+        })
+        .collect()
 }
 
 /// Appends records, giving each the next sequence number of its output
 /// partition. The counter row is locked for the rest of the transaction, so
 /// sequence numbers follow commit order within a partition.
-pub(super) async fn append(
-    conn: &mut PgConnection,
-    records: &[OutboxRecord],
-) -> anyhow::Result<()> {
-    let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<&OutboxRecord>> =
-        Default::default();
+pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<()> {
+    let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<&OutboxRecord>> = Default::default();
     for r in records {
-        by_partition
-            .entry((r.topic.as_str(), r.partition))
-            .or_default()
-            .push(r);
+        by_partition.entry((r.topic.as_str(), r.partition)).or_default().push(r);
     }
     for ((topic, partition), records) in by_partition {
         let count = records.len() as i64;
@@ -53,10 +73,7 @@ pub(super) async fn append(
         .fetch_one(&mut *conn)
         .await
         .context("allocating outbox sequence numbers")?;
-        let headers: Vec<String> = records
-            .iter()
-            .map(|r| serde_json::to_string(&r.headers).expect("headers serialize"))
-            .collect();
+        let headers: Vec<String> = records.iter().map(|r| encode_headers(&r.headers)).collect();
         sqlx::query(
             "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
                                  source_topic, source_partition, source_offset)
@@ -68,12 +85,7 @@ pub(super) async fn append(
         .bind(partition)
         .bind(first)
         .bind(records.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
-        .bind(
-            records
-                .iter()
-                .map(|r| r.payload.clone())
-                .collect::<Vec<_>>(),
-        )
+        .bind(records.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
         .bind(headers)
         .bind(
             records
@@ -100,16 +112,43 @@ pub(super) async fn append(
     Ok(())
 }
 
+/// Appends records that decide a message of a topic every worker reads
+/// (subscriptions, invoices), unless a record for the same source is already
+/// there: another worker may have applied the same message first.
+pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<()> {
+    let mut fresh = Vec::with_capacity(records.len());
+    for r in records {
+        let Some((source_topic, source_partition, source_offset)) = &r.source else {
+            fresh.push(r.clone());
+            continue;
+        };
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE topic = $1 AND source_topic = $2
+                             AND source_partition = $3 AND source_offset = $4)",
+        )
+        .bind(&r.topic)
+        .bind(source_topic)
+        .bind(source_partition)
+        .bind(source_offset)
+        .fetch_one(&mut *conn)
+        .await
+        .context("checking for an earlier dead letter")?;
+        if !exists {
+            fresh.push(r.clone());
+        }
+    }
+    append(conn, &fresh).await
+}
+
 /// The last sequence number known to be on the topic for a partition.
 pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<i64> {
-    let seq: Option<i64> = sqlx::query_scalar(
-        "SELECT published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2",
-    )
-    .bind(topic)
-    .bind(partition)
-    .fetch_optional(pool)
-    .await
-    .context("reading published outbox sequence")?;
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2")
+            .bind(topic)
+            .bind(partition)
+            .fetch_optional(pool)
+            .await
+            .context("reading published outbox sequence")?;
     Ok(seq.unwrap_or(0))
 }
 
@@ -135,7 +174,7 @@ pub async fn pending(
     .context("reading pending outbox records")?;
     rows.into_iter()
         .map(|(seq, key, payload, headers)| {
-            let headers = serde_json::from_str(&headers).context("decoding stored headers")?;
+            let headers = decode_headers(&headers)?;
             Ok(StoredRecord {
                 seq,
                 key,
@@ -147,12 +186,7 @@ pub async fn pending(
 }
 
 /// Records that `seq` (and everything before it) is on the topic.
-pub async fn mark_published(
-    pool: &PgPool,
-    topic: &str,
-    partition: i32,
-    seq: i64,
-) -> anyhow::Result<()> {
+pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO outbox_partitions (topic, partition, next_seq, published_seq) VALUES ($1, $2, $3 + 1, $3)
          ON CONFLICT (topic, partition) DO UPDATE

@@ -5,6 +5,7 @@
 use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
+use super::outbox::{append_once, OutboxRecord};
 use crate::domain::decision::open_period_start;
 use crate::domain::subscription::SubscriptionSnapshot;
 
@@ -30,12 +31,11 @@ pub async fn apply_snapshots(
     group: &str,
     topic: &str,
     changes: &[SnapshotChange],
+    dead_letters: &[OutboxRecord],
     positions: &[(i32, i64)],
 ) -> anyhow::Result<SnapshotOutcome> {
-    let mut tx = pool
-        .begin()
-        .await
-        .context("beginning snapshot transaction")?;
+    let mut tx = pool.begin().await.context("beginning snapshot transaction")?;
+    append_once(&mut tx, dead_letters).await?;
     let mut outcome = SnapshotOutcome::default();
     for change in changes {
         match change {
@@ -47,17 +47,28 @@ pub async fn apply_snapshots(
                 }
             }
             SnapshotChange::Tombstone(id) => {
-                sqlx::query(
-                    "UPDATE subscriptions SET deleted = true, updated_time = now() WHERE id = $1",
-                )
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .context("deleting subscription")?;
+                sqlx::query("UPDATE subscriptions SET deleted = true, updated_time = now() WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .context("deleting subscription")?;
                 outcome.deleted += 1;
             }
         }
     }
+    advance_positions(&mut tx, group, topic, positions).await?;
+    tx.commit().await.context("committing snapshots")?;
+    Ok(outcome)
+}
+
+/// Moves the stored positions of a topic every worker reads forward, never
+/// back.
+pub(super) async fn advance_positions(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    positions: &[(i32, i64)],
+) -> anyhow::Result<()> {
     let partitions: Vec<i32> = positions.iter().map(|p| p.0).collect();
     let offsets: Vec<i64> = positions.iter().map(|p| p.1).collect();
     sqlx::query(
@@ -70,27 +81,35 @@ pub async fn apply_snapshots(
     .bind(topic)
     .bind(&partitions)
     .bind(&offsets)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
-    .context("advancing subscription offsets")?;
-    tx.commit().await.context("committing snapshots")?;
-    Ok(outcome)
+    .with_context(|| format!("advancing the stored positions of {topic}"))?;
+    Ok(())
 }
 
 /// Returns false when the stored version is the same or newer.
 async fn upsert(conn: &mut PgConnection, s: &SubscriptionSnapshot) -> anyhow::Result<bool> {
     let changed = sqlx::query(
-        "INSERT INTO subscriptions (id, version, status, trial_end_time, deleted)
-         VALUES ($1, $2, $3, $4, false)
+        "INSERT INTO subscriptions (id, version, status, trial_end_time, trial_limit, deleted)
+         VALUES ($1, $2, $3, $4, $5, false)
          ON CONFLICT (id) DO UPDATE
          SET version = EXCLUDED.version, status = EXCLUDED.status,
-             trial_end_time = EXCLUDED.trial_end_time, deleted = false, updated_time = now()
+             trial_end_time = EXCLUDED.trial_end_time, trial_limit = EXCLUDED.trial_limit,
+             -- A moved trial end changes which usage counts against the trial.
+             trial_used = CASE
+                 WHEN subscriptions.trial_end_time IS NOT DISTINCT FROM EXCLUDED.trial_end_time
+                     THEN subscriptions.trial_used
+                 ELSE (SELECT coalesce(sum(u.quantity), 0) FROM usages u
+                       WHERE u.subscription_id = EXCLUDED.id AND u.usage_time < EXCLUDED.trial_end_time)
+             END,
+             deleted = false, updated_time = now()
          WHERE subscriptions.version < EXCLUDED.version",
     )
     .bind(&s.id)
     .bind(s.version)
     .bind(&s.status)
     .bind(s.trial_end_time)
+    .bind(s.limits.trial)
     .execute(&mut *conn)
     .await
     .context("storing subscription")?

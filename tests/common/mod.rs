@@ -19,9 +19,19 @@ use usage_worker::{pipeline, store};
 
 pub const PARTITIONS: i32 = 4;
 
+/// Every topic the worker reads or writes. The mock cluster does not
+/// implement CreateTopics, so the harness creates them all.
+pub const TOPICS: [&str; 6] = [
+    "usage-events",
+    "subscriptions",
+    "invoice-events",
+    "usage-results",
+    "usage-alerts",
+    "usage-events-dlq",
+];
+
 pub fn base_database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// One test's world: its own database and its own Kafka cluster.
@@ -46,7 +56,7 @@ impl TestEnv {
             level: "off".into(),
         });
         let kafka = EmbeddedKafka::start(1).expect("mock cluster");
-        for topic in ["usage-events", "subscriptions", "usage-results"] {
+        for topic in TOPICS {
             kafka.create_topic(topic, partitions).expect("topic");
         }
         let name = format!(
@@ -58,9 +68,7 @@ impl TestEnv {
         let mut url = url::Url::parse(&base_database_url()).unwrap();
         url.set_path(&name);
         let database_url = url.to_string();
-        store::create_database(&database_url)
-            .await
-            .expect("create database");
+        store::create_database(&database_url).await.expect("create database");
         let pool = PgPool::connect(&database_url).await.expect("connect");
         store::migrate(&pool).await.expect("migrate");
         let producer = ClientConfig::new()
@@ -87,10 +95,7 @@ impl TestEnv {
             ("USAGE_WORKER_ENV".into(), "test".into()),
             ("USAGE_WORKER_CONFIG_DIR".into(), config_dir.into()),
             ("DATABASE_URL".into(), self.database_url.clone()),
-            (
-                "KAFKA_BOOTSTRAP_SERVERS".into(),
-                self.kafka.bootstrap_servers().into(),
-            ),
+            ("KAFKA_BOOTSTRAP_SERVERS".into(), self.kafka.bootstrap_servers().into()),
         ]
     }
 
@@ -117,13 +122,7 @@ impl TestEnv {
         self.send_at(topic, None, key, payload)
     }
 
-    pub fn send_at(
-        &self,
-        topic: &str,
-        partition: Option<i32>,
-        key: Option<&str>,
-        payload: Option<&[u8]>,
-    ) {
+    pub fn send_at(&self, topic: &str, partition: Option<i32>, key: Option<&str>, payload: Option<&[u8]>) {
         let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic);
         if let Some(p) = partition {
             record = record.partition(p);
@@ -152,33 +151,34 @@ impl TestEnv {
     /// Publishes a subscription snapshot, keyed by its id.
     pub fn subscription(&self, snapshot: Value) {
         let id = snapshot["id"].as_str().unwrap().to_owned();
-        self.send(
-            "subscriptions",
-            Some(&id),
-            Some(snapshot.to_string().as_bytes()),
-        );
+        self.send("subscriptions", Some(&id), Some(snapshot.to_string().as_bytes()));
         self.flush();
     }
 
     /// Publishes a usage event keyed by its subscription id.
     pub fn usage(&self, event: Value) {
         let key = event["subscriptionId"].as_str().map(str::to_owned);
-        self.send(
-            "usage-events",
-            key.as_deref(),
-            Some(event.to_string().as_bytes()),
-        );
+        self.send("usage-events", key.as_deref(), Some(event.to_string().as_bytes()));
     }
 
     pub fn results_reader(&self) -> Reader {
         Reader::new(self.kafka.bootstrap_servers(), "usage-results", PARTITIONS)
     }
 
+    /// Polls a count query until it reaches `at_least` (panics after a minute).
+    pub async fn wait_for_count(&self, sql: &str, at_least: i64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.scalar_i64(sql).await < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {sql} to reach {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql)
-            .fetch_one(&self.pool)
-            .await
-            .expect(sql)
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect(sql)
     }
 }
 
@@ -233,7 +233,9 @@ pub struct Record {
     pub offset: i64,
     pub key: Option<String>,
     pub headers: HashMap<String, String>,
+    /// The payload as JSON, or `Null` when it is not JSON (dead letters).
     pub value: Value,
+    pub payload: Vec<u8>,
 }
 
 /// Reads a topic from the beginning, all partitions.
@@ -251,8 +253,7 @@ impl Reader {
             .expect("reader");
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
         Self { consumer }
@@ -310,7 +311,8 @@ fn decode(m: &OwnedMessage) -> Record {
         headers,
         value: m
             .payload()
-            .map(|p| serde_json::from_slice(p).expect("JSON outcome"))
+            .and_then(|p| serde_json::from_slice(p).ok())
             .unwrap_or(Value::Null),
+        payload: m.payload().unwrap_or_default().to_vec(),
     }
 }

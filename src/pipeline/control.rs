@@ -1,0 +1,290 @@
+//! Keeping PostgreSQL current from the control topics every worker reads in
+//! full, without a group: `subscriptions` (compacted snapshots) and
+//! `invoice-events`. Applying either twice changes nothing, so each worker
+//! knows for itself how far they are applied, and waits for that before a
+//! usage batch is decided.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+
+use super::decide::{dead_letter_record, RawMessage};
+use crate::domain::invoice::decode_invoice_event;
+use crate::domain::subscription::decode_snapshot;
+use crate::store::{self, ItemResult, OutboxRecord, SnapshotChange};
+
+/// How far this worker has applied each partition of a control topic.
+#[derive(Default)]
+pub struct Progress {
+    applied: Mutex<HashMap<i32, i64>>,
+    changed: Notify,
+    /// Messages that could not be applied (invalid, or naming an unknown
+    /// subscription or period) and went to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+}
+
+impl Progress {
+    fn set(&self, partition: i32, next: i64) {
+        self.applied.lock().expect("progress lock").insert(partition, next);
+        self.changed.notify_waiters();
+    }
+
+    fn reached(&self, targets: &HashMap<i32, i64>) -> bool {
+        let applied = self.applied.lock().expect("progress lock");
+        targets
+            .iter()
+            .all(|(p, high)| applied.get(p).is_some_and(|next| next >= high))
+    }
+
+    /// Waits until every partition is applied up to the given high
+    /// watermarks, until `deadline`. Returns whether it got there.
+    pub async fn wait_for(&self, targets: &HashMap<i32, i64>, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            if self.reached(targets) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.reached(targets);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    Subscriptions,
+    Invoices,
+}
+
+pub struct ControlReader {
+    pub pool: PgPool,
+    pub group: String,
+    pub topic: String,
+    pub kind: ControlKind,
+    pub partitions: i32,
+    pub retry_max: Duration,
+    pub dead_letter_topic: String,
+    /// Partitions of the dead-letter topic (those of `usage-events`).
+    pub dead_letter_partitions: i32,
+    pub max_dead_letter_bytes: usize,
+}
+
+impl ControlReader {
+    /// Starts the reader thread from the stored positions; it stops when
+    /// `stop` is set.
+    pub async fn spawn(
+        self,
+        config: &ClientConfig,
+        progress: Arc<Progress>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let consumer: BaseConsumer = config
+            .create()
+            .with_context(|| format!("creating the {} reader", self.topic))?;
+        let initial: HashMap<i32, i64> = (0..self.partitions).map(|p| (p, 0)).collect();
+        let stored = store::load_offsets(&self.pool, &self.group, &self.topic, &initial).await?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &stored {
+            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
+            progress.set(*p, *next);
+        }
+        consumer
+            .assign(&tpl)
+            .with_context(|| format!("assigning the {} partitions", self.topic))?;
+        let runtime = Handle::current();
+        let name = format!("{}-reader", self.topic);
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || self.run(consumer, runtime, progress, stop))?;
+        Ok(handle)
+    }
+
+    fn run(self, consumer: BaseConsumer, runtime: Handle, progress: Arc<Progress>, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Relaxed) {
+            let mut pending = Pending::default();
+            let started = Instant::now();
+            while pending.positions.len() < 1000 && started.elapsed() < Duration::from_millis(20) {
+                match consumer.poll(Duration::from_millis(20)) {
+                    Some(Ok(m)) => self.take(&m, &mut pending),
+                    Some(Err(e)) => tracing::warn!(topic = %self.topic, error = %e, "control topic reader error"),
+                    None => break,
+                }
+            }
+            if pending.positions.is_empty() {
+                continue;
+            }
+            let positions: Vec<(i32, i64)> = pending.positions.iter().map(|(p, o)| (*p, *o)).collect();
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match runtime.block_on(self.apply(&pending, &positions)) {
+                    Ok(dead_lettered) => {
+                        progress.dead_lettered.fetch_add(dead_lettered, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) if stop.load(Ordering::Relaxed) => {
+                        tracing::warn!(topic = %self.topic, error = format!("{e:#}"), "not applied at shutdown; read again at start");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.topic, error = format!("{e:#}"), "applying failed; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(self.retry_max);
+                    }
+                }
+            }
+            for (p, next) in positions {
+                progress.set(p, next);
+            }
+        }
+    }
+
+    /// Decodes one message into the pending batch.
+    fn take(&self, m: &BorrowedMessage<'_>, pending: &mut Pending) {
+        pending.positions.insert(m.partition(), m.offset() + 1);
+        let coordinates = (m.partition(), m.offset());
+        let decoded = match self.kind {
+            ControlKind::Subscriptions => decode_subscription(m.key(), m.payload()).map(|c| pending.snapshots.push(c)),
+            ControlKind::Invoices => decode_invoice_event(m.payload().unwrap_or_default()).map(|invoice| {
+                pending.invoices.push((pending.raw.len(), invoice));
+                pending.raw.push((coordinates, raw_message(m)));
+            }),
+        };
+        if let Err(detail) = decoded {
+            tracing::warn!(topic = %self.topic, partition = m.partition(), offset = m.offset(), reason = %detail, "invalid message sent to the dead-letter topic");
+            let reason = match self.kind {
+                ControlKind::Subscriptions => "invalid_snapshot",
+                ControlKind::Invoices => "invalid_invoice_event",
+            };
+            let detail: String = detail.chars().take(500).collect();
+            pending
+                .invalid
+                .push(self.dead_letter(coordinates, &raw_message(m), reason, &detail));
+        }
+    }
+
+    async fn apply(&self, pending: &Pending, positions: &[(i32, i64)]) -> anyhow::Result<u64> {
+        let mut dead_lettered = pending.invalid.len() as u64;
+        match self.kind {
+            ControlKind::Subscriptions => {
+                let outcome = store::apply_snapshots(
+                    &self.pool,
+                    &self.group,
+                    &self.topic,
+                    &pending.snapshots,
+                    &pending.invalid,
+                    positions,
+                )
+                .await?;
+                tracing::debug!(?outcome, "snapshots applied");
+            }
+            ControlKind::Invoices => {
+                let mut unmatched = 0;
+                let dead_letters_for = |index: usize, results: &[ItemResult]| {
+                    let reason = results.iter().find_map(|r| match r {
+                        ItemResult::UnknownSubscription => Some("unknown_subscription"),
+                        ItemResult::UnknownPeriod => Some("unknown_period"),
+                        ItemResult::Applied(_) => None,
+                    })?;
+                    unmatched += 1;
+                    let (coordinates, raw) = &pending.raw[index];
+                    tracing::warn!(topic = %self.topic, partition = coordinates.0, offset = coordinates.1, reason, "invoice item not applied; sent to the dead-letter topic");
+                    Some(self.dead_letter(*coordinates, raw, reason, ""))
+                };
+                store::apply_invoices(
+                    &self.pool,
+                    &self.group,
+                    &self.topic,
+                    &pending.invoices,
+                    dead_letters_for,
+                    &pending.invalid,
+                    positions,
+                )
+                .await?;
+                dead_lettered += unmatched;
+            }
+        }
+        Ok(dead_lettered)
+    }
+
+    fn dead_letter(
+        &self,
+        (partition, offset): (i32, i64),
+        raw: &RawMessage,
+        reason: &str,
+        detail: &str,
+    ) -> OutboxRecord {
+        let mut record = dead_letter_record(
+            &self.dead_letter_topic,
+            partition % self.dead_letter_partitions,
+            (&self.topic, partition, offset),
+            raw,
+            reason,
+            self.max_dead_letter_bytes,
+        );
+        if !detail.is_empty() {
+            record.headers.push(("dlq-detail".into(), detail.as_bytes().to_vec()));
+        }
+        record
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    positions: HashMap<i32, i64>,
+    snapshots: Vec<SnapshotChange>,
+    invoices: Vec<(usize, crate::domain::invoice::InvoiceIssued)>,
+    raw: Vec<((i32, i64), RawMessage)>,
+    invalid: Vec<OutboxRecord>,
+}
+
+fn decode_subscription(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<SnapshotChange, String> {
+    match payload {
+        None => {
+            let id = key
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .filter(|k| crate::domain::ids::check_id(k).is_ok())
+                .ok_or("a tombstone needs the subscription id as its key")?;
+            Ok(SnapshotChange::Tombstone(id.to_owned()))
+        }
+        Some(bytes) => decode_snapshot(bytes).map(SnapshotChange::Upsert),
+    }
+}
+
+/// The original key, bytes and headers of a message.
+pub fn raw_message<M: Message>(m: &M) -> RawMessage {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    RawMessage {
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+/// Reads the high watermarks of a topic.
+pub fn high_watermarks(consumer: &BaseConsumer, topic: &str, partitions: i32) -> anyhow::Result<HashMap<i32, i64>> {
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .with_context(|| format!("reading watermarks of {topic}/{p}"))?;
+            Ok((p, high))
+        })
+        .collect()
+}
