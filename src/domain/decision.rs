@@ -710,4 +710,96 @@ mod tests {
         assert!(original.same_request(&same_instant));
         assert!(original.same_request(&req("1", false)));
     }
+
+    fn trial_sub(trial_limit: &str, hard: Option<&str>) -> SubscriptionState {
+        let mut s = sub(hard);
+        s.trial_end_time = Some(t("2026-11-20T00:00:00Z"));
+        s.trial_limit = Some(d(trial_limit));
+        s
+    }
+
+    #[test]
+    fn the_trial_limit_caps_usage_before_the_trial_end_only() {
+        let mut s = trial_sub("2", Some("100"));
+        let in_trial = t("2026-11-10T00:00:00Z");
+        let decision = decide(&req("3", true), in_trial, None, Some(&mut s), now(), grace());
+        let Decision::Created {
+            quantity,
+            limit: Some(limit),
+            ..
+        } = &decision
+        else {
+            panic!("{decision:?}")
+        };
+        assert_eq!((*quantity, limit.applied), (d("2"), LimitKind::Trial));
+        assert_eq!(s.trial_used, d("2"));
+        let after_trial = t("2026-11-25T00:00:00Z");
+        assert_eq!(
+            created_quantity(&decide(
+                &req("3", false),
+                after_trial,
+                None,
+                Some(&mut s),
+                now(),
+                grace()
+            )),
+            d("3")
+        );
+        assert_eq!(s.trial_used, d("2"), "usage after the trial does not count against it");
+        assert_eq!(s.periods[0].used, d("5"), "both count against the period");
+    }
+
+    #[test]
+    fn the_smallest_available_limit_applies() {
+        let mut s = trial_sub("50", Some("10"));
+        let decision = decide(
+            &req("20", false),
+            t("2026-11-10T00:00:00Z"),
+            None,
+            Some(&mut s),
+            now(),
+            grace(),
+        );
+        let Decision::Rejected { limit: Some(limit), .. } = decision else {
+            panic!()
+        };
+        assert_eq!((limit.applied, limit.available), (LimitKind::Hard, d("10")));
+    }
+
+    #[test]
+    fn reaching_a_soft_limit_raises_one_alert_and_caps_nothing() {
+        let mut s = sub(None);
+        s.periods[0].soft_limit = Some(d("5"));
+        let first = decide_now(&req("6", false), &mut s);
+        let Decision::Created { alerts, .. } = &first else {
+            panic!()
+        };
+        assert_eq!(
+            alerts,
+            &[LimitReached {
+                kind: LimitKind::Soft,
+                limit: d("5"),
+                used: d("6")
+            }]
+        );
+        let second = decide_now(&req("6", false), &mut s);
+        let Decision::Created { alerts, .. } = &second else {
+            panic!()
+        };
+        assert!(alerts.is_empty(), "once per period");
+    }
+
+    #[test]
+    fn filling_the_hard_limit_exactly_raises_the_hard_alert() {
+        let mut s = sub(Some("4"));
+        let Decision::Created { alerts, .. } = decide_now(&req("3", false), &mut s) else {
+            panic!()
+        };
+        assert!(alerts.is_empty());
+        let Decision::Created { alerts, partial, .. } = decide_now(&req("3", true), &mut s) else {
+            panic!()
+        };
+        assert!(partial);
+        assert_eq!(alerts.iter().map(|a| a.kind).collect::<Vec<_>>(), [LimitKind::Hard]);
+    }
 }

@@ -351,3 +351,58 @@ fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, 
         ctx.max_dead_letter_bytes,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(payload: &[u8]) -> RawMessage {
+        RawMessage {
+            key: Some(b"k".to_vec()),
+            payload: Some(payload.to_vec()),
+            headers: vec![("trace".into(), vec![0, 1])],
+        }
+    }
+
+    fn header<'a>(record: &'a OutboxRecord, name: &str) -> Option<&'a [u8]> {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_key_bytes_and_headers_and_names_its_source() {
+        let record = dead_letter_record(
+            "dlq",
+            2,
+            ("usage-events", 2, 41),
+            &raw(b"\xff"),
+            "malformed_payload",
+            100,
+        );
+        assert_eq!(
+            (record.key.as_deref(), record.payload.as_slice()),
+            (Some(&b"k"[..]), &b"\xff"[..])
+        );
+        assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));
+        assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
+        assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"41"[..]));
+        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
+    }
+
+    #[test]
+    fn a_dead_letter_over_the_producer_limit_is_truncated_and_says_so() {
+        let record = dead_letter_record(
+            "dlq",
+            0,
+            ("usage-events", 0, 1),
+            &raw(&[b'x'; 150]),
+            "payload_too_large",
+            100,
+        );
+        assert_eq!(record.payload.len(), 100);
+        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"150"[..]));
+    }
+}
