@@ -208,11 +208,11 @@ proptest! {
                 }
             }
         }
-        for period in 0..2 {
-            if let Some(limit) = s.hard[period] {
-                prop_assert!(used[period] <= milli(limit), "a period never exceeds its hard limit");
+        for ((used, hard), stored) in used.iter().zip(s.hard).zip(&final_state.periods) {
+            if let Some(limit) = hard {
+                prop_assert!(*used <= milli(limit), "a period never exceeds its hard limit");
             }
-            prop_assert_eq!(final_state.periods[period].used, used[period]);
+            prop_assert_eq!(stored.used, *used);
         }
         if let Some(limit) = s.trial_limit {
             prop_assert!(trial_used <= milli(limit), "the trial never exceeds its limit");
