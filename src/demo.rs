@@ -80,6 +80,13 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     worker.await.context("worker task")??;
 
     print_summary(&outcomes, events.len(), elapsed);
+    let alerts = tokio::task::block_in_place(|| read_all(&settings, &t.usage_alerts, args.partitions))?;
+    let dead_letters = tokio::task::block_in_place(|| read_all(&settings, &t.dead_letters, args.partitions))?;
+    println!("\nalerts on {}: {}", t.usage_alerts, alerts.len());
+    if let Some(alert) = alerts.first() {
+        println!("{}", serde_json::to_string_pretty(alert).unwrap_or_default());
+    }
+    println!("dead letters on {}: {}", t.dead_letters, dead_letters.len());
     pool.close().await;
     if !args.keep_database {
         drop_database(&settings.database.url, &database).await?;
@@ -144,11 +151,14 @@ fn subscriptions() -> Vec<(String, String)> {
             ),
             2 => ("active", r#"{"hardLimit": {"quantity": 500}}"#.to_owned(), None),
             3 => ("trial", "null".to_owned(), Some((start.clone(), end.clone()))),
-            _ => (
-                "active",
-                format!(r#"{{"hardLimit": {{"quantity": {}}}}}"#, 400 + 150 * i),
-                Some((start.clone(), end.clone())),
-            ),
+            _ => {
+                let hard = 400 + 150 * i;
+                let limits = format!(
+                    r#"{{"hardLimit": {{"quantity": {hard}}}, "softLimit": {}}}"#,
+                    hard * 3 / 4
+                );
+                ("active", limits, Some((start.clone(), end.clone())))
+            }
         };
         let period = match period {
             Some((s, e)) => {
@@ -267,6 +277,30 @@ async fn read_outcomes(
         }
     }
     Ok(outcomes)
+}
+
+/// Everything on a topic, read until it has been quiet for a second.
+fn read_all(settings: &Settings, topic: &str, partitions: i32) -> anyhow::Result<Vec<serde_json::Value>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
+        .set("group.id", "usage-worker-demo-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut records = Vec::new();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(1) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            let value = message.payload().and_then(|p| serde_json::from_slice(p).ok());
+            records.push(value.unwrap_or(serde_json::Value::Null));
+            quiet_since = Instant::now();
+        }
+    }
+    Ok(records)
 }
 
 fn print_summary(outcomes: &[serde_json::Value], events: usize, elapsed: Duration) {
