@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{Duration as Span, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::config::Settings;
@@ -68,12 +68,7 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     let events = events(args.events);
     let started = Instant::now();
-    for (key, payload) in &events {
-        send(&producer, &t.usage_events, key, payload)?;
-    }
-    producer.flush(Duration::from_secs(30))?;
-
-    let outcomes = read_outcomes(&settings, &t.usage_results, args.partitions, events.len(), &worker).await?;
+    let outcomes = exchange(&settings, &producer, &events, args.partitions, &worker).await?;
     let elapsed = started.elapsed();
     eprintln!();
     let _ = stop_tx.send(());
@@ -234,37 +229,50 @@ fn events(count: usize) -> Vec<(String, String)> {
     out
 }
 
-/// Reads `usage-results` from the start until `expected` outcomes arrived,
-/// with a progress line.
-async fn read_outcomes(
+/// How many events may be ahead of their outcomes. The mock cluster keeps
+/// only about 5 MiB per partition, so producing far ahead of the worker
+/// would let it drop unread events.
+const MAX_IN_FLIGHT: usize = 5000;
+
+/// Publishes the events while reading `usage-results` from the start, until
+/// every event has its outcome, with a progress line.
+async fn exchange(
     settings: &Settings,
-    topic: &str,
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    events: &[(String, String)],
     partitions: i32,
-    expected: usize,
     worker: &tokio::task::JoinHandle<anyhow::Result<()>>,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
         .set("group.id", "usage-worker-demo-reader")
         .set("enable.auto.commit", "false")
+        // A gap in what the demo reads back is an error, never a skip.
+        .set("auto.offset.reset", "error")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        tpl.add_partition_offset(&settings.topics.usage_results, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = Instant::now();
     let mut last_print = Instant::now();
-    let mut outcomes = Vec::with_capacity(expected);
-    while outcomes.len() < expected {
+    let mut outcomes = Vec::with_capacity(events.len());
+    let mut sent = 0;
+    while outcomes.len() < events.len() {
         anyhow::ensure!(!worker.is_finished(), "the worker stopped early");
         anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(300),
+            started.elapsed() < Duration::from_secs(600),
             "timed out waiting for outcomes"
         );
+        while sent < events.len() && sent < outcomes.len() + MAX_IN_FLIGHT {
+            let (key, payload) = &events[sent];
+            send(producer, &settings.topics.usage_events, key, payload)?;
+            sent += 1;
+        }
         let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(100)));
         if let Some(message) = polled {
-            let message = message?;
+            let message = message.context("reading usage-results")?;
             if let Some(payload) = message.payload() {
                 outcomes.push(serde_json::from_slice(payload)?);
             }
@@ -272,7 +280,11 @@ async fn read_outcomes(
         if last_print.elapsed() > Duration::from_millis(250) {
             last_print = Instant::now();
             let rate = outcomes.len() as f64 / started.elapsed().as_secs_f64().max(0.001);
-            eprint!("\rdemo: {}/{} outcomes ({rate:.0}/s)   ", outcomes.len(), expected);
+            eprint!(
+                "\rdemo: {sent} sent, {}/{} outcomes ({rate:.0}/s)   ",
+                outcomes.len(),
+                events.len()
+            );
             let _ = std::io::stderr().flush();
         }
     }
