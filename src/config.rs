@@ -4,8 +4,8 @@
 //! `config/<USAGE_WORKER_ENV>.toml` (looked up under `USAGE_WORKER_CONFIG_DIR`,
 //! default `config`), then `USAGE_WORKER__<SECTION>__<KEY>` environment
 //! variables, then the conventional `DATABASE_URL` and
-//! `KAFKA_BOOTSTRAP_SERVERS`. Unknown keys and bad values stop start-up with a
-//! message naming the setting.
+//! `KAFKA_BOOTSTRAP_SERVERS`, `HTTP_ADDR` and `HTTP_BEARER_TOKEN`. Unknown
+//! keys and bad values stop start-up with a message naming the setting.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,6 +22,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub topics: TopicSettings,
     pub pipeline: PipelineSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
 }
 
@@ -61,6 +62,64 @@ pub struct KafkaSettings {
     pub auto_offset_reset: OffsetReset,
     pub session_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
+    #[serde(deserialize_with = "security_protocol")]
+    pub security_protocol: SecurityProtocol,
+    /// With `sasl_*` protocols: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    #[serde(default, deserialize_with = "sasl_mechanism")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub sasl_username: Option<String>,
+    /// Read from `USAGE_WORKER__KAFKA__SASL_PASSWORD`; never in a file.
+    pub sasl_password: Option<Secret>,
+    /// PEM file of the CA that signed the brokers' certificates; unset, the
+    /// system's CA store is used.
+    pub ssl_ca_location: Option<String>,
+}
+
+/// How the clients talk to the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +155,45 @@ pub struct PipelineSettings {
     pub outcome_retention_days: u32,
 }
 
+/// The HTTP API (`usage-worker serve`, and `run` unless disabled).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Whether `usage-worker run` serves the API next to the worker.
+    pub enabled: bool,
+    /// Listen address (`HTTP_ADDR`).
+    pub addr: String,
+    /// Larger request bodies are refused with 413, unread.
+    pub max_body_bytes: usize,
+    /// When set, `/usages` requires `Authorization: Bearer <token>`. Read
+    /// from `HTTP_BEARER_TOKEN` or `USAGE_WORKER__HTTP__BEARER_TOKEN`.
+    pub bearer_token: Option<Secret>,
+    /// `/readyz` fails while more outbox records than this wait to be published.
+    pub ready_max_outbox_backlog: i64,
+}
+
+/// A setting that must never reach a log line: `Debug` prints `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -120,6 +218,42 @@ fn offset_reset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<OffsetReset, D
             "kafka.auto_offset_reset must be \"earliest\" or \"latest\", got {other:?}"
         ))),
     }
+}
+
+fn security_protocol<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecurityProtocol, D::Error> {
+    let text = String::deserialize(d)?;
+    [
+        SecurityProtocol::Plaintext,
+        SecurityProtocol::Ssl,
+        SecurityProtocol::SaslPlaintext,
+        SecurityProtocol::SaslSsl,
+    ]
+    .into_iter()
+    .find(|p| p.as_str().eq_ignore_ascii_case(&text))
+    .ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "kafka.security_protocol must be \"plaintext\", \"ssl\", \"sasl_plaintext\" or \"sasl_ssl\", got {text:?}"
+        ))
+    })
+}
+
+fn sasl_mechanism<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SaslMechanism>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    [
+        SaslMechanism::Plain,
+        SaslMechanism::ScramSha256,
+        SaslMechanism::ScramSha512,
+    ]
+    .into_iter()
+    .find(|m| m.as_str().eq_ignore_ascii_case(&text))
+    .map(Some)
+    .ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "kafka.sasl_mechanism must be \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\", got {text:?}"
+        ))
+    })
 }
 
 fn log_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
@@ -166,6 +300,12 @@ impl Settings {
         if let Some(servers) = var("KAFKA_BOOTSTRAP_SERVERS") {
             builder = builder.set_override("kafka.bootstrap_servers", servers)?;
         }
+        if let Some(addr) = var("HTTP_ADDR") {
+            builder = builder.set_override("http.addr", addr)?;
+        }
+        if let Some(token) = var("HTTP_BEARER_TOKEN") {
+            builder = builder.set_override("http.bearer_token", token)?;
+        }
         let settings: Settings = builder
             .build()
             .context("loading settings")?
@@ -195,6 +335,7 @@ impl Settings {
         }
         positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
         positive("kafka.heartbeat_interval_ms", self.kafka.heartbeat_interval_ms)?;
+        self.kafka.validate_security()?;
         for (name, topic) in [
             ("topics.usage_events", &self.topics.usage_events),
             ("topics.subscriptions", &self.topics.subscriptions),
@@ -224,9 +365,72 @@ impl Settings {
         if p.period_grace_secs < 0 {
             bail!("invalid setting pipeline.period_grace_secs: must not be negative");
         }
+        self.http.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("invalid setting log.level: {e}"))?;
         Ok(())
+    }
+}
+
+impl KafkaSettings {
+    /// SASL needs a mechanism and credentials, and they mean nothing
+    /// without it; a CA file belongs to a TLS protocol and must be readable.
+    fn validate_security(&self) -> anyhow::Result<()> {
+        let protocol = self.security_protocol;
+        let sasl = [
+            ("kafka.sasl_mechanism", self.sasl_mechanism.is_some()),
+            ("kafka.sasl_username", self.sasl_username.is_some()),
+            (
+                "kafka.sasl_password (USAGE_WORKER__KAFKA__SASL_PASSWORD)",
+                self.sasl_password.is_some(),
+            ),
+        ];
+        for (name, given) in sasl {
+            if protocol.uses_sasl() && !given {
+                bail!(
+                    "invalid setting {name}: required with kafka.security_protocol = {}",
+                    protocol.as_str()
+                );
+            }
+            if !protocol.uses_sasl() && given {
+                bail!("invalid setting {name}: only used with kafka.security_protocol = sasl_plaintext or sasl_ssl");
+            }
+        }
+        if let Some(path) = &self.ssl_ca_location {
+            if !protocol.uses_tls() {
+                bail!(
+                    "invalid setting kafka.ssl_ca_location: only used with kafka.security_protocol = ssl or sasl_ssl"
+                );
+            }
+            if !std::path::Path::new(path).is_file() {
+                bail!("invalid setting kafka.ssl_ca_location: {path:?} is not a readable file");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HttpSettings {
+    fn validate(&self) -> anyhow::Result<()> {
+        self.socket_addr()?;
+        if self.max_body_bytes == 0 {
+            bail!("invalid setting http.max_body_bytes: must be greater than 0");
+        }
+        if self.ready_max_outbox_backlog <= 0 {
+            bail!("invalid setting http.ready_max_outbox_backlog: must be greater than 0");
+        }
+        // An empty token would look like authentication while letting
+        // nobody in (or, read carelessly, everybody): refuse it.
+        if self.bearer_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+            bail!("invalid setting http.bearer_token (HTTP_BEARER_TOKEN): must not be empty; unset it to turn authentication off");
+        }
+        Ok(())
+    }
+
+    pub fn socket_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid setting http.addr (HTTP_ADDR): {:?}: {e}", self.addr))
     }
 }
 
@@ -312,6 +516,69 @@ mod tests {
     fn missing_environment_file_is_named() {
         let err = Settings::load_from(&env(&[("USAGE_WORKER_ENV", "nowhere")])).unwrap_err();
         assert!(format!("{err:#}").contains("nowhere.toml"), "{err:#}");
+    }
+
+    #[test]
+    fn http_defaults_and_conventional_names() {
+        let s = Settings::load_from(&[]).unwrap();
+        assert!(s.http.enabled);
+        assert_eq!(s.http.addr, "0.0.0.0:8080");
+        assert_eq!(s.http.bearer_token, None);
+        let s = Settings::load_from(&env(&[
+            ("HTTP_ADDR", "127.0.0.1:9000"),
+            ("HTTP_BEARER_TOKEN", "t0ken"),
+            ("USAGE_WORKER__HTTP__MAX_BODY_BYTES", "1024"),
+        ]))
+        .unwrap();
+        assert_eq!(s.http.socket_addr().unwrap().port(), 9000);
+        assert_eq!(s.http.bearer_token, Some(Secret::new("t0ken")));
+        assert_eq!(s.http.max_body_bytes, 1024);
+        let s = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__BEARER_TOKEN", "other")])).unwrap();
+        assert_eq!(s.http.bearer_token.unwrap().expose(), "other");
+    }
+
+    #[test]
+    fn bad_http_settings_are_named() {
+        let err = Settings::load_from(&env(&[("HTTP_ADDR", "nowhere")])).unwrap_err();
+        assert!(format!("{err:#}").contains("HTTP_ADDR"), "{err:#}");
+        let err = Settings::load_from(&env(&[("HTTP_BEARER_TOKEN", " ")])).unwrap_err();
+        assert!(format!("{err:#}").contains("http.bearer_token"), "{err:#}");
+    }
+
+    #[test]
+    fn bearer_token_never_prints() {
+        let s = Settings::load_from(&env(&[("HTTP_BEARER_TOKEN", "hunter3")])).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("hunter3"), "{printed}");
+    }
+
+    #[test]
+    fn kafka_security_is_read_and_checked() {
+        let s = Settings::load_from(&[]).unwrap();
+        assert_eq!(s.kafka.security_protocol, SecurityProtocol::Plaintext);
+        let s = Settings::load_from(&env(&[
+            ("USAGE_WORKER__KAFKA__SECURITY_PROTOCOL", "SASL_SSL"),
+            ("USAGE_WORKER__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("USAGE_WORKER__KAFKA__SASL_USERNAME", "billing"),
+            ("USAGE_WORKER__KAFKA__SASL_PASSWORD", "kafka-hunter2"),
+        ]))
+        .unwrap();
+        assert_eq!(s.kafka.security_protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(s.kafka.sasl_mechanism, Some(SaslMechanism::ScramSha512));
+        assert!(!format!("{s:?}").contains("kafka-hunter2"));
+
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__SECURITY_PROTOCOL", "sasl_ssl")])).unwrap_err();
+        assert!(format!("{err:#}").contains("kafka.sasl_mechanism"), "{err:#}");
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__SASL_USERNAME", "billing")])).unwrap_err();
+        assert!(format!("{err:#}").contains("kafka.sasl_username"), "{err:#}");
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__SECURITY_PROTOCOL", "tls")])).unwrap_err();
+        assert!(format!("{err:#}").contains("security_protocol"), "{err:#}");
+        let err = Settings::load_from(&env(&[
+            ("USAGE_WORKER__KAFKA__SECURITY_PROTOCOL", "ssl"),
+            ("USAGE_WORKER__KAFKA__SSL_CA_LOCATION", "/nowhere/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("kafka.ssl_ca_location"), "{err:#}");
     }
 
     #[test]

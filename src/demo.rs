@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{Duration as Span, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 
 use crate::config::Settings;
 use crate::kafka::mock::EmbeddedKafka;
@@ -243,18 +242,11 @@ async fn exchange(
     partitions: i32,
     worker: &tokio::task::JoinHandle<anyhow::Result<()>>,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
-        .set("group.id", "usage-worker-demo-reader")
-        .set("enable.auto.commit", "false")
-        // A gap in what the demo reads back is an error, never a skip.
-        .set("auto.offset.reset", "error")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(&settings.topics.usage_results, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = crate::kafka::topic_reader(
+        &settings.kafka.bootstrap_servers,
+        &settings.topics.usage_results,
+        partitions,
+    )?;
     let started = Instant::now();
     let mut last_print = Instant::now();
     let mut outcomes = Vec::with_capacity(events.len());
@@ -293,16 +285,7 @@ async fn exchange(
 
 /// Everything on a topic, read until it has been quiet for a second.
 fn read_all(settings: &Settings, topic: &str, partitions: i32) -> anyhow::Result<Vec<serde_json::Value>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.bootstrap_servers)
-        .set("group.id", "usage-worker-demo-reader")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    let consumer = crate::kafka::topic_reader(&settings.kafka.bootstrap_servers, topic, partitions)?;
     let mut records = Vec::new();
     let mut quiet_since = Instant::now();
     while quiet_since.elapsed() < Duration::from_secs(1) {

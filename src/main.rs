@@ -1,11 +1,10 @@
-//! The `usage-worker` command line: run, migrate, demo.
+//! The `usage-worker` command line: run, serve, migrate, demo, bench.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use usage_worker::config::Settings;
-use usage_worker::{demo, pipeline, store, telemetry};
+use usage_worker::{app, bench, demo, store, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -20,8 +19,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the worker until SIGTERM or SIGINT.
+    /// Run the worker, and the HTTP API beside it (unless http.enabled is
+    /// false), until SIGTERM or SIGINT.
     Run {
+        /// Do not apply pending migrations at start (overrides database.migrate_on_start).
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Serve the HTTP API alone, without consuming usage-events, until
+    /// SIGTERM or SIGINT. Its outcomes are published by the running workers.
+    Serve {
         /// Do not apply pending migrations at start (overrides database.migrate_on_start).
         #[arg(long)]
         no_migrate: bool,
@@ -31,6 +38,9 @@ enum Command {
     /// Run the whole pipeline on an embedded Kafka mock cluster and a fresh
     /// local database, with generated data, and print a summary.
     Demo(demo::DemoArgs),
+    /// Measure throughput, latency and memory of the real pipeline on an
+    /// embedded Kafka mock cluster and a fresh local database.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +63,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run { no_migrate } => run(settings, no_migrate).await,
+            Command::Serve { no_migrate } => serve(settings, no_migrate).await,
             Command::Migrate => {
                 let pool = store::connect(&settings.database).await?;
                 store::migrate(&pool).await?;
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Demo(args) => demo::run(settings, args).await,
+            Command::Bench(args) => bench::run(settings, args).await,
         }
     });
     match result {
@@ -74,12 +86,23 @@ fn main() -> ExitCode {
 
 async fn run(settings: Settings, no_migrate: bool) -> anyhow::Result<()> {
     tracing::info!(?settings, "starting");
+    let pool = database(&settings, no_migrate).await?;
+    app::run(settings, pool, shutdown_signal()).await
+}
+
+async fn serve(settings: Settings, no_migrate: bool) -> anyhow::Result<()> {
+    tracing::info!(?settings, "starting the HTTP API alone");
+    let pool = database(&settings, no_migrate).await?;
+    app::serve(settings, pool, shutdown_signal()).await
+}
+
+/// Connects, and applies pending migrations unless told not to.
+async fn database(settings: &Settings, no_migrate: bool) -> anyhow::Result<sqlx::PgPool> {
     let pool = store::connect(&settings.database).await?;
     if settings.database.migrate_on_start && !no_migrate {
         store::migrate(&pool).await?;
     }
-    let stats = Arc::new(pipeline::Stats::default());
-    pipeline::run(settings, pool, stats, shutdown_signal()).await
+    Ok(pool)
 }
 
 async fn shutdown_signal() {

@@ -345,3 +345,28 @@ async fn a_missing_input_topic_stops_start_up_naming_it() {
     let err = worker.shutdown().await.unwrap_err();
     assert!(format!("{err:#}").contains("no-such-events does not exist"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_topic_high_watermarks_are_read_for_every_partition() {
+    let env = TestEnv::start().await;
+    for i in 0..3 {
+        env.send_at("subscriptions", Some(1), Some("k"), Some(format!("{i}").as_bytes()));
+    }
+    env.send_at("invoice-events", Some(3), Some("k"), Some(b"x"));
+    env.flush();
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("group.id", "watermarks")
+        .create()
+        .unwrap();
+    let highs = usage_worker::pipeline::control::high_watermarks(
+        &consumer,
+        &[
+            ("subscriptions", common::PARTITIONS),
+            ("invoice-events", common::PARTITIONS),
+        ],
+    )
+    .unwrap();
+    assert_eq!(highs[0], HashMap::from([(0, 0), (1, 3), (2, 0), (3, 0)]));
+    assert_eq!(highs[1], HashMap::from([(0, 0), (1, 0), (2, 0), (3, 1)]));
+}

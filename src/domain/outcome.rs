@@ -121,6 +121,22 @@ impl OutcomeStatus {
     }
 }
 
+/// The path of a usage resource, `/usages/{id}`, with the id
+/// percent-encoded: ids may hold `/`, `?`, `#` or non-ASCII characters, and
+/// the link must still name exactly this usage.
+pub fn usage_path(id: &str) -> String {
+    let mut path = String::with_capacity(8 + id.len());
+    path.push_str("/usages/");
+    for byte in id.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            path.push(byte as char);
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    path
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Link {
     pub href: String,
@@ -156,7 +172,7 @@ impl UsageBody {
         created: DateTime<Utc>,
     ) -> Self {
         let links = vec![Link {
-            href: format!("/usages/{id}"),
+            href: usage_path(&id),
             rel: "self",
         }];
         Self {
@@ -169,6 +185,24 @@ impl UsageBody {
             created_time: created,
             updated_time: created,
             links,
+        }
+    }
+}
+
+/// A stored usage as the API shows it, invoice stamps included.
+impl From<&StoredUsage> for UsageBody {
+    fn from(usage: &StoredUsage) -> Self {
+        Self {
+            invoice_id: usage.invoice_id.clone(),
+            invoice_item_id: usage.invoice_item_id.clone(),
+            updated_time: usage.updated_time,
+            ..UsageBody::new(
+                usage.id.clone(),
+                usage.subscription_id.clone(),
+                usage.quantity,
+                usage.usage_time,
+                usage.created_time,
+            )
         }
     }
 }
@@ -341,18 +375,25 @@ impl Outcome {
             partial: Some(original.quantity != original.requested_quantity),
             requested_quantity: Some(original.requested_quantity),
             subscription_id: Some(original.subscription_id.clone()),
-            usage: Some(UsageBody {
-                invoice_id: original.invoice_id.clone(),
-                invoice_item_id: original.invoice_item_id.clone(),
-                updated_time: original.updated_time,
-                ..UsageBody::new(
-                    original.id.clone(),
-                    original.subscription_id.clone(),
-                    original.quantity,
-                    original.usage_time,
-                    original.created_time,
-                )
-            }),
+            usage: Some(UsageBody::from(original)),
+            limit: None,
+            error: None,
+            source,
+            processed_time: now,
+        }
+    }
+
+    /// The outcome of a usage deleted through the HTTP API: it carries the
+    /// usage as it was, so invoicing can take its quantity back out.
+    pub fn deleted(outcome_id: String, usage: &StoredUsage, source: Source, now: DateTime<Utc>) -> Self {
+        Self {
+            outcome_id,
+            event_id: usage.id.clone(),
+            status: OutcomeStatus::Deleted,
+            partial: None,
+            requested_quantity: None,
+            subscription_id: Some(usage.subscription_id.clone()),
+            usage: Some(UsageBody::from(usage)),
             limit: None,
             error: None,
             source,
@@ -454,6 +495,39 @@ mod tests {
             .unwrap();
             assert_eq!(json, format!("{{\"q\":{written}}}"));
         }
+    }
+
+    #[test]
+    fn usage_links_percent_encode_the_id() {
+        assert_eq!(usage_path("usg_1-a.b~c"), "/usages/usg_1-a.b~c");
+        assert_eq!(usage_path("a/b?c#d%"), "/usages/a%2Fb%3Fc%23d%25");
+        assert_eq!(usage_path("ü"), "/usages/%C3%BC");
+    }
+
+    #[test]
+    fn a_deleted_outcome_carries_the_usage_as_it_was() {
+        let t = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let usage = StoredUsage {
+            id: "usg_1".into(),
+            subscription_id: "sub_1".into(),
+            quantity: Decimal::from(3),
+            requested_quantity: Decimal::from(5),
+            accept_partial: true,
+            usage_time: t,
+            invoice_id: None,
+            invoice_item_id: None,
+            created_time: t,
+            updated_time: t,
+        };
+        let outcome = Outcome::deleted("oc_x".into(), &usage, Source::Http { http: true }, t);
+        let json: serde_json::Value = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(json["status"], "deleted");
+        assert_eq!(json["eventId"], "usg_1");
+        assert_eq!(json["usage"]["quantity"], 3);
+        assert_eq!(json["source"], serde_json::json!({"http": true}));
+        assert!(json.get("error").is_none());
     }
 
     #[test]

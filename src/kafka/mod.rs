@@ -17,7 +17,21 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
         .set("bootstrap.servers", &settings.bootstrap_servers)
         .set("client.id", "usage-worker")
         // Let librdkafka's own log lines pass through `tracing` at warn level.
-        .set("log_level", "4");
+        .set("log_level", "4")
+        .set("security.protocol", settings.security_protocol.as_str());
+    if let Some(mechanism) = settings.sasl_mechanism {
+        config.set("sasl.mechanism", mechanism.as_str());
+    }
+    if let Some(username) = &settings.sasl_username {
+        config.set("sasl.username", username);
+    }
+    // A `ClientConfig` prints its values when debug-formatted: never log one.
+    if let Some(password) = &settings.sasl_password {
+        config.set("sasl.password", password.expose());
+    }
+    if let Some(ca) = &settings.ssl_ca_location {
+        config.set("ssl.ca.location", ca);
+    }
     config
 }
 
@@ -34,7 +48,11 @@ pub fn usage_consumer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("partition.assignment.strategy", "range")
         .set("session.timeout.ms", settings.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", settings.heartbeat_interval_ms.to_string())
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Latency: a fetch that finds nothing new is answered after at most
+        // this long (some brokers, librdkafka's mock among them, hold it the
+        // whole time even when data arrives meanwhile).
+        .set("fetch.wait.max.ms", "10");
     config
 }
 
@@ -66,11 +84,70 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// A plain reader of every partition of a topic from its beginning, for the
+/// demo, the bench and the tests' harness (outside any group). A gap is an
+/// error, never a skip.
+pub fn topic_reader(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "usage-worker-reader")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
+        .set("fetch.max.bytes", "52428800")
+        // librdkafka's mock cluster holds an empty fetch for the whole wait.
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
 /// The `auto.offset.reset` choice for a new group, resolved by the pipeline
 /// against the partition's watermarks.
 pub fn initial_offset(reset: OffsetReset, low: i64, high: i64) -> i64 {
     match reset {
         OffsetReset::Earliest => low,
         OffsetReset::Latest => high,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::producer::BaseProducer;
+
+    use super::*;
+    use crate::config::Settings;
+
+    fn settings(pairs: &[(&str, &str)]) -> KafkaSettings {
+        let vars: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::load_from(&vars).unwrap().kafka
+    }
+
+    #[test]
+    fn clients_are_built_with_tls_and_scram() {
+        // librdkafka refuses at creation a protocol or mechanism it was
+        // built without.
+        let settings = settings(&[
+            ("USAGE_WORKER__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("USAGE_WORKER__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("USAGE_WORKER__KAFKA__SASL_USERNAME", "billing"),
+            ("USAGE_WORKER__KAFKA__SASL_PASSWORD", "secret"),
+        ]);
+        let config = producer_config(&settings);
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        let producer: Result<BaseProducer, _> = config.create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
+    #[test]
+    fn plaintext_sets_no_credentials() {
+        let config = reader_config(&settings(&[]), "test");
+        assert_eq!(config.get("security.protocol"), Some("plaintext"));
+        assert_eq!(config.get("sasl.password"), None);
     }
 }

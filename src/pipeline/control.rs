@@ -277,14 +277,36 @@ pub fn raw_message<M: Message>(m: &M) -> RawMessage {
     }
 }
 
-/// Reads the high watermarks of a topic.
-pub fn high_watermarks(consumer: &BaseConsumer, topic: &str, partitions: i32) -> anyhow::Result<HashMap<i32, i64>> {
-    (0..partitions)
-        .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(5))
-                .with_context(|| format!("reading watermarks of {topic}/{p}"))?;
-            Ok((p, high))
+/// Reads the high watermarks of every partition of the given topics in one
+/// ListOffsets request per broker (offsets for the "latest" timestamp), so a
+/// batch waits for one round trip, not one per partition.
+pub fn high_watermarks(consumer: &BaseConsumer, topics: &[(&str, i32)]) -> anyhow::Result<Vec<HashMap<i32, i64>>> {
+    let mut query = TopicPartitionList::new();
+    for (topic, partitions) in topics {
+        for p in 0..*partitions {
+            query.add_partition_offset(topic, p, Offset::End)?;
+        }
+    }
+    let answer = consumer
+        .offsets_for_times(query, Duration::from_secs(5))
+        .context("reading control topic watermarks")?;
+    topics
+        .iter()
+        .map(|(topic, partitions)| {
+            (0..*partitions)
+                .map(|p| {
+                    let element = answer
+                        .find_partition(topic, p)
+                        .with_context(|| format!("no watermark for {topic}/{p}"))?;
+                    element
+                        .error()
+                        .with_context(|| format!("reading the watermark of {topic}/{p}"))?;
+                    match element.offset() {
+                        Offset::Offset(high) => Ok((p, high)),
+                        other => anyhow::bail!("unexpected watermark {other:?} for {topic}/{p}"),
+                    }
+                })
+                .collect()
         })
         .collect()
 }

@@ -99,6 +99,9 @@ pub async fn decide_batch(
     now: DateTime<Utc>,
 ) -> anyhow::Result<BatchReport> {
     let mut report = BatchReport::default();
+    let clock = std::time::Instant::now();
+    let mut laps: Vec<(&str, f64)> = Vec::new();
+    let mut lap = |name: &'static str| laps.push((name, clock.elapsed().as_secs_f64() * 1e3));
     let mut tx = BatchTx::begin(pool).await?;
 
     // 1. Claim the offsets. Only messages at or after the stored offset are
@@ -143,8 +146,10 @@ pub async fn decide_batch(
     } else {
         HashMap::new()
     };
+    lap("locked");
     let ids: Vec<String> = todo.iter().map(|m| m.event_id(&ctx.input_topic)).collect();
     let mut usages = tx.stored_usages(&ids).await?;
+    lap("loaded");
 
     // 3. Decide in input order.
     let mut writes = Writes::default();
@@ -273,8 +278,10 @@ pub async fn decide_batch(
         });
     }
 
+    lap("decided");
     // 4. Store everything and move the offsets, together.
     tx.insert_usages(&writes.usages).await?;
+    lap("usages");
     let periods: Vec<(String, DateTime<Utc>, Decimal)> = writes
         .periods
         .into_iter()
@@ -284,9 +291,13 @@ pub async fn decide_batch(
     tx.update_trial_used(&writes.trial_used.into_iter().collect::<Vec<_>>())
         .await?;
     tx.insert_alerts(&writes.alerts).await?;
+    lap("periods");
     tx.append_outbox(&writes.outbox).await?;
+    lap("outbox");
     tx.advance_offsets(&ctx.group, &ctx.input_topic, &claims).await?;
     tx.commit().await?;
+    lap("committed");
+    tracing::debug!(?laps, "batch transaction");
     Ok(report)
 }
 

@@ -5,6 +5,7 @@
 pub mod control;
 pub mod decide;
 pub mod relay;
+pub mod sampler;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -41,10 +42,16 @@ pub struct Stats {
     by_outcome: Mutex<BTreeMap<(String, Option<String>), u64>>,
     pub decided: AtomicU64,
     pub batches: AtomicU64,
+    /// Prometheus metrics, shared with the HTTP API's `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Stats {
-    fn record(&self, report: &BatchReport) {
+    fn record(&self, report: &BatchReport, elapsed: Duration) {
+        self.metrics
+            .record_decisions(crate::metrics::DecisionSource::Kafka, &report.decided);
+        self.metrics
+            .observe_transaction(crate::metrics::TransactionKind::Batch, elapsed);
         let mut by = self.by_outcome.lock().expect("stats lock");
         for (status, code) in &report.decided {
             *by.entry((status.as_str().to_owned(), code.map(|c| c.as_str().to_owned())))
@@ -139,6 +146,7 @@ pub async fn run(
         reset: k.auto_offset_reset,
         metadata: kafka::reader_config(k, "metadata").create()?,
         relay: relay.clone(),
+        metrics: stats.metrics.clone(),
     });
     let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel(2);
     let (command_tx, command_rx) = std::sync::mpsc::channel();
@@ -232,14 +240,26 @@ struct Worker {
 
 impl Worker {
     async fn process(&self, batch: consumer::UsageBatch) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         self.wait_for_control_topics().await;
+        let waited = started.elapsed();
         let now = Utc::now();
         let messages: Vec<DecodedMessage> = batch.messages.iter().map(|m| self.decode(m, now)).collect();
+        let decoded = started.elapsed();
         match self.decide_with_retry(&batch.ranges, &messages, None).await? {
             Some(()) => {}
             None => self.decide_one_by_one(&batch.ranges, &messages).await?,
         }
         self.relay.wake();
+        tracing::debug!(
+            messages = messages.len(),
+            wait_ms = waited.as_secs_f64() * 1e3,
+            decode_ms = (decoded - waited).as_secs_f64() * 1e3,
+            decide_ms = (started.elapsed() - decoded).as_secs_f64() * 1e3,
+            "batch decided"
+        );
+        let timestamps = messages.iter().filter_map(|m| m.timestamp);
+        self.stats.metrics.observe_batch(messages.len(), timestamps, Utc::now());
         Ok(())
     }
 
@@ -247,19 +267,18 @@ impl Worker {
     /// was read are applied before it is decided (bounded wait).
     async fn wait_for_control_topics(&self) {
         let deadline = tokio::time::Instant::now() + self.settings.pipeline.snapshot_wait();
-        for (topic, partitions, progress) in &self.progress {
-            let highs =
-                match tokio::task::block_in_place(|| control::high_watermarks(&self.metadata, topic, *partitions)) {
-                    Ok(highs) => highs,
-                    Err(e) => {
-                        tracing::warn!(
-                            topic,
-                            error = format!("{e:#}"),
-                            "cannot read watermarks; deciding with what is applied"
-                        );
-                        continue;
-                    }
-                };
+        let topics: Vec<(&str, i32)> = self.progress.iter().map(|(t, n, _)| (t.as_str(), *n)).collect();
+        let highs = match tokio::task::block_in_place(|| control::high_watermarks(&self.metadata, &topics)) {
+            Ok(highs) => highs,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot read control topic watermarks; deciding with what is applied"
+                );
+                return;
+            }
+        };
+        for ((topic, _, progress), highs) in self.progress.iter().zip(highs) {
             if !progress.wait_for(&highs, deadline).await {
                 tracing::warn!(topic, ?highs, "still being applied after the wait; deciding anyway");
             }
@@ -321,9 +340,10 @@ impl Worker {
         let p = &self.settings.pipeline;
         let mut backoff = Duration::from_millis(p.retry_initial_backoff_ms);
         loop {
+            let started = std::time::Instant::now();
             match decide_batch(&self.pool, &self.ctx, ranges, messages, forced, Utc::now()).await {
                 Ok(report) => {
-                    self.stats.record(&report);
+                    self.stats.record(&report, started.elapsed());
                     for (partition, offset) in &report.reread {
                         let _ = self.commands.send(consumer::Command::Seek {
                             partition: *partition,
@@ -398,6 +418,8 @@ struct PartitionHooks {
     reset: crate::config::OffsetReset,
     metadata: BaseConsumer,
     relay: Arc<Relay>,
+    /// Tells `/readyz` whether an assignment is held.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl consumer::Assignments for PartitionHooks {
@@ -423,10 +445,12 @@ impl consumer::Assignments for PartitionHooks {
             ))?);
         }
         self.relay.assign(partitions);
+        self.metrics.set_assignment(Some(partitions));
         Ok(offsets)
     }
 
     fn revoked(&self, partitions: &[i32]) {
         self.relay.revoke(partitions);
+        self.metrics.set_assignment(None);
     }
 }

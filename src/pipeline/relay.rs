@@ -147,7 +147,7 @@ impl Relay {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        let mut in_flight = Vec::new();
+        let mut after = Vec::with_capacity(work.len());
         for ((topic, partition), known) in work {
             let published = match known {
                 Some(seq) => seq,
@@ -157,35 +157,36 @@ impl Relay {
                     seq
                 }
             };
-            let records = store::pending(&self.pool, &topic, partition, published, ROUND_LIMIT).await?;
-            let Some(last) = records.last().map(|r| r.seq) else {
-                continue;
-            };
-            let mut deliveries = Vec::with_capacity(records.len());
-            for record in &records {
-                deliveries.push(self.send(&topic, partition, record).await?);
-            }
-            in_flight.push((topic, partition, last, deliveries));
+            after.push((topic, partition, published));
         }
-        let mut published = 0;
-        for (topic, partition, last, deliveries) in in_flight {
-            let count = deliveries.len();
-            for delivery in deliveries {
-                let result = delivery
-                    .await
-                    .map_err(|_| anyhow::anyhow!("producer dropped a delivery"));
-                if let Err(e) = result.and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e))) {
-                    // Where the topic stands is unknown now: read it back
-                    // before publishing this partition again.
-                    self.mark_unknown(&topic, partition);
-                    return Err(e).with_context(|| format!("delivering to {topic}/{partition}"));
-                }
-            }
-            store::mark_published(&self.pool, &topic, partition, last).await?;
-            self.set_published(&topic, partition, last);
-            published += count;
+        if after.is_empty() {
+            return Ok(0);
         }
-        Ok(published)
+        let records = store::pending_many(&self.pool, &after, ROUND_LIMIT).await?;
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (topic, partition, record) in &records {
+            deliveries.push(self.send(topic, *partition, record).await?);
+        }
+        let mut last: HashMap<(String, i32), i64> = HashMap::new();
+        for ((topic, partition, record), delivery) in records.iter().zip(deliveries) {
+            let result = delivery
+                .await
+                .map_err(|_| anyhow::anyhow!("producer dropped a delivery"));
+            if let Err(e) = result.and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e))) {
+                // Where the topic stands is unknown now: read it back before
+                // publishing this partition again. What was confirmed before
+                // the failure is recorded below on the next round.
+                self.mark_unknown(topic, *partition);
+                return Err(e).with_context(|| format!("delivering to {topic}/{partition}"));
+            }
+            last.insert((topic.clone(), *partition), record.seq);
+        }
+        let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
+        store::mark_published_many(&self.pool, &published).await?;
+        for (topic, partition, seq) in &published {
+            self.set_published(topic, *partition, *seq);
+        }
+        Ok(records.len())
     }
 
     async fn send(

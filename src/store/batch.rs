@@ -10,6 +10,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::outbox::{append, OutboxRecord};
+use super::usages::{stored, UsageRow, USAGE_COLUMNS};
 use crate::domain::decision::{LimitKind, LimitReached, PeriodState, StoredUsage, SubscriptionState};
 
 /// The part of a partition a batch wants to decide: messages from
@@ -172,45 +173,12 @@ impl BatchTx {
 
     /// Usages already stored under any of these ids.
     pub async fn stored_usages(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, StoredUsage>> {
-        type UsageRow = (
-            String,
-            String,
-            Decimal,
-            Decimal,
-            bool,
-            DateTime<Utc>,
-            Option<String>,
-            Option<String>,
-            DateTime<Utc>,
-            DateTime<Utc>,
-        );
-        let rows: Vec<UsageRow> = sqlx::query_as(
-            "SELECT id, subscription_id, quantity, requested_quantity, accept_partial, usage_time,
-                    invoice_id, invoice_item_id, created_time, updated_time
-             FROM usages WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .fetch_all(&mut *self.tx)
-        .await
-        .context("loading stored usages")?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let usage = StoredUsage {
-                    id: r.0.clone(),
-                    subscription_id: r.1,
-                    quantity: r.2,
-                    requested_quantity: r.3,
-                    accept_partial: r.4,
-                    usage_time: r.5,
-                    invoice_id: r.6,
-                    invoice_item_id: r.7,
-                    created_time: r.8,
-                    updated_time: r.9,
-                };
-                (r.0, usage)
-            })
-            .collect())
+        let rows: Vec<UsageRow> = sqlx::query_as(&format!("SELECT {USAGE_COLUMNS} FROM usages WHERE id = ANY($1)"))
+            .bind(ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .context("loading stored usages")?;
+        Ok(rows.into_iter().map(stored).map(|u| (u.id.clone(), u)).collect())
     }
 
     pub async fn insert_usages(&mut self, usages: &[NewUsage]) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ mod errors;
 mod invoices;
 mod outbox;
 mod snapshots;
+mod usages;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -18,8 +19,12 @@ use sqlx::PgPool;
 pub use batch::{BatchTx, NewUsage, OffsetClaim};
 pub use errors::{classify, FailureKind};
 pub use invoices::{apply_invoices, ItemResult};
-pub use outbox::{delete_expired, mark_published, pending, published_seq, OutboxRecord, StoredRecord};
+pub use outbox::{
+    delete_expired, mark_published, mark_published_many, pending, pending_many, published_seq, OutboxRecord,
+    StoredRecord,
+};
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
+pub use usages::{delete_usage, get_usage, list_usages, outbox_backlog, ping, Deletion, UsageFilter};
 
 use crate::config::DatabaseSettings;
 

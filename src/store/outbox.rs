@@ -185,6 +185,65 @@ pub async fn pending(
         .collect()
 }
 
+/// Records after the given sequence of each (topic, partition), in order,
+/// at most `limit` per partition: one round trip for every owned partition.
+pub async fn pending_many(
+    pool: &PgPool,
+    after: &[(String, i32, i64)],
+    limit: i64,
+) -> anyhow::Result<Vec<(String, i32, StoredRecord)>> {
+    type Row = (String, i32, i64, Option<Vec<u8>>, Vec<u8>, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT w.topic, w.partition, o.seq, o.key, o.payload, o.headers::text
+         FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, after_seq)
+         CROSS JOIN LATERAL (
+             SELECT seq, key, payload, headers FROM outbox o
+             WHERE o.topic = w.topic AND o.partition = w.partition AND o.seq > w.after_seq
+             ORDER BY o.seq LIMIT $4
+         ) o
+         ORDER BY w.topic, w.partition, o.seq",
+    )
+    .bind(after.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
+    .bind(after.iter().map(|a| a.1).collect::<Vec<_>>())
+    .bind(after.iter().map(|a| a.2).collect::<Vec<_>>())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading pending outbox records")?;
+    rows.into_iter()
+        .map(|(topic, partition, seq, key, payload, headers)| {
+            let headers = decode_headers(&headers)?;
+            Ok((
+                topic,
+                partition,
+                StoredRecord {
+                    seq,
+                    key,
+                    payload,
+                    headers,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Records, for each (topic, partition), that its sequence up to the given
+/// one is on the topic.
+pub async fn mark_published_many(pool: &PgPool, published: &[(String, i32, i64)]) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE outbox_partitions p SET published_seq = GREATEST(p.published_seq, w.seq)
+         FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, seq)
+         WHERE p.topic = w.topic AND p.partition = w.partition",
+    )
+    .bind(published.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
+    .bind(published.iter().map(|a| a.1).collect::<Vec<_>>())
+    .bind(published.iter().map(|a| a.2).collect::<Vec<_>>())
+    .execute(pool)
+    .await
+    .context("recording published outbox sequences")?;
+    Ok(())
+}
+
 /// Records that `seq` (and everything before it) is on the topic.
 pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64) -> anyhow::Result<()> {
     sqlx::query(

@@ -1,0 +1,152 @@
+//! The HTTP face over the same core: `POST /usages` is decided by the same
+//! functions and the same transaction shape as a Kafka message, and creates
+//! and deletes reach `usage-results` through the same outbox. Next to the
+//! worker (`usage-worker run`) or alone (`usage-worker serve`).
+//!
+//! Routes:
+//! - `POST /usages`, `GET /usages`, `GET /usages/{id}`, `DELETE /usages/{id}`
+//!   (behind the optional bearer token);
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (open).
+//!
+//! Errors are RFC 9457 problem details ([`problem`]).
+
+mod auth;
+mod health;
+pub mod listing;
+mod partition;
+pub mod problem;
+mod transactions;
+mod usages;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+use crate::config::{Secret, Settings};
+use crate::metrics::Metrics;
+pub use partition::output_partition;
+use problem::Problem;
+
+/// What the API needs to know besides the database.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
+    pub bearer_token: Option<Secret>,
+    /// How far after the request a `usageTime` may lie.
+    pub max_future: chrono::Duration,
+    /// A period closes for new usage at its end plus this.
+    pub grace: chrono::Duration,
+    pub results_topic: String,
+    pub alerts_topic: String,
+    /// Partition count of `usage-events`, and so of every output topic.
+    pub partitions: i32,
+    pub ready_max_outbox_backlog: i64,
+    /// `/readyz` also requires the consumer's assignment (`run`, not `serve`).
+    pub requires_assignment: bool,
+}
+
+impl ApiConfig {
+    pub fn from_settings(settings: &Settings, partitions: i32, requires_assignment: bool) -> Self {
+        Self {
+            max_body_bytes: settings.http.max_body_bytes,
+            bearer_token: settings.http.bearer_token.clone(),
+            max_future: settings.pipeline.max_future(),
+            grace: settings.pipeline.period_grace(),
+            results_topic: settings.topics.usage_results.clone(),
+            alerts_topic: settings.topics.usage_alerts.clone(),
+            partitions,
+            ready_max_outbox_backlog: settings.http.ready_max_outbox_backlog,
+            requires_assignment,
+        }
+    }
+}
+
+/// The state every handler shares.
+pub struct Api {
+    pool: PgPool,
+    config: ApiConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Api {
+    pub fn new(pool: PgPool, config: ApiConfig, metrics: Arc<Metrics>) -> Self {
+        Self { pool, config, metrics }
+    }
+
+    /// The output partition of records about this subscription.
+    fn partition_of(&self, subscription_id: &str) -> i32 {
+        output_partition(subscription_id, self.config.partitions)
+    }
+}
+
+/// An outcome id for an HTTP create or delete: HTTP requests have no source
+/// coordinates to derive one from, and each outcome is published once.
+fn new_outcome_id() -> String {
+    format!("oc_{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    let usages = Router::new()
+        .route("/usages", get(usages::list).post(usages::create))
+        .route("/usages/{id}", get(usages::get).delete(usages::delete))
+        .layer(DefaultBodyLimit::max(api.config.max_body_bytes))
+        .route_layer(middleware::from_fn_with_state(api.clone(), auth::require_bearer));
+    Router::new()
+        .merge(usages)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(|| async { Problem::not_found() })
+        .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(api.clone(), observe))
+        .with_state(api)
+}
+
+/// Counts and times every request by method, route template and status.
+async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    api.metrics
+        .observe_http(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Binds the configured address; a taken port stops start-up, naming it.
+pub async fn bind(settings: &Settings) -> anyhow::Result<TcpListener> {
+    let addr = settings.http.socket_addr()?;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP API to {addr} (http.addr, HTTP_ADDR)"))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then lets the
+/// requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    api: Arc<Api>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("reading the HTTP listener's address")?;
+    tracing::info!(%addr, auth = api.config.bearer_token.is_some(), "HTTP API listening");
+    axum::serve(listener, router(api))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the HTTP API")?;
+    tracing::info!("HTTP API stopped");
+    Ok(())
+}

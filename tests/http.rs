@@ -1,0 +1,945 @@
+//! The HTTP API end to end, against a real PostgreSQL database: every status
+//! code and problem body, idempotent creates, concurrent creates against one
+//! limit, deletes, authentication, outcomes on `usage-results` with the
+//! worker running, probes and metrics, and the `serve` and `run` commands.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::{active_subscription, Reader, TestEnv, PARTITIONS};
+use reqwest::StatusCode;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use usage_worker::config::{Secret, Settings};
+use usage_worker::domain::subscription::decode_snapshot;
+use usage_worker::http::{self, output_partition, Api, ApiConfig};
+use usage_worker::metrics::Metrics;
+use usage_worker::pipeline::sampler::Sampler;
+use usage_worker::store::{self, apply_snapshots, SnapshotChange};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// An HTTP API served in-process on a free local port.
+struct TestApi {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApi {
+    async fn start(pool: sqlx::PgPool, config: ApiConfig, metrics: Arc<Metrics>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let api = Arc::new(Api::new(pool, config, metrics));
+        let task = tokio::spawn(http::serve(listener, api, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The API alone (`serve`), with these settings.
+    async fn serve(settings: &Settings) -> Self {
+        let pool = store::connect(&settings.database).await.unwrap();
+        let config = ApiConfig::from_settings(settings, PARTITIONS, false);
+        Self::start(pool, config, Arc::new(Metrics::default())).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, body: &Value) -> reqwest::Response {
+        self.client.post(self.url("/usages")).json(body).send().await.unwrap()
+    }
+
+    async fn post_raw(&self, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+        self.client
+            .post(self.url("/usages"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    async fn delete(&self, id: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(&format!("/usages/{id}")))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        self.get("/metrics").await.text().await.unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .expect("the API stopped in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Stores a subscription snapshot directly, as the worker would.
+async fn subscribe(env: &TestEnv, snapshot: Value) {
+    let snapshot = decode_snapshot(snapshot.to_string().as_bytes()).unwrap();
+    apply_snapshots(
+        &env.pool,
+        "test",
+        "subscriptions",
+        &[SnapshotChange::Upsert(snapshot)],
+        &[],
+        &[],
+    )
+    .await
+    .unwrap();
+}
+
+fn days(n: i64) -> String {
+    (Utc::now() + chrono::Duration::days(n)).to_rfc3339()
+}
+
+/// Checks the RFC 9457 members of a problem response and returns its body.
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status, "{:?}", response);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        format!("https://usage-worker.dev/problems/{code}"),
+        "{body}"
+    );
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    body
+}
+
+fn invalid_fields(body: &Value) -> Vec<&str> {
+    body["invalidFields"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no invalidFields in {body}"))
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect()
+}
+
+async fn used(env: &TestEnv, subscription: &str) -> Decimal {
+    sqlx::query_scalar("SELECT sum(used) FROM service_periods WHERE subscription_id = $1")
+        .bind(subscription)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// The outbox records stored for a topic: (partition, key, payload, headers).
+async fn outbox(env: &TestEnv, topic: &str) -> Vec<(i32, String, Value, Value)> {
+    let rows: Vec<(i32, Vec<u8>, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT partition, key, payload, headers::text FROM outbox WHERE topic = $1 ORDER BY created_time, seq",
+    )
+    .bind(topic)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(p, k, v, h)| {
+            (
+                p,
+                String::from_utf8(k).unwrap(),
+                serde_json::from_slice(&v).unwrap(),
+                serde_json::from_str(&h).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_is_201_and_the_same_request_again_is_200_with_the_stored_usage() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let api = TestApi::serve(&env.settings()).await;
+
+    let first = api
+        .post(&json!({"id": "usg_1", "subscriptionId": "sub_a", "quantity": "2.500", "usageTime": days(-1)}))
+        .await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(first.headers()["location"], "/usages/usg_1");
+    assert_eq!(first.headers()["content-type"], "application/json");
+    let created: Value = first.json().await.unwrap();
+    assert_eq!(created["id"], "usg_1");
+    assert_eq!(created["quantity"], json!(2.5));
+    assert_eq!(created["invoiceId"], Value::Null);
+    assert_eq!(created["_links"], json!([{"href": "/usages/usg_1", "rel": "self"}]));
+
+    // The same request (the quantity by value, usageTime left out): the
+    // stored usage, nothing counted again.
+    let again = api
+        .post(&json!({"id": "usg_1", "subscriptionId": "sub_a", "quantity": 2.5}))
+        .await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.headers()["location"], "/usages/usg_1");
+    assert_eq!(again.json::<Value>().await.unwrap(), created);
+    let read = api.get("/usages/usg_1").await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(read.json::<Value>().await.unwrap(), created);
+
+    let conflict = api
+        .post(&json!({"id": "usg_1", "subscriptionId": "sub_a", "quantity": 3}))
+        .await;
+    let body = problem(conflict, 409, "idempotency_conflict").await;
+    assert_eq!(body["field"], "id");
+
+    // Without an id the API makes one; an id needing escapes is escaped.
+    let made = api.post(&json!({"subscriptionId": "sub_a", "quantity": 1})).await;
+    assert_eq!(made.status(), StatusCode::CREATED);
+    let location = made.headers()["location"].to_str().unwrap().to_owned();
+    let made: Value = made.json().await.unwrap();
+    let id = made["id"].as_str().unwrap();
+    assert!(id.starts_with("usg_") && id.len() <= 50, "{id}");
+    assert_eq!(location, format!("/usages/{id}"));
+    let odd = api
+        .post(&json!({"id": "a/b?c", "subscriptionId": "sub_a", "quantity": 1}))
+        .await;
+    assert_eq!(odd.headers()["location"], "/usages/a%2Fb%3Fc");
+    assert_eq!(api.get("/usages/a%2Fb%3Fc").await.status(), StatusCode::OK);
+
+    assert_eq!(used(&env, "sub_a").await, Decimal::new(45, 1));
+    // One `created` outcome per create, keyed and partitioned by the
+    // subscription, marked as coming from HTTP; nothing for the rest.
+    let records = outbox(&env, "usage-results").await;
+    assert_eq!(records.len(), 3, "{records:#?}");
+    for (partition, key, outcome, headers) in &records {
+        assert_eq!(*partition, output_partition("sub_a", PARTITIONS));
+        assert_eq!(key, "sub_a");
+        assert_eq!(outcome["status"], "created");
+        assert_eq!(outcome["source"], json!({"http": true}));
+        assert!(outcome["outcomeId"].as_str().unwrap().starts_with("oc_"));
+        assert!(headers.to_string().contains("outcome-id"), "{headers}");
+    }
+    assert_eq!(records[0].2["usage"], created);
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rejection_has_its_status_and_problem_body() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    subscribe(
+        &env,
+        json!({"id": "sub_paused", "status": "paused", "version": 1,
+               "currentPeriodStartTime": days(-1), "currentPeriodEndTime": days(1)}),
+    )
+    .await;
+    subscribe(
+        &env,
+        json!({"id": "sub_old", "status": "active", "version": 1,
+               "currentPeriodStartTime": days(-60), "currentPeriodEndTime": days(-30)}),
+    )
+    .await;
+    let api = TestApi::serve(&env.settings()).await;
+
+    let cases: Vec<(Value, u16, &str, Option<Vec<&str>>)> = vec![
+        (
+            json!({"acceptPartialQuantity": "yes"}),
+            422,
+            "missing_field",
+            Some(vec!["subscriptionId", "quantity", "acceptPartialQuantity"]),
+        ),
+        (
+            json!({"subscriptionId": "sub_a", "quantity": -1}),
+            422,
+            "invalid_field",
+            Some(vec!["quantity"]),
+        ),
+        (
+            json!({"id": "msg_1", "subscriptionId": "sub_a", "quantity": 1}),
+            422,
+            "invalid_field",
+            Some(vec!["id"]),
+        ),
+        (
+            json!({"subscriptionId": "sub_a", "quantity": 1, "usageTime": days(1)}),
+            422,
+            "usage_time_in_future",
+            Some(vec!["usageTime"]),
+        ),
+        (
+            json!({"subscriptionId": "sub_nobody", "quantity": 1}),
+            422,
+            "subscription_not_found",
+            Some(vec!["subscriptionId"]),
+        ),
+        (
+            json!({"subscriptionId": "sub_paused", "quantity": 1}),
+            409,
+            "subscription_not_active",
+            None,
+        ),
+        (
+            json!({"subscriptionId": "sub_old", "quantity": 1, "usageTime": days(-45)}),
+            409,
+            "period_closed",
+            None,
+        ),
+        (
+            json!({"subscriptionId": "sub_a", "quantity": 1, "usageTime": days(-90)}),
+            409,
+            "no_service_period",
+            None,
+        ),
+    ];
+    for (body, status, code, fields) in cases {
+        let response = api.post(&body).await;
+        let problem = problem(response, status, code).await;
+        match fields {
+            Some(fields) => assert_eq!(invalid_fields(&problem), fields, "{problem}"),
+            None => assert!(problem.get("invalidFields").is_none(), "{problem}"),
+        }
+    }
+
+    let over = api
+        .post(&json!({"id": "big", "subscriptionId": "sub_a", "quantity": 11}))
+        .await;
+    let body = problem(over, 409, "usage_limit_exceeded").await;
+    assert_eq!(body["available"], json!(10));
+    assert_eq!(body["limit"]["applied"], "hardLimit");
+    assert_eq!(body["field"], "quantity");
+
+    for raw in [&b"not json"[..], b"[1]", b"{\"quantity\": 1, \"quantity\": 2}", b"\xff"] {
+        let body = problem(
+            api.post_raw("application/json", raw.to_vec()).await,
+            422,
+            "malformed_payload",
+        )
+        .await;
+        assert_eq!(body["invalidFields"], json!([]));
+    }
+    let huge = format!(
+        r#"{{"subscriptionId": "sub_a", "quantity": 1, "x": "{}"}}"#,
+        "a".repeat(70_000)
+    );
+    problem(
+        api.post_raw("application/json", huge.into_bytes()).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+    let text = api.post_raw("text/plain", b"{}".to_vec()).await;
+    problem(text, 415, "unsupported_media_type").await;
+    let charset = api
+        .post_raw(
+            "Application/JSON; charset=utf-8",
+            br#"{"subscriptionId": "sub_a", "quantity": 1}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(charset.status(), StatusCode::CREATED);
+
+    problem(api.get("/usages/nope").await, 404, "usage_not_found").await;
+    problem(api.delete("nope").await, 404, "usage_not_found").await;
+    problem(api.get("/nothing/here").await, 404, "not_found").await;
+    let put = api.client.put(api.url("/usages")).send().await.unwrap();
+    assert_eq!(put.headers()["allow"], "GET,HEAD,POST");
+    problem(put, 405, "method_not_allowed").await;
+    let list = problem(api.get("/usages?limit=5000&offset=x").await, 422, "invalid_field").await;
+    assert_eq!(invalid_fields(&list), ["limit", "offset"]);
+
+    // Only the one valid create changed anything.
+    assert_eq!(used(&env, "sub_a").await, Decimal::ONE);
+    assert_eq!(outbox(&env, "usage-results").await.len(), 1);
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"usage_worker_messages_decided_total{reason="usage_limit_exceeded",source="http",status="rejected"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"usage_worker_http_requests_total{method="POST",route="/usages",status="413"} 1"#),
+        "{metrics}"
+    );
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_never_exceed_the_limit() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_hot", Some("10"))).await;
+    let api = Arc::new(TestApi::serve(&env.settings()).await);
+
+    let requests = (0..50).map(|i| {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.post(&json!({"id": format!("hot_{i}"), "subscriptionId": "sub_hot", "quantity": 1}))
+                .await
+        })
+    });
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for request in requests.collect::<Vec<_>>() {
+        let response = request.await.unwrap();
+        let status = response.status().as_u16();
+        if status == 409 {
+            problem(response, 409, "usage_limit_exceeded").await;
+        }
+        *by_status.entry(status).or_default() += 1;
+    }
+    assert_eq!(by_status, HashMap::from([(201, 10), (409, 40)]));
+    assert_eq!(used(&env, "sub_hot").await, Decimal::TEN);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 10);
+    assert_eq!(outbox(&env, "usage-results").await.len(), 10);
+
+    // The same new id sent 20 times at once is created once.
+    subscribe(&env, active_subscription("sub_same", None)).await;
+    let requests = (0..20).map(|_| {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.post(&json!({"id": "once", "subscriptionId": "sub_same", "quantity": 2}))
+                .await
+                .status()
+                .as_u16()
+        })
+    });
+    let mut statuses = Vec::new();
+    for request in requests.collect::<Vec<_>>() {
+        statuses.push(request.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [vec![200; 19], vec![201]].concat());
+    assert_eq!(used(&env, "sub_same").await, Decimal::TWO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_frees_its_quantity_and_its_id() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    subscribe(
+        &env,
+        json!({"id": "sub_trial", "status": "trial", "version": 1,
+               "currentPeriodStartTime": days(-1), "currentPeriodEndTime": days(29),
+               "trialEndTime": days(5), "usageLimits": {"trialLimit": 4}}),
+    )
+    .await;
+    let api = TestApi::serve(&env.settings()).await;
+
+    let full = api
+        .post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 10}))
+        .await;
+    assert_eq!(full.status(), StatusCode::CREATED);
+    let created: Value = full.json().await.unwrap();
+    problem(
+        api.post(&json!({"id": "u2", "subscriptionId": "sub_a", "quantity": 1}))
+            .await,
+        409,
+        "usage_limit_exceeded",
+    )
+    .await;
+
+    let deleted = api.delete("u1").await;
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert!(deleted.bytes().await.unwrap().is_empty());
+    assert_eq!(used(&env, "sub_a").await, Decimal::ZERO);
+    problem(api.delete("u1").await, 404, "usage_not_found").await;
+    problem(api.get("/usages/u1").await, 404, "usage_not_found").await;
+
+    // The quantity is free again, and so is the id: a new usage, not a
+    // duplicate of the deleted one.
+    let u2 = api
+        .post(&json!({"id": "u2", "subscriptionId": "sub_a", "quantity": 1}))
+        .await;
+    assert_eq!(u2.status(), StatusCode::CREATED);
+    let again = api
+        .post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 9}))
+        .await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(used(&env, "sub_a").await, Decimal::TEN);
+
+    // The deleted outcome carries the usage as it was.
+    let records = outbox(&env, "usage-results").await;
+    let statuses: Vec<&str> = records.iter().map(|r| r.2["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["created", "deleted", "created", "created"]);
+    assert_eq!(records[1].2["usage"], created);
+    assert_eq!(records[1].2["eventId"], "u1");
+    assert_ne!(records[0].2["outcomeId"], records[1].2["outcomeId"]);
+
+    // Usage counted against a trial is given back to the trial too.
+    let trial = api
+        .post(&json!({"id": "t1", "subscriptionId": "sub_trial", "quantity": 4}))
+        .await;
+    assert_eq!(trial.status(), StatusCode::CREATED);
+    problem(
+        api.post(&json!({"id": "t2", "subscriptionId": "sub_trial", "quantity": 1}))
+            .await,
+        409,
+        "usage_limit_exceeded",
+    )
+    .await;
+    assert_eq!(api.delete("t1").await.status(), StatusCode::NO_CONTENT);
+    let trial_used: Decimal = sqlx::query_scalar("SELECT trial_used FROM subscriptions WHERE id = 'sub_trial'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(trial_used, Decimal::ZERO);
+    let t2 = api
+        .post(&json!({"id": "t2", "subscriptionId": "sub_trial", "quantity": 1}))
+        .await;
+    assert_eq!(t2.status(), StatusCode::CREATED);
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invoiced_usage_cannot_be_deleted() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let created = api
+        .post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 3}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    sqlx::query("UPDATE usages SET invoice_id = 'inv_1', invoice_item_id = 'ii_1', updated_time = now()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    let body = problem(api.delete("u1").await, 409, "usage_invoiced").await;
+    assert_eq!(body["invoiceId"], "inv_1");
+    let read: Value = api.get("/usages/u1").await.json().await.unwrap();
+    assert_eq!(
+        (read["invoiceId"].as_str(), read["invoiceItemId"].as_str()),
+        (Some("inv_1"), Some("ii_1"))
+    );
+    assert_eq!(used(&env, "sub_a").await, Decimal::new(3, 0));
+    assert_eq!(outbox(&env, "usage-results").await.len(), 1, "no deleted outcome");
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_filters_by_subscription_and_time_and_paginates() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    subscribe(&env, active_subscription("sub_b", None)).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let base = Utc::now() - chrono::Duration::days(5);
+    let at = |hours: i64| (base + chrono::Duration::hours(hours)).to_rfc3339();
+    for i in 0..5 {
+        let body = json!({"id": format!("a{i}"), "subscriptionId": "sub_a", "quantity": 1, "usageTime": at(i)});
+        assert_eq!(api.post(&body).await.status(), StatusCode::CREATED);
+    }
+    let body = json!({"id": "b0", "subscriptionId": "sub_b", "quantity": 1, "usageTime": at(2)});
+    assert_eq!(api.post(&body).await.status(), StatusCode::CREATED);
+
+    let ids = |page: &Value| -> Vec<String> {
+        page.as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = api.get("/usages?subscriptionId=sub_a&limit=2").await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let headers = first.headers().clone();
+    assert_eq!(headers["pagination-total"], "5");
+    assert_eq!(headers["pagination-limit"], "2");
+    assert_eq!(headers["pagination-offset"], "0");
+    assert_eq!(
+        headers["link"],
+        "</usages?subscriptionId=sub_a&limit=2&offset=2>; rel=\"next\""
+    );
+    assert_eq!(ids(&first.json().await.unwrap()), ["a0", "a1"]);
+
+    let last = api.get("/usages?subscriptionId=sub_a&limit=2&offset=4").await;
+    assert_eq!(
+        last.headers()["link"],
+        "</usages?subscriptionId=sub_a&limit=2&offset=2>; rel=\"prev\""
+    );
+    assert_eq!(ids(&last.json().await.unwrap()), ["a4"]);
+
+    let range = format!(
+        "/usages?subscriptionId=sub_a&usageTimeFrom={}&usageTimeTo={}",
+        url_encode(&at(1)),
+        url_encode(&at(3))
+    );
+    let in_range = api.get(&range).await;
+    assert_eq!(in_range.headers()["pagination-total"], "2");
+    assert_eq!(ids(&in_range.json().await.unwrap()), ["a1", "a2"]);
+
+    let all: Value = api.get("/usages").await.json().await.unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 6);
+    let none = api.get("/usages?subscriptionId=sub_nobody").await;
+    assert_eq!(none.headers()["pagination-total"], "0");
+    assert_eq!(none.json::<Value>().await.unwrap(), json!([]));
+    api.shutdown().await;
+}
+
+fn url_encode(text: &str) -> String {
+    text.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bearer_token_guards_usages_but_not_probes() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let mut settings = env.settings();
+    settings.http.bearer_token = Some(Secret::new("s3cret"));
+    let api = TestApi::serve(&settings).await;
+    let body = json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 1});
+
+    let anonymous = api.post(&body).await;
+    assert_eq!(
+        anonymous.headers()["www-authenticate"],
+        r#"Bearer realm="usage-worker""#
+    );
+    problem(anonymous, 401, "unauthorized").await;
+    let wrong = api
+        .client
+        .post(api.url("/usages"))
+        .bearer_auth("guess")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong.headers()["www-authenticate"],
+        r#"Bearer realm="usage-worker", error="invalid_token""#
+    );
+    problem(wrong, 401, "unauthorized").await;
+    problem(api.get("/usages/u1").await, 401, "unauthorized").await;
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 0);
+
+    let allowed = api
+        .client
+        .post(api.url("/usages"))
+        .bearer_auth("s3cret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), StatusCode::CREATED);
+    let read = api
+        .client
+        .get(api.url("/usages/u1"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(api.get(open).await.status(), StatusCode::OK, "{open}");
+    }
+    api.shutdown().await;
+
+    // Without a token, the same request needs no header.
+    let open = TestApi::serve(&env.settings()).await;
+    let body = json!({"id": "u2", "subscriptionId": "sub_a", "quantity": 1});
+    assert_eq!(open.post(&body).await.status(), StatusCode::CREATED);
+    open.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_database_is_503_with_retry_after_and_not_ready() {
+    let env = TestEnv::start().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    let config = ApiConfig::from_settings(&env.settings(), PARTITIONS, false);
+    let api = TestApi::start(pool, config, Arc::new(Metrics::default())).await;
+
+    let create = api.post(&json!({"subscriptionId": "sub_a", "quantity": 1})).await;
+    assert_eq!(create.headers()["retry-after"], "1");
+    problem(create, 503, "service_unavailable").await;
+    let read = api.get("/usages/u1").await;
+    assert_eq!(read.headers()["retry-after"], "1");
+    problem(read, 503, "service_unavailable").await;
+    problem(api.get("/usages").await, 503, "service_unavailable").await;
+    problem(api.delete("u1").await, 503, "service_unavailable").await;
+    // A request that is wrong whatever the database says is still told so.
+    problem(api.post(&json!({"quantity": 1})).await, 422, "missing_field").await;
+
+    let ready = problem(api.get("/readyz").await, 503, "not_ready").await;
+    assert_eq!(ready["checks"]["database"]["ok"], false, "{ready}");
+    let health = api.get("/healthz").await;
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
+    let env = TestEnv::start().await;
+    let mut sub = active_subscription("sub_a", Some("100"));
+    sub["usageLimits"]["softLimit"] = json!(5);
+    env.subscription(sub);
+    let settings = env.settings();
+    let worker = env.worker_with(settings.clone()).await;
+    let metrics = worker.stats.metrics.clone();
+    let pool = store::connect(&settings.database).await.unwrap();
+    let config = ApiConfig::from_settings(&settings, PARTITIONS, true);
+    let api = TestApi::start(pool, config, metrics.clone()).await;
+    let metadata = usage_worker::kafka::reader_config(&settings.kafka, "metadata")
+        .create()
+        .unwrap();
+    let (stop_sampler, sampler_stopped) = tokio::sync::oneshot::channel::<()>();
+    let sampler = Sampler {
+        metrics: metrics.clone(),
+        pools: vec![("worker", store::connect(&settings.database).await.unwrap())],
+        group: settings.kafka.group_id.clone(),
+        topic: settings.topics.usage_events.clone(),
+        partitions: PARTITIONS,
+        metadata: Arc::new(metadata),
+    };
+    let sampler = tokio::spawn(sampler.run(async {
+        let _ = sampler_stopped.await;
+    }));
+
+    // Ready once the consumer holds its partitions and the snapshot is in.
+    wait_until("ready", || async {
+        api.get("/readyz").await.status() == StatusCode::OK
+    })
+    .await;
+    let ready: Value = api.get("/readyz").await.json().await.unwrap();
+    assert_eq!(
+        ready["checks"]["consumer"]["partitions"].as_array().unwrap().len(),
+        4,
+        "{ready}"
+    );
+    env.wait_for_count("SELECT count(*) FROM subscriptions", 1).await;
+    let before = api.metrics().await;
+
+    env.usage(json!({"id": "k1", "subscriptionId": "sub_a", "quantity": 2}));
+    env.flush();
+    let created = api
+        .post(&json!({"id": "h1", "subscriptionId": "sub_a", "quantity": 4}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    env.wait_for_count("SELECT count(*) FROM usages", 2).await;
+    assert_eq!(api.delete("h1").await.status(), StatusCode::NO_CONTENT);
+
+    let reader = env.results_reader();
+    let records = reader.read(3, WAIT);
+    assert!(reader.read_rest(Duration::from_secs(1)).is_empty());
+    let http: Vec<_> = records.iter().filter(|r| r.value["source"]["http"] == true).collect();
+    assert_eq!(http.len(), 2, "{records:#?}");
+    let statuses: Vec<&str> = http.iter().map(|r| r.value["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["created", "deleted"]);
+    for record in &http {
+        assert_eq!(record.partition, output_partition("sub_a", PARTITIONS));
+        assert_eq!(record.key.as_deref(), Some("sub_a"));
+        assert_eq!(record.value["eventId"], "h1");
+        assert_eq!(record.headers["event-id"], "h1");
+        assert_eq!(record.headers["status"], record.value["status"].as_str().unwrap());
+        assert_eq!(
+            record.headers["outcome-id"],
+            record.value["outcomeId"].as_str().unwrap()
+        );
+        assert!(record.headers.contains_key("outbox-seq"));
+    }
+    // The soft limit (5) was reached by whichever came second: one alert.
+    let alerts = Reader::new(env.kafka.bootstrap_servers(), "usage-alerts", PARTITIONS).read(1, WAIT);
+    assert_eq!(alerts[0].value["type"], "soft-usage-limit-reached");
+
+    // Metrics moved with the traffic, and the sampled gauges are there.
+    let sampled = [
+        r#"usage_worker_outbox_backlog{topic="usage-results"}"#,
+        r#"usage_worker_consumer_lag{partition="0"}"#,
+        r#"usage_worker_db_pool_connections{pool="worker",state="in_use"}"#,
+        r#"usage_worker_db_pool_max_connections{pool="worker"}"#,
+    ];
+    let after = wait_for_metrics(&api, &sampled).await;
+    for name in [
+        "usage_worker_messages_consumed_total",
+        "usage_worker_batch_size_count",
+        "usage_worker_event_to_outcome_seconds_count",
+        r#"usage_worker_transaction_duration_seconds_count{kind="batch"}"#,
+        r#"usage_worker_transaction_duration_seconds_count{kind="http_create"}"#,
+        r#"usage_worker_transaction_duration_seconds_count{kind="http_delete"}"#,
+        r#"usage_worker_messages_decided_total{reason="",source="kafka",status="created"}"#,
+        r#"usage_worker_messages_decided_total{reason="",source="http",status="created"}"#,
+        r#"usage_worker_messages_decided_total{reason="",source="http",status="deleted"}"#,
+        r#"usage_worker_http_requests_total{method="POST",route="/usages",status="201"}"#,
+        r#"usage_worker_http_requests_total{method="DELETE",route="/usages/{id}",status="204"}"#,
+    ] {
+        let (was, now) = (metric(&before, name), metric(&after, name));
+        assert!(now >= 1.0 && now > was, "{name} did not move: {was} -> {now}\n{after}");
+    }
+    assert_eq!(metric(&after, "usage_worker_assigned_partitions"), 4.0);
+    assert_eq!(
+        metric(&after, r#"usage_worker_db_pool_max_connections{pool="worker"}"#),
+        8.0
+    );
+
+    let _ = stop_sampler.send(());
+    sampler.await.unwrap();
+    api.shutdown().await;
+    worker.shutdown().await.unwrap();
+}
+
+/// The value of one sample line of a Prometheus text page (0 when absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
+/// The metrics page once every one of `names` is on it.
+async fn wait_for_metrics(api: &TestApi, names: &[&str]) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = api.metrics().await;
+        if names.iter().all(|name| page.contains(name)) {
+            return page;
+        }
+        assert!(Instant::now() < deadline, "{names:?} never all appeared:\n{page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `usage-worker` child process with its HTTP API on a free port.
+struct Process {
+    child: Child,
+    base: String,
+}
+
+impl Process {
+    fn start(env: &TestEnv, command: &str) -> Self {
+        let port = {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            socket.local_addr().unwrap().port()
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(env!("CARGO_BIN_EXE_usage-worker"))
+            .arg(command)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config")))
+            .env("HTTP_ADDR", addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting usage-worker");
+        Self {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn wait_ready(&mut self, client: &reqwest::Client) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(response) = client.get(format!("{}/readyz", self.base)).send().await {
+                if response.status() == StatusCode::OK {
+                    return;
+                }
+            }
+            assert!(self.child.try_wait().unwrap().is_none(), "usage-worker exited");
+            assert!(Instant::now() < deadline, "usage-worker never got ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then the exit code.
+    fn terminate(mut self) -> Option<i32> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "usage-worker did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_serve_and_run_commands_serve_the_api_and_stop_cleanly_on_sigterm() {
+    let env = TestEnv::start().await;
+    env.subscription(active_subscription("sub_a", Some("10")));
+    let client = reqwest::Client::new();
+
+    // `run`: the worker applies the snapshot and publishes the API's outcome.
+    let mut run = Process::start(&env, "run");
+    run.wait_ready(&client).await;
+    env.wait_for_count("SELECT count(*) FROM subscriptions", 1).await;
+    let created = client
+        .post(format!("{}/usages", run.base))
+        .json(&json!({"id": "r1", "subscriptionId": "sub_a", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let records = env.results_reader().read(1, WAIT);
+    assert_eq!(records[0].value["eventId"], "r1");
+    assert_eq!(run.terminate(), Some(0));
+
+    // `serve`: the API alone, against the same database.
+    let mut serve = Process::start(&env, "serve");
+    serve.wait_ready(&client).await;
+    let repeat = client
+        .post(format!("{}/usages", serve.base))
+        .json(&json!({"id": "r1", "subscriptionId": "sub_a", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(repeat.status(), StatusCode::OK);
+    let unknown = client
+        .post(format!("{}/usages", serve.base))
+        .json(&json!({"subscriptionId": "sub_nobody", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    problem(unknown, 422, "subscription_not_found").await;
+    assert_eq!(serve.terminate(), Some(0));
+}
