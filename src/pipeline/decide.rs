@@ -188,7 +188,9 @@ pub async fn decide_batch(
                         .find(|p| p.start == *period_start)
                         .expect("decided period");
                     writes.periods.insert((sub.id.clone(), *period_start), period.used);
-                    writes.trial_used.insert(sub.id.clone(), sub.trial_used);
+                    if sub.trial_end_time.is_some() {
+                        writes.trial_used.insert(sub.id.clone(), sub.trial_used);
+                    }
                     writes.usages.push(NewUsage {
                         id: event_id.clone(),
                         subscription_id: request.subscription_id.clone(),

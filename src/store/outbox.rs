@@ -77,7 +77,7 @@ pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) ->
         sqlx::query(
             "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
                                  source_topic, source_partition, source_offset)
-             SELECT $1, $2, $3 + ord - 1, k, p, h::jsonb, st, sp, so
+             SELECT $1, $2, $3 + ord - 1, k, p, h, st, sp, so
              FROM UNNEST($4::bytea[], $5::bytea[], $6::text[], $7::text[], $8::int[], $9::bigint[])
                   WITH ORDINALITY AS r(k, p, h, st, sp, so, ord)",
         )
