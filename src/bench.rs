@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message};
 use serde::Deserialize;
@@ -539,11 +538,11 @@ impl OutcomeReader {
                     match consumer.poll(Duration::from_millis(50)) {
                         Some(Ok(m)) => {
                             let now = Utc::now();
+                            let headers = crate::kafka::headers::of_borrowed(&m);
                             let header = |name: &str| {
-                                m.headers()
-                                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
-                                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                                crate::kafka::headers::text(&headers, name)
                                     .unwrap_or_default()
+                                    .to_owned()
                             };
                             let Some(outcome) = m
                                 .payload()

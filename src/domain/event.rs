@@ -224,7 +224,7 @@ pub(crate) fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
     let shaped = text.is_ascii() && matches!(text.as_bytes().get(10), Some(b'T' | b't'));
     if shaped {
         if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-            return Ok(time.with_timezone(&Utc));
+            return normalize(time.with_timezone(&Utc));
         }
     }
     let without_offset = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dt%H:%M:%S%.f"]
@@ -235,6 +235,22 @@ pub(crate) fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
     } else {
         Err("must be an RFC 3339 date-time with an offset, such as \"2026-11-27T10:00:00Z\"".into())
     }
+}
+
+/// Keeps an instant to PostgreSQL's precision, so that what is stored and
+/// what a re-sent request says compare equal: microseconds, and a leap
+/// second as the first instant of the next second (how PostgreSQL stores
+/// it). Second 60 is only a leap second at 23:59:60 UTC on a month's last
+/// day (RFC 3339, 5.7); anywhere else it is an error.
+fn normalize(time: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    use chrono::{Datelike, Timelike};
+    if time.nanosecond() >= 1_000_000_000 {
+        let next_day = time.date_naive().succ_opt().map(|d| d.day());
+        if (time.hour(), time.minute(), next_day) != (23, 59, Some(1)) {
+            return Err("has second 60 where no leap second can be (only 23:59:60 UTC on a month's last day)".into());
+        }
+    }
+    DateTime::from_timestamp_micros(time.timestamp_micros()).ok_or_else(|| "is out of range".to_owned())
 }
 
 /// What decoding needs to know about the request around the event.
@@ -424,6 +440,35 @@ fn decode_accept_partial(raw: Option<&RawValue>) -> Result<bool, InvalidField> {
             field,
             format_args!("must be a boolean, got {}", json_kind(raw)),
         )),
+    }
+}
+
+#[cfg(test)]
+mod normalize_tests {
+    use super::parse_timestamp;
+
+    #[test]
+    fn times_are_kept_to_microseconds() {
+        let t = parse_timestamp("2026-11-27T10:00:00.123456789Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-27T10:00:00.123456+00:00");
+    }
+
+    #[test]
+    fn a_real_leap_second_is_the_next_second() {
+        let t = parse_timestamp("2016-12-31T23:59:60Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2017-01-01T00:00:00+00:00");
+        assert!(parse_timestamp("2016-12-31T23:59:60.5Z").is_ok());
+    }
+
+    #[test]
+    fn second_60_elsewhere_is_rejected() {
+        for bad in [
+            "2026-11-27T09:59:60Z",
+            "2016-12-31T23:59:60+01:00",
+            "2026-11-15T23:59:60Z",
+        ] {
+            assert!(parse_timestamp(bad).unwrap_err().contains("second 60"), "{bad}");
+        }
     }
 }
 
@@ -859,7 +904,7 @@ mod tests {
     fn accepts_rfc3339_variants() {
         for (text, want) in [
             ("2026-11-27t09:00:00z", "2026-11-27T09:00:00Z"),
-            ("2026-11-27T09:00:00.123456789Z", "2026-11-27T09:00:00.123456789Z"),
+            ("2026-11-27T09:00:00.123456789Z", "2026-11-27T09:00:00.123456Z"),
             ("2026-11-27T09:00:00-00:00", "2026-11-27T09:00:00Z"),
             ("2026-11-27T11:00:00+02:00", "2026-11-27T09:00:00Z"),
         ] {
@@ -873,9 +918,11 @@ mod tests {
     #[test]
     fn accepts_a_leap_second() {
         let request = decode(&event_with("usageTime", Some("\"2016-12-31T23:59:60Z\""))).unwrap();
-        let time = request.usage_time.unwrap();
-        assert!(time > Utc.with_ymd_and_hms(2016, 12, 31, 23, 59, 59).unwrap());
-        assert!(time < Utc.with_ymd_and_hms(2017, 1, 1, 0, 0, 0).unwrap());
+        // Stored as PostgreSQL stores it: the first instant of the next second.
+        assert_eq!(
+            request.usage_time,
+            Some(Utc.with_ymd_and_hms(2017, 1, 1, 0, 0, 0).unwrap())
+        );
     }
 
     #[test]
@@ -937,7 +984,8 @@ mod tests {
     fn compares_the_future_bound_as_an_instant() {
         // 15:35 at +05:30 is 10:05 UTC: exactly on the bound.
         assert!(decode(&event_with("usageTime", Some("\"2026-11-27T15:35:00+05:30\""))).is_ok());
-        let rej = field_rejection("usageTime", Some("\"2026-11-27T10:05:00.000000001Z\""));
+        // Times are kept to microseconds, so the first instant past the bound is 1 µs after it.
+        let rej = field_rejection("usageTime", Some("\"2026-11-27T10:05:00.000001Z\""));
         assert_eq!(rej.code, ReasonCode::UsageTimeInFuture);
     }
 

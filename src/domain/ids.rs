@@ -6,11 +6,23 @@ pub const MAX_ID_CHARS: usize = 50;
 /// Prefix reserved for ids the worker derives from a message's coordinates.
 pub const DERIVED_ID_PREFIX: &str = "msg_";
 
-/// Characters that render as nothing and so make two ids look alike.
+/// Characters that render as nothing (zero-width, joiners, direction
+/// marks and embeddings, variation selectors, tags) and so make two ids look
+/// alike.
 fn is_zero_width(c: char) -> bool {
     matches!(
         c,
-        '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}' | '\u{180E}'
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{E0000}'..='\u{E007F}'
+            | '\u{E0100}'..='\u{E01EF}'
     )
 }
 

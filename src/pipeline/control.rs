@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
@@ -156,7 +156,10 @@ impl ControlReader {
             ControlKind::Subscriptions => decode_subscription(m.key(), m.payload()).map(|c| pending.snapshots.push(c)),
             ControlKind::Invoices => decode_invoice_event(m.payload().unwrap_or_default()).map(|invoice| {
                 pending.invoices.push((pending.raw.len(), invoice));
-                pending.raw.push((coordinates, raw_message(m)));
+                pending.raw.push((
+                    coordinates,
+                    raw_message(m.key(), m.payload(), crate::kafka::headers::of_borrowed(m)),
+                ));
             }),
         };
         if let Err(detail) = decoded {
@@ -166,9 +169,12 @@ impl ControlReader {
                 ControlKind::Invoices => "invalid_invoice_event",
             };
             let detail: String = detail.chars().take(500).collect();
-            pending
-                .invalid
-                .push(self.dead_letter(coordinates, &raw_message(m), reason, &detail));
+            pending.invalid.push(self.dead_letter(
+                coordinates,
+                &raw_message(m.key(), m.payload(), crate::kafka::headers::of_borrowed(m)),
+                reason,
+                &detail,
+            ));
         }
     }
 
@@ -261,18 +267,14 @@ fn decode_subscription(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Sna
 }
 
 /// The original key, bytes and headers of a message.
-pub fn raw_message<M: Message>(m: &M) -> RawMessage {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
+pub fn raw_message(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: crate::kafka::headers::HeaderList,
+) -> RawMessage {
     RawMessage {
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec),
+        key: key.map(<[u8]>::to_vec),
+        payload: payload.map(<[u8]>::to_vec),
         headers,
     }
 }

@@ -319,10 +319,16 @@ pub mod dlq_headers {
     /// Set when the payload was cut to fit the producer's message limit:
     /// the original length in bytes.
     pub const TRUNCATED_FROM: &str = "dlq-truncated-from";
+    /// Set when the original headers were too large to keep: their size.
+    pub const HEADERS_DROPPED: &str = "dlq-headers-dropped";
 }
 
 /// The dead-letter copy of an input message: original key, bytes and
-/// headers, plus headers naming the reason and where it came from.
+/// headers, plus headers naming the reason and where it came from. The copy
+/// must fit the producer's message limit, or the relay could never publish
+/// it (and nothing after it): the payload is cut first, and original headers
+/// that alone take more than half the room are dropped, each with a header
+/// saying so.
 pub fn dead_letter_record(
     topic: &str,
     partition: i32,
@@ -331,23 +337,34 @@ pub fn dead_letter_record(
     reason: &str,
     max_bytes: usize,
 ) -> OutboxRecord {
-    let mut headers = raw.headers.clone();
+    let size = |headers: &[(String, Vec<u8>)]| headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    let mut headers = if size(&raw.headers) > max_bytes / 2 {
+        vec![(
+            dlq_headers::HEADERS_DROPPED.to_owned(),
+            size(&raw.headers).to_string().into_bytes(),
+        )]
+    } else {
+        raw.headers.clone()
+    };
     headers.push((dlq_headers::REASON.into(), reason.as_bytes().to_vec()));
     headers.push((dlq_headers::SOURCE_TOPIC.into(), source.0.as_bytes().to_vec()));
     headers.push((dlq_headers::SOURCE_PARTITION.into(), source.1.to_string().into_bytes()));
     headers.push((dlq_headers::SOURCE_OFFSET.into(), source.2.to_string().into_bytes()));
+    let key = raw.key.clone().filter(|k| k.len() <= max_bytes / 4);
     let mut payload = raw.payload.clone().unwrap_or_default();
-    if payload.len() > max_bytes {
+    // Room for the envelope: record and header framing.
+    let room = max_bytes.saturating_sub(size(&headers) + key.as_ref().map_or(0, Vec::len) + 1024);
+    if payload.len() > room {
         headers.push((
             dlq_headers::TRUNCATED_FROM.into(),
             payload.len().to_string().into_bytes(),
         ));
-        payload.truncate(max_bytes);
+        payload.truncate(room);
     }
     OutboxRecord {
         topic: topic.to_owned(),
         partition,
-        key: raw.key.clone(),
+        key,
         payload,
         headers,
         source: Some((source.0.to_owned(), source.1, source.2)),
@@ -393,7 +410,7 @@ mod tests {
             ("usage-events", 2, 41),
             &raw(b"\xff"),
             "malformed_payload",
-            100,
+            4000,
         );
         assert_eq!(
             (record.key.as_deref(), record.payload.as_slice()),
@@ -405,17 +422,35 @@ mod tests {
         assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
     }
 
+    fn record_size(record: &OutboxRecord) -> usize {
+        record.payload.len()
+            + record.key.as_ref().map_or(0, Vec::len)
+            + record.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+
     #[test]
     fn a_dead_letter_over_the_producer_limit_is_truncated_and_says_so() {
         let record = dead_letter_record(
             "dlq",
             0,
             ("usage-events", 0, 1),
-            &raw(&[b'x'; 150]),
+            &raw(&[b'x'; 5000]),
             "payload_too_large",
-            100,
+            2000,
         );
-        assert_eq!(record.payload.len(), 100);
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"150"[..]));
+        assert!(record.payload.len() < 2000 && !record.payload.is_empty());
+        assert!(record_size(&record) <= 2000);
+        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"5000"[..]));
+    }
+
+    #[test]
+    fn huge_original_headers_are_dropped_so_the_copy_still_fits() {
+        let mut message = raw(b"not json");
+        message.headers.push(("big".into(), vec![b'h'; 10_000]));
+        let record = dead_letter_record("dlq", 0, ("usage-events", 0, 1), &message, "malformed_payload", 4000);
+        assert!(record_size(&record) <= 4000);
+        assert_eq!(header(&record, "big"), None);
+        assert_eq!(header(&record, dlq_headers::HEADERS_DROPPED), Some(&b"10010"[..]));
+        assert_eq!(record.payload, b"not json");
     }
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use sqlx::PgPool;
@@ -298,10 +297,8 @@ impl Worker {
             max_payload_bytes: p.max_payload_bytes,
         };
         let payload = message.payload().unwrap_or_default();
-        let headers: Vec<(&str, &[u8])> = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
-            .unwrap_or_default();
+        let header_list = crate::kafka::headers::of_owned(message);
+        let headers: Vec<(&str, &[u8])> = header_list.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         let request = decode_usage_message(&headers, payload, &ctx);
         let (identity, dead_letter) = match &request {
             Ok(_) => ((None, None), None),
@@ -312,7 +309,7 @@ impl Worker {
                 );
                 (
                     identify(payload, p.max_payload_bytes),
-                    undecodable.then(|| control::raw_message(message)),
+                    undecodable.then(|| control::raw_message(message.key(), Some(payload), header_list.clone())),
                 )
             }
         };

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -289,14 +289,8 @@ fn last_outbox_seq(config: &ClientConfig, topic: &str, partition: i32) -> anyhow
     while std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) if message.offset() >= high - 1 => {
-                let seq = message.headers().and_then(|headers| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == "outbox-seq")
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|v| v.parse::<i64>().ok())
-                });
+                let headers = crate::kafka::headers::of_borrowed(&message);
+                let seq = crate::kafka::headers::text(&headers, "outbox-seq").and_then(|v| v.parse::<i64>().ok());
                 if seq.is_none() {
                     tracing::warn!(topic, partition, "the last record has no outbox-seq header (not ours?)");
                 }
