@@ -69,22 +69,15 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     let kafka = EmbeddedKafka::start(1)?;
     let t = settings.topics.clone();
-    for topic in [t.usage_events.as_str(), &t.subscriptions, &t.invoice_events]
-        .into_iter()
-        .chain(t.outputs())
-    {
-        kafka.create_topic(topic, args.partitions)?;
-    }
-    let database = format!("usage_worker_bench_{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
-    let mut url = url::Url::parse(&settings.database.url).context("invalid setting database.url (DATABASE_URL)")?;
-    url.set_path(&database);
+    kafka.create_worker_topics(&t, args.partitions)?;
+    let mut url = url::Url::parse(&store::scratch_database(&settings.database.url, "usage_worker_bench").await?)?;
     // The database is on this host: measure the pipeline, not TLS (unless
     // the URL asks for a mode itself).
     if !url.query_pairs().any(|(k, _)| k == "sslmode") {
         url.query_pairs_mut().append_pair("sslmode", "disable");
     }
     let database_url = url.to_string();
-    store::create_database(&database_url).await?;
+    let database = url.path().trim_start_matches('/').to_owned();
     let pool = sqlx::PgPool::connect(&database_url).await?;
     store::migrate(&pool).await?;
     eprintln!(
@@ -164,7 +157,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     pool.close().await;
-    drop_database(&settings.database.url, &database).await?;
+    store::drop_database(&database_url).await?;
 
     let report = Report {
         events: args.events,
@@ -195,16 +188,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
             "the run broke a guarantee: {check:?}, {decided} decisions stored, {over_limit} periods over their limit"
         );
     }
-    Ok(())
-}
-
-async fn drop_database(base_url: &str, database: &str) -> anyhow::Result<()> {
-    let mut url = url::Url::parse(base_url)?;
-    url.set_path("postgres");
-    let admin = sqlx::PgPool::connect(url.as_str()).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
-        .execute(&admin)
-        .await?;
     Ok(())
 }
 

@@ -134,6 +134,19 @@ pub struct TopicSettings {
 }
 
 impl TopicSettings {
+    /// Every topic the worker reads or writes.
+    pub fn all(&self) -> [&str; 6] {
+        let [results, alerts, dlq] = self.outputs();
+        [
+            &self.usage_events,
+            &self.subscriptions,
+            &self.invoice_events,
+            results,
+            alerts,
+            dlq,
+        ]
+    }
+
     /// The topics the worker publishes, each with `usage_events`' partition count.
     pub fn outputs(&self) -> [&str; 3] {
         [&self.usage_results, &self.usage_alerts, &self.dead_letters]

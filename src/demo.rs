@@ -34,19 +34,16 @@ const SUBSCRIPTIONS: usize = 12;
 pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let kafka = EmbeddedKafka::start(1)?;
     let t = settings.topics.clone();
-    for topic in [t.usage_events.as_str(), &t.subscriptions, &t.invoice_events]
-        .into_iter()
-        .chain(t.outputs())
-    {
-        kafka.create_topic(topic, args.partitions)?;
-    }
+    kafka.create_worker_topics(&t, args.partitions)?;
     settings.kafka.bootstrap_servers = kafka.bootstrap_servers().to_owned();
     settings.kafka.session_timeout_ms = 6000;
     settings.kafka.heartbeat_interval_ms = 500;
 
-    let database = format!("usage_worker_demo_{}", Utc::now().format("%Y%m%d%H%M%S%3f"));
-    settings.database.url = with_database(&settings.database.url, &database)?;
-    store::create_database(&settings.database.url).await?;
+    settings.database.url = store::scratch_database(&settings.database.url, "usage_worker_demo").await?;
+    let database = url::Url::parse(&settings.database.url)?
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
     let pool = store::connect(&settings.database).await?;
     store::migrate(&pool).await?;
     eprintln!("demo: mock Kafka at {}, database {database}", kafka.bootstrap_servers());
@@ -83,25 +80,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     println!("dead letters on {}: {}", t.dead_letters, dead_letters.len());
     pool.close().await;
     if !args.keep_database {
-        drop_database(&settings.database.url, &database).await?;
+        store::drop_database(&settings.database.url).await?;
     } else {
         println!("database kept: {database}");
     }
-    Ok(())
-}
-
-fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
-    let mut url = url::Url::parse(url).context("invalid setting database.url (DATABASE_URL)")?;
-    url.set_path(database);
-    Ok(url.to_string())
-}
-
-async fn drop_database(url: &str, database: &str) -> anyhow::Result<()> {
-    let admin = with_database(url, "postgres")?;
-    let pool = sqlx::PgPool::connect(&admin).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
-        .execute(&pool)
-        .await?;
     Ok(())
 }
 

@@ -49,6 +49,15 @@ impl EmbeddedKafka {
             .with_context(|| format!("creating topic {name}"))
     }
 
+    /// Creates every topic the worker uses (the mock cluster does not
+    /// implement CreateTopics, so the worker cannot create its outputs).
+    pub fn create_worker_topics(&self, topics: &crate::config::TopicSettings, partitions: i32) -> anyhow::Result<()> {
+        topics
+            .all()
+            .into_iter()
+            .try_for_each(|topic| self.create_topic(topic, partitions))
+    }
+
     pub fn broker_down(&self, broker: i32) -> anyhow::Result<()> {
         Ok(self
             .owner
