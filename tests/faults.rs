@@ -126,3 +126,48 @@ async fn a_stored_offset_no_longer_on_the_topic_stops_only_that_partition() {
     assert!(!worker.is_finished(), "the other partitions go on");
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_delays_outcomes_but_loses_and_repeats_nothing() {
+    let env = TestEnv::start().await;
+    env.subscription(active_subscription("sub_b", Some("1000")));
+    let worker = env.worker().await;
+    env.usage(json!({"id": "b0", "subscriptionId": "sub_b", "quantity": 1}));
+    env.flush();
+    let reader = env.results_reader();
+    reader.read(1, WAIT);
+
+    for i in 1..=20 {
+        env.usage(json!({"id": format!("b{i}"), "subscriptionId": "sub_b", "quantity": 1}));
+    }
+    env.flush();
+    // The only broker goes away while the worker decides and publishes.
+    env.kafka.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!worker.is_finished(), "an outage is waited out, not fatal");
+    env.kafka.broker_up(1).unwrap();
+
+    let mut records = reader.read(20, WAIT);
+    records.extend(reader.read_rest(Duration::from_secs(2)));
+    // The mock cluster may repeat a retried send (same outcome id and
+    // outbox-seq); Kafka with the idempotent producer does not, and
+    // consumers drop repeats by outcome id. Anything else is a real repeat.
+    let mut by_outcome: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
+    for r in &records {
+        assert_eq!(r.value["status"], "created", "{r:?}");
+        by_outcome
+            .entry(r.value["outcomeId"].as_str().unwrap())
+            .or_default()
+            .push(&r.headers["outbox-seq"]);
+    }
+    assert!(
+        by_outcome.values().all(|seqs| seqs.iter().all(|s| *s == seqs[0])),
+        "{by_outcome:?}"
+    );
+    let mut ids: Vec<&str> = records.iter().map(|r| r.value["eventId"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((by_outcome.len(), ids.len()), (20, 20), "every event once");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 21);
+    worker.shutdown().await.unwrap();
+}
