@@ -24,6 +24,8 @@
 
 mod common;
 
+use common::wait_until;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -1889,17 +1891,5 @@ async fn wait_for_metrics(api: &TestApi, needles: &[&str]) -> Reply {
         }
         assert!(Instant::now() < deadline, "{needles:?} never all appeared:\n{page}");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

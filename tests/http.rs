@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::wait_until;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -819,18 +821,6 @@ async fn wait_for_metrics(api: &TestApi, names: &[&str]) -> String {
         }
         assert!(Instant::now() < deadline, "{names:?} never all appeared:\n{page}");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

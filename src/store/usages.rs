@@ -14,31 +14,33 @@ use crate::domain::decision::StoredUsage;
 pub(super) const USAGE_COLUMNS: &str = "id, subscription_id, quantity, requested_quantity, accept_partial, usage_time,
      invoice_id, invoice_item_id, created_time, updated_time";
 
-pub(super) type UsageRow = (
-    String,
-    String,
-    Decimal,
-    Decimal,
-    bool,
-    DateTime<Utc>,
-    Option<String>,
-    Option<String>,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// A `usages` row as read by `USAGE_COLUMNS`.
+#[derive(sqlx::FromRow)]
+pub(super) struct UsageRow {
+    id: String,
+    subscription_id: String,
+    quantity: Decimal,
+    requested_quantity: Decimal,
+    accept_partial: bool,
+    usage_time: DateTime<Utc>,
+    invoice_id: Option<String>,
+    invoice_item_id: Option<String>,
+    created_time: DateTime<Utc>,
+    updated_time: DateTime<Utc>,
+}
 
 pub(super) fn stored(r: UsageRow) -> StoredUsage {
     StoredUsage {
-        id: r.0,
-        subscription_id: r.1,
-        quantity: r.2,
-        requested_quantity: r.3,
-        accept_partial: r.4,
-        usage_time: r.5,
-        invoice_id: r.6,
-        invoice_item_id: r.7,
-        created_time: r.8,
-        updated_time: r.9,
+        id: r.id,
+        subscription_id: r.subscription_id,
+        quantity: r.quantity,
+        requested_quantity: r.requested_quantity,
+        accept_partial: r.accept_partial,
+        usage_time: r.usage_time,
+        invoice_id: r.invoice_id,
+        invoice_item_id: r.invoice_item_id,
+        created_time: r.created_time,
+        updated_time: r.updated_time,
     }
 }
 
@@ -171,19 +173,12 @@ async fn lock_subscription(conn: &mut PgConnection, id: &str) -> anyhow::Result<
 }
 
 async fn lock_usage(conn: &mut PgConnection, id: &str) -> anyhow::Result<Option<(StoredUsage, DateTime<Utc>)>> {
-    type LockedRow = (
-        String,
-        String,
-        Decimal,
-        Decimal,
-        bool,
-        DateTime<Utc>,
-        Option<String>,
-        Option<String>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    );
+    #[derive(sqlx::FromRow)]
+    struct LockedRow {
+        #[sqlx(flatten)]
+        usage: UsageRow,
+        period_start_time: DateTime<Utc>,
+    }
     let row: Option<LockedRow> = sqlx::query_as(&format!(
         "SELECT {USAGE_COLUMNS}, period_start_time FROM usages WHERE id = $1 FOR UPDATE"
     ))
@@ -191,10 +186,7 @@ async fn lock_usage(conn: &mut PgConnection, id: &str) -> anyhow::Result<Option<
     .fetch_optional(conn)
     .await
     .context("locking the usage")?;
-    Ok(row.map(|r| {
-        let usage = stored((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9));
-        (usage, r.10)
-    }))
+    Ok(row.map(|r| (stored(r.usage), r.period_start_time)))
 }
 
 /// Deletes the row and subtracts its quantity where it was counted. Trial

@@ -316,3 +316,16 @@ fn decode(m: &OwnedMessage) -> Record {
         payload: m.payload().unwrap_or_default().to_vec(),
     }
 }
+
+/// Polls `condition` until it holds (panics after a minute, naming `what`).
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
