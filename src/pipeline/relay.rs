@@ -164,28 +164,59 @@ impl Relay {
         }
         let records = store::pending_many(&self.pool, &after, ROUND_LIMIT).await?;
         let mut deliveries = Vec::with_capacity(records.len());
+        let mut failure = None;
         for (topic, partition, record) in &records {
-            deliveries.push(self.send(topic, *partition, record).await?);
+            match self.send(topic, *partition, record).await {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(e) => {
+                    failure = Some(e.context(format!("publishing to {topic}/{partition}")));
+                    break;
+                }
+            }
         }
+        // Every delivery of the round is settled before anything is
+        // concluded: a record still in the producer's queue may yet reach
+        // the topic.
         let mut last: HashMap<(String, i32), i64> = HashMap::new();
+        let mut unknown: Vec<(String, i32)> = Vec::new();
         for ((topic, partition, record), delivery) in records.iter().zip(deliveries) {
             let result = delivery
                 .await
-                .map_err(|_| anyhow::anyhow!("producer dropped a delivery"));
-            if let Err(e) = result.and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e))) {
-                // Where the topic stands is unknown now: read it back before
-                // publishing this partition again. What was confirmed before
-                // the failure is recorded below on the next round.
-                self.mark_unknown(topic, *partition);
-                return Err(e).with_context(|| format!("delivering to {topic}/{partition}"));
+                .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))
+                .and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e)));
+            let key = (topic.clone(), *partition);
+            if unknown.contains(&key) {
+                continue;
             }
-            last.insert((topic.clone(), *partition), record.seq);
+            match result {
+                Ok(_) => {
+                    last.insert(key, record.seq);
+                }
+                Err(e) => {
+                    unknown.push(key);
+                    failure.get_or_insert(e.context(format!("delivering to {topic}/{partition}")));
+                }
+            }
         }
+        // Where a partition with a failed delivery stands is unknown: it is
+        // read back from the topic before it is published again.
+        for (topic, partition) in &unknown {
+            last.remove(&(topic.clone(), *partition));
+            self.mark_unknown(topic, *partition);
+        }
+        // What was delivered is on the topic whatever happens next: the
+        // relay goes on from there, even when recording it in the database
+        // fails (the database copy is a hint; a resync takes the further of
+        // it and the topic). Going back to the database's figure would
+        // publish these records a second time.
         let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
-        store::mark_published_many(&self.pool, &published).await?;
         for (topic, partition, seq) in &published {
             self.set_published(topic, *partition, *seq);
         }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        store::mark_published_many(&self.pool, &published).await?;
         Ok(records.len())
     }
 

@@ -230,9 +230,15 @@ pub async fn pending_many(
 /// Records, for each (topic, partition), that its sequence up to the given
 /// one is on the topic.
 pub async fn mark_published_many(pool: &PgPool, published: &[(String, i32, i64)]) -> anyhow::Result<()> {
+    // Rows are locked in (topic, partition) order, the order in which batch
+    // transactions lock them to allocate sequence numbers: in any other
+    // order the two can deadlock.
     sqlx::query(
-        "UPDATE outbox_partitions p SET published_seq = GREATEST(p.published_seq, w.seq)
-         FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, seq)
+        "WITH w AS (SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, seq)),
+              locked AS (SELECT p.topic, p.partition FROM outbox_partitions p JOIN w USING (topic, partition)
+                         ORDER BY p.topic, p.partition FOR UPDATE OF p)
+         UPDATE outbox_partitions p SET published_seq = GREATEST(p.published_seq, w.seq)
+         FROM w JOIN locked l USING (topic, partition)
          WHERE p.topic = w.topic AND p.partition = w.partition",
     )
     .bind(published.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
