@@ -62,6 +62,9 @@ pub struct KafkaSettings {
     pub auto_offset_reset: OffsetReset,
     pub session_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// How long a request to a broker may go unanswered before the
+    /// connection is given up (librdkafka's `socket.timeout.ms`).
+    pub socket_timeout_ms: u64,
     #[serde(deserialize_with = "security_protocol")]
     pub security_protocol: SecurityProtocol,
     /// With `sasl_*` protocols: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
@@ -348,6 +351,7 @@ impl Settings {
         }
         positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
         positive("kafka.heartbeat_interval_ms", self.kafka.heartbeat_interval_ms)?;
+        positive("kafka.socket_timeout_ms", self.kafka.socket_timeout_ms)?;
         self.kafka.validate_security()?;
         for (name, topic) in [
             ("topics.usage_events", &self.topics.usage_events),

@@ -19,6 +19,7 @@ fn base(settings: &KafkaSettings) -> ClientConfig {
         .set("client.id", "usage-worker")
         // Let librdkafka's own log lines pass through `tracing` at warn level.
         .set("log_level", "4")
+        .set("socket.timeout.ms", settings.socket_timeout_ms.to_string())
         .set("security.protocol", settings.security_protocol.as_str());
     if let Some(mechanism) = settings.sasl_mechanism {
         config.set("sasl.mechanism", mechanism.as_str());
@@ -96,6 +97,9 @@ pub fn topic_reader(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Re
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "error")
         .set("fetch.max.bytes", "52428800")
+        // The mock's brokers go down without closing connections.
+        .set("socket.timeout.ms", "10000")
+        .set("log_level", "3")
         // librdkafka's mock cluster holds an empty fetch for the whole wait.
         .set("fetch.wait.max.ms", "10")
         .create()?;

@@ -92,7 +92,10 @@ impl ControlReader {
             .create()
             .with_context(|| format!("creating the {} reader", self.topic))?;
         let initial: HashMap<i32, i64> = (0..self.partitions).map(|p| (p, 0)).collect();
-        let stored = store::load_offsets(&self.pool, &self.group, &self.topic, &initial).await?;
+        let stored = store::until_available("loading control topic offsets", self.retry_max, || {
+            store::load_offsets(&self.pool, &self.group, &self.topic, &initial)
+        })
+        .await?;
         let mut tpl = TopicPartitionList::new();
         for (p, next) in &stored {
             tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;

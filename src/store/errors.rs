@@ -35,6 +35,48 @@ pub fn classify_sqlstate(code: &str) -> FailureKind {
     }
 }
 
+/// The database cannot be reached or is not taking work right now: a lost
+/// or refused connection, an exhausted pool, a server shutting down or
+/// starting up, a cancelled statement. Start-up waits these out.
+pub fn is_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => true,
+        Some(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref().and_then(|c| c.get(..2)), Some("08" | "57" | "53"))
+        }
+        _ => false,
+    })
+}
+
+/// Runs `op` until it succeeds or fails for another reason than the
+/// database being unavailable, waiting with capped exponential backoff in
+/// between: an outage delays a step that cannot go on without the database
+/// instead of stopping the process.
+pub async fn until_available<T, Fut>(
+    what: &str,
+    max_backoff: std::time::Duration,
+    mut op: impl FnMut() -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut backoff = std::time::Duration::from_millis(100).min(max_backoff);
+    loop {
+        match op().await {
+            Err(e) if is_unavailable(&e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    backoff_ms = backoff.as_millis() as u64,
+                    "{what}: the database is unavailable; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+            }
+            result => return result,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +94,46 @@ mod tests {
             assert_eq!(classify_sqlstate(code), FailureKind::Transient, "{code}");
         }
         assert_eq!(classify(&anyhow::anyhow!("io error")), FailureKind::Transient);
+    }
+
+    #[test]
+    fn lost_connections_and_cancelled_statements_mean_unavailable() {
+        let io = anyhow::Error::from(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(is_unavailable(&io.context("initialising consumer offsets")));
+        assert!(is_unavailable(&anyhow::Error::from(sqlx::Error::PoolTimedOut)));
+        assert!(!is_unavailable(&anyhow::Error::from(sqlx::Error::RowNotFound)));
+        assert!(!is_unavailable(&anyhow::anyhow!(
+            "migration 3 was changed after it was applied"
+        )));
+    }
+
+    #[tokio::test]
+    async fn waits_out_an_outage_but_not_other_failures() {
+        let mut attempts = 0;
+        let value = until_available("test", std::time::Duration::from_millis(1), || {
+            attempts += 1;
+            let fail = attempts < 3;
+            async move {
+                if fail {
+                    Err(anyhow::Error::from(sqlx::Error::PoolTimedOut))
+                } else {
+                    Ok(7)
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!((value, attempts), (7, 3));
+
+        let mut attempts = 0;
+        let failed = until_available("test", std::time::Duration::from_millis(1), || {
+            attempts += 1;
+            async { Err::<(), _>(anyhow::anyhow!("not an outage")) }
+        })
+        .await;
+        assert!(failed.is_err());
+        assert_eq!(attempts, 1);
     }
 }

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use batch::{BatchTx, NewUsage, OffsetClaim};
-pub use errors::{classify, FailureKind};
+pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, ItemResult};
 pub use outbox::{
     delete_expired, mark_published, mark_published_many, pending, pending_many, published_seq, OutboxRecord,
