@@ -13,22 +13,18 @@
 //!
 //! Every input offset must have exactly one outcome, or the run fails.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message};
-use serde::Deserialize;
+use rdkafka::producer::Producer;
+use rdkafka::ClientConfig;
 
 use crate::config::Settings;
+use crate::harness::load::{self, Generator, LoadProducer};
+use crate::harness::process::{self, WorkerProcess, WorkerSpec};
+use crate::harness::results::{self, Check, Records, ResultReader};
 use crate::kafka::mock::EmbeddedKafka;
 use crate::store;
 
@@ -85,24 +81,34 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         kafka.bootstrap_servers()
     );
 
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let producer: LoadProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers())
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
-    publish_subscriptions(&producer, &t.subscriptions, args.subscriptions)?;
+    load::publish_subscriptions(&producer, &t.subscriptions, args.subscriptions, 10)?;
     producer.flush(Duration::from_secs(30))?;
 
+    let log = std::env::temp_dir().join("usage-worker-bench.log");
+    let spec = WorkerSpec::new(&database_url, kafka.bootstrap_servers(), log)?
+        .set("USAGE_WORKER__LOG__LEVEL", "warn,usage_worker::kafka::consumer=info")
+        .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "6000")
+        .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
+        // The API is not under test, and several workers share the host.
+        .set("USAGE_WORKER__HTTP__ENABLED", "false")
+        .set_all(&args.worker_env)?;
     let bench = Bench {
-        exe: std::env::current_exe().context("locating the usage-worker binary")?,
-        bootstrap: kafka.bootstrap_servers().to_owned(),
-        database_url: database_url.clone(),
+        spec,
         args: args.clone(),
         topic: t.usage_events.clone(),
-        log_dir: std::env::temp_dir(),
     };
-    let reader = OutcomeReader::start(&bench.bootstrap, &t.usage_results, args.partitions)?;
-    let mut generator = Generator::new(args.subscriptions);
+    let reader = ResultReader::start(
+        kafka.bootstrap_servers(),
+        &t.usage_results,
+        args.partitions,
+        Records::Outcomes { keep_decisions: false },
+    )?;
+    let mut generator = Generator::new(args.subscriptions, 0x2545_F491_4F6C_DD1D);
 
     // Phase 1: throughput, then 2: latency, with the same worker processes.
     let mut workers = bench.spawn_workers(&[], "main")?;
@@ -126,13 +132,16 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     )?;
     let rss_mib: Vec<f64> = workers
         .iter()
-        .map(|w| peak_rss_mib(w.child.id()))
+        .map(|w| w.peak_rss_mib())
         .collect::<anyhow::Result<_>>()?;
-    let assignments: Vec<String> = workers.iter().map(|w| w.assignment()).collect();
+    let assignments: Vec<String> = workers
+        .iter()
+        .map(|w| w.assignment().unwrap_or_else(|| "?".into()))
+        .collect();
     bench.stop_workers(&mut workers)?;
 
     // Phase 3: the baseline, one event per transaction.
-    let mut baseline_workers = bench.spawn_workers(&["USAGE_WORKER__PIPELINE__BATCH_SIZE=1"], "baseline")?;
+    let mut baseline_workers = bench.spawn_workers(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "1")], "baseline")?;
     bench.wait_until_ready(&pool, &mut baseline_workers).await?;
     eprintln!(
         "bench: baseline phase (one event per transaction), {} events",
@@ -148,7 +157,8 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     )?;
     bench.stop_workers(&mut baseline_workers)?;
 
-    let check = reader.check(&bench.bootstrap, &t.usage_events, args.partitions)?;
+    let input_highs = results::high_watermarks(kafka.bootstrap_servers(), &t.usage_events, args.partitions)?;
+    let check = reader.check(&input_highs);
     let decided: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = $1")
         .bind(&t.usage_results)
         .fetch_one(&pool)
@@ -192,66 +202,26 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
 }
 
 struct Bench {
-    exe: PathBuf,
-    bootstrap: String,
-    database_url: String,
+    spec: WorkerSpec,
     args: BenchArgs,
     topic: String,
-    log_dir: PathBuf,
-}
-
-struct WorkerProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl WorkerProcess {
-    /// The partitions of its last assignment, from its log.
-    fn assignment(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        log.lines()
-            .rev()
-            .find(|l| l.contains("partitions assigned"))
-            .and_then(|l| l.split("partitions=").nth(1))
-            .map(|rest| rest.split(']').next().unwrap_or_default().to_owned() + "]")
-            .unwrap_or_else(|| "?".into())
-    }
 }
 
 impl Bench {
-    fn spawn_workers(&self, extra: &[&str], phase: &str) -> anyhow::Result<Vec<WorkerProcess>> {
+    fn spawn_workers(&self, extra: &[(&str, &str)], phase: &str) -> anyhow::Result<Vec<WorkerProcess>> {
         (0..self.args.workers)
             .map(|i| {
-                let log = self
-                    .log_dir
-                    .join(format!("usage-worker-bench-{}-{phase}-{i}.log", std::process::id()));
-                let file = std::fs::File::create(&log)?;
-                let mut cmd = Command::new(&self.exe);
-                cmd.arg("run")
-                    .env("DATABASE_URL", &self.database_url)
-                    .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap)
-                    .env("USAGE_WORKER__LOG__LEVEL", "warn,usage_worker::kafka::consumer=info")
-                    .env("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "6000")
-                    .env("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
-                    // The API is not under test, and several workers share the host.
-                    .env("USAGE_WORKER__HTTP__ENABLED", "false")
-                    .env_remove("RUST_LOG")
-                    .stdout(Stdio::null())
-                    .stderr(file);
-                for setting in self
-                    .args
-                    .worker_env
-                    .iter()
-                    .map(String::as_str)
-                    .chain(extra.iter().copied())
-                {
-                    let (k, v) = setting
-                        .split_once('=')
-                        .with_context(|| format!("--worker-env {setting}: want KEY=VALUE"))?;
-                    cmd.env(k, v);
+                let log =
+                    std::env::temp_dir().join(format!("usage-worker-bench-{}-{phase}-{i}.log", std::process::id()));
+                let _ = std::fs::remove_file(&log);
+                let mut spec = WorkerSpec {
+                    log,
+                    ..self.spec.clone()
+                };
+                for (k, v) in extra {
+                    spec = spec.set(k, *v);
                 }
-                let child = cmd.spawn().context("starting a worker process")?;
-                Ok(WorkerProcess { child, log })
+                spec.spawn()
             })
             .collect()
     }
@@ -262,18 +232,15 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             for w in workers.iter_mut() {
-                if let Some(status) = w.child.try_wait()? {
-                    bail!("a worker exited during start-up ({status}); see {}", w.log.display());
-                }
+                w.check_running().context("during start-up")?;
             }
             let subscriptions: i64 = sqlx::query_scalar("SELECT count(*) FROM subscriptions")
                 .fetch_one(pool)
                 .await?;
             let assigned: usize = workers
                 .iter()
-                .map(|w| w.assignment())
-                .filter(|a| a != "?")
-                .map(|a| a.matches(',').count() + 1)
+                .filter_map(|w| w.assignment())
+                .map(|a| process::partition_count(&a))
                 .sum();
             if subscriptions as u64 >= self.args.subscriptions && assigned >= self.args.partitions as usize {
                 return Ok(());
@@ -286,16 +253,10 @@ impl Bench {
     }
 
     fn stop_workers(&self, workers: &mut [WorkerProcess]) -> anyhow::Result<()> {
-        for w in workers.iter() {
-            Command::new("kill")
-                .arg("-TERM")
-                .arg(w.child.id().to_string())
-                .status()?;
-        }
         for w in workers.iter_mut() {
-            let status = w.child.wait()?;
-            if !status.success() {
-                bail!("a worker exited with {status} at shutdown; see {}", w.log.display());
+            match w.terminate(Duration::from_secs(60))? {
+                Some(status) if status.success() => {}
+                status => bail!("a worker exited with {status:?} at shutdown; see {}", w.log.display()),
             }
         }
         Ok(())
@@ -305,8 +266,8 @@ impl Bench {
     /// in-flight cap allows) and waits for all their outcomes.
     fn drive(
         &self,
-        producer: &ThreadedProducer<DefaultProducerContext>,
-        reader: &OutcomeReader,
+        producer: &LoadProducer,
+        reader: &ResultReader,
         generator: &mut Generator,
         count: u64,
         rate: Option<u64>,
@@ -325,9 +286,7 @@ impl Bench {
             if last_print.elapsed() > Duration::from_secs(1) {
                 last_print = Instant::now();
                 for w in workers.iter_mut() {
-                    if let Some(status) = w.child.try_wait()? {
-                        bail!("a worker exited ({status}); see {}", w.log.display());
-                    }
+                    w.check_running()?;
                 }
                 let rate_now = received as f64 / started.elapsed().as_secs_f64();
                 eprint!("\rbench: {sent} sent, {received}/{count} outcomes ({rate_now:.0}/s)   ");
@@ -341,8 +300,8 @@ impl Bench {
             if sent < allowed {
                 while sent < allowed {
                     let (key, payload) = generator.next();
-                    let partition = generator.partition_of(&key, self.args.partitions);
-                    send(producer, &self.topic, partition, &key, &payload)?;
+                    let partition = load::partition_of(&key, self.args.partitions);
+                    load::send(producer, &self.topic, Some(partition), &key, &payload)?;
                     sent += 1;
                 }
             } else {
@@ -357,279 +316,6 @@ impl Bench {
             events_per_sec: count as f64 / elapsed.as_secs_f64(),
             latencies_ms: reader.take_latencies(),
         })
-    }
-}
-
-fn send(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    partition: i32,
-    key: &str,
-    payload: &str,
-) -> anyhow::Result<()> {
-    loop {
-        match producer.send(BaseRecord::to(topic).partition(partition).key(key).payload(payload)) {
-            Ok(()) => return Ok(()),
-            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
-    }
-}
-
-/// Hard limit of each subscription: one in ten is small enough to be reached
-/// during the run.
-fn publish_subscriptions(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    count: u64,
-) -> anyhow::Result<()> {
-    let now = Utc::now();
-    let start = (now - chrono::Duration::days(10)).to_rfc3339();
-    let end = (now + chrono::Duration::days(20)).to_rfc3339();
-    for i in 0..count {
-        let limit = if i % 10 == 0 { 200 } else { 1_000_000 };
-        let snapshot = format!(
-            r#"{{"id": "sub_{i}", "status": "active", "version": 1, "currentPeriodStartTime": "{start}", "currentPeriodEndTime": "{end}", "usageLimits": {{"hardLimit": {limit}, "softLimit": {}}}}}"#,
-            limit * 3 / 4
-        );
-        loop {
-            match producer.send(BaseRecord::to(topic).key(&format!("sub_{i}")).payload(&snapshot)) {
-                Ok(()) => break,
-                Err((_, _)) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A deterministic stream: about 30 % partial, 2 % exact re-sends, 1 %
-/// invalid, keyed by subscription.
-struct Generator {
-    state: u64,
-    subscriptions: u64,
-    sequence: u64,
-    recent: Vec<(String, String)>,
-}
-
-impl Generator {
-    fn new(subscriptions: u64) -> Self {
-        Self {
-            state: 0x2545_F491_4F6C_DD1D,
-            subscriptions,
-            sequence: 0,
-            recent: Vec::new(),
-        }
-    }
-
-    fn random(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state
-    }
-
-    fn next(&mut self) -> (String, String) {
-        let r = self.random();
-        self.sequence += 1;
-        let i = self.sequence;
-        let sub = format!("sub_{}", r % self.subscriptions);
-        let quantity = format!("{}.{:03}", 1 + (r >> 20) % 9, (r >> 30) % 1000);
-        let event = match (r >> 40) % 100 {
-            0..=1 if !self.recent.is_empty() => {
-                let n = self.recent.len();
-                return self.recent[(r >> 50) as usize % n].clone();
-            }
-            2 => (
-                sub.clone(),
-                format!(r#"{{"id": "b{i}", "subscriptionId": "{sub}", "quantity": -1}}"#),
-            ),
-            3..=32 => (
-                sub.clone(),
-                format!(
-                    r#"{{"id": "b{i}", "subscriptionId": "{sub}", "quantity": {quantity}, "acceptPartialQuantity": true}}"#
-                ),
-            ),
-            _ => (
-                sub.clone(),
-                format!(r#"{{"id": "b{i}", "subscriptionId": "{sub}", "quantity": {quantity}}}"#),
-            ),
-        };
-        if self.recent.len() < 1000 {
-            self.recent.push(event.clone());
-        } else {
-            let slot = (r >> 16) as usize % 1000;
-            self.recent[slot] = event.clone();
-        }
-        event
-    }
-
-    /// Keyed by subscription: a stable partition per key.
-    fn partition_of(&self, key: &str, partitions: i32) -> i32 {
-        let mut hash: u32 = 2_166_136_261;
-        for b in key.bytes() {
-            hash = (hash ^ b as u32).wrapping_mul(16_777_619);
-        }
-        (hash % partitions as u32) as i32
-    }
-}
-
-#[derive(Deserialize)]
-struct OutcomeSource {
-    source: SourceFields,
-}
-
-#[derive(Deserialize)]
-struct SourceFields {
-    partition: i32,
-    offset: i64,
-    timestamp: Option<String>,
-}
-
-/// Reads `usage-results` in its own thread: counts outcomes per input
-/// offset, and event-to-outcome latencies for the current window.
-struct OutcomeReader {
-    received: Arc<AtomicU64>,
-    state: Arc<Mutex<ReaderState>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct ReaderState {
-    /// Per input partition: outcomes per offset.
-    counts: HashMap<i32, Vec<u8>>,
-    /// Repeats carrying the same outcome-id and outbox-seq as an earlier
-    /// record (the mock cluster repeats a retried send).
-    broker_repeats: u64,
-    latencies_ms: Vec<f64>,
-    seen: HashMap<(i32, i64), (String, String)>,
-    error: Option<String>,
-}
-
-impl OutcomeReader {
-    fn start(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
-        let consumer = crate::kafka::topic_reader(bootstrap, topic, partitions)?;
-        let received = Arc::new(AtomicU64::new(0));
-        let state = Arc::new(Mutex::new(ReaderState::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (received, state, stop) = (received.clone(), state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match consumer.poll(Duration::from_millis(50)) {
-                        Some(Ok(m)) => {
-                            let now = Utc::now();
-                            let headers = crate::kafka::headers::of_borrowed(&m);
-                            let header = |name: &str| {
-                                crate::kafka::headers::text(&headers, name)
-                                    .unwrap_or_default()
-                                    .to_owned()
-                            };
-                            let Some(outcome) = m
-                                .payload()
-                                .and_then(|p| serde_json::from_slice::<OutcomeSource>(p).ok())
-                            else {
-                                state.lock().unwrap().error =
-                                    Some(format!("unreadable outcome at {}/{}", m.partition(), m.offset()));
-                                continue;
-                            };
-                            let s = outcome.source;
-                            let mut st = state.lock().unwrap();
-                            let identity = (header("outcome-id"), header("outbox-seq"));
-                            if st.seen.get(&(s.partition, s.offset)) == Some(&identity) {
-                                st.broker_repeats += 1;
-                                continue;
-                            }
-                            st.seen.insert((s.partition, s.offset), identity);
-                            let counts = st.counts.entry(s.partition).or_default();
-                            let index = s.offset as usize;
-                            if counts.len() <= index {
-                                counts.resize(index + 1, 0);
-                            }
-                            counts[index] = counts[index].saturating_add(1);
-                            if let Some(sent) = s.timestamp.and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                            {
-                                let ms =
-                                    (now - sent.with_timezone(&Utc)).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-                                st.latencies_ms.push(ms);
-                            }
-                            drop(st);
-                            received.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Some(Err(e)) => state.lock().unwrap().error = Some(format!("reading outcomes: {e}")),
-                        None => {}
-                    }
-                }
-            })
-        };
-        Ok(Self {
-            received,
-            state,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    fn start_latency_window(&self) {
-        self.state.lock().unwrap().latencies_ms.clear();
-    }
-
-    fn take_latencies(&self) -> Vec<f64> {
-        std::mem::take(&mut self.state.lock().unwrap().latencies_ms)
-    }
-
-    /// Every input offset has exactly one outcome.
-    fn check(&self, bootstrap: &str, input: &str, partitions: i32) -> anyhow::Result<Check> {
-        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-        let state = self.state.lock().unwrap();
-        let mut check = Check {
-            broker_repeats: state.broker_repeats,
-            error: state.error.clone(),
-            ..Check::default()
-        };
-        for p in 0..partitions {
-            let (_, high) = consumer.fetch_watermarks(input, p, Duration::from_secs(10))?;
-            check.inputs += high as u64;
-            let counts = state.counts.get(&p).map(Vec::as_slice).unwrap_or_default();
-            for offset in 0..high as usize {
-                match counts.get(offset).copied().unwrap_or(0) {
-                    0 => check.missing += 1,
-                    1 => {}
-                    _ => check.duplicated += 1,
-                }
-            }
-        }
-        Ok(check)
-    }
-}
-
-impl Drop for OutcomeReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Check {
-    inputs: u64,
-    missing: u64,
-    duplicated: u64,
-    broker_repeats: u64,
-    error: Option<String>,
-}
-
-impl Check {
-    fn ok(&self) -> bool {
-        self.missing == 0 && self.duplicated == 0 && self.error.is_none()
     }
 }
 
@@ -722,15 +408,4 @@ fn print_report(
         over_limit,
         check.error.as_deref().map(|e| format!(", error: {e}")).unwrap_or_default()
     );
-}
-
-/// Peak resident set size of a process (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc status")?;
-    Ok(kib / 1024.0)
 }

@@ -3,9 +3,11 @@
 
 pub mod app;
 pub mod bench;
+pub mod chaos;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod harness;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

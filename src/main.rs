@@ -1,10 +1,14 @@
-//! The `usage-worker` command line: run, serve, migrate, demo, bench.
+//! The `usage-worker` command line: run, serve, migrate, demo, bench, chaos.
 
+use std::future::Future;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use clap::{Parser, Subcommand};
 use usage_worker::config::Settings;
-use usage_worker::{app, bench, demo, store, telemetry};
+use usage_worker::{app, bench, chaos, demo, store, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +45,9 @@ enum Command {
     /// Measure throughput, latency and memory of the real pipeline on an
     /// embedded Kafka mock cluster and a fresh local database.
     Bench(bench::BenchArgs),
+    /// Prove the guarantees under kill -9, PostgreSQL crashes, broker
+    /// outages, rebalances and a slow database, against a clean run.
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +79,7 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => demo::run(settings, args).await,
             Command::Bench(args) => bench::run(settings, args).await,
+            Command::Chaos(args) => chaos::run(settings, args).await,
         }
     });
     match result {
@@ -86,30 +94,45 @@ fn main() -> ExitCode {
 
 async fn run(settings: Settings, no_migrate: bool) -> anyhow::Result<()> {
     tracing::info!(?settings, "starting");
-    let pool = database(&settings, no_migrate).await?;
-    app::run(settings, pool, shutdown_signal()).await
+    let mut shutdown = Box::pin(shutdown_signal()?);
+    let pool = tokio::select! {
+        pool = database(&settings, no_migrate) => pool?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    app::run(settings, pool, shutdown).await
 }
 
 async fn serve(settings: Settings, no_migrate: bool) -> anyhow::Result<()> {
     tracing::info!(?settings, "starting the HTTP API alone");
-    let pool = database(&settings, no_migrate).await?;
-    app::serve(settings, pool, shutdown_signal()).await
+    let mut shutdown = Box::pin(shutdown_signal()?);
+    let pool = tokio::select! {
+        pool = database(&settings, no_migrate) => pool?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    app::serve(settings, pool, shutdown).await
 }
 
-/// Connects, and applies pending migrations unless told not to.
+/// Connects, and applies pending migrations unless told not to; while the
+/// database is unavailable, it waits.
 async fn database(settings: &Settings, no_migrate: bool) -> anyhow::Result<sqlx::PgPool> {
     let pool = store::connect(&settings.database).await?;
     if settings.database.migrate_on_start && !no_migrate {
-        store::migrate(&pool).await?;
+        let max_backoff = Duration::from_millis(settings.pipeline.retry_max_backoff_ms);
+        store::until_available("applying migrations", max_backoff, || store::migrate(&pool)).await?;
     }
     Ok(pool)
 }
 
-async fn shutdown_signal() {
+/// Listens for SIGTERM and SIGINT from now on (a signal during start-up
+/// stops the process cleanly too); resolves at the first.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

@@ -24,6 +24,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use usage_worker::harness::Rng;
 
 const SUBSCRIPTIONS: usize = 30;
 /// Subscriptions from this index on have no hard limit.
@@ -41,27 +42,6 @@ const HEARTBEAT_INTERVAL_MS: &str = "300";
 
 // ---------------------------------------------------------------------------
 // The plan: subscriptions and events, generated from a seed.
-
-/// splitmix64: small, deterministic, good enough to pick numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.below(high - low + 1)
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ValidEvent {

@@ -1,0 +1,860 @@
+//! `usage-worker chaos`: a long stream through several worker processes
+//! while workers are killed, PostgreSQL crashes and restarts, brokers go down,
+//! workers join and leave, and the database stalls; then a check, from the
+//! output topics and the database, that every guarantee held.
+//!
+//! - The chaos workers share a private PostgreSQL server (initdb into a
+//!   temporary folder, its own port), so that its crashes disturb nothing
+//!   else.
+//! - A clean worker, never disturbed, reads the same input in a consumer
+//!   group of its own, into its own database on the configured server and
+//!   its own output topics. Events of one subscription are ordered on one
+//!   partition, so its decisions are the ones the chaos workers must make.
+//! - The mock cluster (three brokers) lives in this process; production is
+//!   paced by the outcomes read back, because the mock keeps only about
+//!   5 MiB a partition.
+//! - Injections happen at random points of progress (seeded: `--seed`
+//!   replays a plan), one at a time.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::producer::Producer;
+use rdkafka::ClientConfig;
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgPool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{Settings, TopicSettings};
+use crate::harness::load::{self, Generator, LoadProducer};
+use crate::harness::postgres::{free_port, PrivatePostgres};
+use crate::harness::process::{WorkerProcess, WorkerSpec};
+use crate::harness::results::{self, Check, Key, Records, ResultReader};
+use crate::harness::Rng;
+use crate::kafka::mock::EmbeddedKafka;
+use crate::store;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChaosArgs {
+    /// Usage events in the stream.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    #[arg(long, default_value_t = 3_000)]
+    pub subscriptions: u64,
+    /// Chaos workers in the consumer group (one more joins and leaves
+    /// `--joins` times).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// kill -9 of a worker, which is restarted.
+    #[arg(long, default_value_t = 20)]
+    pub kills: u32,
+    /// Crashes (pg_ctl -m immediate) and restarts of the private PostgreSQL.
+    #[arg(long, default_value_t = 3)]
+    pub pg_restarts: u32,
+    /// One or all mock brokers down for a few seconds.
+    #[arg(long, default_value_t = 3)]
+    pub broker_outages: u32,
+    /// A table locked for up to twice the workers' statement timeout.
+    #[arg(long, default_value_t = 3)]
+    pub slow_db: u32,
+    /// A further worker joins the group, and later leaves it (SIGTERM).
+    #[arg(long, default_value_t = 2)]
+    pub joins: u32,
+    /// Replays a plan (events and injections); random when unset.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Gives up, failing, after this long.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout_secs: u64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Keep the private server's folder and the workers' logs.
+    #[arg(long)]
+    pub keep: bool,
+    /// Extra settings for the chaos workers, KEY=VALUE.
+    #[arg(long = "worker-env")]
+    pub worker_env: Vec<String>,
+}
+
+/// Events produced ahead of the slower of the two runs.
+const MAX_IN_FLIGHT: u64 = 24_000;
+/// The chaos workers' statement timeout: a slow-database injection holds its
+/// lock for up to twice as long.
+const STATEMENT_TIMEOUT_MS: u64 = 3_000;
+const BROKERS: i32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Injection {
+    Kill,
+    PgRestart,
+    BrokerOutage,
+    SlowDb,
+    Join,
+    Leave,
+}
+
+/// Each injection at a point of progress (the chaos run's share of outcomes
+/// read back). Joins and leaves pair up in disjoint stretches, so that at
+/// most one extra worker runs.
+fn plan(args: &ChaosArgs, rng: &mut Rng) -> Vec<(f64, Injection)> {
+    let mut plan = Vec::new();
+    for (count, injection) in [
+        (args.kills, Injection::Kill),
+        (args.pg_restarts, Injection::PgRestart),
+        (args.broker_outages, Injection::BrokerOutage),
+        (args.slow_db, Injection::SlowDb),
+    ] {
+        for _ in 0..count {
+            plan.push((rng.fraction(0.02, 0.95), injection));
+        }
+    }
+    let stretch = 0.85 / args.joins.max(1) as f64;
+    for j in 0..args.joins {
+        let start = 0.05 + stretch * j as f64;
+        plan.push((rng.fraction(start, start + stretch / 2.0), Injection::Join));
+        plan.push((rng.fraction(start + stretch / 2.0, start + stretch), Injection::Leave));
+    }
+    plan.sort_by(|a, b| a.0.total_cmp(&b.0));
+    plan
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    kills: u32,
+    pg_restarts: u32,
+    broker_outages: u32,
+    slow_db: u32,
+    joins: u32,
+    leaves: u32,
+    /// A worker that exited on its own, or not with 0 on SIGTERM.
+    unexpected_exits: Vec<String>,
+    /// Per PostgreSQL outage: not ready seen, ready again, CPU of the
+    /// workers while it was down (percent of one core, the busiest).
+    outages: Vec<PgOutage>,
+}
+
+#[derive(Debug)]
+struct PgOutage {
+    down: Duration,
+    not_ready_after: Option<Duration>,
+    ready_again_after: Option<Duration>,
+    max_cpu_percent: f64,
+}
+
+impl PgOutage {
+    /// Reported not ready while down, ready again by itself, no spinning.
+    fn ok(&self) -> bool {
+        self.not_ready_after.is_some() && self.ready_again_after.is_some() && self.max_cpu_percent < 50.0
+    }
+}
+
+/// The chaos workers, by slot; the slot after `--workers` is the one that
+/// joins and leaves.
+struct Pool {
+    specs: Vec<WorkerSpec>,
+    ports: Vec<u16>,
+    running: Vec<Option<WorkerProcess>>,
+}
+
+impl Pool {
+    fn live(&self) -> Vec<usize> {
+        (0..self.running.len()).filter(|i| self.running[*i].is_some()).collect()
+    }
+
+    fn spawn(&mut self, slot: usize) -> anyhow::Result<()> {
+        self.running[slot] = Some(self.specs[slot].spawn()?);
+        Ok(())
+    }
+}
+
+pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut rng = Rng(seed);
+    let plan = plan(&args, &mut rng);
+    let started = Instant::now();
+    let work_dir = std::env::temp_dir().join(format!("usage-worker-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)?;
+    eprintln!(
+        "chaos: seed {seed} (--seed {seed} replays this plan); logs in {}",
+        work_dir.display()
+    );
+
+    // The brokers and topics.
+    let kafka = EmbeddedKafka::start(BROKERS)?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let topics = settings.topics.clone();
+    kafka.create_worker_topics(&topics, args.partitions)?;
+    let clean_topics = TopicSettings {
+        usage_results: format!("clean-{}", topics.usage_results),
+        usage_alerts: format!("clean-{}", topics.usage_alerts),
+        dead_letters: format!("clean-{}", topics.dead_letters),
+        ..topics.clone()
+    };
+    for topic in clean_topics.outputs() {
+        kafka.create_topic(topic, args.partitions)?;
+    }
+
+    // The databases: the chaos run's on a private server, the clean run's
+    // on the configured one.
+    let pg = PrivatePostgres::start(args.keep)?;
+    let chaos_url = pg.url("usage_worker_chaos");
+    store::create_database(&chaos_url).await?;
+    let chaos_pool = PgPool::connect(&chaos_url).await?;
+    store::migrate(&chaos_pool).await?;
+    let mut clean_url = url::Url::parse(&store::scratch_database(&settings.database.url, "usage_worker_chaos").await?)?;
+    if !clean_url.query_pairs().any(|(k, _)| k == "sslmode") {
+        clean_url.query_pairs_mut().append_pair("sslmode", "disable");
+    }
+    let clean_url = clean_url.to_string();
+    let clean_pool = PgPool::connect(&clean_url).await?;
+    store::migrate(&clean_pool).await?;
+    eprintln!(
+        "chaos: mock Kafka at {bootstrap} ({BROKERS} brokers), private PostgreSQL on port {}",
+        pg.port()
+    );
+
+    let producer: LoadProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("socket.timeout.ms", "10000")
+        .set("log_level", "3")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    load::publish_subscriptions(&producer, &topics.subscriptions, args.subscriptions, 5)?;
+    producer.flush(Duration::from_secs(30))?;
+
+    let outcomes = Records::Outcomes { keep_decisions: true };
+    let chaos_results = Arc::new(ResultReader::start(
+        &bootstrap,
+        &topics.usage_results,
+        args.partitions,
+        outcomes,
+    )?);
+    let clean_results = Arc::new(ResultReader::start(
+        &bootstrap,
+        &clean_topics.usage_results,
+        args.partitions,
+        outcomes,
+    )?);
+    let chaos_alerts = ResultReader::start(&bootstrap, &topics.usage_alerts, args.partitions, Records::Alerts)?;
+    let clean_alerts = ResultReader::start(&bootstrap, &clean_topics.usage_alerts, args.partitions, Records::Alerts)?;
+
+    // The workers.
+    let base = |database: &str, log: PathBuf| -> anyhow::Result<WorkerSpec> {
+        Ok(WorkerSpec::new(database, &bootstrap, log)?
+            .set("USAGE_WORKER__LOG__LEVEL", "info")
+            .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "4000")
+            .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
+            // The mock's brokers go down without closing connections: give
+            // up on an unanswered request after 10 s instead of 60.
+            .set("USAGE_WORKER__KAFKA__SOCKET_TIMEOUT_MS", "10000")
+            .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", "false"))
+    };
+    let mut clean = base(&clean_url, work_dir.join("clean.log"))?
+        .set("USAGE_WORKER__KAFKA__GROUP_ID", "usage-worker-clean")
+        .set("USAGE_WORKER__TOPICS__USAGE_RESULTS", &clean_topics.usage_results)
+        .set("USAGE_WORKER__TOPICS__USAGE_ALERTS", &clean_topics.usage_alerts)
+        .set("USAGE_WORKER__TOPICS__DEAD_LETTERS", &clean_topics.dead_letters)
+        .set("USAGE_WORKER__HTTP__ENABLED", "false")
+        .spawn()?;
+    let slots = args.workers + 1;
+    let mut pool = Pool {
+        specs: Vec::new(),
+        ports: Vec::new(),
+        running: (0..slots).map(|_| None).collect(),
+    };
+    for slot in 0..slots {
+        let port = free_port()?;
+        pool.ports.push(port);
+        pool.specs.push(
+            base(&chaos_url, work_dir.join(format!("worker-{slot}.log")))?
+                .set(
+                    "USAGE_WORKER__DATABASE__STATEMENT_TIMEOUT_MS",
+                    STATEMENT_TIMEOUT_MS.to_string(),
+                )
+                .set("USAGE_WORKER__PIPELINE__RETRY_MAX_BACKOFF_MS", "2000")
+                .set("USAGE_WORKER__PIPELINE__SHUTDOWN_TIMEOUT_MS", "20000")
+                .set("HTTP_ADDR", format!("127.0.0.1:{port}"))
+                .set_all(&args.worker_env)?,
+        );
+    }
+    for slot in 0..args.workers {
+        pool.spawn(slot)?;
+    }
+
+    // The load, in its own thread, paced by the slower run.
+    let sent = Arc::new(AtomicU64::new(0));
+    let producing = Arc::new(AtomicBool::new(true));
+    let load_thread = {
+        let (sent, producing) = (sent.clone(), producing.clone());
+        let (chaos_results, clean_results) = (chaos_results.clone(), clean_results.clone());
+        let (topic, partitions, events) = (topics.usage_events.clone(), args.partitions, args.events);
+        let mut generator = Generator::new(args.subscriptions, seed);
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            while sent.load(Ordering::Relaxed) < events && producing.load(Ordering::Relaxed) {
+                let done = chaos_results.received().min(clean_results.received());
+                let n = sent.load(Ordering::Relaxed);
+                if n.saturating_sub(done) >= MAX_IN_FLIGHT {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                for _ in 0..(MAX_IN_FLIGHT - n.saturating_sub(done)).min(events - n).min(500) {
+                    let (key, payload) = generator.next();
+                    let partition = load::partition_of(&key, partitions);
+                    load::send(&producer, &topic, Some(partition), &key, &payload)?;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            producer.flush(Duration::from_secs(120))?;
+            Ok(())
+        })
+    };
+
+    // Injections at their points of progress, one at a time.
+    let mut tally = Tally::default();
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    let mut pending = plan.into_iter().peekable();
+    let mut input_highs: Option<Vec<i64>> = None;
+    let mut last_print = Instant::now();
+    let result: anyhow::Result<()> = async {
+        loop {
+            anyhow::ensure!(Instant::now() < deadline, "gave up after {} s", args.timeout_secs);
+            if let Some(status) = clean.child.try_wait()? {
+                bail!("the clean worker exited ({status}); see {}", clean.log.display());
+            }
+            for slot in pool.live() {
+                let w = pool.running[slot].as_mut().expect("live");
+                if let Some(status) = w.child.try_wait()? {
+                    tally
+                        .unexpected_exits
+                        .push(format!("worker {slot} exited on its own ({status}); see {}", w.log.display()));
+                    pool.spawn(slot)?;
+                }
+            }
+            let progress = chaos_results.received() as f64 / args.events as f64;
+            if let Some(&(at, injection)) = pending.peek() {
+                if progress >= at {
+                    pending.next();
+                    inject(injection, &mut rng, &mut pool, &pg, &kafka, &chaos_url, &mut tally, args.workers).await?;
+                }
+            }
+            if input_highs.is_none() && load_thread.is_finished() {
+                input_highs = Some(results::high_watermarks(&bootstrap, &topics.usage_events, args.partitions)?);
+            }
+            if let Some(highs) = &input_highs {
+                let inputs = highs.iter().sum::<i64>() as u64;
+                if pending.peek().is_none()
+                    && chaos_results.received() >= inputs
+                    && clean_results.received() >= inputs
+                {
+                    return Ok(());
+                }
+            }
+            if last_print.elapsed() > Duration::from_secs(2) {
+                last_print = Instant::now();
+                eprint!(
+                    "\rchaos: {:>4.0}s {} sent, {} decided, {} clean; {} kills, {} PostgreSQL restarts, {} broker outages, {} slow, {} joins   ",
+                    started.elapsed().as_secs_f64(),
+                    sent.load(Ordering::Relaxed),
+                    chaos_results.received(),
+                    clean_results.received(),
+                    tally.kills,
+                    tally.pg_restarts,
+                    tally.broker_outages,
+                    tally.slow_db,
+                    tally.joins
+                );
+                let _ = std::io::stderr().flush();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    .await;
+    eprintln!();
+    producing.store(false, Ordering::Relaxed);
+    let produced = load_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
+    if let Err(e) = result.and(produced) {
+        eprintln!("chaos: logs kept in {}", work_dir.display());
+        return Err(e);
+    }
+
+    // Everyone stops cleanly.
+    for slot in pool.live() {
+        let w = pool.running[slot].as_mut().expect("live");
+        let status = w.terminate(Duration::from_secs(40))?;
+        if !status.is_some_and(|s| s.success()) {
+            tally
+                .unexpected_exits
+                .push(format!("worker {slot}: {status:?} on SIGTERM; see {}", w.log.display()));
+        }
+    }
+    let status = clean.terminate(Duration::from_secs(40))?;
+    anyhow::ensure!(
+        status.is_some_and(|s| s.success()),
+        "the clean worker: {status:?} on SIGTERM; see {}",
+        clean.log.display()
+    );
+    // The readers catch up with the last records.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let input_highs = input_highs.expect("set when the load finished");
+    let statement_timeouts = (0..slots)
+        .map(|slot| {
+            std::fs::read_to_string(work_dir.join(format!("worker-{slot}.log")))
+                .map(|log| log.matches("statement timeout").count())
+                .unwrap_or(0)
+        })
+        .sum();
+    let verdict = Verdict::gather(
+        &input_highs,
+        [&chaos_results, &clean_results],
+        [&chaos_alerts, &clean_alerts],
+        [&chaos_pool, &clean_pool],
+        [&topics, &clean_topics],
+    )
+    .await?;
+    chaos_pool.close().await;
+    clean_pool.close().await;
+    store::drop_database(&clean_url).await?;
+
+    let report = Report {
+        seed,
+        events: args.events,
+        inputs: input_highs.iter().sum::<i64>() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        workers: args.workers,
+        tally,
+        verdict,
+        statement_timeouts,
+    };
+    report.print();
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report.json())?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed() {
+        eprintln!("chaos: logs kept in {}", work_dir.display());
+        bail!("the chaos run broke a guarantee (seed {seed})");
+    }
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn inject(
+    injection: Injection,
+    rng: &mut Rng,
+    pool: &mut Pool,
+    pg: &PrivatePostgres,
+    kafka: &EmbeddedKafka,
+    chaos_url: &str,
+    tally: &mut Tally,
+    workers: usize,
+) -> anyhow::Result<()> {
+    match injection {
+        Injection::Kill => {
+            let live = pool.live();
+            let slot = live[rng.below(live.len() as u64) as usize];
+            pool.running[slot].take().expect("live").kill()?;
+            tally.kills += 1;
+            tokio::time::sleep(rng.millis(0, 1500)).await;
+            pool.spawn(slot)?;
+        }
+        Injection::Join => {
+            pool.spawn(workers)?;
+            tally.joins += 1;
+        }
+        Injection::Leave => {
+            if let Some(mut w) = pool.running[workers].take() {
+                let status = w.terminate(Duration::from_secs(40))?;
+                if !status.is_some_and(|s| s.success()) {
+                    tally.unexpected_exits.push(format!(
+                        "leaving worker: {status:?} on SIGTERM; see {}",
+                        w.log.display()
+                    ));
+                }
+                tally.leaves += 1;
+            }
+        }
+        Injection::BrokerOutage => {
+            let brokers: Vec<i32> = if rng.below(2) == 0 {
+                (1..=BROKERS).collect()
+            } else {
+                vec![1 + rng.below(BROKERS as u64) as i32]
+            };
+            for b in &brokers {
+                kafka.broker_down(*b)?;
+            }
+            tokio::time::sleep(rng.millis(1000, 5000)).await;
+            for b in &brokers {
+                kafka.broker_up(*b)?;
+            }
+            tally.broker_outages += 1;
+        }
+        Injection::SlowDb => {
+            let table = ["consumer_offsets", "service_periods", "usages", "outbox"][rng.below(4) as usize];
+            let hold = rng.millis(STATEMENT_TIMEOUT_MS / 3, STATEMENT_TIMEOUT_MS * 2);
+            let mut conn = sqlx::PgConnection::connect(chaos_url).await?;
+            let mut tx = conn.begin().await?;
+            sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+                .execute(&mut *tx)
+                .await?;
+            tokio::time::sleep(hold).await;
+            tx.commit().await?;
+            conn.close().await?;
+            tally.slow_db += 1;
+        }
+        Injection::PgRestart => {
+            let live = pool.live();
+            let watched = live[rng.below(live.len() as u64) as usize];
+            let port = pool.ports[watched];
+            let pids: Vec<&WorkerProcess> = live.iter().filter_map(|s| pool.running[*s].as_ref()).collect();
+            let cpu_before: Vec<Duration> = pids.iter().map(|w| w.cpu_time()).collect::<anyhow::Result<_>>()?;
+            let down = rng.millis(2000, 6000);
+            pg.crash()?;
+            let crashed = Instant::now();
+            let not_ready_after = wait_for_readiness(port, false, Duration::from_secs(10)).await;
+            let rest = down.saturating_sub(crashed.elapsed());
+            tokio::time::sleep(rest).await;
+            let max_cpu_percent = pids
+                .iter()
+                .zip(&cpu_before)
+                .map(|(w, before)| {
+                    let used = w.cpu_time().unwrap_or(*before).saturating_sub(*before);
+                    100.0 * used.as_secs_f64() / crashed.elapsed().as_secs_f64()
+                })
+                .fold(0.0, f64::max);
+            let down = crashed.elapsed();
+            pg.start_server()?;
+            let restarted = Instant::now();
+            let ready_again_after = wait_for_readiness(port, true, Duration::from_secs(60)).await;
+            tally.pg_restarts += 1;
+            tally.outages.push(PgOutage {
+                down,
+                not_ready_after,
+                ready_again_after: ready_again_after.map(|_| restarted.elapsed()),
+                max_cpu_percent,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How long until `/readyz` answers ready (or not), if within `limit`.
+async fn wait_for_readiness(port: u16, ready: bool, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if readyz(port).await == Some(ready) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// True on 200, false on 503, None when it does not answer.
+async fn readyz(port: u16) -> Option<bool> {
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let status_line = String::from_utf8_lossy(&response).lines().next()?.to_owned();
+        match status_line.split_whitespace().nth(1)? {
+            "200" => Some(true),
+            "503" => Some(false),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask).await.ok().flatten()
+}
+
+/// What the output topics and the databases say, chaos run against clean.
+#[derive(Debug, Default)]
+struct Verdict {
+    outcomes: [Check; 2],
+    alerts: [Check; 2],
+    /// Decisions stored, and distinct input offsets among them.
+    decisions: [(i64, i64); 2],
+    /// A created outcome whose usage is not stored.
+    usages_lost: u64,
+    /// A stored usage without a created outcome, or a period whose `used`
+    /// is not the sum of its usages.
+    counted_twice: u64,
+    over_limit: i64,
+    /// Alerts on the topic against the alerts table.
+    alerts_on_topic: [i64; 2],
+    alerts_stored: [i64; 2],
+    decisions_mismatched: u64,
+    alerts_mismatched: u64,
+    periods_mismatched: u64,
+    examples: Vec<String>,
+}
+
+impl Verdict {
+    async fn gather(
+        input_highs: &[i64],
+        outcomes: [&ResultReader; 2],
+        alerts: [&ResultReader; 2],
+        pools: [&PgPool; 2],
+        topics: [&TopicSettings; 2],
+    ) -> anyhow::Result<Self> {
+        let mut v = Verdict {
+            outcomes: [outcomes[0].check(input_highs), outcomes[1].check(input_highs)],
+            alerts: [alerts[0].check(&[]), alerts[1].check(&[])],
+            ..Verdict::default()
+        };
+        let decided = [outcomes[0].summaries(), outcomes[1].summaries()];
+        let alerted = [alerts[0].summaries(), alerts[1].summaries()];
+        v.alerts_on_topic = [alerted[0].len() as i64, alerted[1].len() as i64];
+        let mut periods: [BTreeMap<String, Decimal>; 2] = Default::default();
+        for run in 0..2 {
+            v.decisions[run] = sqlx::query_as(
+                "SELECT count(*), count(DISTINCT (source_partition, source_offset)) FROM outbox
+                 WHERE topic = $1 AND source_topic = $2",
+            )
+            .bind(&topics[run].usage_results)
+            .bind(&topics[run].usage_events)
+            .fetch_one(pools[run])
+            .await?;
+            v.alerts_stored[run] = sqlx::query_scalar("SELECT count(*) FROM limit_alerts")
+                .fetch_one(pools[run])
+                .await?;
+            let rows: Vec<(String, Option<Decimal>, Decimal, Decimal)> = sqlx::query_as(
+                "SELECT p.subscription_id || ' ' || p.start_time, p.hard_limit, p.used, coalesce(sum(u.quantity), 0)
+                 FROM service_periods p LEFT JOIN usages u
+                   ON u.subscription_id = p.subscription_id AND u.period_start_time = p.start_time
+                 GROUP BY p.subscription_id, p.start_time, p.hard_limit, p.used",
+            )
+            .fetch_all(pools[run])
+            .await?;
+            for (period, limit, used, sum) in rows {
+                if used != sum {
+                    v.counted_twice += 1;
+                    v.example(format!("run {run}: {period}: used {used}, its usages sum to {sum}"));
+                }
+                if limit.is_some_and(|l| used > l) {
+                    v.over_limit += 1;
+                    v.example(format!(
+                        "run {run}: {period}: used {used} over the hard limit {limit:?}"
+                    ));
+                }
+                periods[run].insert(period, used);
+            }
+            // Created outcomes on the topic against usages in the table.
+            let created: HashSet<String> = decided[run]
+                .values()
+                .filter(|s| s.starts_with("created "))
+                .filter_map(|s| s.split(" usage ").nth(1)?.split(' ').next().map(str::to_owned))
+                .collect();
+            let stored: HashSet<String> = sqlx::query_scalar("SELECT id FROM usages")
+                .fetch_all(pools[run])
+                .await?
+                .into_iter()
+                .collect();
+            for id in created.difference(&stored) {
+                v.usages_lost += 1;
+                v.example(format!("run {run}: usage {id} created on the topic, not stored"));
+            }
+            for id in stored.difference(&created) {
+                v.counted_twice += 1;
+                v.example(format!("run {run}: usage {id} stored without a created outcome"));
+            }
+        }
+        for (key, chaos) in &decided[0] {
+            if let Some(clean) = decided[1].get(key) {
+                if chaos != clean {
+                    v.decisions_mismatched += 1;
+                    v.example(format!("{key:?}: chaos run {chaos:?}, clean run {clean:?}"));
+                }
+            }
+        }
+        let alert_keys: HashSet<&Key> = alerted[0].keys().chain(alerted[1].keys()).collect();
+        for key in alert_keys {
+            let (chaos, clean) = (alerted[0].get(key), alerted[1].get(key));
+            if chaos != clean {
+                v.alerts_mismatched += 1;
+                v.example(format!("alert {key:?}: chaos run {chaos:?}, clean run {clean:?}"));
+            }
+        }
+        let period_keys: HashSet<&String> = periods[0].keys().chain(periods[1].keys()).collect();
+        for key in period_keys {
+            let (chaos, clean) = (periods[0].get(key), periods[1].get(key));
+            if chaos != clean {
+                v.periods_mismatched += 1;
+                v.example(format!(
+                    "period {key}: used {chaos:?} in the chaos run, {clean:?} clean"
+                ));
+            }
+        }
+        Ok(v)
+    }
+
+    fn example(&mut self, what: String) {
+        if self.examples.len() < 20 {
+            self.examples.push(what);
+        }
+    }
+
+    fn lost(&self) -> u64 {
+        self.outcomes[0].missing + self.usages_lost
+    }
+
+    fn duplicated(&self) -> u64 {
+        self.outcomes[0].duplicated + self.counted_twice
+    }
+
+    fn mismatched(&self) -> u64 {
+        self.decisions_mismatched + self.alerts_mismatched + self.periods_mismatched
+    }
+}
+
+struct Report {
+    seed: u64,
+    events: u64,
+    inputs: u64,
+    seconds: f64,
+    workers: usize,
+    tally: Tally,
+    verdict: Verdict,
+    statement_timeouts: usize,
+}
+
+impl Report {
+    fn passed(&self) -> bool {
+        let v = &self.verdict;
+        let inputs = self.inputs as i64;
+        v.lost() == 0
+            && v.duplicated() == 0
+            && v.over_limit == 0
+            && v.mismatched() == 0
+            && v.outcomes.iter().chain(&v.alerts).all(Check::ok)
+            && v.decisions.iter().all(|d| *d == (inputs, inputs))
+            && v.alerts_stored == v.alerts_on_topic
+            && self.tally.unexpected_exits.is_empty()
+            && self.tally.outages.iter().all(PgOutage::ok)
+    }
+
+    fn print(&self) {
+        let (t, v) = (&self.tally, &self.verdict);
+        println!("\n== usage-worker chaos ==");
+        println!("seed                 {}", self.seed);
+        println!(
+            "events               {} produced, {} input messages (broker repeats of the load included), {:.0} s",
+            self.events, self.inputs, self.seconds
+        );
+        println!(
+            "workers              {} in the group, {} joined and {} left",
+            self.workers, t.joins, t.leaves
+        );
+        println!("kills (SIGKILL)      {}", t.kills);
+        println!("PostgreSQL restarts  {}", t.pg_restarts);
+        for o in &t.outages {
+            println!(
+                "  down {:.1} s: not ready after {}, ready again {} after the restart, busiest worker at {:.0}% CPU while down",
+                o.down.as_secs_f64(),
+                seconds(o.not_ready_after),
+                seconds(o.ready_again_after),
+                o.max_cpu_percent
+            );
+        }
+        println!("broker outages       {}", t.broker_outages);
+        println!(
+            "slow database        {} table locks, {} statement timeouts in the logs",
+            t.slow_db, self.statement_timeouts
+        );
+        println!(
+            "outcomes             {} chaos, {} clean, decisions stored {} / {}",
+            v.outcomes[0].inputs - v.outcomes[0].missing,
+            v.outcomes[1].inputs - v.outcomes[1].missing,
+            v.decisions[0].0,
+            v.decisions[1].0
+        );
+        println!(
+            "broker repeats       {} outcomes, {} alerts (the mock keeps retried sends; not duplicates)",
+            v.outcomes[0].broker_repeats, v.alerts[0].broker_repeats
+        );
+        println!(
+            "alerts               {} chaos ({} stored), {} clean ({} stored)",
+            v.alerts_on_topic[0], v.alerts_stored[0], v.alerts_on_topic[1], v.alerts_stored[1]
+        );
+        println!("lost                 {}", v.lost());
+        println!("duplicated           {}", v.duplicated() + v.alerts[0].duplicated);
+        println!("over limit           {}", v.over_limit);
+        println!(
+            "mismatched           {} ({} decisions, {} alerts, {} periods)",
+            v.mismatched(),
+            v.decisions_mismatched,
+            v.alerts_mismatched,
+            v.periods_mismatched
+        );
+        let checks = v.outcomes.iter().chain(&v.alerts);
+        for (name, c) in ["chaos outcomes", "clean outcomes", "chaos alerts", "clean alerts"]
+            .iter()
+            .zip(checks)
+        {
+            if !c.ok() {
+                println!("{name}: {c:?}");
+            }
+        }
+        for e in t.unexpected_exits.iter().chain(&v.examples) {
+            println!("  {e}");
+        }
+        println!(
+            "result               {}",
+            if self.passed() { "PASSED" } else { "FAILED" }
+        );
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (t, v) = (&self.tally, &self.verdict);
+        serde_json::json!({
+            "seed": self.seed,
+            "events": self.events,
+            "inputs": self.inputs,
+            "seconds": self.seconds.round(),
+            "kills": t.kills,
+            "pg_restarts": t.pg_restarts,
+            "broker_outages": t.broker_outages,
+            "slow_db": t.slow_db,
+            "joins": t.joins,
+            "leaves": t.leaves,
+            "statement_timeouts": self.statement_timeouts,
+            "lost": v.lost(),
+            "duplicated": v.duplicated() + v.alerts[0].duplicated,
+            "broker_repeats": v.outcomes[0].broker_repeats + v.alerts[0].broker_repeats,
+            "over_limit": v.over_limit,
+            "mismatched": v.mismatched(),
+            "alerts": v.alerts_on_topic[0],
+            "unexpected_exits": t.unexpected_exits.len(),
+            "passed": self.passed(),
+        })
+    }
+}
+
+fn seconds(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.1} s", d.as_secs_f64()))
+        .unwrap_or_else(|| "never".into())
+}

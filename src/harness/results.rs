@@ -1,0 +1,318 @@
+//! Readers of the output topics, each in its own thread, from the first
+//! record. They check what a consumer of the topic would rely on:
+//! - one outcome per input offset (or one alert per alert id);
+//! - a record that comes again with the same id, `outbox-seq` and
+//!   CreateTime is the broker's repeat of a retried send (librdkafka's mock
+//!   cluster, unlike Kafka, keeps an idempotent producer's retries): counted
+//!   apart, never as a duplicate; with anything else different it is a real
+//!   duplicate;
+//! - per output partition, first copies carry `outbox-seq` 1, 2, 3, ... with
+//!   no gap and no step back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, Message};
+use serde::Deserialize;
+
+/// What a reader reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Records {
+    /// Outcomes, keyed by their input offset; `keep_decisions` keeps a
+    /// summary of each decision for comparison with another run.
+    Outcomes { keep_decisions: bool },
+    /// Limit alerts, keyed by alert id, summaries always kept.
+    Alerts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Source(i32, i64),
+    Alert(String),
+}
+
+/// The first copy of a record.
+struct First {
+    /// Id, outbox-seq and CreateTime: a broker's repeat has all three.
+    identity: (String, i64, Option<i64>),
+    /// What was decided, in a form that compares across runs.
+    summary: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    first: HashMap<Key, First>,
+    broker_repeats: u64,
+    duplicated: u64,
+    seq_breaks: u64,
+    last_seq: HashMap<i32, i64>,
+    examples: Vec<String>,
+    latencies_ms: Vec<f64>,
+    error: Option<String>,
+}
+
+impl State {
+    fn example(&mut self, what: String) {
+        if self.examples.len() < 10 {
+            self.examples.push(what);
+        }
+    }
+}
+
+pub struct ResultReader {
+    topic: String,
+    received: Arc<AtomicU64>,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a reader found against the input's high watermarks.
+#[derive(Debug, Default, Clone)]
+pub struct Check {
+    pub inputs: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    pub broker_repeats: u64,
+    /// Records whose outbox-seq did not follow the previous one.
+    pub seq_breaks: u64,
+    pub examples: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0 && self.seq_breaks == 0 && self.error.is_none()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Outcome {
+    status: String,
+    source: Source,
+    error: Option<ErrorCode>,
+    usage: Option<Usage>,
+    partial: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Source {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorCode {
+    code: String,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    id: String,
+    quantity: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Alert {
+    alert_id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    subscription_id: String,
+    limit: serde_json::Value,
+    used: serde_json::Value,
+    usage_id: String,
+}
+
+impl ResultReader {
+    pub fn start(bootstrap: &str, topic: &str, partitions: i32, records: Records) -> anyhow::Result<Self> {
+        let consumer = crate::kafka::topic_reader(bootstrap, topic, partitions)?;
+        let received = Arc::new(AtomicU64::new(0));
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, state, stop) = (received.clone(), state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match consumer.poll(Duration::from_millis(50)) {
+                        Some(Ok(m)) => {
+                            let mut st = state.lock().unwrap();
+                            match read(&m, records, &mut st) {
+                                Ok(true) => {
+                                    received.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    let e = format!("{}/{}: {e}", m.partition(), m.offset());
+                                    st.error.get_or_insert(e);
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            state.lock().unwrap().error.get_or_insert(format!("reading: {e}"));
+                        }
+                        None => {}
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            topic: topic.to_owned(),
+            received,
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// First copies read so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn start_latency_window(&self) {
+        self.state.lock().unwrap().latencies_ms.clear();
+    }
+
+    pub fn take_latencies(&self) -> Vec<f64> {
+        std::mem::take(&mut self.state.lock().unwrap().latencies_ms)
+    }
+
+    /// The summaries of the first copies (with `keep_decisions`, or alerts).
+    pub fn summaries(&self) -> HashMap<Key, String> {
+        let state = self.state.lock().unwrap();
+        state
+            .first
+            .iter()
+            .filter_map(|(k, f)| f.summary.clone().map(|s| (k.clone(), s)))
+            .collect()
+    }
+
+    /// Outcomes: exactly one per offset below each input partition's high
+    /// watermark. Alerts: pass the input watermarks as empty.
+    pub fn check(&self, input_highs: &[i64]) -> Check {
+        let state = self.state.lock().unwrap();
+        let mut check = Check {
+            inputs: input_highs.iter().sum::<i64>() as u64,
+            duplicated: state.duplicated,
+            broker_repeats: state.broker_repeats,
+            seq_breaks: state.seq_breaks,
+            examples: state.examples.clone(),
+            error: state.error.clone().map(|e| format!("{}: {e}", self.topic)),
+            ..Check::default()
+        };
+        for (p, high) in input_highs.iter().enumerate() {
+            for offset in 0..*high {
+                if !state.first.contains_key(&Key::Source(p as i32, offset)) {
+                    check.missing += 1;
+                    if check.examples.len() < 10 {
+                        check.examples.push(format!("no outcome for input {p}/{offset}"));
+                    }
+                }
+            }
+        }
+        let beyond = state
+            .first
+            .keys()
+            .filter(|k| matches!(k, Key::Source(p, o) if input_highs.get(*p as usize).is_none_or(|h| o >= h)))
+            .count();
+        if beyond > 0 {
+            check.error.get_or_insert(format!(
+                "{}: {beyond} outcomes for offsets not on the input",
+                self.topic
+            ));
+        }
+        check
+    }
+}
+
+/// Reads one record into the state; true for a first copy.
+fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<bool, String> {
+    let headers = crate::kafka::headers::of_borrowed(m);
+    let header = |name: &str| crate::kafka::headers::text(&headers, name).map(str::to_owned);
+    let seq: i64 = header("outbox-seq")
+        .and_then(|s| s.parse().ok())
+        .ok_or("no outbox-seq header")?;
+    let payload = m.payload().ok_or("no payload")?;
+    let (key, id, summary) = match records {
+        Records::Outcomes { keep_decisions } => {
+            let o: Outcome = serde_json::from_slice(payload).map_err(|e| format!("unreadable outcome: {e}"))?;
+            if let Some(sent) = o.source.timestamp.as_deref() {
+                let sent = chrono::DateTime::parse_from_rfc3339(sent).map_err(|e| format!("source.timestamp: {e}"))?;
+                let ms = (Utc::now() - sent.with_timezone(&Utc)).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                st.latencies_ms.push(ms);
+            }
+            let summary = keep_decisions.then(|| {
+                let usage = o
+                    .usage
+                    .as_ref()
+                    .map(|u| format!(" usage {} quantity {}", u.id, u.quantity))
+                    .unwrap_or_default();
+                let code = o.error.as_ref().map(|e| format!(" {}", e.code)).unwrap_or_default();
+                let partial = if o.partial == Some(true) { " partial" } else { "" };
+                format!("{}{code}{usage}{partial}", o.status)
+            });
+            let id = header("outcome-id").ok_or("no outcome-id header")?;
+            (Key::Source(o.source.partition, o.source.offset), id, summary)
+        }
+        Records::Alerts => {
+            let a: Alert = serde_json::from_slice(payload).map_err(|e| format!("unreadable alert: {e}"))?;
+            let summary = format!(
+                "{} {} limit {} used {} by {}",
+                a.kind, a.subscription_id, a.limit, a.used, a.usage_id
+            );
+            (Key::Alert(a.alert_id.clone()), a.alert_id, Some(summary))
+        }
+    };
+    let identity = (id, seq, m.timestamp().to_millis());
+    if let Some(first) = st.first.get(&key) {
+        if first.identity == identity {
+            st.broker_repeats += 1;
+        } else {
+            st.duplicated += 1;
+            let what = format!(
+                "{key:?} again at {}/{} ({identity:?}, first {:?})",
+                m.partition(),
+                m.offset(),
+                first.identity
+            );
+            st.example(what);
+        }
+        return Ok(false);
+    }
+    let last = st.last_seq.entry(m.partition()).or_insert(0);
+    if seq != *last + 1 {
+        let what = format!("outbox-seq {seq} after {last} at {}/{}", m.partition(), m.offset());
+        *last = seq;
+        st.seq_breaks += 1;
+        st.example(what);
+    } else {
+        *last = seq;
+    }
+    st.first.insert(key, First { identity, summary });
+    Ok(true)
+}
+
+impl Drop for ResultReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// High watermarks of every partition of a topic.
+pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    (0..partitions)
+        .map(|p| Ok(consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?.1))
+        .collect()
+}
