@@ -3,16 +3,24 @@
 //! partitions this worker owns. Before it publishes a partition it has just
 //! taken over, it reads the partition's last record on the topic and skips
 //! every record up to that record's `outbox-seq`.
+//!
+//! A partition's former owner may still be alive (a worker evicted from the
+//! group while it could not reach the brokers) with records in flight. Two
+//! rules keep those from landing after the new owner has read the topic:
+//! a revocation waits for the round in flight only `REVOKE_WAIT`, then
+//! purges the producer's queue and in-flight requests so that none of them
+//! is retried later; and a new owner whose partition has unpublished records
+//! waits `TAKEOVER_QUIET`, longer than that, before it reads the topic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -21,6 +29,14 @@ use crate::store;
 
 /// How many records one round reads from the outbox per partition.
 const ROUND_LIMIT: i64 = 5000;
+/// How long a revocation waits for the round in flight before it purges the
+/// producer.
+const REVOKE_WAIT: Duration = Duration::from_secs(1);
+/// How long a new owner of a partition with unpublished records waits
+/// before it reads the topic: the former owner's revocation (which may
+/// notice its eviction a little later than the group coordinator did) has
+/// purged or delivered its records by then.
+const TAKEOVER_QUIET: Duration = Duration::from_secs(3);
 
 pub struct Relay {
     pool: PgPool,
@@ -30,6 +46,8 @@ pub struct Relay {
     /// (topic, partition) -> last sequence known to be on the topic; `None`
     /// until read back from the topic after an assignment or a failure.
     owned: Mutex<HashMap<(String, i32), Option<i64>>>,
+    /// When each owned input partition was assigned.
+    assigned_at: Mutex<HashMap<i32, Instant>>,
     /// Held for the length of a publishing round; a revocation waits for it,
     /// so that a partition's next owner never publishes alongside us.
     round: tokio::sync::Mutex<()>,
@@ -49,12 +67,18 @@ impl Relay {
             reader_config,
             topics,
             owned: Mutex::new(HashMap::new()),
+            assigned_at: Mutex::new(HashMap::new()),
             round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         })
     }
 
     pub fn assign(&self, partitions: &[i32]) {
+        let now = Instant::now();
+        self.assigned_at
+            .lock()
+            .expect("relay lock")
+            .extend(partitions.iter().map(|p| (*p, now)));
         let mut owned = self.owned.lock().expect("relay lock");
         for topic in &self.topics {
             for p in partitions {
@@ -65,12 +89,31 @@ impl Relay {
     }
 
     /// Stops publishing the partitions and waits for a round in flight to
-    /// finish. Call from a thread that may block (the consumer thread).
+    /// finish; one that cannot finish in `REVOKE_WAIT` (its deliveries wait
+    /// for unreachable brokers) has the producer purged, so that nothing of
+    /// it is sent after the partitions have moved. Call from a thread that
+    /// may block (the consumer thread).
     pub fn revoke(&self, partitions: &[i32]) {
         self.owned
             .lock()
             .expect("relay lock")
             .retain(|(_, p), _| !partitions.contains(p));
+        self.assigned_at
+            .lock()
+            .expect("relay lock")
+            .retain(|p, _| !partitions.contains(p));
+        let deadline = Instant::now() + REVOKE_WAIT;
+        while Instant::now() < deadline {
+            if self.round.try_lock().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::warn!(
+            ?partitions,
+            "the publishing round in flight did not finish; purging the producer's queued and in-flight records"
+        );
+        self.producer.purge(PurgeConfig::default().queue().inflight());
         drop(self.round.blocking_lock());
     }
 
@@ -152,6 +195,11 @@ impl Relay {
             let published = match known {
                 Some(seq) => seq,
                 None => {
+                    if self.in_takeover_quiet(partition)
+                        && store::has_unpublished(&self.pool, &topic, partition).await?
+                    {
+                        continue;
+                    }
                     let seq = self.resync(&topic, partition).await?;
                     self.set_published(&topic, partition, seq);
                     seq
@@ -163,6 +211,12 @@ impl Relay {
             return Ok(0);
         }
         let records = store::pending_many(&self.pool, &after, ROUND_LIMIT).await?;
+        // A revocation during the reads above takes effect now.
+        let owned: HashSet<(String, i32)> = self.owned.lock().expect("relay lock").keys().cloned().collect();
+        let records: Vec<_> = records
+            .into_iter()
+            .filter(|(topic, partition, _)| owned.contains(&(topic.clone(), *partition)))
+            .collect();
         let mut deliveries = Vec::with_capacity(records.len());
         let mut failure = None;
         for (topic, partition, record) in &records {
@@ -254,6 +308,14 @@ impl Relay {
                 Err((e, _)) => return Err(e).context("enqueueing an outbox record"),
             }
         }
+    }
+
+    fn in_takeover_quiet(&self, partition: i32) -> bool {
+        self.assigned_at
+            .lock()
+            .expect("relay lock")
+            .get(&partition)
+            .is_some_and(|at| at.elapsed() < TAKEOVER_QUIET)
     }
 
     fn set_published(&self, topic: &str, partition: i32, seq: i64) {

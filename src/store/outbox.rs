@@ -140,6 +140,20 @@ pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord
     append(conn, &fresh).await
 }
 
+/// Whether a partition has records stored after its recorded published
+/// sequence (some may be on the topic already: the record lags).
+pub async fn has_unpublished(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<bool> {
+    let pending: Option<bool> = sqlx::query_scalar(
+        "SELECT next_seq - 1 > published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await
+    .context("reading outbox sequences")?;
+    Ok(pending.unwrap_or(false))
+}
+
 /// The last sequence number known to be on the topic for a partition.
 pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<i64> {
     let seq: Option<i64> =
