@@ -139,10 +139,21 @@ struct Tally {
     /// Per PostgreSQL outage: not ready seen, ready again, CPU of the
     /// workers while it was down (percent of one core, the busiest).
     outages: Vec<PgOutage>,
+    /// What was injected when (UTC), to read beside the workers' logs.
+    timeline: Vec<String>,
+}
+
+impl Tally {
+    fn note(&mut self, what: String) {
+        self.timeline
+            .push(format!("{} {what}", chrono::Utc::now().format("%H:%M:%S%.3f")));
+    }
 }
 
 #[derive(Debug)]
 struct PgOutage {
+    /// The worker whose readiness was watched; None when none was ready.
+    watched: Option<usize>,
     down: Duration,
     not_ready_after: Option<Duration>,
     ready_again_after: Option<Duration>,
@@ -152,7 +163,8 @@ struct PgOutage {
 impl PgOutage {
     /// Reported not ready while down, ready again by itself, no spinning.
     fn ok(&self) -> bool {
-        self.not_ready_after.is_some() && self.ready_again_after.is_some() && self.max_cpu_percent < 50.0
+        let readiness = self.watched.is_none() || (self.not_ready_after.is_some() && self.ready_again_after.is_some());
+        readiness && self.max_cpu_percent < 50.0
     }
 }
 
@@ -213,8 +225,11 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     let pg = PrivatePostgres::start(args.keep)?;
     let chaos_url = pg.url("usage_worker_chaos");
     store::create_database(&chaos_url).await?;
+    // Connected again for the checks at the end: its connections would
+    // only see the crashes.
     let chaos_pool = PgPool::connect(&chaos_url).await?;
     store::migrate(&chaos_pool).await?;
+    chaos_pool.close().await;
     let mut clean_url = url::Url::parse(&store::scratch_database(&settings.database.url, "usage_worker_chaos").await?)?;
     if !clean_url.query_pairs().any(|(k, _)| k == "sslmode") {
         clean_url.query_pairs_mut().append_pair("sslmode", "disable");
@@ -415,6 +430,7 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let input_highs = input_highs.expect("set when the load finished");
+    let chaos_pool = PgPool::connect(&chaos_url).await?;
     let statement_timeouts = (0..slots)
         .map(|slot| {
             std::fs::read_to_string(work_dir.join(format!("worker-{slot}.log")))
@@ -445,6 +461,7 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         statement_timeouts,
     };
     report.print();
+    std::fs::write(work_dir.join("timeline.txt"), report.tally.timeline.join("\n") + "\n")?;
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report.json())?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -476,15 +493,18 @@ async fn inject(
             let slot = live[rng.below(live.len() as u64) as usize];
             pool.running[slot].take().expect("live").kill()?;
             tally.kills += 1;
+            tally.note(format!("kill -9 worker {slot}"));
             tokio::time::sleep(rng.millis(0, 1500)).await;
             pool.spawn(slot)?;
         }
         Injection::Join => {
             pool.spawn(workers)?;
             tally.joins += 1;
+            tally.note(format!("worker {workers} joins"));
         }
         Injection::Leave => {
             if let Some(mut w) = pool.running[workers].take() {
+                tally.note(format!("worker {workers} leaves (SIGTERM)"));
                 let status = w.terminate(Duration::from_secs(40))?;
                 if !status.is_some_and(|s| s.success()) {
                     tally.unexpected_exits.push(format!(
@@ -504,15 +524,18 @@ async fn inject(
             for b in &brokers {
                 kafka.broker_down(*b)?;
             }
+            tally.note(format!("brokers {brokers:?} down"));
             tokio::time::sleep(rng.millis(1000, 5000)).await;
             for b in &brokers {
                 kafka.broker_up(*b)?;
             }
+            tally.note(format!("brokers {brokers:?} up"));
             tally.broker_outages += 1;
         }
         Injection::SlowDb => {
             let table = ["consumer_offsets", "service_periods", "usages", "outbox"][rng.below(4) as usize];
             let hold = rng.millis(STATEMENT_TIMEOUT_MS / 3, STATEMENT_TIMEOUT_MS * 2);
+            tally.note(format!("{table} locked for {} ms", hold.as_millis()));
             let mut conn = sqlx::PgConnection::connect(chaos_url).await?;
             let mut tx = conn.begin().await?;
             sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
@@ -524,15 +547,34 @@ async fn inject(
             tally.slow_db += 1;
         }
         Injection::PgRestart => {
+            // A worker that is ready now is watched: it must report not
+            // ready while the database is down and ready again after, by
+            // itself. (One still joining the group, say after a broker
+            // outage, is not ready for reasons of its own.)
             let live = pool.live();
-            let watched = live[rng.below(live.len() as u64) as usize];
-            let port = pool.ports[watched];
+            let mut ready = Vec::new();
+            let asked = Instant::now();
+            while ready.is_empty() && asked.elapsed() < Duration::from_secs(30) {
+                for slot in &live {
+                    if readyz(pool.ports[*slot]).await == Some(true) {
+                        ready.push(*slot);
+                    }
+                }
+                if ready.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            let watched = (!ready.is_empty()).then(|| ready[rng.below(ready.len() as u64) as usize]);
             let pids: Vec<&WorkerProcess> = live.iter().filter_map(|s| pool.running[*s].as_ref()).collect();
             let cpu_before: Vec<Duration> = pids.iter().map(|w| w.cpu_time()).collect::<anyhow::Result<_>>()?;
             let down = rng.millis(2000, 6000);
             pg.crash()?;
+            tally.note("PostgreSQL crashed".into());
             let crashed = Instant::now();
-            let not_ready_after = wait_for_readiness(port, false, Duration::from_secs(10)).await;
+            let not_ready_after = match watched {
+                Some(slot) => wait_for_readiness(pool.ports[slot], false, Duration::from_secs(10)).await,
+                None => None,
+            };
             let rest = down.saturating_sub(crashed.elapsed());
             tokio::time::sleep(rest).await;
             let max_cpu_percent = pids
@@ -545,10 +587,15 @@ async fn inject(
                 .fold(0.0, f64::max);
             let down = crashed.elapsed();
             pg.start_server()?;
+            tally.note("PostgreSQL restarted".into());
             let restarted = Instant::now();
-            let ready_again_after = wait_for_readiness(port, true, Duration::from_secs(60)).await;
+            let ready_again_after = match watched {
+                Some(slot) => wait_for_readiness(pool.ports[slot], true, Duration::from_secs(60)).await,
+                None => None,
+            };
             tally.pg_restarts += 1;
             tally.outages.push(PgOutage {
+                watched,
                 down,
                 not_ready_after,
                 ready_again_after: ready_again_after.map(|_| restarted.elapsed()),
@@ -755,6 +802,7 @@ impl Report {
             && v.alerts_stored == v.alerts_on_topic
             && self.tally.unexpected_exits.is_empty()
             && self.tally.outages.iter().all(PgOutage::ok)
+            && (self.tally.outages.is_empty() || self.tally.outages.iter().any(|o| o.watched.is_some()))
     }
 
     fn print(&self) {
@@ -772,11 +820,17 @@ impl Report {
         println!("kills (SIGKILL)      {}", t.kills);
         println!("PostgreSQL restarts  {}", t.pg_restarts);
         for o in &t.outages {
+            let readiness = match o.watched {
+                Some(slot) => format!(
+                    "worker {slot} not ready after {}, ready again {} after the restart",
+                    seconds(o.not_ready_after),
+                    seconds(o.ready_again_after)
+                ),
+                None => "no worker was ready to watch".into(),
+            };
             println!(
-                "  down {:.1} s: not ready after {}, ready again {} after the restart, busiest worker at {:.0}% CPU while down",
+                "  down {:.1} s: {readiness}, busiest worker at {:.0}% CPU while down",
                 o.down.as_secs_f64(),
-                seconds(o.not_ready_after),
-                seconds(o.ready_again_after),
                 o.max_cpu_percent
             );
         }
@@ -821,6 +875,12 @@ impl Report {
         }
         for e in t.unexpected_exits.iter().chain(&v.examples) {
             println!("  {e}");
+        }
+        if !self.passed() {
+            println!("timeline (UTC):");
+            for line in &t.timeline {
+                println!("  {line}");
+            }
         }
         println!(
             "result               {}",
