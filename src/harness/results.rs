@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message};
 use serde::Deserialize;
@@ -155,10 +156,13 @@ impl ResultReader {
                                 }
                             }
                         }
-                        Some(Err(e)) => {
+                        // Lost connections (a broker outage) are retried by the
+                        // client; an offset off the topic means records were
+                        // lost to retention before they were read.
+                        Some(Err(e)) if lost_records(&e) => {
                             state.lock().unwrap().error.get_or_insert(format!("reading: {e}"));
                         }
-                        None => {}
+                        Some(Err(_)) | None => {}
                     }
                 }
             })
@@ -231,6 +235,13 @@ impl ResultReader {
         }
         check
     }
+}
+
+fn lost_records(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
+    )
 }
 
 /// Reads one record into the state; true for a first copy.
@@ -315,4 +326,18 @@ pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> anyhow:
     (0..partitions)
         .map(|p| Ok(consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?.1))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_offset_off_the_topic_means_lost_records() {
+        let consumption = |code| KafkaError::MessageConsumption(code);
+        assert!(lost_records(&consumption(RDKafkaErrorCode::AutoOffsetReset)));
+        assert!(lost_records(&consumption(RDKafkaErrorCode::OffsetOutOfRange)));
+        assert!(!lost_records(&consumption(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(!lost_records(&consumption(RDKafkaErrorCode::AllBrokersDown)));
+    }
 }
