@@ -33,7 +33,7 @@ const MAX_PAYLOAD_BYTES: usize = 4096;
 
 fn ctx() -> DecodeContext {
     DecodeContext {
-        request_time: DateTime::from_timestamp(1_795_780_800, 0).expect("2026-11-27T10:00:00Z"),
+        request_time: DateTime::from_timestamp(1_795_780_800, 0).expect("2026-11-27T12:00:00Z"),
         max_future: Duration::minutes(5),
         max_payload_bytes: MAX_PAYLOAD_BYTES,
     }
