@@ -242,6 +242,12 @@ pub(crate) fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
 /// second as the first instant of the next second (how PostgreSQL stores
 /// it). Second 60 is only a leap second at 23:59:60 UTC on a month's last
 /// day (RFC 3339, 5.7); anywhere else it is an error.
+///
+/// The instant must also lie in the years 0000–9999 in UTC: every time the
+/// worker writes (outcomes, alerts, the API) is RFC 3339 in UTC, which has
+/// four-digit years only, so `0000-01-01T00:00:00+01:00` (in year -1 once in
+/// UTC) would be stored but written back as `-0001-12-31T23:00:00.000Z`,
+/// which no RFC 3339 reader, this one included, accepts.
 fn normalize(time: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     use chrono::{Datelike, Timelike};
     if time.nanosecond() >= 1_000_000_000 {
@@ -250,7 +256,9 @@ fn normalize(time: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
             return Err("has second 60 where no leap second can be (only 23:59:60 UTC on a month's last day)".into());
         }
     }
-    DateTime::from_timestamp_micros(time.timestamp_micros()).ok_or_else(|| "is out of range".to_owned())
+    DateTime::from_timestamp_micros(time.timestamp_micros())
+        .filter(|t| (0..=9999).contains(&t.year()))
+        .ok_or_else(|| "is out of range: it must fall in the years 0000 to 9999 once converted to UTC".to_owned())
 }
 
 /// What decoding needs to know about the request around the event.
@@ -446,6 +454,7 @@ fn decode_accept_partial(raw: Option<&RawValue>) -> Result<bool, InvalidField> {
 #[cfg(test)]
 mod normalize_tests {
     use super::parse_timestamp;
+    use crate::domain::outcome::format_time;
 
     #[test]
     fn times_are_kept_to_microseconds() {
@@ -458,6 +467,27 @@ mod normalize_tests {
         let t = parse_timestamp("2016-12-31T23:59:60Z").unwrap();
         assert_eq!(t.to_rfc3339(), "2017-01-01T00:00:00+00:00");
         assert!(parse_timestamp("2016-12-31T23:59:60.5Z").is_ok());
+    }
+
+    #[test]
+    fn times_outside_the_four_digit_utc_years_are_rejected() {
+        // The round trip of fuzz/fuzz_targets/decode_event.rs: accepted, then written
+        // back as "-0001-12-31T23:00:00.000Z", which is not RFC 3339.
+        for bad in [
+            "0000-01-01T00:00:00+01:00",
+            "9999-12-31T23:00:00-05:00",
+            "9999-12-31T23:59:60Z",
+        ] {
+            assert!(parse_timestamp(bad).unwrap_err().contains("0000 to 9999"), "{bad}");
+        }
+        for good in [
+            "0000-01-01T00:00:00Z",
+            "0000-01-01T01:00:00+01:00",
+            "9999-12-31T23:59:59.999999Z",
+        ] {
+            let written = format_time(parse_timestamp(good).unwrap());
+            assert!(parse_timestamp(&written).is_ok(), "{good} is written back as {written}");
+        }
     }
 
     #[test]

@@ -1308,9 +1308,17 @@ fn time_zones_and_leap_seconds(c: &mut Corpus) {
         "2026-11-27T09:00:00-12:00",
         "2026-11-27T10:05:00-00:01",
         "9999-12-31T23:59:59Z",
-        "9999-12-31T23:59:60Z",
     ] {
         c.add(format!("usageTime {text}"), at(text), in_future());
+    }
+    // Valid RFC 3339, but in a year RFC 3339 cannot write once converted to
+    // UTC (every time the worker writes is in UTC): years 0000 to 9999 only.
+    for text in [
+        "0000-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:60Z",
+        "9999-12-31T23:00:00-05:00",
+    ] {
+        c.add(format!("usageTime {text}"), at(text), invalid("usageTime"));
     }
     // Not an RFC 3339 date-time with an offset.
     for text in [
