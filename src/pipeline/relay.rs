@@ -162,7 +162,9 @@ impl Relay {
         if after.is_empty() {
             return Ok(0);
         }
+        let clock = std::time::Instant::now();
         let records = store::pending_many(&self.pool, &after, ROUND_LIMIT).await?;
+        let read = clock.elapsed();
         let mut deliveries = Vec::with_capacity(records.len());
         for (topic, partition, record) in &records {
             deliveries.push(self.send(topic, *partition, record).await?);
@@ -181,10 +183,20 @@ impl Relay {
             }
             last.insert((topic.clone(), *partition), record.seq);
         }
+        let delivered = clock.elapsed();
         let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
         store::mark_published_many(&self.pool, &published).await?;
         for (topic, partition, seq) in &published {
             self.set_published(topic, *partition, *seq);
+        }
+        if !records.is_empty() {
+            tracing::debug!(
+                records = records.len(),
+                read_ms = read.as_secs_f64() * 1e3,
+                deliver_ms = (delivered - read).as_secs_f64() * 1e3,
+                mark_ms = (clock.elapsed() - delivered).as_secs_f64() * 1e3,
+                "relay round"
+            );
         }
         Ok(records.len())
     }
