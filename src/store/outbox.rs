@@ -143,7 +143,7 @@ pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord
 /// The last sequence number known to be on the topic for a partition.
 pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<i64> {
     let seq: Option<i64> =
-        sqlx::query_scalar("SELECT published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2")
+        sqlx::query_scalar("SELECT published_seq FROM outbox_published WHERE topic = $1 AND partition = $2")
             .bind(topic)
             .bind(partition)
             .fetch_optional(pool)
@@ -230,10 +230,14 @@ pub async fn pending_many(
 /// Records, for each (topic, partition), that its sequence up to the given
 /// one is on the topic.
 pub async fn mark_published_many(pool: &PgPool, published: &[(String, i32, i64)]) -> anyhow::Result<()> {
+    // Rows in one order, so that two relays (a rebalance) cannot deadlock.
+    let mut published = published.to_vec();
+    published.sort_unstable();
     sqlx::query(
-        "UPDATE outbox_partitions p SET published_seq = GREATEST(p.published_seq, w.seq)
-         FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, seq)
-         WHERE p.topic = w.topic AND p.partition = w.partition",
+        "INSERT INTO outbox_published (topic, partition, published_seq)
+         SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
+         ON CONFLICT (topic, partition) DO UPDATE
+         SET published_seq = GREATEST(outbox_published.published_seq, EXCLUDED.published_seq)",
     )
     .bind(published.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
     .bind(published.iter().map(|a| a.1).collect::<Vec<_>>())
@@ -244,12 +248,18 @@ pub async fn mark_published_many(pool: &PgPool, published: &[(String, i32, i64)]
     Ok(())
 }
 
-/// Records that `seq` (and everything before it) is on the topic.
+/// Records that `seq` (and everything before it) is on the topic; a
+/// partition with no counter yet gets one after `seq`, so that the next
+/// record stored for it is never numbered as one already on the topic.
 pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64) -> anyhow::Result<()> {
     sqlx::query(
-        "INSERT INTO outbox_partitions (topic, partition, next_seq, published_seq) VALUES ($1, $2, $3 + 1, $3)
+        "WITH counter AS (
+             INSERT INTO outbox_partitions (topic, partition, next_seq) VALUES ($1, $2, $3 + 1)
+             ON CONFLICT (topic, partition) DO NOTHING
+         )
+         INSERT INTO outbox_published (topic, partition, published_seq) VALUES ($1, $2, $3)
          ON CONFLICT (topic, partition) DO UPDATE
-         SET published_seq = GREATEST(outbox_partitions.published_seq, EXCLUDED.published_seq)",
+         SET published_seq = GREATEST(outbox_published.published_seq, EXCLUDED.published_seq)",
     )
     .bind(topic)
     .bind(partition)
@@ -263,7 +273,7 @@ pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64
 /// Deletes published records older than the retention time.
 pub async fn delete_expired(pool: &PgPool, retention_days: u32) -> anyhow::Result<u64> {
     let deleted = sqlx::query(
-        "DELETE FROM outbox o USING outbox_partitions p
+        "DELETE FROM outbox o USING outbox_published p
          WHERE o.topic = p.topic AND o.partition = p.partition AND o.seq <= p.published_seq
            AND o.created_time < now() - make_interval(days => $1)",
     )
