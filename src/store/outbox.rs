@@ -53,62 +53,73 @@ fn decode_headers(text: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Appends records, giving each the next sequence number of its output
-/// partition. The counter row is locked for the rest of the transaction, so
-/// sequence numbers follow commit order within a partition.
+/// partition. The counter rows are locked (in (topic, partition) order, the
+/// same for every caller) for the rest of the transaction, so sequence
+/// numbers follow commit order within a partition. One statement for every
+/// partition: a batch touches many, and round trips were most of the cost
+/// of small batches.
 pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<()> {
-    let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<&OutboxRecord>> = Default::default();
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut counts: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
+    // Per record: how far before its partition's new `next_seq` it lands.
+    let mut index = Vec::with_capacity(records.len());
     for r in records {
-        by_partition.entry((r.topic.as_str(), r.partition)).or_default().push(r);
+        let count = counts.entry((r.topic.as_str(), r.partition)).or_default();
+        index.push(*count);
+        *count += 1;
     }
-    for ((topic, partition), records) in by_partition {
-        let count = records.len() as i64;
-        let first: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox_partitions (topic, partition, next_seq) VALUES ($1, $2, 1 + $3)
-             ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + $3
-             RETURNING next_seq - $3",
-        )
-        .bind(topic)
-        .bind(partition)
-        .bind(count)
-        .fetch_one(&mut *conn)
-        .await
-        .context("allocating outbox sequence numbers")?;
-        let headers: Vec<String> = records.iter().map(|r| encode_headers(&r.headers)).collect();
-        sqlx::query(
-            "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
-                                 source_topic, source_partition, source_offset)
-             SELECT $1, $2, $3 + ord - 1, k, p, h, st, sp, so
-             FROM UNNEST($4::bytea[], $5::bytea[], $6::text[], $7::text[], $8::int[], $9::bigint[])
-                  WITH ORDINALITY AS r(k, p, h, st, sp, so, ord)",
-        )
-        .bind(topic)
-        .bind(partition)
-        .bind(first)
-        .bind(records.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
-        .bind(headers)
-        .bind(
-            records
-                .iter()
-                .map(|r| r.source.as_ref().map(|s| s.0.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.source.as_ref().map(|s| s.1))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.source.as_ref().map(|s| s.2))
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *conn)
-        .await
-        .context("inserting outbox records")?;
-    }
+    let back: Vec<i64> = records
+        .iter()
+        .zip(index)
+        .map(|(r, i)| counts[&(r.topic.as_str(), r.partition)] - i)
+        .collect();
+    let headers: Vec<String> = records.iter().map(|r| encode_headers(&r.headers)).collect();
+    sqlx::query(
+        "WITH counters AS (
+             INSERT INTO outbox_partitions (topic, partition, next_seq)
+             SELECT t, p, 1 + n FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS c(t, p, n) ORDER BY t, p
+             ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + EXCLUDED.next_seq - 1
+             RETURNING topic, partition, next_seq
+         )
+         INSERT INTO outbox (topic, partition, seq, key, payload, headers,
+                             source_topic, source_partition, source_offset)
+         SELECT r.t, r.p, c.next_seq - r.back, r.k, r.pl, r.h, r.st, r.sp, r.so
+         FROM UNNEST($4::text[], $5::int[], $6::bigint[], $7::bytea[], $8::bytea[], $9::text[],
+                     $10::text[], $11::int[], $12::bigint[]) AS r(t, p, back, k, pl, h, st, sp, so)
+         JOIN counters c ON c.topic = r.t AND c.partition = r.p",
+    )
+    .bind(counts.keys().map(|k| k.0).collect::<Vec<_>>())
+    .bind(counts.keys().map(|k| k.1).collect::<Vec<_>>())
+    .bind(counts.values().copied().collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
+    .bind(back)
+    .bind(records.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
+    .bind(headers)
+    .bind(
+        records
+            .iter()
+            .map(|r| r.source.as_ref().map(|s| s.0.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.source.as_ref().map(|s| s.1))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.source.as_ref().map(|s| s.2))
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *conn)
+    .await
+    .context("inserting outbox records")?;
     Ok(())
 }
 
