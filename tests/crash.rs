@@ -744,7 +744,7 @@ async fn every_event_has_exactly_one_outcome_and_decision_across_kill_9() {
         assert_eq!(last_seq[&p], high, "usage-results/{p} ends at the last seq");
     }
     let outbox_partitions: Vec<(i32, i64, i64)> = sqlx::query_as(
-        "SELECT partition, next_seq, published_seq FROM outbox_partitions
+        "SELECT partition, next_seq, published_seq FROM outbox_partitions JOIN outbox_published USING (topic, partition)
          WHERE topic = 'usage-results' ORDER BY partition",
     )
     .fetch_all(&env.pool)

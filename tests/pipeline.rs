@@ -298,7 +298,7 @@ async fn stored_but_unpublished_outcomes_are_published_after_restart_and_publish
     // Simulate a crash after the topic got record 1 but before the database
     // recorded it, plus a decided-but-unpublished record 2 copied from it.
     let partition = first[0].partition;
-    sqlx::query("UPDATE outbox_partitions SET published_seq = 0")
+    sqlx::query("UPDATE outbox_published SET published_seq = 0")
         .execute(&env.pool)
         .await
         .unwrap();

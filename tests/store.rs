@@ -1,4 +1,5 @@
-//! The store's snapshot rules, against a real PostgreSQL database.
+//! The store's rules, against a real PostgreSQL database: snapshots, and the
+//! fence between relays.
 
 mod common;
 
@@ -6,7 +7,7 @@ use chrono::{DateTime, Utc};
 use common::TestEnv;
 use rust_decimal::Decimal;
 use usage_worker::domain::subscription::decode_snapshot;
-use usage_worker::store::{apply_snapshots, SnapshotChange};
+use usage_worker::store::{apply_snapshots, claim_partition, lock_claimed, SnapshotChange};
 
 fn t(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -147,4 +148,51 @@ async fn older_versions_and_replays_change_nothing_and_offsets_never_move_back()
             .await,
         10
     );
+}
+
+/// Two relays and one output partition: taking it over waits for the former
+/// owner's round in flight, and the former owner's next round finds it gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_the_former_owners_round_and_ends_its_publishing() {
+    let env = TestEnv::start().await;
+    let partition = vec![("usage-results".to_owned(), 3)];
+    claim_partition(&env.pool, "usage-results", 3, "old").await.unwrap();
+
+    // The old owner's round is in flight: it holds the row.
+    let mut round = env.pool.begin().await.unwrap();
+    assert_eq!(
+        lock_claimed(&mut round, "old", &partition).await.unwrap(),
+        partition.iter().cloned().collect()
+    );
+    let claim = tokio::spawn({
+        let pool = env.pool.clone();
+        async move { claim_partition(&pool, "usage-results", 3, "new").await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting = env
+            .scalar_i64(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO outbox_owners%'",
+            )
+            .await;
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the claim never waited for the round"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!claim.is_finished());
+    round.commit().await.unwrap();
+    claim.await.unwrap().unwrap();
+
+    let mut old_next = env.pool.begin().await.unwrap();
+    assert!(lock_claimed(&mut old_next, "old", &partition).await.unwrap().is_empty());
+    old_next.commit().await.unwrap();
+    let mut new_round = env.pool.begin().await.unwrap();
+    assert_eq!(lock_claimed(&mut new_round, "new", &partition).await.unwrap().len(), 1);
+    new_round.commit().await.unwrap();
 }

@@ -42,6 +42,11 @@ pub enum Command {
     /// Read the partition again from this offset (the stored offset is
     /// behind what the consumer read, so something was not decided).
     Seek { partition: i32, offset: i64 },
+    /// The pipeline is ready for its next batch. Until it asks, the thread
+    /// keeps gathering (up to the batch size), so a busy pipeline gets one
+    /// fresh, full batch rather than a queue of small ones that aged while
+    /// they waited.
+    NextBatch,
 }
 
 struct Ctx {
@@ -168,17 +173,38 @@ fn run(
     let mut ranges: HashMap<i32, (i64, i64)> = HashMap::new();
     let mut first_at: Option<Instant> = None;
     let mut generation = 0;
+    let mut wanted = false;
+    let command =
+        |command: Command, pending: &mut Vec<OwnedMessage>, ranges: &mut HashMap<i32, (i64, i64)>| match command {
+            Command::Seek { partition, offset } => {
+                seek(&consumer, &settings.topic, &positions, partition, offset);
+                pending.retain(|m| m.partition() != partition);
+                ranges.remove(&partition);
+                false
+            }
+            Command::NextBatch => true,
+        };
     while !stop.load(Ordering::Relaxed) {
-        while let Ok(Command::Seek { partition, offset }) = commands.try_recv() {
-            seek(&consumer, &settings.topic, &positions, partition, offset);
-            pending.retain(|m| m.partition() != partition);
-            ranges.remove(&partition);
+        while let Ok(c) = commands.try_recv() {
+            wanted |= command(c, &mut pending, &mut ranges);
         }
+        if pending.len() >= settings.batch_size && !wanted {
+            // Back-pressure: the batch is full and the pipeline is busy.
+            match commands.recv_timeout(Duration::from_millis(100)) {
+                Ok(c) => wanted |= command(c, &mut pending, &mut ranges),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            continue;
+        }
+        let lingered = first_at.is_some_and(|t| t.elapsed() >= settings.linger);
         let wait = match first_at {
+            // Ready but the pipeline is busy: look for its request often.
+            Some(_) if lingered => Duration::from_millis(if wanted { 0 } else { 2 }),
             Some(t) => settings.linger.saturating_sub(t.elapsed()),
             None => Duration::from_millis(100),
         };
-        let polled = consumer.poll(wait);
+        let polled = if lingered && wanted { None } else { consumer.poll(wait) };
         {
             let current = positions.lock().expect("positions lock").generation;
             if current != generation {
@@ -210,13 +236,13 @@ fn run(
         }
         let full = pending.len() >= settings.batch_size;
         let lingered = first_at.is_some_and(|t| t.elapsed() >= settings.linger);
-        if !pending.is_empty() && (full || lingered) {
+        if wanted && !pending.is_empty() && (full || lingered) {
             let batch = UsageBatch {
                 messages: std::mem::take(&mut pending),
                 ranges: ranges.drain().map(|(p, (a, b))| (p, a, b)).collect(),
                 read_at: first_at.take().unwrap_or_else(Instant::now),
             };
-            // Blocking here is the back-pressure: the pipeline is busy.
+            wanted = false;
             if batches.blocking_send(batch).is_err() {
                 break;
             }

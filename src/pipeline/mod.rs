@@ -184,6 +184,8 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
+        // Fails only when the consumer thread is gone; `recv` says so below.
+        let _ = worker.commands.send(consumer::Command::NextBatch);
         let batch = tokio::select! {
             batch = batch_rx.recv() => batch,
             _ = &mut shutdown => break,
@@ -240,6 +242,13 @@ struct Worker {
 impl Worker {
     async fn process(&self, batch: consumer::UsageBatch) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
+        let queued = started.duration_since(batch.read_at);
+        let oldest_ms = batch
+            .messages
+            .iter()
+            .filter_map(|m| m.timestamp().to_millis())
+            .min()
+            .map(|t| Utc::now().timestamp_millis() - t);
         self.wait_for_control_topics().await;
         let waited = started.elapsed();
         let now = Utc::now();
@@ -252,6 +261,8 @@ impl Worker {
         self.relay.wake();
         tracing::debug!(
             messages = messages.len(),
+            queued_ms = queued.as_secs_f64() * 1e3,
+            oldest_ms,
             wait_ms = waited.as_secs_f64() * 1e3,
             decode_ms = (decoded - waited).as_secs_f64() * 1e3,
             decide_ms = (started.elapsed() - decoded).as_secs_f64() * 1e3,

@@ -4,13 +4,17 @@
 //! taken over, it reads the partition's last record on the topic and skips
 //! every record up to that record's `outbox-seq`.
 //!
-//! A partition's former owner may still be alive (a worker evicted from the
-//! group while it could not reach the brokers) with records in flight. Two
-//! rules keep those from landing after the new owner has read the topic:
-//! a revocation waits for the round in flight only `REVOKE_WAIT`, then
-//! purges the producer's queue and in-flight requests so that none of them
-//! is retried later; and a new owner whose partition has unpublished records
-//! waits `TAKEOVER_QUIET`, longer than that, before it reads the topic.
+//! A partition's former owner may still be alive and publishing: a worker
+//! evicted from the group that has not noticed yet (it could not reach the
+//! brokers, or its consumer thread was blocked on the database). PostgreSQL
+//! fences it (`outbox_owners`): a round runs with the rows of its partitions
+//! locked, and only for partitions this relay has claimed; taking a
+//! partition over claims its row first, which waits for a former owner's
+//! round in flight and stops its later rounds, and only then reads the
+//! topic. A revocation waits for the round in flight only `REVOKE_WAIT`,
+//! then purges the producer's queue and in-flight requests, so that a round
+//! stuck on unreachable brokers ends (its records are not retried later)
+//! and frees the rows for the new owner.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -32,11 +36,6 @@ const ROUND_LIMIT: i64 = 5000;
 /// How long a revocation waits for the round in flight before it purges the
 /// producer.
 const REVOKE_WAIT: Duration = Duration::from_secs(1);
-/// How long a new owner of a partition with unpublished records waits
-/// before it reads the topic: the former owner's revocation (which may
-/// notice its eviction a little later than the group coordinator did) has
-/// purged or delivered its records by then.
-const TAKEOVER_QUIET: Duration = Duration::from_secs(3);
 
 pub struct Relay {
     pool: PgPool,
@@ -46,8 +45,8 @@ pub struct Relay {
     /// (topic, partition) -> last sequence known to be on the topic; `None`
     /// until read back from the topic after an assignment or a failure.
     owned: Mutex<HashMap<(String, i32), Option<i64>>>,
-    /// When each owned input partition was assigned.
-    assigned_at: Mutex<HashMap<i32, Instant>>,
+    /// This relay's name in `outbox_owners`: unique per process.
+    instance: String,
     /// Held for the length of a publishing round; a revocation waits for it,
     /// so that a partition's next owner never publishes alongside us.
     round: tokio::sync::Mutex<()>,
@@ -67,18 +66,13 @@ impl Relay {
             reader_config,
             topics,
             owned: Mutex::new(HashMap::new()),
-            assigned_at: Mutex::new(HashMap::new()),
+            instance: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
             round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         })
     }
 
     pub fn assign(&self, partitions: &[i32]) {
-        let now = Instant::now();
-        self.assigned_at
-            .lock()
-            .expect("relay lock")
-            .extend(partitions.iter().map(|p| (*p, now)));
         let mut owned = self.owned.lock().expect("relay lock");
         for topic in &self.topics {
             for p in partitions {
@@ -98,10 +92,6 @@ impl Relay {
             .lock()
             .expect("relay lock")
             .retain(|(_, p), _| !partitions.contains(p));
-        self.assigned_at
-            .lock()
-            .expect("relay lock")
-            .retain(|p, _| !partitions.contains(p));
         let deadline = Instant::now() + REVOKE_WAIT;
         while Instant::now() < deadline {
             if self.round.try_lock().is_ok() {
@@ -195,11 +185,6 @@ impl Relay {
             let published = match known {
                 Some(seq) => seq,
                 None => {
-                    if self.in_takeover_quiet(partition)
-                        && store::has_unpublished(&self.pool, &topic, partition).await?
-                    {
-                        continue;
-                    }
                     let seq = self.resync(&topic, partition).await?;
                     self.set_published(&topic, partition, seq);
                     seq
@@ -210,7 +195,26 @@ impl Relay {
         if after.is_empty() {
             return Ok(0);
         }
+        // The fence: the round holds its partitions' rows until its
+        // deliveries are settled (the transaction ends with the function).
+        let mut fence = self.pool.begin().await.context("starting a publishing round")?;
+        let keys: Vec<(String, i32)> = after.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+        let claimed = store::lock_claimed(&mut fence, &self.instance, &keys).await?;
+        for (topic, partition) in keys.iter().filter(|k| !claimed.contains(*k)) {
+            tracing::warn!(
+                topic,
+                partition,
+                "another worker has claimed this output partition; no longer publishing it"
+            );
+            self.owned
+                .lock()
+                .expect("relay lock")
+                .remove(&(topic.clone(), *partition));
+        }
+        after.retain(|(t, p, _)| claimed.contains(&(t.clone(), *p)));
+        let clock = std::time::Instant::now();
         let records = store::pending_many(&self.pool, &after, ROUND_LIMIT).await?;
+        let read = clock.elapsed();
         // A revocation during the reads above takes effect now.
         let owned: HashSet<(String, i32)> = self.owned.lock().expect("relay lock").keys().cloned().collect();
         let records: Vec<_> = records
@@ -263,6 +267,7 @@ impl Relay {
         // fails (the database copy is a hint; a resync takes the further of
         // it and the topic). Going back to the database's figure would
         // publish these records a second time.
+        let delivered = clock.elapsed();
         let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
         for (topic, partition, seq) in &published {
             self.set_published(topic, *partition, *seq);
@@ -270,7 +275,17 @@ impl Relay {
         if let Some(e) = failure {
             return Err(e);
         }
+        fence.commit().await.context("ending a publishing round")?;
         store::mark_published_many(&self.pool, &published).await?;
+        if !records.is_empty() {
+            tracing::debug!(
+                records = records.len(),
+                read_ms = read.as_secs_f64() * 1e3,
+                deliver_ms = (delivered - read).as_secs_f64() * 1e3,
+                mark_ms = (clock.elapsed() - delivered).as_secs_f64() * 1e3,
+                "relay round"
+            );
+        }
         Ok(records.len())
     }
 
@@ -310,14 +325,6 @@ impl Relay {
         }
     }
 
-    fn in_takeover_quiet(&self, partition: i32) -> bool {
-        self.assigned_at
-            .lock()
-            .expect("relay lock")
-            .get(&partition)
-            .is_some_and(|at| at.elapsed() < TAKEOVER_QUIET)
-    }
-
     fn set_published(&self, topic: &str, partition: i32, seq: i64) {
         if let Some(known) = self
             .owned
@@ -344,6 +351,9 @@ impl Relay {
     /// further: the database may lag the topic after a crash between the
     /// delivery and its record.
     async fn resync(&self, topic: &str, partition: i32) -> anyhow::Result<i64> {
+        // Claimed first: a former owner's round in flight ends before the
+        // topic is read, and it publishes nothing here after.
+        store::claim_partition(&self.pool, topic, partition, &self.instance).await?;
         let stored = store::published_seq(&self.pool, topic, partition).await?;
         let config = self.reader_config.clone();
         let topic_owned = topic.to_owned();

@@ -53,62 +53,73 @@ fn decode_headers(text: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Appends records, giving each the next sequence number of its output
-/// partition. The counter row is locked for the rest of the transaction, so
-/// sequence numbers follow commit order within a partition.
+/// partition. The counter rows are locked (in (topic, partition) order, the
+/// same for every caller) for the rest of the transaction, so sequence
+/// numbers follow commit order within a partition. One statement for every
+/// partition: a batch touches many, and round trips were most of the cost
+/// of small batches.
 pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<()> {
-    let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<&OutboxRecord>> = Default::default();
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut counts: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
+    // Per record: how far before its partition's new `next_seq` it lands.
+    let mut index = Vec::with_capacity(records.len());
     for r in records {
-        by_partition.entry((r.topic.as_str(), r.partition)).or_default().push(r);
+        let count = counts.entry((r.topic.as_str(), r.partition)).or_default();
+        index.push(*count);
+        *count += 1;
     }
-    for ((topic, partition), records) in by_partition {
-        let count = records.len() as i64;
-        let first: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox_partitions (topic, partition, next_seq) VALUES ($1, $2, 1 + $3)
-             ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + $3
-             RETURNING next_seq - $3",
-        )
-        .bind(topic)
-        .bind(partition)
-        .bind(count)
-        .fetch_one(&mut *conn)
-        .await
-        .context("allocating outbox sequence numbers")?;
-        let headers: Vec<String> = records.iter().map(|r| encode_headers(&r.headers)).collect();
-        sqlx::query(
-            "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
-                                 source_topic, source_partition, source_offset)
-             SELECT $1, $2, $3 + ord - 1, k, p, h, st, sp, so
-             FROM UNNEST($4::bytea[], $5::bytea[], $6::text[], $7::text[], $8::int[], $9::bigint[])
-                  WITH ORDINALITY AS r(k, p, h, st, sp, so, ord)",
-        )
-        .bind(topic)
-        .bind(partition)
-        .bind(first)
-        .bind(records.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
-        .bind(records.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
-        .bind(headers)
-        .bind(
-            records
-                .iter()
-                .map(|r| r.source.as_ref().map(|s| s.0.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.source.as_ref().map(|s| s.1))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            records
-                .iter()
-                .map(|r| r.source.as_ref().map(|s| s.2))
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *conn)
-        .await
-        .context("inserting outbox records")?;
-    }
+    let back: Vec<i64> = records
+        .iter()
+        .zip(index)
+        .map(|(r, i)| counts[&(r.topic.as_str(), r.partition)] - i)
+        .collect();
+    let headers: Vec<String> = records.iter().map(|r| encode_headers(&r.headers)).collect();
+    sqlx::query(
+        "WITH counters AS (
+             INSERT INTO outbox_partitions (topic, partition, next_seq)
+             SELECT t, p, 1 + n FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS c(t, p, n) ORDER BY t, p
+             ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + EXCLUDED.next_seq - 1
+             RETURNING topic, partition, next_seq
+         )
+         INSERT INTO outbox (topic, partition, seq, key, payload, headers,
+                             source_topic, source_partition, source_offset)
+         SELECT r.t, r.p, c.next_seq - r.back, r.k, r.pl, r.h, r.st, r.sp, r.so
+         FROM UNNEST($4::text[], $5::int[], $6::bigint[], $7::bytea[], $8::bytea[], $9::text[],
+                     $10::text[], $11::int[], $12::bigint[]) AS r(t, p, back, k, pl, h, st, sp, so)
+         JOIN counters c ON c.topic = r.t AND c.partition = r.p",
+    )
+    .bind(counts.keys().map(|k| k.0).collect::<Vec<_>>())
+    .bind(counts.keys().map(|k| k.1).collect::<Vec<_>>())
+    .bind(counts.values().copied().collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
+    .bind(back)
+    .bind(records.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+    .bind(records.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
+    .bind(headers)
+    .bind(
+        records
+            .iter()
+            .map(|r| r.source.as_ref().map(|s| s.0.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.source.as_ref().map(|s| s.1))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        records
+            .iter()
+            .map(|r| r.source.as_ref().map(|s| s.2))
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *conn)
+    .await
+    .context("inserting outbox records")?;
     Ok(())
 }
 
@@ -140,24 +151,51 @@ pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord
     append(conn, &fresh).await
 }
 
-/// Whether a partition has records stored after its recorded published
-/// sequence (some may be on the topic already: the record lags).
-pub async fn has_unpublished(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<bool> {
-    let pending: Option<bool> = sqlx::query_scalar(
-        "SELECT next_seq - 1 > published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2",
+/// Makes `owner` the publisher of an output partition. It waits for the
+/// round in flight of a former owner, which holds the row until its
+/// deliveries are settled; that owner's next round finds the row claimed.
+pub async fn claim_partition(pool: &PgPool, topic: &str, partition: i32, owner: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_owners (topic, partition, owner) VALUES ($1, $2, $3)
+         ON CONFLICT (topic, partition) DO UPDATE SET owner = EXCLUDED.owner, claimed_at = now()",
     )
     .bind(topic)
     .bind(partition)
-    .fetch_optional(pool)
+    .bind(owner)
+    .execute(pool)
     .await
-    .context("reading outbox sequences")?;
-    Ok(pending.unwrap_or(false))
+    .context("claiming an output partition")?;
+    Ok(())
+}
+
+/// Starts a publishing round: locks, in order, the rows of those partitions
+/// that `owner` still publishes, and returns them. The transaction holds
+/// them until the round ends.
+pub async fn lock_claimed(
+    conn: &mut PgConnection,
+    owner: &str,
+    partitions: &[(String, i32)],
+) -> anyhow::Result<std::collections::HashSet<(String, i32)>> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT o.topic, o.partition FROM outbox_owners o
+         JOIN UNNEST($1::text[], $2::int[]) AS w(topic, partition) USING (topic, partition)
+         WHERE o.owner = $3
+         ORDER BY o.topic, o.partition
+         FOR UPDATE OF o",
+    )
+    .bind(partitions.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+    .bind(partitions.iter().map(|p| p.1).collect::<Vec<_>>())
+    .bind(owner)
+    .fetch_all(conn)
+    .await
+    .context("locking claimed output partitions")?;
+    Ok(rows.into_iter().collect())
 }
 
 /// The last sequence number known to be on the topic for a partition.
 pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow::Result<i64> {
     let seq: Option<i64> =
-        sqlx::query_scalar("SELECT published_seq FROM outbox_partitions WHERE topic = $1 AND partition = $2")
+        sqlx::query_scalar("SELECT published_seq FROM outbox_published WHERE topic = $1 AND partition = $2")
             .bind(topic)
             .bind(partition)
             .fetch_optional(pool)
@@ -244,16 +282,14 @@ pub async fn pending_many(
 /// Records, for each (topic, partition), that its sequence up to the given
 /// one is on the topic.
 pub async fn mark_published_many(pool: &PgPool, published: &[(String, i32, i64)]) -> anyhow::Result<()> {
-    // Rows are locked in (topic, partition) order, the order in which batch
-    // transactions lock them to allocate sequence numbers: in any other
-    // order the two can deadlock.
+    // Rows in one order, so that two relays (a rebalance) cannot deadlock.
+    let mut published = published.to_vec();
+    published.sort_unstable();
     sqlx::query(
-        "WITH w AS (SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, seq)),
-              locked AS (SELECT p.topic, p.partition FROM outbox_partitions p JOIN w USING (topic, partition)
-                         ORDER BY p.topic, p.partition FOR UPDATE OF p)
-         UPDATE outbox_partitions p SET published_seq = GREATEST(p.published_seq, w.seq)
-         FROM w JOIN locked l USING (topic, partition)
-         WHERE p.topic = w.topic AND p.partition = w.partition",
+        "INSERT INTO outbox_published (topic, partition, published_seq)
+         SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[])
+         ON CONFLICT (topic, partition) DO UPDATE
+         SET published_seq = GREATEST(outbox_published.published_seq, EXCLUDED.published_seq)",
     )
     .bind(published.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
     .bind(published.iter().map(|a| a.1).collect::<Vec<_>>())
@@ -264,12 +300,18 @@ pub async fn mark_published_many(pool: &PgPool, published: &[(String, i32, i64)]
     Ok(())
 }
 
-/// Records that `seq` (and everything before it) is on the topic.
+/// Records that `seq` (and everything before it) is on the topic; a
+/// partition with no counter yet gets one after `seq`, so that the next
+/// record stored for it is never numbered as one already on the topic.
 pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64) -> anyhow::Result<()> {
     sqlx::query(
-        "INSERT INTO outbox_partitions (topic, partition, next_seq, published_seq) VALUES ($1, $2, $3 + 1, $3)
+        "WITH counter AS (
+             INSERT INTO outbox_partitions (topic, partition, next_seq) VALUES ($1, $2, $3 + 1)
+             ON CONFLICT (topic, partition) DO NOTHING
+         )
+         INSERT INTO outbox_published (topic, partition, published_seq) VALUES ($1, $2, $3)
          ON CONFLICT (topic, partition) DO UPDATE
-         SET published_seq = GREATEST(outbox_partitions.published_seq, EXCLUDED.published_seq)",
+         SET published_seq = GREATEST(outbox_published.published_seq, EXCLUDED.published_seq)",
     )
     .bind(topic)
     .bind(partition)
@@ -283,7 +325,7 @@ pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64
 /// Deletes published records older than the retention time.
 pub async fn delete_expired(pool: &PgPool, retention_days: u32) -> anyhow::Result<u64> {
     let deleted = sqlx::query(
-        "DELETE FROM outbox o USING outbox_partitions p
+        "DELETE FROM outbox o USING outbox_published p
          WHERE o.topic = p.topic AND o.partition = p.partition AND o.seq <= p.published_seq
            AND o.created_time < now() - make_interval(days => $1)",
     )

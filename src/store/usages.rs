@@ -233,8 +233,9 @@ pub async fn ping(pool: &PgPool) -> anyhow::Result<()> {
 /// Outbox records stored but not yet published, per output topic.
 pub async fn outbox_backlog(pool: &PgPool) -> anyhow::Result<Vec<(String, i64)>> {
     sqlx::query_as(
-        "SELECT topic, coalesce(sum(next_seq - 1 - published_seq), 0)::bigint
-         FROM outbox_partitions GROUP BY topic ORDER BY topic",
+        "SELECT c.topic, coalesce(sum(c.next_seq - 1 - coalesce(p.published_seq, 0)), 0)::bigint
+         FROM outbox_partitions c LEFT JOIN outbox_published p USING (topic, partition)
+         GROUP BY c.topic ORDER BY c.topic",
     )
     .fetch_all(pool)
     .await
