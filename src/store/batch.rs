@@ -272,7 +272,8 @@ impl BatchTx {
         Ok(())
     }
 
-    pub async fn append_outbox(&mut self, records: &[OutboxRecord]) -> anyhow::Result<()> {
+    /// Stores the records; returns their sequence numbers, in order.
+    pub async fn append_outbox(&mut self, records: &[OutboxRecord]) -> anyhow::Result<Vec<i64>> {
         append(&mut self.tx, records).await
     }
 

@@ -1,6 +1,8 @@
 //! The transactional outbox: records stored with the decision that made them,
 //! published later in sequence order per output partition.
 
+use std::collections::{BTreeMap, HashMap};
+
 use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
@@ -53,74 +55,75 @@ fn decode_headers(text: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Appends records, giving each the next sequence number of its output
-/// partition. The counter rows are locked (in (topic, partition) order, the
-/// same for every caller) for the rest of the transaction, so sequence
-/// numbers follow commit order within a partition. One statement for every
-/// partition: a batch touches many, and round trips were most of the cost
-/// of small batches.
-pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<()> {
+/// partition, and returns those numbers (in the order of `records`). The
+/// counter rows are locked (in (topic, partition) order, the same for every
+/// caller) for the rest of the transaction, so sequence numbers follow
+/// commit order within a partition. Two statements whatever the number of
+/// partitions (a batch touches many: round trips were most of the cost of
+/// small batches); the rows go in in key order, which the indexes take best.
+pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<Vec<i64>> {
     if records.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let mut counts: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
-    // Per record: how far before its partition's new `next_seq` it lands.
-    let mut index = Vec::with_capacity(records.len());
+    let mut counts: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for r in records {
-        let count = counts.entry((r.topic.as_str(), r.partition)).or_default();
-        index.push(*count);
-        *count += 1;
+        *counts.entry((r.topic.as_str(), r.partition)).or_default() += 1;
     }
-    let back: Vec<i64> = records
-        .iter()
-        .zip(index)
-        .map(|(r, i)| counts[&(r.topic.as_str(), r.partition)] - i)
-        .collect();
-    let headers: Vec<String> = records.iter().map(|r| encode_headers(&r.headers)).collect();
-    sqlx::query(
-        "WITH counters AS (
-             INSERT INTO outbox_partitions (topic, partition, next_seq)
-             SELECT t, p, 1 + n FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS c(t, p, n) ORDER BY t, p
-             ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + EXCLUDED.next_seq - 1
-             RETURNING topic, partition, next_seq
-         )
-         INSERT INTO outbox (topic, partition, seq, key, payload, headers,
-                             source_topic, source_partition, source_offset)
-         SELECT r.t, r.p, c.next_seq - r.back, r.k, r.pl, r.h, r.st, r.sp, r.so
-         FROM UNNEST($4::text[], $5::int[], $6::bigint[], $7::bytea[], $8::bytea[], $9::text[],
-                     $10::text[], $11::int[], $12::bigint[]) AS r(t, p, back, k, pl, h, st, sp, so)
-         JOIN counters c ON c.topic = r.t AND c.partition = r.p",
+    let counters: Vec<(String, i32, i64)> = sqlx::query_as(
+        "INSERT INTO outbox_partitions (topic, partition, next_seq)
+         SELECT t, p, 1 + n FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS c(t, p, n) ORDER BY t, p
+         ON CONFLICT (topic, partition) DO UPDATE SET next_seq = outbox_partitions.next_seq + EXCLUDED.next_seq - 1
+         RETURNING topic, partition, next_seq",
     )
     .bind(counts.keys().map(|k| k.0).collect::<Vec<_>>())
     .bind(counts.keys().map(|k| k.1).collect::<Vec<_>>())
     .bind(counts.values().copied().collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.partition).collect::<Vec<_>>())
-    .bind(back)
-    .bind(records.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
-    .bind(records.iter().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
-    .bind(headers)
+    .fetch_all(&mut *conn)
+    .await
+    .context("allocating outbox sequence numbers")?;
+    // The next number to give in each partition: its first one.
+    let mut next: HashMap<(&str, i32), i64> = HashMap::with_capacity(counters.len());
+    for (topic, partition, next_seq) in &counters {
+        let key = counts
+            .keys()
+            .find(|k| k.0 == topic && k.1 == *partition)
+            .context("an outbox counter nobody asked for")?;
+        next.insert(*key, next_seq - counts[key]);
+    }
+    let mut seqs = Vec::with_capacity(records.len());
+    for r in records {
+        let n = next
+            .get_mut(&(r.topic.as_str(), r.partition))
+            .context("no sequence counter returned for an outbox partition")?;
+        seqs.push(*n);
+        *n += 1;
+    }
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_unstable_by_key(|&i| (records[i].topic.as_str(), records[i].partition, seqs[i]));
+    let rows = || order.iter().map(|&i| (&records[i], seqs[i]));
+    sqlx::query(
+        "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
+                             source_topic, source_partition, source_offset)
+         SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[], $6::text[],
+                              $7::text[], $8::int[], $9::bigint[])",
+    )
+    .bind(rows().map(|(r, _)| r.topic.as_str()).collect::<Vec<_>>())
+    .bind(rows().map(|(r, _)| r.partition).collect::<Vec<_>>())
+    .bind(rows().map(|(_, seq)| seq).collect::<Vec<_>>())
+    .bind(rows().map(|(r, _)| r.key.as_deref()).collect::<Vec<_>>())
+    .bind(rows().map(|(r, _)| r.payload.as_slice()).collect::<Vec<_>>())
+    .bind(rows().map(|(r, _)| encode_headers(&r.headers)).collect::<Vec<_>>())
     .bind(
-        records
-            .iter()
-            .map(|r| r.source.as_ref().map(|s| s.0.as_str()))
+        rows()
+            .map(|(r, _)| r.source.as_ref().map(|s| s.0.as_str()))
             .collect::<Vec<_>>(),
     )
-    .bind(
-        records
-            .iter()
-            .map(|r| r.source.as_ref().map(|s| s.1))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        records
-            .iter()
-            .map(|r| r.source.as_ref().map(|s| s.2))
-            .collect::<Vec<_>>(),
-    )
+    .bind(rows().map(|(r, _)| r.source.as_ref().map(|s| s.1)).collect::<Vec<_>>())
+    .bind(rows().map(|(r, _)| r.source.as_ref().map(|s| s.2)).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await
     .context("inserting outbox records")?;
-    Ok(())
+    Ok(seqs)
 }
 
 /// Appends records that decide a message of a topic every worker reads
@@ -148,7 +151,7 @@ pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord
             fresh.push(r.clone());
         }
     }
-    append(conn, &fresh).await
+    append(conn, &fresh).await.map(drop)
 }
 
 /// Makes `owner` the publisher of an output partition. It waits for the
