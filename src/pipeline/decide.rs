@@ -73,6 +73,9 @@ pub struct BatchReport {
     /// Partitions whose stored offset is behind what was read: the consumer
     /// must read them again from the stored offset.
     pub reread: Vec<(i32, i64)>,
+    /// The committed outbox records with their sequence numbers: the relay
+    /// publishes them without reading them back.
+    pub outbox: Vec<(i64, OutboxRecord)>,
 }
 
 /// Everything a batch writes besides the offsets.
@@ -294,11 +297,12 @@ pub async fn decide_batch(
         .await?;
     tx.insert_alerts(&writes.alerts).await?;
     lap("periods");
-    tx.append_outbox(&writes.outbox).await?;
+    let seqs = tx.append_outbox(&writes.outbox).await?;
     lap("outbox");
     tx.advance_offsets(&ctx.group, &ctx.input_topic, &claims).await?;
     tx.commit().await?;
     lap("committed");
+    report.outbox = seqs.into_iter().zip(writes.outbox).collect();
     tracing::debug!(?laps, "batch transaction");
     Ok(report)
 }

@@ -352,6 +352,7 @@ impl Worker {
             match decide_batch(&self.pool, &self.ctx, ranges, messages, forced, Utc::now()).await {
                 Ok(report) => {
                     self.stats.record(&report, started.elapsed());
+                    self.relay.offer(report.outbox);
                     for (partition, offset) in &report.reread {
                         let _ = self.commands.send(consumer::Command::Seek {
                             partition: *partition,

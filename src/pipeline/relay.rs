@@ -15,8 +15,14 @@
 //! then purges the producer's queue and in-flight requests, so that a round
 //! stuck on unreachable brokers ends (its records are not retried later)
 //! and frees the rows for the new owner.
+//!
+//! What the worker's own batches committed is handed over in memory
+//! ([`Relay::offer`]), so that it is not read back: a partition's records go
+//! out from memory when they continue exactly where the topic stands, and
+//! are read from the outbox otherwise (records of the HTTP API or of the
+//! control topics, anything after a restart, a revocation or a failure).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,6 +43,10 @@ const ROUND_LIMIT: i64 = 5000;
 /// producer.
 const REVOKE_WAIT: Duration = Duration::from_secs(1);
 
+/// Most committed records held in memory; beyond it, offers are dropped and
+/// the records are read from the outbox (the broker is slow or down).
+const MAX_OFFERED: usize = 100_000;
+
 pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
@@ -51,6 +61,62 @@ pub struct Relay {
     /// so that a partition's next owner never publishes alongside us.
     round: tokio::sync::Mutex<()>,
     wake: Notify,
+    /// (topic, partition) -> committed records in sequence order, without
+    /// gaps, handed over by the deciding transaction.
+    offered: Mutex<Offered>,
+}
+
+#[derive(Default)]
+struct Offered {
+    records: HashMap<(String, i32), VecDeque<store::StoredRecord>>,
+    count: usize,
+}
+
+impl Offered {
+    fn push(&mut self, seq: i64, record: store::OutboxRecord) {
+        let queue = self.records.entry((record.topic, record.partition)).or_default();
+        if queue.back().is_some_and(|last| last.seq + 1 != seq) {
+            // A gap (another transaction's records came between): what is
+            // held cannot continue the topic past it; the outbox can.
+            self.count -= queue.len();
+            queue.clear();
+        }
+        if self.count >= MAX_OFFERED {
+            return;
+        }
+        queue.push_back(store::StoredRecord {
+            seq,
+            key: record.key,
+            payload: record.payload,
+            headers: record.headers,
+        });
+        self.count += 1;
+    }
+
+    fn forget(&mut self, partitions: &[i32]) {
+        let count = &mut self.count;
+        self.records.retain(|(_, p), queue| {
+            let keep = !partitions.contains(p);
+            if !keep {
+                *count -= queue.len();
+            }
+            keep
+        });
+    }
+
+    /// The records after `published`, when they continue it exactly.
+    fn take_after(&mut self, topic: &str, partition: i32, published: i64) -> Vec<store::StoredRecord> {
+        let Some(queue) = self.records.get_mut(&(topic.to_owned(), partition)) else {
+            return Vec::new();
+        };
+        let taken: Vec<store::StoredRecord> = queue.drain(..).collect();
+        self.count -= taken.len();
+        if taken.first().is_some_and(|r| r.seq <= published + 1) {
+            taken.into_iter().filter(|r| r.seq > published).collect()
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 impl Relay {
@@ -69,6 +135,7 @@ impl Relay {
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
             round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            offered: Mutex::new(Offered::default()),
         })
     }
 
@@ -79,6 +146,7 @@ impl Relay {
                 owned.insert((topic.clone(), *p), None);
             }
         }
+        self.offered.lock().expect("relay lock").forget(partitions);
         self.wake.notify_one();
     }
 
@@ -92,6 +160,7 @@ impl Relay {
             .lock()
             .expect("relay lock")
             .retain(|(_, p), _| !partitions.contains(p));
+        self.offered.lock().expect("relay lock").forget(partitions);
         let deadline = Instant::now() + REVOKE_WAIT;
         while Instant::now() < deadline {
             if self.round.try_lock().is_ok() {
@@ -105,6 +174,18 @@ impl Relay {
         );
         self.producer.purge(PurgeConfig::default().queue().inflight());
         drop(self.round.blocking_lock());
+    }
+
+    /// Committed records with their sequence numbers, from the deciding
+    /// transaction (after its commit), for partitions this worker owns.
+    pub fn offer(&self, records: Vec<(i64, store::OutboxRecord)>) {
+        let owned = self.owned.lock().expect("relay lock");
+        let mut offered = self.offered.lock().expect("relay lock");
+        for (seq, record) in records {
+            if owned.contains_key(&(record.topic.clone(), record.partition)) {
+                offered.push(seq, record);
+            }
+        }
     }
 
     pub fn wake(&self) {
@@ -213,7 +294,21 @@ impl Relay {
         }
         after.retain(|(t, p, _)| claimed.contains(&(t.clone(), *p)));
         let clock = std::time::Instant::now();
-        let records = store::pending_many(&self.pool, &after, ROUND_LIMIT).await?;
+        // Offered records first; the outbox for whatever follows them (or
+        // for everything, where nothing continues the topic).
+        let mut records = Vec::new();
+        {
+            let mut offered = self.offered.lock().expect("relay lock");
+            for (topic, partition, published) in after.iter_mut() {
+                let taken = offered.take_after(topic, *partition, *published);
+                if let Some(last) = taken.last() {
+                    *published = last.seq;
+                }
+                records.extend(taken.into_iter().map(|r| (topic.clone(), *partition, r)));
+            }
+        }
+        let from_memory = records.len();
+        records.extend(store::pending_many(&self.pool, &after, ROUND_LIMIT).await?);
         let read = clock.elapsed();
         // A revocation during the reads above takes effect now.
         let owned: HashSet<(String, i32)> = self.owned.lock().expect("relay lock").keys().cloned().collect();
@@ -280,6 +375,7 @@ impl Relay {
         if !records.is_empty() {
             tracing::debug!(
                 records = records.len(),
+                from_memory,
                 read_ms = read.as_secs_f64() * 1e3,
                 deliver_ms = (delivered - read).as_secs_f64() * 1e3,
                 mark_ms = (clock.elapsed() - delivered).as_secs_f64() * 1e3,
@@ -405,4 +501,71 @@ fn last_outbox_seq(config: &ClientConfig, topic: &str, partition: i32) -> anyhow
         }
     }
     anyhow::bail!("timed out reading the last record of {topic}/{partition}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: i32) -> store::OutboxRecord {
+        store::OutboxRecord {
+            topic: "usage-results".into(),
+            partition,
+            key: None,
+            payload: b"{}".to_vec(),
+            headers: Vec::new(),
+            source: None,
+        }
+    }
+
+    fn seqs(records: &[store::StoredRecord]) -> Vec<i64> {
+        records.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn offered_records_that_continue_the_topic_go_out_from_memory() {
+        let mut offered = Offered::default();
+        for seq in 4..=6 {
+            offered.push(seq, record(0));
+        }
+        assert_eq!(seqs(&offered.take_after("usage-results", 0, 3)), [4, 5, 6]);
+        assert_eq!(offered.count, 0);
+    }
+
+    #[test]
+    fn offered_records_the_topic_already_holds_are_skipped() {
+        let mut offered = Offered::default();
+        for seq in 4..=6 {
+            offered.push(seq, record(0));
+        }
+        assert_eq!(seqs(&offered.take_after("usage-results", 0, 5)), [6]);
+    }
+
+    #[test]
+    fn offered_records_after_a_gap_are_left_to_the_outbox() {
+        let mut offered = Offered::default();
+        offered.push(8, record(0));
+        assert!(offered.take_after("usage-results", 0, 6).is_empty());
+        assert_eq!(offered.count, 0);
+    }
+
+    #[test]
+    fn a_gap_between_offers_drops_what_came_before_it() {
+        let mut offered = Offered::default();
+        offered.push(4, record(0));
+        offered.push(6, record(0));
+        assert_eq!(offered.count, 1);
+        assert!(offered.take_after("usage-results", 0, 3).is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_partition_keeps_the_others() {
+        let mut offered = Offered::default();
+        offered.push(1, record(0));
+        offered.push(1, record(1));
+        offered.forget(&[0]);
+        assert_eq!(offered.count, 1);
+        assert!(offered.take_after("usage-results", 0, 0).is_empty());
+        assert_eq!(seqs(&offered.take_after("usage-results", 1, 0)), [1]);
+    }
 }
