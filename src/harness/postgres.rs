@@ -2,7 +2,7 @@
 //! that can be crashed and restarted without disturbing anything else.
 //! initdb and pg_ctl refuse to run as root: as root they run as `postgres`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context};
@@ -46,10 +46,6 @@ impl PrivatePostgres {
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     pub fn url(&self, database: &str) -> String {

@@ -68,6 +68,8 @@ impl State {
 pub struct ResultReader {
     topic: String,
     received: Arc<AtomicU64>,
+    /// Every record read, repeats included.
+    consumed: Arc<AtomicU64>,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -136,14 +138,16 @@ impl ResultReader {
     pub fn start(bootstrap: &str, topic: &str, partitions: i32, records: Records) -> anyhow::Result<Self> {
         let consumer = crate::kafka::topic_reader(bootstrap, topic, partitions)?;
         let received = Arc::new(AtomicU64::new(0));
+        let consumed = Arc::new(AtomicU64::new(0));
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (received, state, stop) = (received.clone(), state.clone(), stop.clone());
+            let (received, consumed, state, stop) = (received.clone(), consumed.clone(), state.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match consumer.poll(Duration::from_millis(50)) {
                         Some(Ok(m)) => {
+                            consumed.fetch_add(1, Ordering::Relaxed);
                             let mut st = state.lock().unwrap();
                             match read(&m, records, &mut st) {
                                 Ok(true) => {
@@ -170,6 +174,7 @@ impl ResultReader {
         Ok(Self {
             topic: topic.to_owned(),
             received,
+            consumed,
             state,
             stop,
             thread: Some(thread),
@@ -179,6 +184,23 @@ impl ResultReader {
     /// First copies read so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Waits until it has read every record now on its topic (`highs`, the
+    /// topic's high watermarks, read once its writers have stopped).
+    pub fn wait_for(&self, highs: &[i64], limit: Duration) -> anyhow::Result<()> {
+        let total = highs.iter().sum::<i64>() as u64;
+        let start = std::time::Instant::now();
+        while self.consumed.load(Ordering::Relaxed) < total {
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "{}: read {} of its {total} records",
+                self.topic,
+                self.consumed.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     pub fn start_latency_window(&self) {
@@ -270,6 +292,13 @@ fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<boo
                 let partial = if o.partial == Some(true) { " partial" } else { "" };
                 format!("{}{code}{usage}{partial}", o.status)
             });
+            if o.source.partition != m.partition() {
+                return Err(format!(
+                    "the outcome of input partition {} is on partition {}",
+                    o.source.partition,
+                    m.partition()
+                ));
+            }
             let id = header("outcome-id").ok_or("no outcome-id header")?;
             (Key::Source(o.source.partition, o.source.offset), id, summary)
         }

@@ -57,6 +57,10 @@ pub struct Relay {
     owned: Mutex<HashMap<(String, i32), Option<i64>>>,
     /// This relay's name in `outbox_owners`: unique per process.
     instance: String,
+    /// Owned partitions claimed since their assignment. A partition is
+    /// claimed once per assignment: claiming again later (after a failed
+    /// delivery, say) could take it back from a newer owner.
+    claimed: Mutex<HashSet<(String, i32)>>,
     /// Held for the length of a publishing round; a revocation waits for it,
     /// so that a partition's next owner never publishes alongside us.
     round: tokio::sync::Mutex<()>,
@@ -133,6 +137,7 @@ impl Relay {
             topics,
             owned: Mutex::new(HashMap::new()),
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+            claimed: Mutex::new(HashSet::new()),
             round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             offered: Mutex::new(Offered::default()),
@@ -147,6 +152,10 @@ impl Relay {
             }
         }
         self.offered.lock().expect("relay lock").forget(partitions);
+        self.claimed
+            .lock()
+            .expect("relay lock")
+            .retain(|(_, p)| !partitions.contains(p));
         self.wake.notify_one();
     }
 
@@ -161,19 +170,40 @@ impl Relay {
             .expect("relay lock")
             .retain(|(_, p), _| !partitions.contains(p));
         self.offered.lock().expect("relay lock").forget(partitions);
+        self.claimed
+            .lock()
+            .expect("relay lock")
+            .retain(|(_, p)| !partitions.contains(p));
         let deadline = Instant::now() + REVOKE_WAIT;
-        while Instant::now() < deadline {
-            if self.round.try_lock().is_ok() {
-                return;
+        let finished = loop {
+            if let Ok(round) = self.round.try_lock() {
+                break Some(round);
+            }
+            if Instant::now() >= deadline {
+                break None;
             }
             std::thread::sleep(Duration::from_millis(5));
+        };
+        let _round = match finished {
+            Some(round) => round,
+            None => {
+                tracing::warn!(
+                    ?partitions,
+                    "the publishing round in flight did not finish; purging the producer's queued and in-flight records"
+                );
+                self.producer.purge(PurgeConfig::default().queue().inflight());
+                self.round.blocking_lock()
+            }
+        };
+        // No round runs now, so whatever the producer still holds belongs to
+        // one that was abandoned (a shutdown's time-out cut it short).
+        if self.producer.in_flight_count() > 0 {
+            tracing::warn!(
+                in_flight = self.producer.in_flight_count(),
+                "records of an abandoned publishing round are still in flight; purging them"
+            );
+            self.producer.purge(PurgeConfig::default().queue().inflight());
         }
-        tracing::warn!(
-            ?partitions,
-            "the publishing round in flight did not finish; purging the producer's queued and in-flight records"
-        );
-        self.producer.purge(PurgeConfig::default().queue().inflight());
-        drop(self.round.blocking_lock());
     }
 
     /// Committed records with their sequence numbers, from the deciding
@@ -266,6 +296,17 @@ impl Relay {
             let published = match known {
                 Some(seq) => seq,
                 None => {
+                    let key = (topic.clone(), partition);
+                    if !self.owned.lock().expect("relay lock").contains_key(&key) {
+                        continue; // revoked since the round began
+                    }
+                    if !self.claimed.lock().expect("relay lock").contains(&key) {
+                        // Claimed before the topic is read: a former owner's
+                        // round in flight ends first, and it publishes
+                        // nothing here after.
+                        store::claim_partition(&self.pool, &topic, partition, &self.instance).await?;
+                        self.claimed.lock().expect("relay lock").insert(key);
+                    }
                     let seq = self.resync(&topic, partition).await?;
                     self.set_published(&topic, partition, seq);
                     seq
@@ -282,10 +323,11 @@ impl Relay {
         let keys: Vec<(String, i32)> = after.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
         let claimed = store::lock_claimed(&mut fence, &self.instance, &keys).await?;
         for (topic, partition) in keys.iter().filter(|k| !claimed.contains(*k)) {
-            tracing::warn!(
+            tracing::error!(
                 topic,
                 partition,
-                "another worker has claimed this output partition; no longer publishing it"
+                "another worker has claimed this output partition since; no longer publishing it \
+                 (normal for a worker evicted from the group; otherwise the partition waits for the next rebalance)"
             );
             self.owned
                 .lock()
@@ -447,9 +489,6 @@ impl Relay {
     /// further: the database may lag the topic after a crash between the
     /// delivery and its record.
     async fn resync(&self, topic: &str, partition: i32) -> anyhow::Result<i64> {
-        // Claimed first: a former owner's round in flight ends before the
-        // topic is read, and it publishes nothing here after.
-        store::claim_partition(&self.pool, topic, partition, &self.instance).await?;
         let stored = store::published_seq(&self.pool, topic, partition).await?;
         let config = self.reader_config.clone();
         let topic_owned = topic.to_owned();

@@ -207,39 +207,6 @@ pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow
     Ok(seq.unwrap_or(0))
 }
 
-/// Records after `after_seq`, in order, at most `limit`.
-pub async fn pending(
-    pool: &PgPool,
-    topic: &str,
-    partition: i32,
-    after_seq: i64,
-    limit: i64,
-) -> anyhow::Result<Vec<StoredRecord>> {
-    type Row = (i64, Option<Vec<u8>>, Vec<u8>, String);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT seq, key, payload, headers::text FROM outbox
-         WHERE topic = $1 AND partition = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(after_seq)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .context("reading pending outbox records")?;
-    rows.into_iter()
-        .map(|(seq, key, payload, headers)| {
-            let headers = decode_headers(&headers)?;
-            Ok(StoredRecord {
-                seq,
-                key,
-                payload,
-                headers,
-            })
-        })
-        .collect()
-}
-
 /// Records after the given sequence of each (topic, partition), in order,
 /// at most `limit` per partition: one round trip for every owned partition.
 pub async fn pending_many(
