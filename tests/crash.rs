@@ -12,9 +12,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -24,6 +22,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use usage_worker::harness::process::{WorkerProcess, WorkerSpec};
 use usage_worker::harness::Rng;
 
 const SUBSCRIPTIONS: usize = 30;
@@ -227,7 +226,7 @@ fn decimal(value: &Value) -> Decimal {
 
 struct Workers {
     vars: Vec<(String, String)>,
-    child: Option<Child>,
+    worker: Option<WorkerProcess>,
     logs: Vec<PathBuf>,
     started: Instant,
     passed: bool,
@@ -252,7 +251,7 @@ impl Workers {
         ]);
         Self {
             vars,
-            child: None,
+            worker: None,
             logs: Vec::new(),
             started: Instant::now(),
             passed: false,
@@ -260,30 +259,25 @@ impl Workers {
     }
 
     fn spawn(&mut self) {
-        assert!(self.child.is_none());
+        assert!(self.worker.is_none());
         let log = std::env::temp_dir().join(format!(
             "usage-worker-crash-{}-{}.log",
             std::process::id(),
             self.logs.len()
         ));
-        let stderr = File::create(&log).expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_usage-worker"))
-            .arg("run")
-            .envs(self.vars.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
+        let _ = std::fs::remove_file(&log);
+        let worker = WorkerSpec::with_env(env!("CARGO_BIN_EXE_usage-worker"), self.vars.clone(), log.clone())
             .spawn()
             .expect("starting the worker");
         println!(
             "[{:>6.2}s] worker {} started (pid {}), log {}",
             self.started.elapsed().as_secs_f64(),
             self.logs.len(),
-            child.id(),
+            worker.pid(),
             log.display()
         );
         self.logs.push(log);
-        self.child = Some(child);
+        self.worker = Some(worker);
     }
 
     fn log(&self) -> String {
@@ -292,19 +286,17 @@ impl Workers {
 
     /// Fails when the worker ended on its own: it must only ever be killed.
     fn assert_running(&mut self) {
-        let child = self.child.as_mut().expect("a worker");
-        if let Some(status) = child.try_wait().expect("try_wait") {
+        let worker = self.worker.as_mut().expect("a worker");
+        if let Some(status) = worker.child.try_wait().expect("try_wait") {
             panic!("the worker exited on its own: {status}");
         }
     }
 
     fn kill(&mut self, why: &str) {
         self.assert_running();
-        let mut child = self.child.take().unwrap();
-        child.kill().expect("SIGKILL");
-        let status = child.wait().expect("wait");
+        self.worker.take().unwrap().kill().expect("SIGKILL");
         println!(
-            "[{:>6.2}s] worker {} killed ({why}): {status}",
+            "[{:>6.2}s] worker {} killed ({why})",
             self.started.elapsed().as_secs_f64(),
             self.logs.len() - 1
         );
@@ -313,39 +305,26 @@ impl Workers {
     /// SIGTERM, then the exit status (within `timeout`).
     fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
         self.assert_running();
-        let mut child = self.child.take().unwrap();
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                println!(
-                    "[{:>6.2}s] worker {} stopped after SIGTERM: {status}",
-                    self.started.elapsed().as_secs_f64(),
-                    self.logs.len() - 1
-                );
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the worker did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = self
+            .worker
+            .take()
+            .unwrap()
+            .terminate(timeout)
+            .expect("SIGTERM")
+            .unwrap_or_else(|| panic!("the worker did not exit within {timeout:?} of SIGTERM"));
+        println!(
+            "[{:>6.2}s] worker {} stopped after SIGTERM: {status}",
+            self.started.elapsed().as_secs_f64(),
+            self.logs.len() - 1
+        );
+        status
     }
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Dropping the process kills it.
+        self.worker.take();
         if self.passed {
             if std::env::var_os("CRASH_KEEP_LOGS").is_none() {
                 for log in &self.logs {

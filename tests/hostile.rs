@@ -21,10 +21,8 @@ mod common;
 mod corpus;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -40,6 +38,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use usage_worker::domain::cloudevents::decode_usage_message;
 use usage_worker::domain::event::DecodeContext;
+use usage_worker::harness::process::{WorkerProcess, WorkerSpec};
 
 /// Secrets given to the worker; none may appear in its logs.
 const DATABASE_PASSWORD: &str = "s3cr3t-hunter2";
@@ -206,7 +205,7 @@ const PARTITION: i32 = 0;
 /// The worker binary with this environment's settings, secrets that must
 /// stay out of its logs, and its stderr in a file.
 struct ChildWorker {
-    child: Option<Child>,
+    worker: Option<WorkerProcess>,
     log: PathBuf,
 }
 
@@ -227,19 +226,12 @@ impl ChildWorker {
             ("NO_COLOR".into(), "1".into()),
         ]);
         let log = std::env::temp_dir().join(format!("usage-worker-hostile-{name}-{}.log", std::process::id()));
-        let stderr = File::create(&log).expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_usage-worker"))
-            .arg("run")
-            .env_remove("HTTP_ADDR")
-            .env_remove("HTTP_BEARER_TOKEN")
-            .envs(vars)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
+        let _ = std::fs::remove_file(&log);
+        let worker = WorkerSpec::with_env(env!("CARGO_BIN_EXE_usage-worker"), vars, log.clone())
             .spawn()
             .expect("starting the worker");
         Self {
-            child: Some(child),
+            worker: Some(worker),
             log,
         }
     }
@@ -256,7 +248,7 @@ impl ChildWorker {
 
     /// `None` while it runs; its exit status once it ended on its own.
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait"))
+        self.worker.as_mut().and_then(|w| w.child.try_wait().expect("try_wait"))
     }
 
     /// The address the HTTP API listens on, from the log.
@@ -276,34 +268,19 @@ impl ChildWorker {
 
     /// SIGTERM, then the exit status.
     fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the worker did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.worker
+            .take()
+            .expect("running")
+            .terminate(timeout)
+            .expect("SIGTERM")
+            .unwrap_or_else(|| panic!("the worker did not exit within {timeout:?} of SIGTERM"))
     }
 }
 
 impl Drop for ChildWorker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Dropping the process kills it.
+        self.worker.take();
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         } else {

@@ -17,6 +17,15 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
+    /// The binary itself, its log, and the given settings only.
+    pub fn with_env(exe: impl Into<PathBuf>, env: Vec<(String, String)>, log: PathBuf) -> Self {
+        Self {
+            exe: exe.into(),
+            env,
+            log,
+        }
+    }
+
     /// The running binary, with the database and brokers given.
     pub fn new(database_url: &str, bootstrap: &str, log: PathBuf) -> anyhow::Result<Self> {
         Ok(Self {
@@ -54,11 +63,23 @@ impl WorkerSpec {
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("run")
-            .env_remove("RUST_LOG")
-            .env_remove("USAGE_WORKER_ENV")
-            .stdout(Stdio::null())
-            .stderr(file);
+        cmd.arg("run").stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
+        // Only the spec's settings: none of the caller's own.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("USAGE_WORKER")
+                || [
+                    "RUST_LOG",
+                    "DATABASE_URL",
+                    "KAFKA_BOOTSTRAP_SERVERS",
+                    "HTTP_ADDR",
+                    "HTTP_BEARER_TOKEN",
+                ]
+                .contains(&key.as_ref())
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
