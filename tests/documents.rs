@@ -32,14 +32,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{active_subscription, Reader, Record, TestEnv, PARTITIONS};
+use common::{active_subscription, ApiServer, Reader, Record, TestEnv, PARTITIONS};
 use jsonschema::{Draft, Validator};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use usage_worker::config::Secret;
-use usage_worker::http::{self, Api, ApiConfig};
+use usage_worker::http::ApiConfig;
 use usage_worker::metrics::Metrics;
 use usage_worker::pipeline::sampler::Sampler;
 use usage_worker::store;
@@ -409,25 +409,18 @@ struct TestApi {
     addr: String,
     client: reqwest::Client,
     token: Option<&'static str>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// None for a second client of another's server.
+    server: Option<ApiServer>,
 }
 
 impl TestApi {
     async fn start(pool: sqlx::PgPool, config: ApiConfig, metrics: Arc<Metrics>, token: Option<&'static str>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let api = Arc::new(Api::new(pool, config, metrics));
-        let task = tokio::spawn(http::serve(listener, api, async {
-            let _ = stopped.await;
-        }));
+        let server = ApiServer::start(pool, config, metrics).await;
         Self {
-            addr,
+            addr: server.addr.clone(),
             client: reqwest::Client::new(),
             token,
-            stop: Some(stop),
-            task: Some(task),
+            server: Some(server),
         }
     }
 
@@ -476,21 +469,8 @@ impl TestApi {
         Reply::parse(&raw)
     }
 
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
-            .await
-            .expect("the API stopped in time")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-impl Drop for TestApi {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+    async fn shutdown(self) {
+        self.server.expect("its own server").shutdown().await;
     }
 }
 
@@ -1661,8 +1641,7 @@ async fn real_responses_and_records_match_the_documents() {
         addr: api.addr.clone(),
         client: reqwest::Client::new(),
         token: None,
-        stop: None,
-        task: None,
+        server: None,
     };
     check("POST", "/usages", &anonymous.post(&json!({})).await);
     check("GET", "/usages", &anonymous.call("GET", "/usages").await);

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{active_subscription, Reader, TestEnv, PARTITIONS};
+use common::{active_subscription, ApiServer, Reader, TestEnv, PARTITIONS};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use usage_worker::config::{Secret, Settings};
 use usage_worker::domain::subscription::decode_snapshot;
-use usage_worker::http::{self, output_partition, Api, ApiConfig};
+use usage_worker::http::{output_partition, ApiConfig};
 use usage_worker::metrics::Metrics;
 use usage_worker::pipeline::sampler::Sampler;
 use usage_worker::store::{self, apply_snapshots, SnapshotChange};
@@ -29,26 +29,15 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// An HTTP API served in-process on a free local port.
 struct TestApi {
-    base: String,
+    server: ApiServer,
     client: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestApi {
     async fn start(pool: sqlx::PgPool, config: ApiConfig, metrics: Arc<Metrics>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let api = Arc::new(Api::new(pool, config, metrics));
-        let task = tokio::spawn(http::serve(listener, api, async {
-            let _ = stopped.await;
-        }));
         Self {
-            base: format!("http://{addr}"),
+            server: ApiServer::start(pool, config, metrics).await,
             client: reqwest::Client::new(),
-            stop: Some(stop),
-            task: Some(task),
         }
     }
 
@@ -60,7 +49,7 @@ impl TestApi {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("http://{}{path}", self.server.addr)
     }
 
     async fn post(&self, body: &Value) -> reqwest::Response {
@@ -93,21 +82,8 @@ impl TestApi {
         self.get("/metrics").await.text().await.unwrap()
     }
 
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
-            .await
-            .expect("the API stopped in time")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-impl Drop for TestApi {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+    async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 

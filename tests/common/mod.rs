@@ -14,7 +14,9 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::PgPool;
 use usage_worker::config::Settings;
+use usage_worker::http::{self, Api, ApiConfig};
 use usage_worker::kafka::mock::EmbeddedKafka;
+use usage_worker::metrics::Metrics;
 use usage_worker::{pipeline, store};
 
 pub const PARTITIONS: i32 = 4;
@@ -327,5 +329,48 @@ where
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The HTTP API on a free local port, served in a task until `shutdown`
+/// (aborted when dropped).
+pub struct ApiServer {
+    pub addr: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ApiServer {
+    pub async fn start(pool: PgPool, config: ApiConfig, metrics: Arc<Metrics>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let api = Arc::new(Api::new(pool, config, metrics));
+        let task = tokio::spawn(http::serve(listener, api, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops it as SIGTERM would, and waits for it.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .expect("the API stopped in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
