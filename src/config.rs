@@ -161,6 +161,9 @@ impl TopicSettings {
 pub struct PipelineSettings {
     pub batch_size: usize,
     pub linger_ms: u64,
+    /// Batches decided at once, each in its own transaction, on partitions
+    /// no other batch in flight holds.
+    pub lanes: usize,
     pub max_payload_bytes: usize,
     pub max_future_usage_time_secs: i64,
     pub period_grace_secs: i64,
@@ -370,6 +373,16 @@ impl Settings {
         }
         let p = &self.pipeline;
         positive("pipeline.batch_size", p.batch_size as u64)?;
+        positive("pipeline.lanes", p.lanes as u64)?;
+        // Each lane holds a connection; the relay, the control readers and
+        // the API need theirs.
+        if p.lanes + 3 > self.database.max_connections as usize {
+            bail!(
+                "invalid setting pipeline.lanes: {} lanes need database.max_connections of at least {}",
+                p.lanes,
+                p.lanes + 3
+            );
+        }
         positive("pipeline.max_payload_bytes", p.max_payload_bytes as u64)?;
         positive("pipeline.shutdown_timeout_ms", p.shutdown_timeout_ms)?;
         positive("pipeline.retry_initial_backoff_ms", p.retry_initial_backoff_ms)?;
@@ -521,6 +534,23 @@ mod tests {
         assert!(format!("{err:#}").contains("pipeline.batch_size"), "{err:#}");
         let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__AUTO_OFFSET_RESET", "middle")])).unwrap_err();
         assert!(format!("{err:#}").contains("auto_offset_reset"), "{err:#}");
+    }
+
+    #[test]
+    fn lanes_need_connections_of_their_own() {
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "0")])).unwrap_err();
+        assert!(format!("{err:#}").contains("pipeline.lanes"), "{err:#}");
+        let err = Settings::load_from(&env(&[
+            ("USAGE_WORKER__PIPELINE__LANES", "6"),
+            ("USAGE_WORKER__DATABASE__MAX_CONNECTIONS", "8"),
+        ]))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("pipeline.lanes: 6 lanes need database.max_connections of at least 9"),
+            "{err:#}"
+        );
+        let s = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "5")])).unwrap();
+        assert_eq!(s.pipeline.lanes, 5);
     }
 
     #[test]

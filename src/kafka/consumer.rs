@@ -3,7 +3,7 @@
 //! where each partition resumes (PostgreSQL knows); on revocation it lets the
 //! hook stop publishing for those partitions before the partitions move.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -36,6 +36,12 @@ pub struct UsageBatch {
     pub read_at: Instant,
 }
 
+impl UsageBatch {
+    pub fn partitions(&self) -> Vec<i32> {
+        self.ranges.iter().map(|r| r.0).collect()
+    }
+}
+
 /// Requests from the pipeline to the consumer thread.
 #[derive(Debug)]
 pub enum Command {
@@ -47,6 +53,9 @@ pub enum Command {
     /// fresh, full batch rather than a queue of small ones that aged while
     /// they waited.
     NextBatch,
+    /// The pipeline has decided the batch of these partitions: they may go
+    /// into a batch again.
+    Done { partitions: Vec<i32> },
 }
 
 struct Ctx {
@@ -130,6 +139,8 @@ pub struct ConsumerSettings {
     pub topic: String,
     pub batch_size: usize,
     pub linger: Duration,
+    /// Batches the pipeline decides at once.
+    pub lanes: usize,
 }
 
 /// Starts the consumer thread. It stops when `stop` is set, after leaving
@@ -169,49 +180,59 @@ fn run(
     commands: std::sync::mpsc::Receiver<Command>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut pending: Vec<OwnedMessage> = Vec::with_capacity(settings.batch_size);
-    let mut ranges: HashMap<i32, (i64, i64)> = HashMap::new();
-    let mut first_at: Option<Instant> = None;
+    let mut gathered = Gathered::default();
+    // Room for a full batch for every lane while others are deciding.
+    let room = settings.batch_size * settings.lanes.max(1);
     let mut generation = 0;
-    let mut wanted = false;
-    let command =
-        |command: Command, pending: &mut Vec<OwnedMessage>, ranges: &mut HashMap<i32, (i64, i64)>| match command {
-            Command::Seek { partition, offset } => {
-                seek(&consumer, &settings.topic, &positions, partition, offset);
-                pending.retain(|m| m.partition() != partition);
-                ranges.remove(&partition);
-                false
-            }
-            Command::NextBatch => true,
-        };
+    let mut wanted = 0usize;
+    let command = |command: Command, gathered: &mut Gathered, wanted: &mut usize| match command {
+        Command::Seek { partition, offset } => {
+            seek(&consumer, &settings.topic, &positions, partition, offset);
+            gathered.drop_partition(partition);
+        }
+        Command::NextBatch => *wanted += 1,
+        Command::Done { partitions } => gathered.done(&partitions),
+    };
     while !stop.load(Ordering::Relaxed) {
         while let Ok(c) = commands.try_recv() {
-            wanted |= command(c, &mut pending, &mut ranges);
+            command(c, &mut gathered, &mut wanted);
         }
-        if pending.len() >= settings.batch_size && !wanted {
-            // Back-pressure: the batch is full and the pipeline is busy.
+        let ready = gathered.ready();
+        let oldest = gathered.oldest_ready();
+        let lingered = oldest.is_some_and(|t| t.elapsed() >= settings.linger);
+        let full = gathered.len() >= room;
+        if wanted > 0 && ready > 0 && (ready >= settings.batch_size || lingered || full) {
+            // The partitions are shared out among the lanes.
+            let assigned = positions.lock().expect("positions lock").next.len();
+            let batch = gathered.take(settings.batch_size, assigned.div_ceil(settings.lanes.max(1)).max(1));
+            wanted -= 1;
+            if batches.blocking_send(batch).is_err() {
+                break;
+            }
+            continue;
+        }
+        if full || ready >= settings.batch_size {
+            // Back-pressure: wait for the pipeline to ask, or to finish a
+            // batch whose partitions hold what is gathered.
             match commands.recv_timeout(Duration::from_millis(100)) {
-                Ok(c) => wanted |= command(c, &mut pending, &mut ranges),
+                Ok(c) => command(c, &mut gathered, &mut wanted),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
             continue;
         }
-        let lingered = first_at.is_some_and(|t| t.elapsed() >= settings.linger);
-        let wait = match first_at {
+        let wait = match oldest {
             // Ready but the pipeline is busy: look for its request often.
-            Some(_) if lingered => Duration::from_millis(if wanted { 0 } else { 2 }),
+            Some(_) if lingered => Duration::from_millis(2),
             Some(t) => settings.linger.saturating_sub(t.elapsed()),
             None => Duration::from_millis(100),
         };
-        let polled = if lingered && wanted { None } else { consumer.poll(wait) };
+        let polled = consumer.poll(wait);
         {
             let current = positions.lock().expect("positions lock").generation;
             if current != generation {
                 generation = current;
-                pending.clear();
-                ranges.clear();
-                first_at = None;
+                gathered.clear();
             }
         }
         match polled {
@@ -223,29 +244,13 @@ fn run(
                 // the fetch) are dropped: their new owner reads them.
                 if let Some(next) = positions.next.get_mut(&partition) {
                     if offset >= *next {
-                        let range = ranges.entry(partition).or_insert((*next, *next));
+                        gathered.push(message.detach(), *next);
                         *next = offset + 1;
-                        range.1 = offset + 1;
-                        pending.push(message.detach());
-                        first_at.get_or_insert_with(Instant::now);
                     }
                 }
             }
             Some(Err(e)) => on_error(&consumer, &settings.topic, &positions, e),
             None => {}
-        }
-        let full = pending.len() >= settings.batch_size;
-        let lingered = first_at.is_some_and(|t| t.elapsed() >= settings.linger);
-        if wanted && !pending.is_empty() && (full || lingered) {
-            let batch = UsageBatch {
-                messages: std::mem::take(&mut pending),
-                ranges: ranges.drain().map(|(p, (a, b))| (p, a, b)).collect(),
-                read_at: first_at.take().unwrap_or_else(Instant::now),
-            };
-            wanted = false;
-            if batches.blocking_send(batch).is_err() {
-                break;
-            }
         }
     }
     tracing::info!("usage consumer leaving the group");
@@ -254,6 +259,142 @@ fn run(
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
         consumer.poll(Duration::from_millis(50));
+    }
+}
+
+/// Messages read and not yet handed to the pipeline, and the partitions of
+/// the batches it is still deciding. A batch never takes a partition that
+/// is in flight: the batches decided at once hold disjoint partitions, so
+/// each partition is still decided in offset order, one batch after the
+/// other, and their transactions never wait on each other's offset and
+/// outbox rows.
+#[derive(Default)]
+struct Gathered {
+    /// In read order (offset order within a partition), with when each was read.
+    messages: Vec<(OwnedMessage, Instant)>,
+    partitions: HashMap<i32, Slot>,
+    in_flight: HashSet<i32>,
+}
+
+/// What is gathered of one partition.
+struct Slot {
+    count: usize,
+    /// The consumer's position before the first message and after the last.
+    from: i64,
+    to: i64,
+    /// When the oldest was read.
+    since: Instant,
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// How many messages a batch could take now.
+    fn ready(&self) -> usize {
+        let busy: usize = self
+            .in_flight
+            .iter()
+            .filter_map(|p| self.partitions.get(p))
+            .map(|slot| slot.count)
+            .sum();
+        self.messages.len() - busy
+    }
+
+    /// When the oldest message a batch could take now was read.
+    fn oldest_ready(&self) -> Option<Instant> {
+        self.partitions
+            .iter()
+            .filter(|(p, _)| !self.in_flight.contains(p))
+            .map(|(_, slot)| slot.since)
+            .min()
+    }
+
+    /// Adds a message read at consumer position `before`.
+    fn push(&mut self, message: OwnedMessage, before: i64) {
+        let now = Instant::now();
+        let slot = self.partitions.entry(message.partition()).or_insert(Slot {
+            count: 0,
+            from: before,
+            to: before,
+            since: now,
+        });
+        slot.count += 1;
+        slot.to = message.offset() + 1;
+        self.messages.push((message, now));
+    }
+
+    /// Forgets a partition's messages (it is read again from elsewhere).
+    fn drop_partition(&mut self, partition: i32) {
+        self.messages.retain(|(m, _)| m.partition() != partition);
+        self.partitions.remove(&partition);
+    }
+
+    /// Forgets every message (a new assignment); batches in flight stay so.
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.partitions.clear();
+    }
+
+    /// Up to `max` messages of at most `max_partitions` partitions not in
+    /// flight, oldest first, and marks their partitions in flight. A
+    /// partition's messages that do not fit stay, to start its next batch.
+    /// (Without the partition limit the first batch would take every
+    /// partition, and no other batch could ever start beside it.)
+    fn take(&mut self, max: usize, max_partitions: usize) -> UsageBatch {
+        let mut taken = Vec::with_capacity(max.min(self.messages.len()));
+        let mut kept = Vec::with_capacity(self.messages.len());
+        let mut read_at: Option<Instant> = None;
+        // Per partition taken from: (count, offset of the last, when the
+        // first one left behind was read).
+        let mut from: HashMap<i32, (usize, i64, Option<Instant>)> = HashMap::new();
+        for (m, at) in std::mem::take(&mut self.messages) {
+            let p = m.partition();
+            let admitted = from.contains_key(&p) || (from.len() < max_partitions && !self.in_flight.contains(&p));
+            if taken.len() < max && admitted {
+                let entry = from.entry(p).or_insert((0, 0, None));
+                entry.0 += 1;
+                entry.1 = m.offset();
+                read_at = Some(read_at.map_or(at, |r| r.min(at)));
+                taken.push(m);
+            } else {
+                if let Some(entry) = from.get_mut(&p) {
+                    entry.2.get_or_insert(at);
+                }
+                kept.push((m, at));
+            }
+        }
+        self.messages = kept;
+        let mut ranges = Vec::with_capacity(from.len());
+        for (partition, (count, last, rest_since)) in from {
+            let slot = self.partitions.get_mut(&partition).expect("a gathered partition");
+            ranges.push((partition, slot.from, last + 1));
+            match rest_since {
+                Some(since) => {
+                    slot.count -= count;
+                    slot.from = last + 1;
+                    slot.since = since;
+                }
+                None => {
+                    self.partitions.remove(&partition);
+                }
+            }
+            self.in_flight.insert(partition);
+        }
+        ranges.sort_unstable();
+        UsageBatch {
+            messages: taken,
+            ranges,
+            read_at: read_at.unwrap_or_else(Instant::now),
+        }
+    }
+
+    /// The pipeline has decided a batch of these partitions.
+    fn done(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.in_flight.remove(p);
+        }
     }
 }
 
@@ -314,5 +455,94 @@ fn on_error(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positio
     }
     if stopped.count() > 0 {
         let _ = consumer.pause(&stopped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn message(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            None,
+            None,
+            "usage-events".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    fn offsets(batch: &UsageBatch) -> Vec<(i32, i64)> {
+        batch.messages.iter().map(|m| (m.partition(), m.offset())).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_messages_and_leaves_the_rest_to_continue_the_partition() {
+        let mut g = Gathered::default();
+        for (p, o) in [(0, 10), (1, 5), (0, 11), (0, 13), (1, 6)] {
+            // Offset 12 of partition 0 is not there (a gap): positions move on.
+            g.push(message(p, o), if (p, o) == (0, 13) { 12 } else { o });
+        }
+        let first = g.take(3, usize::MAX);
+        assert_eq!(offsets(&first), [(0, 10), (1, 5), (0, 11)]);
+        assert_eq!(first.ranges, [(0, 10, 12), (1, 5, 6)]);
+        assert_eq!((g.len(), g.ready()), (2, 0), "both partitions are in flight");
+        g.done(&first.partitions());
+        let second = g.take(10, usize::MAX);
+        assert_eq!(offsets(&second), [(0, 13), (1, 6)]);
+        assert_eq!(second.ranges, [(0, 12, 14), (1, 6, 7)]);
+        assert_eq!(g.len(), 0);
+        assert!(g.oldest_ready().is_none());
+    }
+
+    #[test]
+    fn partitions_in_flight_wait_and_the_others_make_the_next_batch() {
+        let mut g = Gathered::default();
+        g.push(message(0, 0), 0);
+        let first = g.take(10, usize::MAX);
+        assert_eq!(first.partitions(), [0]);
+        for (p, o) in [(0, 1), (2, 7), (0, 2), (3, 1)] {
+            g.push(message(p, o), o);
+        }
+        assert_eq!(g.ready(), 2);
+        let second = g.take(10, usize::MAX);
+        assert_eq!(offsets(&second), [(2, 7), (3, 1)]);
+        assert_eq!(g.ready(), 0);
+        g.done(&[0]);
+        assert_eq!(g.ready(), 2);
+        let third = g.take(10, usize::MAX);
+        assert_eq!(offsets(&third), [(0, 1), (0, 2)]);
+        assert_eq!(third.ranges, [(0, 1, 3)]);
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_its_share_of_partitions_the_oldest_first() {
+        let mut g = Gathered::default();
+        for (p, o) in [(3, 0), (1, 0), (3, 1), (2, 0), (1, 1), (0, 0)] {
+            g.push(message(p, o), o);
+        }
+        let first = g.take(100, 2);
+        assert_eq!(offsets(&first), [(3, 0), (1, 0), (3, 1), (1, 1)]);
+        let second = g.take(100, 2);
+        assert_eq!(offsets(&second), [(2, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn a_dropped_or_cleared_partition_leaves_nothing_behind_but_in_flight_stays() {
+        let mut g = Gathered::default();
+        g.push(message(0, 0), 0);
+        let first = g.take(1, usize::MAX);
+        g.push(message(1, 4), 4);
+        g.push(message(0, 1), 1);
+        g.drop_partition(1);
+        assert_eq!((g.len(), g.ready()), (1, 0));
+        g.clear();
+        g.push(message(0, 8), 8);
+        assert_eq!(g.ready(), 0, "partition 0 is still in flight");
+        g.done(&first.partitions());
+        assert_eq!(g.take(5, usize::MAX).ranges, [(0, 8, 9)]);
     }
 }

@@ -106,6 +106,7 @@ pub async fn decide_batch(
     let mut laps: Vec<(&str, f64)> = Vec::new();
     let mut lap = |name: &'static str| laps.push((name, clock.elapsed().as_secs_f64() * 1e3));
     let mut tx = BatchTx::begin(pool).await?;
+    lap("begun");
 
     // 1. Claim the offsets. Only messages at or after the stored offset are
     //    still undecided; a claim that starts after it means the consumer
@@ -137,6 +138,7 @@ pub async fn decide_batch(
     if claims.is_empty() {
         return Ok(report);
     }
+    lap("offsets");
 
     // 2. Lock and load what the decisions need.
     let sub_ids: Vec<String> = todo

@@ -147,7 +147,7 @@ pub async fn run(
         relay: relay.clone(),
         metrics: stats.metrics.clone(),
     });
-    let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel(2);
+    let (batch_tx, mut batch_rx) = tokio::sync::mpsc::channel(p.lanes);
     let (command_tx, command_rx) = std::sync::mpsc::channel();
     let consumer_thread = consumer::spawn(
         &kafka::usage_consumer_config(k),
@@ -155,6 +155,7 @@ pub async fn run(
             topic: t.usage_events.clone(),
             batch_size: p.batch_size,
             linger: p.linger(),
+            lanes: p.lanes,
         },
         hooks,
         batch_tx,
@@ -162,7 +163,7 @@ pub async fn run(
         stop_threads.clone(),
     )?;
 
-    let worker = Worker {
+    let worker = Arc::new(Worker {
         pool,
         ctx: DecideContext {
             group: k.group_id.clone(),
@@ -180,28 +181,42 @@ pub async fn run(
         relay: relay.clone(),
         commands: command_tx,
         shutting_down: AtomicBool::new(false),
-    };
+    });
 
+    // Up to `lanes` batches at once, on disjoint partitions (the consumer
+    // never puts a partition in flight into another batch).
+    let mut lanes = tokio::task::JoinSet::new();
+    let mut requested = 0;
     tokio::pin!(shutdown);
     loop {
-        // Fails only when the consumer thread is gone; `recv` says so below.
-        let _ = worker.commands.send(consumer::Command::NextBatch);
-        let batch = tokio::select! {
-            batch = batch_rx.recv() => batch,
-            _ = &mut shutdown => break,
-        };
-        let Some(batch) = batch else {
-            anyhow::bail!("the usage consumer stopped");
-        };
-        // The batch runs to its end (commit or roll back); a shutdown that
-        // arrives meanwhile only cuts transient retries short.
-        let processing = worker.process(batch);
-        tokio::pin!(processing);
+        while lanes.len() + requested < p.lanes {
+            // Fails only when the consumer thread is gone; `recv` says so below.
+            let _ = worker.commands.send(consumer::Command::NextBatch);
+            requested += 1;
+        }
         tokio::select! {
-            result = &mut processing => result?,
+            batch = batch_rx.recv() => {
+                let Some(batch) = batch else {
+                    anyhow::bail!("the usage consumer stopped");
+                };
+                requested -= 1;
+                let worker = worker.clone();
+                lanes.spawn(async move {
+                    let partitions = batch.partitions();
+                    worker.process(batch).await.map(|()| partitions)
+                });
+            }
+            Some(done) = lanes.join_next() => {
+                let partitions = done.context("a batch task failed")??;
+                let _ = worker.commands.send(consumer::Command::Done { partitions });
+            }
             _ = &mut shutdown => {
+                // The batches in flight run to their end (commit or roll
+                // back); the shutdown only cuts transient retries short.
                 worker.shutting_down.store(true, Ordering::Relaxed);
-                processing.await?;
+                while let Some(done) = lanes.join_next().await {
+                    done.context("a batch task failed")??;
+                }
                 break;
             }
         }
