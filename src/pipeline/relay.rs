@@ -37,15 +37,18 @@ use tokio::sync::Notify;
 
 use crate::store;
 
-/// How many records one round reads from the outbox per partition.
-const ROUND_LIMIT: i64 = 5000;
+/// Most records one round reads from the outbox, shared among its
+/// partitions (a round holds them all in memory until they are delivered).
+const ROUND_LIMIT: i64 = 20_000;
+/// Fewest records a round reads of a partition.
+const ROUND_MIN_PER_PARTITION: i64 = 200;
 /// How long a revocation waits for the round in flight before it purges the
 /// producer.
 const REVOKE_WAIT: Duration = Duration::from_secs(1);
 
 /// Most committed records held in memory; beyond it, offers are dropped and
 /// the records are read from the outbox (the broker is slow or down).
-const MAX_OFFERED: usize = 100_000;
+const MAX_OFFERED: usize = 20_000;
 
 pub struct Relay {
     pool: PgPool,
@@ -350,7 +353,8 @@ impl Relay {
             }
         }
         let from_memory = records.len();
-        records.extend(store::pending_many(&self.pool, &after, ROUND_LIMIT).await?);
+        let per_partition = (ROUND_LIMIT / after.len().max(1) as i64).max(ROUND_MIN_PER_PARTITION);
+        records.extend(store::pending_many(&self.pool, &after, per_partition).await?);
         let read = clock.elapsed();
         // A revocation during the reads above takes effect now.
         let owned: HashSet<(String, i32)> = self.owned.lock().expect("relay lock").keys().cloned().collect();
