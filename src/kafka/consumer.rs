@@ -279,9 +279,8 @@ struct Gathered {
 /// What is gathered of one partition.
 struct Slot {
     count: usize,
-    /// The consumer's position before the first message and after the last.
+    /// The consumer's position before the first message.
     from: i64,
-    to: i64,
     /// When the oldest was read.
     since: Instant,
 }
@@ -317,11 +316,9 @@ impl Gathered {
         let slot = self.partitions.entry(message.partition()).or_insert(Slot {
             count: 0,
             from: before,
-            to: before,
             since: now,
         });
         slot.count += 1;
-        slot.to = message.offset() + 1;
         self.messages.push((message, now));
     }
 
