@@ -196,3 +196,27 @@ async fn a_claim_waits_for_the_former_owners_round_and_ends_its_publishing() {
     assert_eq!(lock_claimed(&mut new_round, "new", &partition).await.unwrap().len(), 1);
     new_round.commit().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_not_cut_short_by_the_statement_time_out() {
+    let env = TestEnv::start().await;
+    let mut url = url::Url::parse(&env.database_url).unwrap();
+    url.set_path(&format!("{}_timeout", url.path().trim_start_matches('/')));
+    usage_worker::store::create_database(url.as_str()).await.unwrap();
+    let mut settings = env.settings().database;
+    settings.url = url.to_string();
+    // Far shorter than creating the schema takes.
+    settings.statement_timeout_ms = 1;
+    let pool = usage_worker::store::connect(&settings).await.unwrap();
+    usage_worker::store::migrate(&pool).await.unwrap();
+    let plain = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'outbox_owners'")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    assert_eq!(tables, 1);
+    // The pool's connections still have the time-out.
+    let err = sqlx::query("SELECT pg_sleep(0.2)").execute(&pool).await.unwrap_err();
+    let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("57014"), "{err}");
+}

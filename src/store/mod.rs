@@ -45,8 +45,20 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .connect_lazy_with(options))
 }
 
+/// Applies pending migrations on a connection of their own without the
+/// statement time-out: a migration may rewrite a large table, and cutting it
+/// short would only start it again (start-up retries a time-out as an
+/// unavailable database). The connection is closed afterwards rather than
+/// returned to the pool without its time-out.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("applying migrations")
+    let mut conn = pool.acquire().await.context("connecting to apply migrations")?;
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await
+        .context("lifting the statement time-out for migrations")?;
+    let applied = MIGRATOR.run(&mut *conn).await.context("applying migrations");
+    let _ = conn.close().await;
+    applied
 }
 
 /// Creates the database named in `url` when it does not exist (demo, bench
