@@ -374,13 +374,16 @@ impl Settings {
         let p = &self.pipeline;
         positive("pipeline.batch_size", p.batch_size as u64)?;
         positive("pipeline.lanes", p.lanes as u64)?;
-        // Each lane holds a connection; the relay, the control readers and
-        // the API need theirs.
-        if p.lanes + 3 > self.database.max_connections as usize {
+        // Each lane holds a connection for its transaction; the relay holds
+        // two during a round (its fence and its reads), and each of the two
+        // control readers one while it applies. (The HTTP API has a pool of
+        // its own; the assignment hook and the metrics sampler borrow one
+        // briefly.)
+        if p.lanes + 4 > self.database.max_connections as usize {
             bail!(
                 "invalid setting pipeline.lanes: {} lanes need database.max_connections of at least {}",
                 p.lanes,
-                p.lanes + 3
+                p.lanes + 4
             );
         }
         positive("pipeline.max_payload_bytes", p.max_payload_bytes as u64)?;
@@ -541,16 +544,16 @@ mod tests {
         let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "0")])).unwrap_err();
         assert!(format!("{err:#}").contains("pipeline.lanes"), "{err:#}");
         let err = Settings::load_from(&env(&[
-            ("USAGE_WORKER__PIPELINE__LANES", "6"),
+            ("USAGE_WORKER__PIPELINE__LANES", "5"),
             ("USAGE_WORKER__DATABASE__MAX_CONNECTIONS", "8"),
         ]))
         .unwrap_err();
         assert!(
-            format!("{err:#}").contains("pipeline.lanes: 6 lanes need database.max_connections of at least 9"),
+            format!("{err:#}").contains("pipeline.lanes: 5 lanes need database.max_connections of at least 9"),
             "{err:#}"
         );
-        let s = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "5")])).unwrap();
-        assert_eq!(s.pipeline.lanes, 5);
+        let s = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "4")])).unwrap();
+        assert_eq!(s.pipeline.lanes, 4);
     }
 
     #[test]

@@ -207,16 +207,24 @@ pub async fn run(
                 });
             }
             Some(done) = lanes.join_next() => {
-                let partitions = done.context("a batch task failed")??;
-                let _ = worker.commands.send(consumer::Command::Done { partitions });
+                match done.context("a batch task failed").and_then(|r| r) {
+                    Ok(partitions) => {
+                        let _ = worker.commands.send(consumer::Command::Done { partitions });
+                    }
+                    Err(e) => {
+                        // The other lanes finish their batches (commit or
+                        // roll back) before the worker stops.
+                        worker.shutting_down.store(true, Ordering::Relaxed);
+                        let _ = finish_lanes(&mut lanes).await;
+                        return Err(e);
+                    }
+                }
             }
             _ = &mut shutdown => {
                 // The batches in flight run to their end (commit or roll
                 // back); the shutdown only cuts transient retries short.
                 worker.shutting_down.store(true, Ordering::Relaxed);
-                while let Some(done) = lanes.join_next().await {
-                    done.context("a batch task failed")??;
-                }
+                finish_lanes(&mut lanes).await?;
                 break;
             }
         }
@@ -239,6 +247,19 @@ pub async fn run(
     drained.context("publishing committed outcomes at shutdown")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits for every batch in flight; the first failure, if any.
+async fn finish_lanes(lanes: &mut tokio::task::JoinSet<anyhow::Result<Vec<i32>>>) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    while let Some(done) = lanes.join_next().await {
+        if let Err(e) = done.context("a batch task failed").and_then(|r| r) {
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
 }
 
 struct Worker {

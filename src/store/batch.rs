@@ -181,11 +181,17 @@ impl BatchTx {
         Ok(rows.into_iter().map(stored).map(|u| (u.id.clone(), u)).collect())
     }
 
+    /// Inserts in id order: two batches in flight at once that insert some of
+    /// the same new ids then wait on each other in one order, never in a
+    /// cycle (a deadlock PostgreSQL would break only after its time-out).
     pub async fn insert_usages(&mut self, usages: &[NewUsage]) -> anyhow::Result<()> {
         if usages.is_empty() {
             return Ok(());
         }
-        let col = |f: fn(&NewUsage) -> String| usages.iter().map(f).collect::<Vec<_>>();
+        let mut sorted: Vec<&NewUsage> = usages.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let usages = sorted;
+        let col = |f: fn(&NewUsage) -> String| usages.iter().map(|u| f(u)).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO usages (id, subscription_id, quantity, requested_quantity, accept_partial,
                                  usage_time, period_start_time, created_time, updated_time,

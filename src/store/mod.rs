@@ -51,11 +51,14 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
 /// unavailable database). The connection is closed afterwards rather than
 /// returned to the pool without its time-out.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    let mut conn = pool.acquire().await.context("connecting to apply migrations")?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("applying migrations: connecting to the database")?;
     sqlx::query("SET statement_timeout = 0")
         .execute(&mut *conn)
         .await
-        .context("lifting the statement time-out for migrations")?;
+        .context("applying migrations: lifting the statement time-out")?;
     let applied = MIGRATOR.run(&mut *conn).await.context("applying migrations");
     let _ = conn.close().await;
     applied
