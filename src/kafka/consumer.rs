@@ -181,8 +181,10 @@ fn run(
     stop: Arc<AtomicBool>,
 ) {
     let mut gathered = Gathered::default();
-    // Room for a full batch for every lane while others are deciding.
-    let room = settings.batch_size * settings.lanes.max(1);
+    // Room for a full batch for every lane, and one more: the messages of
+    // partitions whose batch is still being decided count too, and when
+    // they alone fill the room nothing else is read until that batch ends.
+    let room = settings.batch_size * (settings.lanes.max(1) + 1);
     let mut generation = 0;
     let mut wanted = 0usize;
     let command = |command: Command, gathered: &mut Gathered, wanted: &mut usize| match command {
