@@ -117,7 +117,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         "bench: {} worker(s) ready; throughput phase, {} events",
         args.workers, args.events
     );
+    let cpu_before = CpuSnapshot::take(&pool, &database, &workers).await?;
     let throughput = bench.drive(&producer, &reader, &mut generator, args.events, None, &mut workers)?;
+    let cpu = CpuSnapshot::take(&pool, &database, &workers).await?.since(&cpu_before);
     eprintln!(
         "bench: latency phase, {} events/s for {} s",
         args.rate, args.latency_secs
@@ -188,6 +190,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         over_limit,
         &assignments,
         &rss_mib,
+        &cpu,
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report.json())?)
@@ -338,6 +341,75 @@ impl Phase {
     }
 }
 
+/// CPU time used so far by the processes of the run, read from /proc.
+struct CpuSnapshot {
+    workers: Duration,
+    bench: Duration,
+    /// Per PostgreSQL process: the bench database's backends and the
+    /// server's own background processes (WAL writer, checkpointer, ...).
+    postgres: std::collections::HashMap<i32, Duration>,
+    /// False when a PostgreSQL process could not be read (a server on
+    /// another host, or one that exited).
+    postgres_complete: bool,
+}
+
+/// CPU time used between two snapshots.
+struct CpuUse {
+    workers: Duration,
+    bench: Duration,
+    postgres: Duration,
+    postgres_complete: bool,
+}
+
+impl CpuSnapshot {
+    async fn take(pool: &sqlx::PgPool, database: &str, workers: &[WorkerProcess]) -> anyhow::Result<Self> {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 OR datname IS NULL AND backend_type <> 'client backend'",
+        )
+        .bind(database)
+        .fetch_all(pool)
+        .await
+        .context("listing PostgreSQL processes")?;
+        let mut postgres = std::collections::HashMap::new();
+        let mut postgres_complete = true;
+        for pid in pids {
+            match u32::try_from(pid)
+                .map_err(anyhow::Error::from)
+                .and_then(process::cpu_time)
+            {
+                Ok(t) => {
+                    postgres.insert(pid, t);
+                }
+                Err(_) => postgres_complete = false,
+            }
+        }
+        let workers = workers.iter().map(|w| w.cpu_time()).sum::<anyhow::Result<Duration>>()?;
+        Ok(Self {
+            workers,
+            bench: process::cpu_time(std::process::id())?,
+            postgres,
+            postgres_complete,
+        })
+    }
+
+    /// What was used since `before`. A PostgreSQL process that started in
+    /// between counts whole; one that ended in between is missing.
+    fn since(&self, before: &CpuSnapshot) -> CpuUse {
+        let postgres = self
+            .postgres
+            .iter()
+            .map(|(pid, t)| t.saturating_sub(before.postgres.get(pid).copied().unwrap_or_default()))
+            .sum();
+        let ended = before.postgres.keys().any(|pid| !self.postgres.contains_key(pid));
+        CpuUse {
+            workers: self.workers.saturating_sub(before.workers),
+            bench: self.bench.saturating_sub(before.bench),
+            postgres,
+            postgres_complete: self.postgres_complete && before.postgres_complete && !ended,
+        }
+    }
+}
+
 struct Report {
     events: u64,
     events_per_sec: f64,
@@ -373,6 +445,7 @@ fn print_report(
     over_limit: i64,
     assignments: &[String],
     rss: &[f64],
+    cpu: &CpuUse,
 ) {
     println!("\n== usage-worker bench ==");
     println!(
@@ -387,6 +460,19 @@ fn print_report(
     println!(
         "throughput           {:.0} events/s ({} events in {:.2} s, first produced to last outcome read)",
         report.events_per_sec, throughput.events, throughput.seconds
+    );
+    let per_1000 = |d: Duration| d.as_secs_f64() * 1e3 / throughput.events as f64 * 1e3;
+    println!(
+        "CPU per 1000 events  {:.0} ms: worker {:.0}, PostgreSQL {:.0}, bench (load, mock cluster, reader) {:.0}{}",
+        per_1000(cpu.workers + cpu.postgres + cpu.bench),
+        per_1000(cpu.workers),
+        per_1000(cpu.postgres),
+        per_1000(cpu.bench),
+        if cpu.postgres_complete {
+            ""
+        } else {
+            " (PostgreSQL: some processes unreadable, a lower bound)"
+        }
     );
     println!(
         "baseline             {:.0} events/s (one event per transaction, {} events)",
@@ -408,4 +494,42 @@ fn print_report(
         over_limit,
         check.error.as_deref().map(|e| format!(", error: {e}")).unwrap_or_default()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(workers: u64, bench: u64, postgres: &[(i32, u64)]) -> CpuSnapshot {
+        CpuSnapshot {
+            workers: Duration::from_millis(workers),
+            bench: Duration::from_millis(bench),
+            postgres: postgres
+                .iter()
+                .map(|&(pid, ms)| (pid, Duration::from_millis(ms)))
+                .collect(),
+            postgres_complete: true,
+        }
+    }
+
+    #[test]
+    fn cpu_use_counts_what_each_process_used_in_between() {
+        let before = snapshot(100, 50, &[(1, 10), (2, 20)]);
+        // Process 3 started during the phase: all of its time is the phase's.
+        let after = snapshot(400, 80, &[(1, 15), (2, 60), (3, 7)]);
+        let used = after.since(&before);
+        assert_eq!(used.workers, Duration::from_millis(300));
+        assert_eq!(used.bench, Duration::from_millis(30));
+        assert_eq!(used.postgres, Duration::from_millis(5 + 40 + 7));
+        assert!(used.postgres_complete);
+    }
+
+    #[test]
+    fn a_postgres_process_that_ended_makes_the_figure_a_lower_bound() {
+        let before = snapshot(0, 0, &[(1, 10), (2, 20)]);
+        let after = snapshot(0, 0, &[(1, 15)]);
+        let used = after.since(&before);
+        assert_eq!(used.postgres, Duration::from_millis(5));
+        assert!(!used.postgres_complete);
+    }
 }

@@ -193,7 +193,8 @@ pub fn partition_count(assignment: &str) -> usize {
     }
 }
 
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+/// User plus system CPU time of any process of this host.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc stat")?;
     // The kernel's USER_HZ is 100 on every Linux platform this runs on.
     Ok(Duration::from_millis(cpu_ticks(&stat)? * 10))
