@@ -74,7 +74,25 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     }
     let database_url = url.to_string();
     let database = url.path().trim_start_matches('/').to_owned();
-    let pool = sqlx::PgPool::connect(&database_url).await?;
+    // The database goes whatever happens: a run that fails half-way leaves
+    // nothing behind (its worker processes are stopped as they drop).
+    let measured = measure(&settings, &args, &kafka, &database_url, &database).await;
+    let dropped = store::drop_database(&database_url)
+        .await
+        .with_context(|| format!("dropping the bench database {database}"));
+    measured.and(dropped)
+}
+
+/// The three phases and the checks, on a fresh database.
+async fn measure(
+    settings: &Settings,
+    args: &BenchArgs,
+    kafka: &EmbeddedKafka,
+    database_url: &str,
+    database: &str,
+) -> anyhow::Result<()> {
+    let t = settings.topics.clone();
+    let pool = sqlx::PgPool::connect(database_url).await?;
     store::migrate(&pool).await?;
     eprintln!(
         "bench: mock Kafka at {}, database {database}",
@@ -90,7 +108,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     producer.flush(Duration::from_secs(30))?;
 
     let log = std::env::temp_dir().join("usage-worker-bench.log");
-    let spec = WorkerSpec::new(&database_url, kafka.bootstrap_servers(), log)?
+    let spec = WorkerSpec::new(database_url, kafka.bootstrap_servers(), log)?
         .set("USAGE_WORKER__LOG__LEVEL", "warn,usage_worker::kafka::consumer=info")
         .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "6000")
         .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
@@ -117,9 +135,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         "bench: {} worker(s) ready; throughput phase, {} events",
         args.workers, args.events
     );
-    let cpu_before = CpuSnapshot::take(&pool, &database, &workers).await?;
+    let cpu_before = CpuSnapshot::take(&pool, database, &workers).await?;
     let throughput = bench.drive(&producer, &reader, &mut generator, args.events, None, &mut workers)?;
-    let cpu = CpuSnapshot::take(&pool, &database, &workers).await?.since(&cpu_before);
+    let cpu = CpuSnapshot::take(&pool, database, &workers).await?.since(&cpu_before);
     eprintln!(
         "bench: latency phase, {} events/s for {} s",
         args.rate, args.latency_secs
@@ -169,7 +187,6 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     pool.close().await;
-    store::drop_database(&database_url).await?;
 
     let report = Report {
         events: args.events,
@@ -182,7 +199,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     };
     print_report(
         &report,
-        &args,
+        args,
         &throughput,
         &latency,
         &check,

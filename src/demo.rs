@@ -44,6 +44,22 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
         .path()
         .trim_start_matches('/')
         .to_owned();
+    let shown = show(&settings, &args, &kafka, &database).await;
+    if args.keep_database {
+        println!("database kept: {database}");
+        return shown;
+    }
+    // Dropped whatever happened: a demo that fails half-way leaves nothing.
+    let dropped = store::drop_database(&settings.database.url)
+        .await
+        .with_context(|| format!("dropping the demo database {database}"));
+    shown.and(dropped)
+}
+
+/// Publishes the subscriptions and events, runs the pipeline and prints
+/// what came out, on a fresh database.
+async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, database: &str) -> anyhow::Result<()> {
+    let t = settings.topics.clone();
     let pool = store::connect(&settings.database).await?;
     store::migrate(&pool).await?;
     eprintln!("demo: mock Kafka at {}, database {database}", kafka.bootstrap_servers());
@@ -64,26 +80,21 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
 
     let events = events(args.events);
     let started = Instant::now();
-    let outcomes = exchange(&settings, &producer, &events, args.partitions, &worker).await?;
+    let outcomes = exchange(settings, &producer, &events, args.partitions, &worker).await?;
     let elapsed = started.elapsed();
     eprintln!();
     let _ = stop_tx.send(());
     worker.await.context("worker task")??;
 
     print_summary(&outcomes, events.len(), elapsed);
-    let alerts = tokio::task::block_in_place(|| read_all(&settings, &t.usage_alerts, args.partitions))?;
-    let dead_letters = tokio::task::block_in_place(|| read_all(&settings, &t.dead_letters, args.partitions))?;
+    let alerts = tokio::task::block_in_place(|| read_all(settings, &t.usage_alerts, args.partitions))?;
+    let dead_letters = tokio::task::block_in_place(|| read_all(settings, &t.dead_letters, args.partitions))?;
     println!("\nalerts on {}: {}", t.usage_alerts, alerts.len());
     if let Some(alert) = alerts.first() {
         println!("{}", serde_json::to_string_pretty(alert).unwrap_or_default());
     }
     println!("dead letters on {}: {}", t.dead_letters, dead_letters.len());
     pool.close().await;
-    if !args.keep_database {
-        store::drop_database(&settings.database.url).await?;
-    } else {
-        println!("database kept: {database}");
-    }
     Ok(())
 }
 
