@@ -80,6 +80,9 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let dropped = store::drop_database(&database_url)
         .await
         .with_context(|| format!("dropping the bench database {database}"));
+    if let (Err(_), Err(e)) = (&measured, &dropped) {
+        eprintln!("bench: {e:#}");
+    }
     measured.and(dropped)
 }
 
@@ -380,8 +383,10 @@ struct CpuUse {
 
 impl CpuSnapshot {
     async fn take(pool: &sqlx::PgPool, database: &str, workers: &[WorkerProcess]) -> anyhow::Result<Self> {
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 OR datname IS NULL AND backend_type <> 'client backend'",
+        // Without pg_read_all_stats a role sees no backend_type of the
+        // server's own processes: the figure is then a lower bound.
+        let rows: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT pid, datname::text, backend_type FROM pg_stat_activity WHERE datname = $1 OR datname IS NULL",
         )
         .bind(database)
         .fetch_all(pool)
@@ -389,15 +394,26 @@ impl CpuSnapshot {
         .context("listing PostgreSQL processes")?;
         let mut postgres = std::collections::HashMap::new();
         let mut postgres_complete = true;
-        for pid in pids {
-            match u32::try_from(pid)
-                .map_err(anyhow::Error::from)
-                .and_then(process::cpu_time)
-            {
-                Ok(t) => {
+        for (pid, datname, backend_type) in rows {
+            match backend_type.as_deref() {
+                None => {
+                    postgres_complete = false;
+                    continue;
+                }
+                // Connected to no database yet: not this run's.
+                Some("client backend") if datname.is_none() => continue,
+                Some(_) => {}
+            }
+            // The pid is read here only if it is PostgreSQL's: a server on
+            // another host (or in a container) has pids of its own.
+            let local = u32::try_from(pid)
+                .ok()
+                .filter(|&pid| process::command_name(pid).as_deref() == Some("postgres"));
+            match local.map(process::cpu_time) {
+                Some(Ok(t)) => {
                     postgres.insert(pid, t);
                 }
-                Err(_) => postgres_complete = false,
+                _ => postgres_complete = false,
             }
         }
         let workers = workers.iter().map(|w| w.cpu_time()).sum::<anyhow::Result<Duration>>()?;

@@ -53,6 +53,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let dropped = store::drop_database(&settings.database.url)
         .await
         .with_context(|| format!("dropping the demo database {database}"));
+    if let (Err(_), Err(e)) = (&shown, &dropped) {
+        eprintln!("demo: {e:#}");
+    }
     shown.and(dropped)
 }
 

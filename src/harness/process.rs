@@ -193,6 +193,13 @@ pub fn partition_count(assignment: &str) -> usize {
     }
 }
 
+/// The command name of a process of this host, if there is one.
+pub fn command_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|name| name.trim_end().to_owned())
+}
+
 /// User plus system CPU time of any process of this host.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc stat")?;
@@ -232,5 +239,13 @@ mod tests {
         assert_eq!(cpu_ticks(stat).unwrap(), 137 + 58);
         assert!(cpu_ticks("4242 (w) S 1").is_err());
         assert!(cpu_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn names_the_command_of_a_local_process_only() {
+        let own = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(command_name(std::process::id()).as_deref(), Some(own.trim_end()));
+        // Above the kernel's largest pid: no such process here.
+        assert_eq!(command_name(4_194_305), None);
     }
 }
