@@ -83,7 +83,15 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
 
     let events = events(args.events);
     let started = Instant::now();
-    let outcomes = exchange(settings, &producer, &events, args.partitions, &worker).await?;
+    let outcomes = match exchange(settings, &producer, &events, args.partitions, &worker).await {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            // The pipeline stops before its database is dropped.
+            let _ = stop_tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
+            return Err(e);
+        }
+    };
     let elapsed = started.elapsed();
     eprintln!();
     let _ = stop_tx.send(());
