@@ -182,10 +182,13 @@ async fn measure(
 
     let input_highs = results::high_watermarks(kafka.bootstrap_servers(), &t.usage_events, args.partitions)?;
     let check = reader.check(&input_highs);
-    let decided: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = $1")
-        .bind(&t.usage_results)
-        .fetch_one(&pool)
-        .await?;
+    let decided: i64 = sqlx::query_scalar(
+        // Counted by rows: the `outbox` view would read every payload.
+        "SELECT COALESCE(sum(last_seq - first_seq + 1), 0)::bigint FROM outbox_batches WHERE topic = $1",
+    )
+    .bind(&t.usage_results)
+    .fetch_one(&pool)
+    .await?;
     let over_limit: i64 = sqlx::query_scalar("SELECT count(*) FROM service_periods WHERE used > hard_limit")
         .fetch_one(&pool)
         .await?;

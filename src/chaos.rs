@@ -687,8 +687,9 @@ impl Verdict {
         let mut periods: [BTreeMap<String, Decimal>; 2] = Default::default();
         for run in 0..2 {
             v.decisions[run] = sqlx::query_as(
-                "SELECT count(*), count(DISTINCT (source_partition, source_offset)) FROM outbox
-                 WHERE topic = $1 AND source_topic = $2",
+                "SELECT count(*), count(DISTINCT (b.source_partition, o.offset_)) FROM outbox_batches b
+                 CROSS JOIN LATERAL unnest(b.source_offsets) AS o(offset_)
+                 WHERE b.topic = $1 AND b.source_topic = $2",
             )
             .bind(&topics[run].usage_results)
             .bind(&topics[run].usage_events)

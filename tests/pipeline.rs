@@ -303,8 +303,9 @@ async fn stored_but_unpublished_outcomes_are_published_after_restart_and_publish
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO outbox (topic, partition, seq, key, payload, headers)
-         SELECT topic, partition, 2, key, payload, headers FROM outbox WHERE seq = 1",
+        "INSERT INTO outbox_batches (topic, partition, first_seq, last_seq, keys, payloads, headers)
+         SELECT topic, partition, 2, 2, keys[1:1], payloads[1:1], headers[1:1] FROM outbox_batches
+         WHERE first_seq = 1",
     )
     .execute(&env.pool)
     .await

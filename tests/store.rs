@@ -1,5 +1,5 @@
-//! The store's rules, against a real PostgreSQL database: snapshots, and the
-//! fence between relays.
+//! The store's rules, against a real PostgreSQL database: snapshots, the
+//! outbox, and the fence between relays.
 
 mod common;
 
@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 use common::TestEnv;
 use rust_decimal::Decimal;
 use usage_worker::domain::subscription::decode_snapshot;
-use usage_worker::store::{apply_snapshots, claim_partition, lock_claimed, SnapshotChange};
+use usage_worker::store::{
+    apply_snapshots, claim_partition, delete_expired, lock_claimed, mark_published_many, pending_many, BatchTx,
+    OutboxRecord, SnapshotChange,
+};
 
 fn t(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -219,4 +222,165 @@ async fn migrations_are_not_cut_short_by_the_statement_time_out() {
     let err = sqlx::query("SELECT pg_sleep(0.2)").execute(&pool).await.unwrap_err();
     let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
     assert_eq!(code.as_deref(), Some("57014"), "{err}");
+}
+
+fn outbox_record(topic: &str, partition: i32, source_offset: Option<i64>) -> OutboxRecord {
+    OutboxRecord {
+        topic: topic.to_owned(),
+        partition,
+        key: source_offset.map(|o| format!("key-{o}").into_bytes()),
+        payload: format!("payload-{source_offset:?}").into_bytes(),
+        headers: vec![("status".to_owned(), b"created".to_vec())],
+        source: source_offset.map(|o| ("events".to_owned(), partition, o)),
+    }
+}
+
+async fn append(env: &TestEnv, records: &[OutboxRecord]) -> anyhow::Result<Vec<i64>> {
+    let mut tx = BatchTx::begin(&env.pool).await?;
+    let seqs = tx.append_outbox(records).await?;
+    tx.commit().await?;
+    Ok(seqs)
+}
+
+async fn pending(env: &TestEnv, after: i64, limit: i64) -> Vec<(i64, Option<Vec<u8>>, Vec<u8>)> {
+    pending_many(&env.pool, &[("results".to_owned(), 0, after)], limit)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(topic, partition, r)| {
+            assert_eq!((topic.as_str(), partition), ("results", 0));
+            assert_eq!(r.headers, vec![("status".to_owned(), b"created".to_vec())]);
+            (r.seq, r.key, r.payload)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_records_are_read_back_from_any_point_of_a_stored_batch() {
+    let env = TestEnv::start().await;
+    let first = [10, 11, 12].map(|o| outbox_record("results", 0, Some(o)));
+    assert_eq!(append(&env, &first).await.unwrap(), vec![1, 2, 3]);
+    let second = [outbox_record("results", 0, Some(13)), outbox_record("results", 0, None)];
+    assert_eq!(append(&env, &second).await.unwrap(), vec![4, 5]);
+
+    let seqs = |records: Vec<(i64, Option<Vec<u8>>, Vec<u8>)>| records.into_iter().map(|r| r.0).collect::<Vec<_>>();
+    assert_eq!(seqs(pending(&env, 0, 100).await), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        pending(&env, 1, 100).await[0],
+        (2, Some(b"key-11".to_vec()), b"payload-Some(11)".to_vec()),
+        "the rest of a row after a record already on the topic"
+    );
+    assert_eq!(pending(&env, 4, 100).await, vec![(5, None, b"payload-None".to_vec())]);
+    // The limit counts records, in whole rows: the row that reaches it is
+    // read whole, the next is not. (Rows: 1-3; 4; 5, which has no source.)
+    assert_eq!(seqs(pending(&env, 1, 1).await), vec![2, 3]);
+    assert_eq!(seqs(pending(&env, 2, 2).await), vec![3, 4]);
+    assert_eq!(seqs(pending(&env, 2, 3).await), vec![3, 4, 5]);
+    assert!(pending(&env, 5, 100).await.is_empty());
+
+    let by_record: Vec<(i64, Option<i64>)> =
+        sqlx::query_as("SELECT seq, source_offset FROM outbox WHERE topic = 'results' ORDER BY seq")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        by_record,
+        vec![(1, Some(10)), (2, Some(11)), (3, Some(12)), (4, Some(13)), (5, None)],
+        "the outbox view shows one row per record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_message_is_decided_into_a_topic_once() {
+    let env = TestEnv::start().await;
+    append(&env, &[10, 11, 12].map(|o| outbox_record("results", 0, Some(o))))
+        .await
+        .unwrap();
+    let again = append(&env, &[outbox_record("results", 0, Some(11))])
+        .await
+        .unwrap_err();
+    let code = again.chain().find_map(|c| match c.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    });
+    assert_eq!(code.as_deref(), Some("23P01"), "{again:#}");
+    // The same message may have a record in another topic, and the next
+    // message one in this topic.
+    append(&env, &[outbox_record("alerts", 0, Some(11))]).await.unwrap();
+    append(&env, &[outbox_record("results", 0, Some(13))]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_outbox_rows_go_once_every_record_in_them_is_published() {
+    let env = TestEnv::start().await;
+    append(&env, &[10, 11, 12].map(|o| outbox_record("results", 0, Some(o))))
+        .await
+        .unwrap();
+    append(&env, &[13, 14].map(|o| outbox_record("results", 0, Some(o))))
+        .await
+        .unwrap();
+    mark_published_many(&env.pool, &[("results".to_owned(), 0, 4)])
+        .await
+        .unwrap();
+    assert_eq!(
+        delete_expired(&env.pool, 0).await.unwrap(),
+        3,
+        "the first row's records"
+    );
+    let left = env.scalar_i64("SELECT count(*) FROM outbox").await;
+    assert_eq!(left, 2, "a row with a record not yet published stays whole");
+    assert_eq!(delete_expired(&env.pool, 30).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stored_one_per_row_before_the_batched_outbox_are_kept() {
+    let env = TestEnv::start().await;
+    let mut url = url::Url::parse(&env.database_url).unwrap();
+    url.set_path(&format!("{}_upgrade", url.path().trim_start_matches('/')));
+    usage_worker::store::create_database(url.as_str()).await.unwrap();
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: usage_worker::store::MIGRATOR
+            .iter()
+            .filter(|m| m.version < 20261128000007)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (topic, partition, seq, key, payload, headers, source_topic, source_partition, source_offset)
+         VALUES ('results', 0, 1, 'k', 'decided', '[]', 'events', 0, 40),
+                ('results', 0, 2, NULL, 'from http', '[]', NULL, NULL, NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    usage_worker::store::migrate(&pool).await.unwrap();
+    type Record = (i64, Option<Vec<u8>>, Vec<u8>, Option<String>, Option<i64>);
+    let records: Vec<Record> = sqlx::query_as(
+        "SELECT seq, key, payload, source_topic, source_offset FROM outbox WHERE topic = 'results' ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        records,
+        vec![
+            (
+                1,
+                Some(b"k".to_vec()),
+                b"decided".to_vec(),
+                Some("events".to_owned()),
+                Some(40)
+            ),
+            (2, None, b"from http".to_vec(), None, None),
+        ]
+    );
+    let pending = pending_many(&pool, &[("results".to_owned(), 0, 1)], 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].2.payload, b"from http");
+    pool.close().await;
 }

@@ -60,7 +60,9 @@ fn decode_headers(text: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 /// caller) for the rest of the transaction, so sequence numbers follow
 /// commit order within a partition. Two statements whatever the number of
 /// partitions (a batch touches many: round trips were most of the cost of
-/// small batches); the rows go in in key order, which the indexes take best.
+/// small batches). The records of one output partition from one source
+/// partition go in as one row of `outbox_batches` (a heap tuple and two
+/// index entries per record were a third of PostgreSQL's time per event).
 pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<Vec<i64>> {
     if records.is_empty() {
         return Ok(Vec::new());
@@ -100,30 +102,92 @@ pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) ->
     }
     let mut order: Vec<usize> = (0..records.len()).collect();
     order.sort_unstable_by_key(|&i| (records[i].topic.as_str(), records[i].partition, seqs[i]));
-    let rows = || order.iter().map(|&i| (&records[i], seqs[i]));
+    let rows = segments(records, &seqs, &order);
+    let flat = || order.iter().map(|&i| &records[i]);
+    // The records flat, in row order; each row takes its slice (1-based,
+    // inclusive bounds) of the arrays.
     sqlx::query(
-        "INSERT INTO outbox (topic, partition, seq, key, payload, headers,
-                             source_topic, source_partition, source_offset)
-         SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[], $6::text[],
-                              $7::text[], $8::int[], $9::bigint[])",
+        "INSERT INTO outbox_batches (topic, partition, first_seq, last_seq, keys, payloads, headers,
+                                     source_topic, source_partition, source_offsets,
+                                     first_source_offset, last_source_offset)
+         SELECT s.topic, s.partition, s.first_seq, s.first_seq + s.hi - s.lo,
+                ($1::bytea[])[s.lo:s.hi], ($2::bytea[])[s.lo:s.hi], ($3::text[])[s.lo:s.hi],
+                s.source_topic, s.source_partition,
+                CASE WHEN s.source_topic IS NOT NULL THEN ($4::bigint[])[s.lo:s.hi] END,
+                s.first_source_offset, s.last_source_offset
+         FROM UNNEST($5::text[], $6::int[], $7::bigint[], $8::int[], $9::int[],
+                     $10::text[], $11::int[], $12::bigint[], $13::bigint[])
+              AS s(topic, partition, first_seq, lo, hi, source_topic, source_partition,
+                   first_source_offset, last_source_offset)",
     )
-    .bind(rows().map(|(r, _)| r.topic.as_str()).collect::<Vec<_>>())
-    .bind(rows().map(|(r, _)| r.partition).collect::<Vec<_>>())
-    .bind(rows().map(|(_, seq)| seq).collect::<Vec<_>>())
-    .bind(rows().map(|(r, _)| r.key.as_deref()).collect::<Vec<_>>())
-    .bind(rows().map(|(r, _)| r.payload.as_slice()).collect::<Vec<_>>())
-    .bind(rows().map(|(r, _)| encode_headers(&r.headers)).collect::<Vec<_>>())
-    .bind(
-        rows()
-            .map(|(r, _)| r.source.as_ref().map(|s| s.0.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(rows().map(|(r, _)| r.source.as_ref().map(|s| s.1)).collect::<Vec<_>>())
-    .bind(rows().map(|(r, _)| r.source.as_ref().map(|s| s.2)).collect::<Vec<_>>())
+    .bind(flat().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+    .bind(flat().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
+    .bind(flat().map(|r| encode_headers(&r.headers)).collect::<Vec<_>>())
+    .bind(flat().map(|r| r.source.as_ref().map(|s| s.2)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.topic).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.partition).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.first_seq).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.lo).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.hi).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.source.map(|(t, _)| t)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.source.map(|(_, p)| p)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.source_offsets.map(|o| o.0)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.source_offsets.map(|o| o.1)).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await
     .context("inserting outbox records")?;
     Ok(seqs)
+}
+
+/// One row of `outbox_batches`: the records `lo..=hi` (1-based) of the
+/// flat arrays, numbered from `first_seq`.
+#[derive(Debug, PartialEq, Eq)]
+struct Segment<'a> {
+    topic: &'a str,
+    partition: i32,
+    first_seq: i64,
+    lo: i32,
+    hi: i32,
+    source: Option<(&'a str, i32)>,
+    /// The lowest and highest source offset of the records.
+    source_offsets: Option<(i64, i64)>,
+}
+
+/// Cuts the records, taken in `order` (by output partition, then sequence),
+/// into rows: a row holds consecutive records of one output partition with
+/// one source partition (or none), so its sequence numbers are contiguous.
+fn segments<'a>(records: &'a [OutboxRecord], seqs: &[i64], order: &[usize]) -> Vec<Segment<'a>> {
+    let mut rows: Vec<Segment<'a>> = Vec::new();
+    for (position, &i) in order.iter().enumerate() {
+        let r = &records[i];
+        let source = r.source.as_ref().map(|s| (s.0.as_str(), s.1));
+        let offset = r.source.as_ref().map(|s| s.2);
+        let index = position as i32 + 1;
+        match rows.last_mut() {
+            Some(row)
+                if row.topic == r.topic
+                    && row.partition == r.partition
+                    && row.source == source
+                    && row.first_seq + i64::from(row.hi - row.lo) + 1 == seqs[i] =>
+            {
+                row.hi = index;
+                if let (Some((low, high)), Some(offset)) = (row.source_offsets.as_mut(), offset) {
+                    *low = (*low).min(offset);
+                    *high = (*high).max(offset);
+                }
+            }
+            _ => rows.push(Segment {
+                topic: &r.topic,
+                partition: r.partition,
+                first_seq: seqs[i],
+                lo: index,
+                hi: index,
+                source,
+                source_offsets: offset.map(|o| (o, o)),
+            }),
+        }
+    }
+    rows
 }
 
 /// Appends records that decide a message of a topic every worker reads
@@ -137,8 +201,10 @@ pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord
             continue;
         };
         let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE topic = $1 AND source_topic = $2
-                             AND source_partition = $3 AND source_offset = $4)",
+            "SELECT EXISTS (SELECT 1 FROM outbox_batches WHERE topic = $1 AND source_topic = $2
+                             AND source_partition = $3
+                             AND int8range(first_source_offset, last_source_offset, '[]') @> $4::bigint
+                             AND $4 = ANY(source_offsets))",
         )
         .bind(&r.topic)
         .bind(source_topic)
@@ -208,22 +274,28 @@ pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow
 }
 
 /// Records after the given sequence of each (topic, partition), in order,
-/// at most `limit` per partition: one round trip for every owned partition.
+/// at most about `limit` per partition (whole rows: a row of a batch is not
+/// cut): one round trip for every owned partition.
 pub async fn pending_many(
     pool: &PgPool,
     after: &[(String, i32, i64)],
     limit: i64,
 ) -> anyhow::Result<Vec<(String, i32, StoredRecord)>> {
-    type Row = (String, i32, i64, Option<Vec<u8>>, Vec<u8>, String);
+    type Row = (String, i32, i64, i64, Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Vec<String>);
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT w.topic, w.partition, o.seq, o.key, o.payload, o.headers::text
+        "SELECT w.topic, w.partition, w.after_seq, o.first_seq, o.keys, o.payloads, o.headers
          FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, after_seq)
          CROSS JOIN LATERAL (
-             SELECT seq, key, payload, headers FROM outbox o
-             WHERE o.topic = w.topic AND o.partition = w.partition AND o.seq > w.after_seq
-             ORDER BY o.seq LIMIT $4
+             SELECT first_seq, keys, payloads, headers FROM (
+                 SELECT first_seq, last_seq, keys, payloads, headers,
+                        sum(last_seq - GREATEST(first_seq, w.after_seq + 1) + 1)
+                            OVER (ORDER BY last_seq) AS through
+                 FROM outbox_batches o
+                 WHERE o.topic = w.topic AND o.partition = w.partition AND o.last_seq > w.after_seq
+             ) r
+             WHERE r.through - (r.last_seq - GREATEST(r.first_seq, w.after_seq + 1) + 1) < $4
          ) o
-         ORDER BY w.topic, w.partition, o.seq",
+         ORDER BY w.topic, w.partition, o.first_seq",
     )
     .bind(after.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
     .bind(after.iter().map(|a| a.1).collect::<Vec<_>>())
@@ -232,11 +304,16 @@ pub async fn pending_many(
     .fetch_all(pool)
     .await
     .context("reading pending outbox records")?;
-    rows.into_iter()
-        .map(|(topic, partition, seq, key, payload, headers)| {
+    let mut records = Vec::new();
+    for (topic, partition, after_seq, first_seq, keys, payloads, headers) in rows {
+        for (n, ((key, payload), headers)) in keys.into_iter().zip(payloads).zip(headers).enumerate() {
+            let seq = first_seq + n as i64;
+            if seq <= after_seq {
+                continue;
+            }
             let headers = decode_headers(&headers)?;
-            Ok((
-                topic,
+            records.push((
+                topic.clone(),
                 partition,
                 StoredRecord {
                     seq,
@@ -244,9 +321,10 @@ pub async fn pending_many(
                     payload,
                     headers,
                 },
-            ))
-        })
-        .collect()
+            ));
+        }
+    }
+    Ok(records)
 }
 
 /// Records, for each (topic, partition), that its sequence up to the given
@@ -292,17 +370,111 @@ pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64
     Ok(())
 }
 
-/// Deletes published records older than the retention time.
+/// Deletes published records older than the retention time; returns how
+/// many records that was.
 pub async fn delete_expired(pool: &PgPool, retention_days: u32) -> anyhow::Result<u64> {
-    let deleted = sqlx::query(
-        "DELETE FROM outbox o USING outbox_published p
-         WHERE o.topic = p.topic AND o.partition = p.partition AND o.seq <= p.published_seq
-           AND o.created_time < now() - make_interval(days => $1)",
+    let deleted: i64 = sqlx::query_scalar(
+        "WITH deleted AS (
+             DELETE FROM outbox_batches o USING outbox_published p
+             WHERE o.topic = p.topic AND o.partition = p.partition AND o.last_seq <= p.published_seq
+               AND o.created_time < now() - make_interval(days => $1)
+             RETURNING o.last_seq - o.first_seq + 1 AS records
+         )
+         SELECT COALESCE(sum(records), 0)::bigint FROM deleted",
     )
     .bind(retention_days as i32)
-    .execute(pool)
+    .fetch_one(pool)
     .await
-    .context("deleting expired outbox records")?
-    .rows_affected();
-    Ok(deleted)
+    .context("deleting expired outbox records")?;
+    Ok(deleted as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, partition: i32, source: Option<(&str, i32, i64)>) -> OutboxRecord {
+        OutboxRecord {
+            topic: topic.to_owned(),
+            partition,
+            key: None,
+            payload: b"{}".to_vec(),
+            headers: Vec::new(),
+            source: source.map(|(t, p, o)| (t.to_owned(), p, o)),
+        }
+    }
+
+    /// Topic, partition, first seq, slice bounds and source offsets.
+    type Row = (String, i32, i64, i32, i32, Option<(i64, i64)>);
+
+    fn cut(records: &[OutboxRecord], seqs: &[i64]) -> Vec<Row> {
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        order.sort_unstable_by_key(|&i| (records[i].topic.as_str(), records[i].partition, seqs[i]));
+        segments(records, seqs, &order)
+            .into_iter()
+            .map(|s| {
+                (
+                    s.topic.to_owned(),
+                    s.partition,
+                    s.first_seq,
+                    s.lo,
+                    s.hi,
+                    s.source_offsets,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_one_row_per_output_partition() {
+        let records = [
+            record("results", 3, Some(("events", 3, 10))),
+            record("results", 1, Some(("events", 1, 7))),
+            record("alerts", 3, Some(("events", 3, 10))),
+            record("results", 3, Some(("events", 3, 12))),
+            record("results", 1, Some(("events", 1, 8))),
+        ];
+        let seqs = [41, 5, 1, 42, 6];
+        assert_eq!(
+            cut(&records, &seqs),
+            vec![
+                ("alerts".to_owned(), 3, 1, 1, 1, Some((10, 10))),
+                ("results".to_owned(), 1, 5, 2, 3, Some((7, 8))),
+                ("results".to_owned(), 3, 41, 4, 5, Some((10, 12))),
+            ]
+        );
+    }
+
+    #[test]
+    fn records_of_another_source_or_of_none_start_a_row_of_their_own() {
+        let records = [
+            record("dlq", 0, Some(("events", 0, 4))),
+            record("dlq", 0, Some(("subscriptions", 0, 4))),
+            record("dlq", 0, None),
+            record("dlq", 0, None),
+            record("dlq", 0, Some(("events", 0, 9))),
+        ];
+        let seqs = [1, 2, 3, 4, 5];
+        assert_eq!(
+            cut(&records, &seqs),
+            vec![
+                ("dlq".to_owned(), 0, 1, 1, 1, Some((4, 4))),
+                ("dlq".to_owned(), 0, 2, 2, 2, Some((4, 4))),
+                ("dlq".to_owned(), 0, 3, 3, 4, None),
+                ("dlq".to_owned(), 0, 5, 5, 5, Some((9, 9))),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_row_covers_the_lowest_to_the_highest_source_offset() {
+        let records = [
+            record("results", 0, Some(("events", 0, 20))),
+            record("results", 0, Some(("events", 0, 18))),
+        ];
+        assert_eq!(
+            cut(&records, &[7, 8]),
+            vec![("results".to_owned(), 0, 7, 1, 2, Some((18, 20)))]
+        );
+    }
 }
