@@ -296,14 +296,17 @@ async fn a_source_message_is_decided_into_a_topic_once() {
     append(&env, &[10, 11, 12].map(|o| outbox_record("results", 0, Some(o))))
         .await
         .unwrap();
-    let again = append(&env, &[outbox_record("results", 0, Some(11))])
-        .await
-        .unwrap_err();
-    let code = again.chain().find_map(|c| match c.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    });
-    assert_eq!(code.as_deref(), Some("23P01"), "{again:#}");
+    // Inside the row, at its start, and a row reaching into it from below.
+    for offsets in [&[11][..], &[10], &[8, 9, 10]] {
+        let records: Vec<OutboxRecord> = offsets.iter().map(|&o| outbox_record("results", 0, Some(o))).collect();
+        let again = append(&env, &records).await.unwrap_err();
+        let code = again.chain().find_map(|c| match c.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        });
+        assert_eq!(code.as_deref(), Some("23P01"), "{offsets:?}: {again:#}");
+    }
+    append(&env, &[outbox_record("results", 0, Some(9))]).await.unwrap();
     // The same message may have a record in another topic, and the next
     // message one in this topic.
     append(&env, &[outbox_record("alerts", 0, Some(11))]).await.unwrap();

@@ -201,10 +201,15 @@ pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord
             continue;
         };
         let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM outbox_batches WHERE topic = $1 AND source_topic = $2
-                             AND source_partition = $3
-                             AND int8range(first_source_offset, last_source_offset, '[]') @> $4::bigint
-                             AND $4 = ANY(source_offsets))",
+            // Rows are disjoint: only the last one starting at or before
+            // the offset can hold it.
+            "SELECT EXISTS (
+                 SELECT 1 FROM (
+                     SELECT last_source_offset, source_offsets FROM outbox_batches
+                     WHERE topic = $1 AND source_topic = $2 AND source_partition = $3
+                       AND first_source_offset <= $4
+                     ORDER BY first_source_offset DESC LIMIT 1
+                 ) previous WHERE previous.last_source_offset >= $4 AND $4 = ANY(previous.source_offsets))",
         )
         .bind(&r.topic)
         .bind(source_topic)
