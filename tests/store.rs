@@ -291,6 +291,48 @@ async fn outbox_records_are_read_back_from_any_point_of_a_stored_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_records_are_stored_compressed_and_read_back_intact() {
+    let env = TestEnv::start().await;
+    // Large enough to be moved out of line: 300 outcome-like payloads.
+    let records: Vec<OutboxRecord> = (0..300)
+        .map(|o| OutboxRecord {
+            payload: format!(r#"{{"outcomeId": "oc_{o:032}", "status": "created", "quantity": {o}.5}}"#).into_bytes(),
+            ..outbox_record("results", 0, Some(o))
+        })
+        .collect();
+    append(&env, &records).await.unwrap();
+    let (method, stored, raw): (Option<String>, i32, i64) = sqlx::query_as(
+        "SELECT pg_column_compression(payloads), pg_column_size(payloads),
+                (SELECT sum(octet_length(p))::bigint FROM unnest(payloads) p)
+         FROM outbox_batches WHERE topic = 'results'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    // A server built without lz4 keeps them as they are (migration 8).
+    let lz4: bool =
+        sqlx::query_scalar("SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    if lz4 {
+        assert_eq!(method.as_deref(), Some("lz4"));
+        assert!(i64::from(stored) * 3 < raw, "{stored} bytes stored for {raw}");
+    } else {
+        assert_eq!(method, None);
+    }
+    let back = pending(&env, 0, 1000).await;
+    assert_eq!(back.len(), 300);
+    for (record, (seq, key, payload)) in records.iter().zip(back) {
+        assert_eq!(
+            (Some(payload), key),
+            (Some(record.payload.clone()), record.key.clone()),
+            "seq {seq}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_message_is_decided_into_a_topic_once() {
     let env = TestEnv::start().await;
     append(&env, &[10, 11, 12].map(|o| outbox_record("results", 0, Some(o))))
