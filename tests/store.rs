@@ -6,6 +6,7 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::TestEnv;
 use rust_decimal::Decimal;
+use usage_worker::domain::decision::{LimitKind, LimitReached, SubscriptionState};
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
     apply_snapshots, claim_partition, delete_expired, lock_claimed, mark_published_many, pending_many, BatchTx,
@@ -155,6 +156,95 @@ async fn older_versions_and_replays_change_nothing_and_offsets_never_move_back()
 
 /// Two relays and one output partition: taking it over waits for the former
 /// owner's round in flight, and the former owner's next round finds it gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_is_marked_on_its_period_and_stored_once() {
+    let env = TestEnv::start().await;
+    let start = "2026-11-01T00:00:00Z";
+    apply(&env, &[snapshot(1, Some((start, "2026-12-01T00:00:00Z")), "10")]).await;
+    let reached = |kind| LimitReached {
+        kind,
+        limit: Decimal::from(10),
+        used: Decimal::from(10),
+    };
+    let alert = |kind| ("sub_1".to_owned(), t(start), "u1".to_owned(), reached(kind));
+    let alerted = |states: &std::collections::HashMap<String, SubscriptionState>| {
+        let period = states["sub_1"].periods.iter().find(|p| p.start == t(start)).unwrap();
+        period.alerted.clone()
+    };
+
+    let mut tx = BatchTx::begin(&env.pool).await.unwrap();
+    tx.insert_alerts(&[alert(LimitKind::Soft), alert(LimitKind::Hard)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = BatchTx::begin(&env.pool).await.unwrap();
+    let states = tx.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    assert_eq!(alerted(&states), vec![LimitKind::Soft, LimitKind::Hard]);
+    let again = tx.insert_alerts(&[alert(LimitKind::Soft)]).await;
+    assert!(again.is_err(), "a second soft alert of the period is refused");
+    drop(tx);
+
+    let mut tx = BatchTx::begin(&env.pool).await.unwrap();
+    let states = tx.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    assert_eq!(
+        alerted(&states),
+        vec![LimitKind::Soft, LimitKind::Hard],
+        "the refused alert left no mark"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_stored_before_migration_9_are_marked_on_their_periods() {
+    let env = TestEnv::start().await;
+    let (pool, _url) = database_migrated_before(&env, 20261128000009, "alerted").await;
+    sqlx::raw_sql(
+        "INSERT INTO subscriptions (id, version, status) VALUES ('sub_1', 1, 'active');
+         INSERT INTO service_periods (subscription_id, start_time, end_time, hard_limit)
+         VALUES ('sub_1', '2026-10-01Z', '2026-11-01Z', 10), ('sub_1', '2026-11-01Z', '2026-12-01Z', 10);
+         INSERT INTO limit_alerts (subscription_id, period_start_time, kind, usage_id, limit_quantity, used)
+         VALUES ('sub_1', '2026-10-01Z', 'soft', 'u1', 8, 8), ('sub_1', '2026-10-01Z', 'hard', 'u2', 10, 10);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    usage_worker::store::migrate(&pool).await.unwrap();
+    let mut kinds: Vec<(DateTime<Utc>, Vec<String>)> =
+        sqlx::query_as("SELECT start_time, alerted FROM service_periods ORDER BY start_time")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    kinds.iter_mut().for_each(|(_, k)| k.sort());
+    assert_eq!(
+        kinds,
+        vec![
+            (t("2026-10-01T00:00:00Z"), vec!["hard".to_owned(), "soft".to_owned()]),
+            (t("2026-11-01T00:00:00Z"), vec![]),
+        ]
+    );
+    pool.close().await;
+}
+
+/// A database of its own (beside the test's), migrated up to, not
+/// including, `version`.
+async fn database_migrated_before(env: &TestEnv, version: i64, name: &str) -> (sqlx::PgPool, String) {
+    let mut url = url::Url::parse(&env.database_url).unwrap();
+    url.set_path(&format!("{}_{name}", url.path().trim_start_matches('/')));
+    usage_worker::store::create_database(url.as_str()).await.unwrap();
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: usage_worker::store::MIGRATOR
+            .iter()
+            .filter(|m| m.version < version)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&pool).await.unwrap();
+    (pool, url.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_waits_for_the_former_owners_round_and_ends_its_publishing() {
     let env = TestEnv::start().await;
@@ -380,20 +470,7 @@ async fn expired_outbox_rows_go_once_every_record_in_them_is_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_stored_one_per_row_before_the_batched_outbox_are_kept() {
     let env = TestEnv::start().await;
-    let mut url = url::Url::parse(&env.database_url).unwrap();
-    url.set_path(&format!("{}_upgrade", url.path().trim_start_matches('/')));
-    usage_worker::store::create_database(url.as_str()).await.unwrap();
-    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
-    let before = sqlx::migrate::Migrator {
-        migrations: usage_worker::store::MIGRATOR
-            .iter()
-            .filter(|m| m.version < 20261128000007)
-            .cloned()
-            .collect::<Vec<_>>()
-            .into(),
-        ..sqlx::migrate::Migrator::DEFAULT
-    };
-    before.run(&pool).await.unwrap();
+    let (pool, _url) = database_migrated_before(&env, 20261128000007, "upgrade").await;
     sqlx::query(
         "INSERT INTO outbox (topic, partition, seq, key, payload, headers, source_topic, source_partition, source_offset)
          VALUES ('results', 0, 1, 'k', 'decided', '[]', 'events', 0, 40),

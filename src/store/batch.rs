@@ -147,8 +147,7 @@ impl BatchTx {
         );
         let periods: Vec<PeriodRow> = sqlx::query_as(
             "SELECT p.subscription_id, p.start_time, p.end_time, p.hard_limit, p.soft_limit, p.used, p.closed_time,
-                    ARRAY(SELECT a.kind FROM limit_alerts a
-                          WHERE a.subscription_id = p.subscription_id AND a.period_start_time = p.start_time)
+                    p.alerted
              FROM service_periods p WHERE p.subscription_id = ANY($1) ORDER BY p.subscription_id, p.start_time",
         )
         .bind(&sorted)
