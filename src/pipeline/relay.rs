@@ -37,10 +37,9 @@ use tokio::sync::Notify;
 
 use crate::store;
 
-/// Most records one round publishes, from memory and from the outbox; what
-/// it reads from the outbox is shared among its partitions (a round holds
-/// them all in memory, and the producer a copy, until they are delivered).
-const ROUND_LIMIT: i64 = 10_000;
+/// Most records one round reads from the outbox, shared among its
+/// partitions (a round holds them all in memory until they are delivered).
+const ROUND_LIMIT: i64 = 20_000;
 /// Fewest records a round reads of a partition.
 const ROUND_MIN_PER_PARTITION: i64 = 200;
 /// How long a revocation waits for the round in flight before it purges the
@@ -49,7 +48,7 @@ const REVOKE_WAIT: Duration = Duration::from_secs(1);
 
 /// Most committed records held in memory; beyond it, offers are dropped and
 /// the records are read from the outbox (the broker is slow or down).
-const MAX_OFFERED: usize = 10_000;
+const MAX_OFFERED: usize = 20_000;
 
 pub struct Relay {
     pool: PgPool,
@@ -354,8 +353,7 @@ impl Relay {
             }
         }
         let from_memory = records.len();
-        let per_partition =
-            ((ROUND_LIMIT - from_memory as i64).max(0) / after.len().max(1) as i64).max(ROUND_MIN_PER_PARTITION);
+        let per_partition = (ROUND_LIMIT / after.len().max(1) as i64).max(ROUND_MIN_PER_PARTITION);
         records.extend(store::pending_many(&self.pool, &after, per_partition).await?);
         let read = clock.elapsed();
         // A revocation during the reads above takes effect now.
