@@ -11,11 +11,21 @@ FROM (SELECT subscription_id, period_start_time, array_agg(kind ORDER BY created
       FROM limit_alerts GROUP BY subscription_id, period_start_time) a
 WHERE a.subscription_id = p.subscription_id AND a.period_start_time = p.start_time;
 
+-- Alerts are only ever inserted by the worker; a deleted or rewritten one
+-- (by hand) is taken off its period too, so that the two never disagree.
+-- TRUNCATE fires no row trigger: after one, also run
+-- UPDATE service_periods SET alerted = '{}'.
 CREATE FUNCTION limit_alerts_mark_period() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE service_periods SET alerted = array_append(alerted, NEW.kind)
-    WHERE subscription_id = NEW.subscription_id AND start_time = NEW.period_start_time;
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        UPDATE service_periods SET alerted = array_remove(alerted, OLD.kind)
+        WHERE subscription_id = OLD.subscription_id AND start_time = OLD.period_start_time;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        UPDATE service_periods SET alerted = array_append(alerted, NEW.kind)
+        WHERE subscription_id = NEW.subscription_id AND start_time = NEW.period_start_time;
+    END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER limit_alerts_mark_period AFTER INSERT ON limit_alerts
-    FOR EACH ROW EXECUTE FUNCTION limit_alerts_mark_period();
+CREATE TRIGGER limit_alerts_mark_period AFTER INSERT OR DELETE OR UPDATE OF subscription_id, period_start_time, kind
+    ON limit_alerts FOR EACH ROW EXECUTE FUNCTION limit_alerts_mark_period();
