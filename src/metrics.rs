@@ -68,6 +68,7 @@ pub struct Metrics {
     db_pool_connections: IntGaugeVec,
     db_pool_max_connections: IntGaugeVec,
     assigned_partitions: IntGauge,
+    stopped_partitions: IntCounterVec,
     http_requests: IntCounterVec,
     http_request_seconds: HistogramVec,
     /// The partitions of `usage-events` held now; `None` before the first
@@ -155,6 +156,13 @@ impl Metrics {
             "assigned_partitions",
             "Partitions of usage-events assigned to this worker",
         )?;
+        let stopped_partitions = IntCounterVec::new(
+            Opts::new(
+                "stopped_partitions_total",
+                "Partitions a reader stopped because its stored position is no longer on the topic",
+            ),
+            &["topic"],
+        )?;
         let http_requests = IntCounterVec::new(
             Opts::new(
                 "http_requests_total",
@@ -180,6 +188,7 @@ impl Metrics {
         registry.register(Box::new(db_pool_connections.clone()))?;
         registry.register(Box::new(db_pool_max_connections.clone()))?;
         registry.register(Box::new(assigned_partitions.clone()))?;
+        registry.register(Box::new(stopped_partitions.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_request_seconds.clone()))?;
         Ok(Self {
@@ -194,6 +203,7 @@ impl Metrics {
             db_pool_connections,
             db_pool_max_connections,
             assigned_partitions,
+            stopped_partitions,
             http_requests,
             http_request_seconds,
             assignment: Mutex::new(None),
@@ -248,6 +258,12 @@ impl Metrics {
             .with_label_values(&[pool, "in_use"])
             .set((i64::from(open) - idle).max(0));
         self.db_pool_max_connections.with_label_values(&[pool]).set(max.into());
+    }
+
+    /// A reader stopped a partition of `topic`: its stored position is no
+    /// longer on the topic.
+    pub fn partition_stopped(&self, topic: &str, count: u64) {
+        self.stopped_partitions.with_label_values(&[topic]).inc_by(count);
     }
 
     /// The consumer's current assignment (`None`: none held).

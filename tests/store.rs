@@ -10,7 +10,7 @@ use usage_worker::domain::decision::{LimitKind, LimitReached, SubscriptionState}
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
     apply_snapshots, claim_partition, delete_expired, lock_claimed, mark_published_many, pending_many, BatchTx,
-    OutboxRecord, SnapshotChange,
+    ControlMessage, NewUsage, OutboxRecord, SnapshotChange,
 };
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -36,8 +36,30 @@ async fn periods(env: &TestEnv) -> Vec<Period> {
         .unwrap()
 }
 
+/// The changes as the messages of partition 0 from `first`, in order.
+fn at(first: i64, changes: &[SnapshotChange]) -> Vec<ControlMessage<SnapshotChange>> {
+    changes
+        .iter()
+        .enumerate()
+        .map(|(n, body)| ControlMessage {
+            partition: 0,
+            offset: first + n as i64,
+            body: body.clone(),
+        })
+        .collect()
+}
+
+/// Applies the changes as the next messages of partition 0.
 async fn apply(env: &TestEnv, changes: &[SnapshotChange]) {
-    apply_snapshots(&env.pool, "g", "subscriptions", changes, &[], &[(0, 1)])
+    let next: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM consumer_offsets WHERE group_id = 'g' AND topic = 'subscriptions' AND partition = 0",
+    )
+    .fetch_optional(&env.pool)
+    .await
+    .unwrap();
+    let first = next.unwrap_or(0);
+    let end = first + changes.len() as i64;
+    apply_snapshots(&env.pool, "g", "subscriptions", &at(first, changes), &[], &[(0, end)])
         .await
         .unwrap();
 }
@@ -128,29 +150,213 @@ async fn older_versions_and_replays_change_nothing_and_offsets_never_move_back()
         &env.pool,
         "g",
         "subscriptions",
-        &[snapshot(5, nov, "50")],
+        &at(9, &[snapshot(5, nov, "50")]),
         &[],
         &[(0, 10)],
     )
     .await
     .unwrap();
     assert_eq!(out.applied, 1);
+    // Read again from offset 1 (a reader behind): below the stored
+    // position, nothing is applied a second time.
     let out = apply_snapshots(
         &env.pool,
         "g",
         "subscriptions",
-        &[snapshot(4, nov, "1"), snapshot(5, nov, "2")],
+        &at(1, &[snapshot(6, nov, "1"), snapshot(7, nov, "2")]),
         &[],
         &[(0, 3)],
     )
     .await
     .unwrap();
-    assert_eq!((out.applied, out.stale), (0, 2));
+    assert_eq!((out.applied, out.stale, out.already_applied), (0, 0, 2));
+    assert_eq!(out.positions.get(&0), Some(&10), "the stored position never moves back");
+    // Later messages with older versions are stale.
+    let out = apply_snapshots(
+        &env.pool,
+        "g",
+        "subscriptions",
+        &at(10, &[snapshot(4, nov, "1"), snapshot(5, nov, "2")]),
+        &[],
+        &[(0, 12)],
+    )
+    .await
+    .unwrap();
+    assert_eq!((out.applied, out.stale, out.already_applied), (0, 2, 0));
     assert_eq!(periods(&env).await[0].2, Some(Decimal::from(50)));
     assert_eq!(
         env.scalar_i64("SELECT next_offset FROM consumer_offsets WHERE group_id = 'g'")
             .await,
-        10
+        12
+    );
+}
+
+fn snapshot_of(value: serde_json::Value) -> SnapshotChange {
+    SnapshotChange::Upsert(decode_snapshot(value.to_string().as_bytes()).unwrap())
+}
+
+async fn subscription_state(env: &TestEnv, id: &str) -> (i64, bool) {
+    sqlx::query_as("SELECT version, deleted FROM subscriptions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_behind_another_never_applies_an_old_tombstone_over_a_newer_snapshot() {
+    let env = TestEnv::start().await;
+    let v = |version: i64| snapshot_of(serde_json::json!({"id": "sub_1", "status": "active", "version": version}));
+    let tombstone = SnapshotChange::Tombstone("sub_1".into());
+    // One worker applies a snapshot, a tombstone and the re-creating
+    // snapshot at version 8.
+    apply_snapshots(
+        &env.pool,
+        "g",
+        "subscriptions",
+        &at(0, &[v(7), tombstone.clone(), v(8)]),
+        &[],
+        &[(0, 3)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(subscription_state(&env, "sub_1").await, (8, false));
+    // Another worker's reader, behind, reads the tombstone and the
+    // snapshot again, one poll each.
+    let behind = apply_snapshots(&env.pool, "g", "subscriptions", &at(1, &[tombstone]), &[], &[(0, 2)])
+        .await
+        .unwrap();
+    assert_eq!((behind.deleted, behind.already_applied), (0, 1));
+    apply_snapshots(&env.pool, "g", "subscriptions", &at(2, &[v(8)]), &[], &[(0, 3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        subscription_state(&env, "sub_1").await,
+        (8, false),
+        "the subscription stays as the last message left it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_tombstone_the_next_snapshot_recreates_the_subscription_whatever_its_version() {
+    let env = TestEnv::start().await;
+    let v = |version: i64| snapshot_of(serde_json::json!({"id": "sub_1", "status": "active", "version": version}));
+    apply(&env, &[v(5), SnapshotChange::Tombstone("sub_1".into())]).await;
+    assert_eq!(subscription_state(&env, "sub_1").await, (5, true));
+    apply(&env, &[v(2)]).await;
+    assert_eq!(subscription_state(&env, "sub_1").await, (2, false));
+}
+
+/// Waits until some transaction waits for a lock another one holds.
+async fn until_a_transaction_waits_for_a_lock(env: &TestEnv) {
+    common::wait_until("a transaction waiting for a lock", || async {
+        env.scalar_i64(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            > 0
+    })
+    .await;
+}
+
+fn trial_snapshot(version: i64, trial_end: &str) -> SnapshotChange {
+    snapshot_of(serde_json::json!({
+        "id": "sub_1", "status": "trial", "version": version,
+        "currentPeriodStartTime": "2026-11-01T00:00:00Z", "currentPeriodEndTime": "2026-12-01T00:00:00Z",
+        "trialEndTime": trial_end,
+        "usageLimits": {"trialLimit": 10}
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_trial_end_counts_usage_committed_while_the_snapshot_waited_for_the_lock() {
+    let env = TestEnv::start().await;
+    apply(&env, &[trial_snapshot(1, "2026-11-05T00:00:00Z")]).await;
+    // A batch holds the subscription's lock and stores 4 units at a time
+    // after the trial's end as it stands.
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    batch.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    let collided = batch
+        .insert_usages(&[NewUsage {
+            id: "u1".into(),
+            subscription_id: "sub_1".into(),
+            quantity: Decimal::from(4),
+            requested_quantity: Decimal::from(4),
+            accept_partial: false,
+            usage_time: t("2026-11-10T00:00:00Z"),
+            period_start: t("2026-11-01T00:00:00Z"),
+            created_time: t("2026-11-10T00:00:00Z"),
+            source_partition: None,
+            source_offset: None,
+        }])
+        .await
+        .unwrap();
+    assert!(collided.is_empty());
+    // A snapshot moves the trial end past that usage while the batch holds
+    // the lock; the batch commits while the snapshot waits.
+    let pool = env.pool.clone();
+    let moved = tokio::spawn(async move {
+        let change = at(1, &[trial_snapshot(2, "2026-11-20T00:00:00Z")]);
+        apply_snapshots(&pool, "g", "subscriptions", &change, &[], &[(0, 2)]).await
+    });
+    until_a_transaction_waits_for_a_lock(&env).await;
+    batch.commit().await.unwrap();
+    moved.await.unwrap().unwrap();
+    let trial_used: Decimal = sqlx::query_scalar("SELECT trial_used FROM subscriptions WHERE id = 'sub_1'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        trial_used,
+        Decimal::from(4),
+        "the usage now before the trial's end counts against it"
+    );
+}
+
+fn dead_letter(source: (&str, i32, i64)) -> OutboxRecord {
+    OutboxRecord {
+        topic: "usage-events-dlq".into(),
+        partition: 0,
+        key: None,
+        payload: b"not json".to_vec(),
+        headers: Vec::new(),
+        source: Some((source.0.to_owned(), source.1, source.2)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_with_a_dead_letter_and_a_batch_take_their_locks_in_one_order() {
+    let env = TestEnv::start().await;
+    let v = |version: i64| snapshot_of(serde_json::json!({"id": "sub_1", "status": "active", "version": version}));
+    apply(&env, &[v(1)]).await;
+    // A batch locks the subscription...
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    batch.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    // ...while the snapshot reader applies an invalid message (a dead
+    // letter on partition 0 of the dead-letter topic) and a snapshot of it.
+    let pool = env.pool.clone();
+    let snapshot = tokio::spawn(async move {
+        let changes = vec![ControlMessage {
+            partition: 0,
+            offset: 2,
+            body: v(2),
+        }];
+        let dead = [dead_letter(("subscriptions", 0, 1))];
+        apply_snapshots(&pool, "g", "subscriptions", &changes, &dead, &[(0, 3)]).await
+    });
+    until_a_transaction_waits_for_a_lock(&env).await;
+    // The batch then stores a dead letter on the same partition.
+    batch
+        .append_outbox(&[dead_letter(("usage-events", 0, 5))])
+        .await
+        .expect("no deadlock: the batch holds what it needs");
+    batch.commit().await.unwrap();
+    snapshot.await.unwrap().expect("the snapshot applies after the batch");
+    assert_eq!(subscription_state(&env, "sub_1").await, (2, false));
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM outbox WHERE topic = 'usage-events-dlq'")
+            .await,
+        2
     );
 }
 
@@ -334,7 +540,7 @@ async fn append(env: &TestEnv, records: &[OutboxRecord]) -> anyhow::Result<Vec<i
 }
 
 async fn pending(env: &TestEnv, after: i64, limit: i64) -> Vec<(i64, Option<Vec<u8>>, Vec<u8>)> {
-    pending_many(&env.pool, &[("results".to_owned(), 0, after)], limit)
+    pending_many(&env.pool, &[("results".to_owned(), 0, after)], limit, i64::MAX)
         .await
         .unwrap()
         .into_iter()
@@ -379,6 +585,40 @@ async fn outbox_records_are_read_back_from_any_point_of_a_stored_batch() {
         vec![(1, Some(10)), (2, Some(11)), (3, Some(12)), (4, Some(13)), (5, None)],
         "the outbox view shows one row per record"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_reads_rows_up_to_a_byte_bound_and_always_the_first() {
+    let env = TestEnv::start().await;
+    // Three stored batches of one large record each (dead-letter copies of
+    // about 950 KB), then a small one.
+    for o in 0..3 {
+        let large = OutboxRecord {
+            payload: vec![b'x'; 950_000],
+            ..outbox_record("results", 0, Some(o))
+        };
+        append(&env, &[large]).await.unwrap();
+    }
+    append(&env, &[outbox_record("results", 0, Some(3))]).await.unwrap();
+    let read = |byte_limit: i64| {
+        let pool = env.pool.clone();
+        async move {
+            pending_many(&pool, &[("results".to_owned(), 0, 0)], 1000, byte_limit)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, _, r)| r.seq)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read(1).await, vec![1], "the first row whatever its size");
+    assert_eq!(
+        read(1_000_000).await,
+        vec![1, 2],
+        "the row that reaches the bound is read whole"
+    );
+    assert_eq!(read(2_000_000).await, vec![1, 2, 3]);
+    assert_eq!(read(i64::MAX).await, vec![1, 2, 3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,7 +742,9 @@ async fn records_stored_one_per_row_before_the_batched_outbox_are_kept() {
             (2, None, b"from http".to_vec(), None, None),
         ]
     );
-    let pending = pending_many(&pool, &[("results".to_owned(), 0, 1)], 10).await.unwrap();
+    let pending = pending_many(&pool, &[("results".to_owned(), 0, 1)], 10, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].2.payload, b"from http");
     pool.close().await;

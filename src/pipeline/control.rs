@@ -1,8 +1,9 @@
 //! Keeping PostgreSQL current from the control topics every worker reads in
 //! full, without a group: `subscriptions` (compacted snapshots) and
-//! `invoice-events`. Applying either twice changes nothing, so each worker
-//! knows for itself how far they are applied, and waits for that before a
-//! usage batch is decided.
+//! `invoice-events`. Each message is applied once, in offset order per
+//! partition, by whichever worker gets there first (the store compares with
+//! the group's stored positions); each worker knows how far they are
+//! applied, and waits for that before a usage batch is decided.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -18,9 +20,9 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::decide::{dead_letter_record, RawMessage};
-use crate::domain::invoice::decode_invoice_event;
+use crate::domain::invoice::{decode_invoice_event, InvoiceIssued};
 use crate::domain::subscription::decode_snapshot;
-use crate::store::{self, ItemResult, OutboxRecord, SnapshotChange};
+use crate::store::{self, ControlMessage, ItemResult, OutboxRecord, SnapshotChange, StoredPositions};
 
 /// How far this worker has applied each partition of a control topic.
 #[derive(Default)]
@@ -34,7 +36,10 @@ pub struct Progress {
 
 impl Progress {
     fn set(&self, partition: i32, next: i64) {
-        self.applied.lock().expect("progress lock").insert(partition, next);
+        let mut applied = self.applied.lock().expect("progress lock");
+        let entry = applied.entry(partition).or_insert(next);
+        *entry = (*entry).max(next);
+        drop(applied);
         self.changed.notify_waiters();
     }
 
@@ -77,6 +82,7 @@ pub struct ControlReader {
     /// Partitions of the dead-letter topic (those of `usage-events`).
     pub dead_letter_partitions: i32,
     pub max_dead_letter_bytes: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ControlReader {
@@ -91,16 +97,21 @@ impl ControlReader {
         let consumer: BaseConsumer = config
             .create()
             .with_context(|| format!("creating the {} reader", self.topic))?;
-        let initial: HashMap<i32, i64> = (0..self.partitions).map(|p| (p, 0)).collect();
+        let partitions: Vec<i32> = (0..self.partitions).collect();
         let stored = store::until_available("loading control topic offsets", self.retry_max, || {
-            store::load_offsets(&self.pool, &self.group, &self.topic, &initial)
+            store::stored_offsets(&self.pool, &self.group, &self.topic, &partitions)
         })
         .await?;
+        // From the stored position, which must still be on the topic (the
+        // reader's `auto.offset.reset` is an error); a partition nobody
+        // applied yet from its beginning, wherever retention left that.
         let mut tpl = TopicPartitionList::new();
-        for (p, next) in &stored {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next))?;
-            progress.set(*p, *next);
+        for p in partitions {
+            let start = stored.get(&p).copied();
+            tpl.add_partition_offset(&self.topic, p, start.map_or(Offset::Beginning, Offset::Offset))?;
+            progress.set(p, start.unwrap_or(0));
         }
+        let positions = stored;
         consumer
             .assign(&tpl)
             .with_context(|| format!("assigning the {} partitions", self.topic))?;
@@ -108,18 +119,30 @@ impl ControlReader {
         let name = format!("{}-reader", self.topic);
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || self.run(consumer, runtime, progress, stop))?;
+            .spawn(move || self.run(consumer, positions, runtime, progress, stop))?;
         Ok(handle)
     }
 
-    fn run(self, consumer: BaseConsumer, runtime: Handle, progress: Arc<Progress>, stop: Arc<AtomicBool>) {
+    /// `positions`: where the reader stands in each partition it started
+    /// at a stored position (the next offset to read).
+    fn run(
+        self,
+        consumer: BaseConsumer,
+        mut positions: HashMap<i32, i64>,
+        runtime: Handle,
+        progress: Arc<Progress>,
+        stop: Arc<AtomicBool>,
+    ) {
         while !stop.load(Ordering::Relaxed) {
             let mut pending = Pending::default();
             let started = Instant::now();
             while pending.positions.len() < 1000 && started.elapsed() < Duration::from_millis(20) {
                 match consumer.poll(Duration::from_millis(20)) {
-                    Some(Ok(m)) => self.take(&m, &mut pending),
-                    Some(Err(e)) => tracing::warn!(topic = %self.topic, error = %e, "control topic reader error"),
+                    Some(Ok(m)) => {
+                        positions.insert(m.partition(), m.offset() + 1);
+                        self.take(&m, &mut pending);
+                    }
+                    Some(Err(e)) => self.on_error(&consumer, &mut positions, e),
                     None => break,
                 }
             }
@@ -130,8 +153,13 @@ impl ControlReader {
             let mut backoff = Duration::from_millis(100);
             loop {
                 match runtime.block_on(self.apply(&pending, &positions)) {
-                    Ok(dead_lettered) => {
+                    Ok((dead_lettered, stored)) => {
                         progress.dead_lettered.fetch_add(dead_lettered, Ordering::Relaxed);
+                        // Another worker may have applied further: what is
+                        // stored is applied, whoever did it.
+                        for (p, next) in stored {
+                            progress.set(p, next);
+                        }
                         break;
                     }
                     Err(e) if stop.load(Ordering::Relaxed) => {
@@ -151,18 +179,73 @@ impl ControlReader {
         }
     }
 
+    /// A consumer error. A stored position that is no longer on the topic
+    /// (retention removed messages nobody applied, or the topic was
+    /// recreated) stops that partition, loudly: skipping control messages
+    /// would bill against the wrong limits or leave periods open.
+    fn on_error(&self, consumer: &BaseConsumer, positions: &mut HashMap<i32, i64>, error: KafkaError) {
+        let out_of_range = matches!(
+            error,
+            KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
+                | KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+        );
+        if !out_of_range {
+            tracing::warn!(topic = %self.topic, error = %error, "control topic reader error");
+            return;
+        }
+        let mut stopped = TopicPartitionList::new();
+        for (&partition, &next) in positions.iter() {
+            match consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(5)) {
+                Ok((low, high)) if next < low || next > high => {
+                    tracing::error!(
+                        topic = %self.topic,
+                        partition,
+                        stored_offset = next,
+                        log_start_offset = low,
+                        high_watermark = high,
+                        "STOPPED CONTROL PARTITION {}/{partition}: the stored position {next} is no longer on the \
+                         topic (it holds {low}..{high}); nothing was skipped, and usage that waits for this \
+                         partition waits in vain. An operator must decide how to proceed",
+                        self.topic,
+                    );
+                    stopped.add_partition(&self.topic, partition);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(topic = %self.topic, partition, error = %e, "reading watermarks failed"),
+            }
+        }
+        for element in stopped.elements() {
+            positions.remove(&element.partition());
+        }
+        if stopped.count() > 0 {
+            let _ = consumer.pause(&stopped);
+            self.metrics.partition_stopped(&self.topic, stopped.count() as u64);
+        }
+    }
+
     /// Decodes one message into the pending batch.
     fn take(&self, m: &BorrowedMessage<'_>, pending: &mut Pending) {
         pending.positions.insert(m.partition(), m.offset() + 1);
         let coordinates = (m.partition(), m.offset());
+        let at = |body| ControlMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            body,
+        };
         let decoded = match self.kind {
-            ControlKind::Subscriptions => decode_subscription(m.key(), m.payload()).map(|c| pending.snapshots.push(c)),
+            ControlKind::Subscriptions => {
+                decode_subscription(m.key(), m.payload()).map(|c| pending.snapshots.push(at(c)))
+            }
             ControlKind::Invoices => decode_invoice_event(m.payload().unwrap_or_default()).map(|invoice| {
-                pending.invoices.push((pending.raw.len(), invoice));
-                pending.raw.push((
+                pending.invoices.push(ControlMessage {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    body: invoice,
+                });
+                pending.raw.insert(
                     coordinates,
                     raw_message(m.key(), m.payload(), crate::kafka::headers::of_borrowed(m)),
-                ));
+                );
             }),
         };
         if let Err(detail) = decoded {
@@ -181,9 +264,11 @@ impl ControlReader {
         }
     }
 
-    async fn apply(&self, pending: &Pending, positions: &[(i32, i64)]) -> anyhow::Result<u64> {
+    /// Applies what no reader of the group applied yet; returns how many
+    /// messages went to the dead-letter topic and the stored positions.
+    async fn apply(&self, pending: &Pending, positions: &[(i32, i64)]) -> anyhow::Result<(u64, StoredPositions)> {
         let mut dead_lettered = pending.invalid.len() as u64;
-        match self.kind {
+        let stored = match self.kind {
             ControlKind::Subscriptions => {
                 let outcome = store::apply_snapshots(
                     &self.pool,
@@ -195,21 +280,22 @@ impl ControlReader {
                 )
                 .await?;
                 tracing::debug!(?outcome, "snapshots applied");
+                outcome.positions
             }
             ControlKind::Invoices => {
                 let mut unmatched = 0;
-                let dead_letters_for = |index: usize, results: &[ItemResult]| {
+                let dead_letters_for = |message: &ControlMessage<InvoiceIssued>, results: &[ItemResult]| {
                     let reason = results.iter().find_map(|r| match r {
                         ItemResult::UnknownSubscription => Some("unknown_subscription"),
                         ItemResult::UnknownPeriod => Some("unknown_period"),
                         ItemResult::Applied(_) => None,
                     })?;
                     unmatched += 1;
-                    let (coordinates, raw) = &pending.raw[index];
-                    tracing::warn!(topic = %self.topic, partition = coordinates.0, offset = coordinates.1, reason, "invoice item not applied; sent to the dead-letter topic");
-                    Some(self.dead_letter(*coordinates, raw, reason, ""))
+                    let coordinates = (message.partition, message.offset);
+                    tracing::warn!(topic = %self.topic, partition = message.partition, offset = message.offset, reason, "invoice item not applied; sent to the dead-letter topic");
+                    Some(self.dead_letter(coordinates, &pending.raw[&coordinates], reason, ""))
                 };
-                store::apply_invoices(
+                let applied = store::apply_invoices(
                     &self.pool,
                     &self.group,
                     &self.topic,
@@ -220,9 +306,10 @@ impl ControlReader {
                 )
                 .await?;
                 dead_lettered += unmatched;
+                applied.positions
             }
-        }
-        Ok(dead_lettered)
+        };
+        Ok((dead_lettered, stored))
     }
 
     fn dead_letter(
@@ -250,9 +337,10 @@ impl ControlReader {
 #[derive(Default)]
 struct Pending {
     positions: HashMap<i32, i64>,
-    snapshots: Vec<SnapshotChange>,
-    invoices: Vec<(usize, crate::domain::invoice::InvoiceIssued)>,
-    raw: Vec<((i32, i64), RawMessage)>,
+    snapshots: Vec<ControlMessage<SnapshotChange>>,
+    invoices: Vec<ControlMessage<InvoiceIssued>>,
+    /// The original message of each invoice, for its dead-letter copy.
+    raw: HashMap<(i32, i64), RawMessage>,
     invalid: Vec<OutboxRecord>,
 }
 

@@ -1,11 +1,14 @@
 //! Applying issued invoices: close the billed periods and stamp their usages.
-//! Idempotent, like snapshots: every worker may apply every invoice.
+//! Each message once, in offset order per partition (see `control`).
+
+use std::collections::HashSet;
 
 use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
-use super::outbox::{append_once, OutboxRecord};
-use super::snapshots::advance_positions;
+use super::control::{advance_positions, fresh_dead_letters, lock_positions, not_yet_applied};
+use super::control::{ControlMessage, StoredPositions};
+use super::outbox::{append, OutboxRecord};
 use crate::domain::invoice::{InvoiceIssued, InvoiceItem};
 
 /// What became of one invoice item.
@@ -18,34 +21,80 @@ pub enum ItemResult {
     UnknownPeriod,
 }
 
-/// Applies the invoices in order, stores the dead letters produced for them
-/// (once), and moves the stored positions forward, in one transaction.
-/// `dead_letters_for` is asked for the copies to store given each invoice's
-/// item results.
+/// What an application of invoice messages did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvoicesApplied {
+    /// The item results of each invoice applied now, by its message offset.
+    pub results: Vec<(i64, Vec<ItemResult>)>,
+    /// Messages another reader of the group applied first.
+    pub already_applied: usize,
+    /// The stored positions after this application.
+    pub positions: StoredPositions,
+}
+
+/// Applies the invoices no reader of the group applied yet, in order, stores
+/// the dead letters produced for them, and moves the stored positions
+/// forward, in one transaction. `dead_letters_for` is asked for the copy to
+/// store given an invoice's item results.
 pub async fn apply_invoices(
     pool: &PgPool,
     group: &str,
     topic: &str,
-    invoices: &[(usize, InvoiceIssued)],
-    mut dead_letters_for: impl FnMut(usize, &[ItemResult]) -> Option<OutboxRecord>,
+    invoices: &[ControlMessage<InvoiceIssued>],
+    mut dead_letters_for: impl FnMut(&ControlMessage<InvoiceIssued>, &[ItemResult]) -> Option<OutboxRecord>,
     invalid: &[OutboxRecord],
     positions: &[(i32, i64)],
-) -> anyhow::Result<Vec<Vec<ItemResult>>> {
+) -> anyhow::Result<InvoicesApplied> {
     let mut tx = pool.begin().await.context("beginning invoice transaction")?;
-    let mut results = Vec::with_capacity(invoices.len());
-    let mut dead_letters = invalid.to_vec();
-    for (index, invoice) in invoices {
-        let mut item_results = Vec::with_capacity(invoice.items.len());
-        for item in &invoice.items {
-            item_results.push(apply_item(&mut tx, invoice, item).await?);
+    let partitions: Vec<i32> = positions.iter().map(|p| p.0).collect();
+    let stored = lock_positions(&mut tx, group, topic, &partitions).await?;
+    let todo: Vec<&ControlMessage<InvoiceIssued>> = invoices
+        .iter()
+        .filter(|m| not_yet_applied(&stored, m.partition, m.offset))
+        .collect();
+    let mut applied = InvoicesApplied {
+        already_applied: invoices.len() - todo.len(),
+        ..InvoicesApplied::default()
+    };
+    // The subscriptions' locks order this against decisions: no usage lands
+    // in a period after it closed. All of them first, in id order.
+    let ids: Vec<String> = todo
+        .iter()
+        .flat_map(|m| m.body.items.iter().map(|i| i.subscription_id.clone()))
+        .collect();
+    let known = lock_subscriptions(&mut tx, &ids).await?;
+    let mut dead_letters = fresh_dead_letters(invalid, topic, &stored);
+    for message in todo {
+        let mut item_results = Vec::with_capacity(message.body.items.len());
+        for item in &message.body.items {
+            let result = if known.contains(&item.subscription_id) {
+                apply_item(&mut tx, &message.body, item).await?
+            } else {
+                ItemResult::UnknownSubscription
+            };
+            item_results.push(result);
         }
-        dead_letters.extend(dead_letters_for(*index, &item_results));
-        results.push(item_results);
+        dead_letters.extend(dead_letters_for(message, &item_results));
+        applied.results.push((message.offset, item_results));
     }
-    append_once(&mut tx, &dead_letters).await?;
-    advance_positions(&mut tx, group, topic, positions).await?;
+    append(&mut tx, &dead_letters).await?;
+    applied.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing invoices")?;
-    Ok(results)
+    Ok(applied)
+}
+
+/// Locks the stored subscriptions among `ids`, in id order.
+async fn lock_subscriptions(conn: &mut PgConnection, ids: &[String]) -> anyhow::Result<HashSet<String>> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&sorted)
+            .fetch_all(&mut *conn)
+            .await
+            .context("locking the invoiced subscriptions")?;
+    Ok(rows.into_iter().collect())
 }
 
 async fn apply_item(
@@ -53,18 +102,8 @@ async fn apply_item(
     invoice: &InvoiceIssued,
     item: &InvoiceItem,
 ) -> anyhow::Result<ItemResult> {
-    // The subscription's lock orders this against batches deciding its usage:
-    // no usage lands in the period after it closed.
-    let known: Option<String> = sqlx::query_scalar("SELECT id FROM subscriptions WHERE id = $1 FOR UPDATE")
-        .bind(&item.subscription_id)
-        .fetch_optional(&mut *conn)
-        .await
-        .context("locking the invoiced subscription")?;
-    if known.is_none() {
-        return Ok(ItemResult::UnknownSubscription);
-    }
     let period = sqlx::query(
-        "UPDATE service_periods SET closed_time = coalesce(closed_time, now())
+        "UPDATE service_periods SET closed_time = coalesce(closed_time, clock_timestamp())
          WHERE subscription_id = $1 AND start_time = $2",
     )
     .bind(&item.subscription_id)

@@ -2,6 +2,7 @@
 //! here knows about Kafka; message coordinates arrive as plain numbers.
 
 mod batch;
+mod control;
 mod errors;
 mod invoices;
 mod outbox;
@@ -17,8 +18,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use batch::{BatchTx, NewUsage, OffsetClaim};
+pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
-pub use invoices::{apply_invoices, ItemResult};
+pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};
 pub use outbox::{
     claim_partition, delete_expired, lock_claimed, mark_published, mark_published_many, pending_many, published_seq,
     OutboxRecord, StoredRecord,

@@ -1,46 +1,80 @@
-//! Applying subscription snapshots from the compacted `subscriptions` topic.
-//! Application is idempotent (a version not greater than the stored one
-//! changes nothing), so every worker may apply every snapshot.
+//! Applying subscription snapshots from the compacted `subscriptions` topic,
+//! each message once, in offset order per partition (see `control`).
+
+use std::collections::HashMap;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use super::outbox::{append_once, OutboxRecord};
+use super::control::{advance_positions, fresh_dead_letters, lock_positions, not_yet_applied};
+use super::control::{ControlMessage, StoredPositions};
+use super::outbox::{append, OutboxRecord};
 use crate::domain::decision::open_period_start;
 use crate::domain::subscription::SubscriptionSnapshot;
 
 /// One message of the subscriptions topic, decoded.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SnapshotChange {
     Upsert(SubscriptionSnapshot),
     /// A null value: the subscription (the message key) is deleted.
     Tombstone(String),
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+impl SnapshotChange {
+    fn subscription_id(&self) -> &str {
+        match self {
+            Self::Upsert(snapshot) => &snapshot.id,
+            Self::Tombstone(id) => id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotOutcome {
     pub applied: usize,
     pub stale: usize,
     pub deleted: usize,
+    /// Messages another reader of the group applied first.
+    pub already_applied: usize,
+    /// The stored positions after this application.
+    pub positions: StoredPositions,
 }
 
-/// Applies the changes in order, and moves the stored positions of the
-/// subscriptions topic forward (never back), in one transaction.
+/// Applies the changes that no reader of the group applied yet, in order,
+/// stores the dead letters of those still to apply, and moves the stored
+/// positions of the subscriptions topic forward, in one transaction.
+/// `positions` are the reader's next offsets after the messages it read.
 pub async fn apply_snapshots(
     pool: &PgPool,
     group: &str,
     topic: &str,
-    changes: &[SnapshotChange],
+    changes: &[ControlMessage<SnapshotChange>],
     dead_letters: &[OutboxRecord],
     positions: &[(i32, i64)],
 ) -> anyhow::Result<SnapshotOutcome> {
     let mut tx = pool.begin().await.context("beginning snapshot transaction")?;
-    append_once(&mut tx, dead_letters).await?;
-    let mut outcome = SnapshotOutcome::default();
-    for change in changes {
+    let partitions: Vec<i32> = positions.iter().map(|p| p.0).collect();
+    let stored = lock_positions(&mut tx, group, topic, &partitions).await?;
+    let todo: Vec<&SnapshotChange> = changes
+        .iter()
+        .filter(|m| not_yet_applied(&stored, m.partition, m.offset))
+        .map(|m| &m.body)
+        .collect();
+    let mut outcome = SnapshotOutcome {
+        already_applied: changes.len() - todo.len(),
+        ..SnapshotOutcome::default()
+    };
+    // Take every subscription's lock before reading anything under it: a
+    // statement's snapshot is taken when it starts, so a value computed by
+    // the statement that waited for the lock would miss what the holder
+    // committed meanwhile.
+    let ids: Vec<String> = todo.iter().map(|c| c.subscription_id().to_owned()).collect();
+    let mut trial_ends = lock_subscriptions(&mut tx, &ids).await?;
+    for change in todo {
         match change {
             SnapshotChange::Upsert(snapshot) => {
-                if upsert(&mut tx, snapshot).await? {
+                if upsert(&mut tx, snapshot, &mut trial_ends).await? {
                     outcome.applied += 1;
                 } else {
                     outcome.stale += 1;
@@ -56,54 +90,46 @@ pub async fn apply_snapshots(
             }
         }
     }
-    advance_positions(&mut tx, group, topic, positions).await?;
+    append(&mut tx, &fresh_dead_letters(dead_letters, topic, &stored)).await?;
+    outcome.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing snapshots")?;
     Ok(outcome)
 }
 
-/// Moves the stored positions of a topic every worker reads forward, never
-/// back.
-pub(super) async fn advance_positions(
+/// Locks the stored subscriptions among `ids`, in id order, and returns
+/// their trial ends.
+async fn lock_subscriptions(
     conn: &mut PgConnection,
-    group: &str,
-    topic: &str,
-    positions: &[(i32, i64)],
-) -> anyhow::Result<()> {
-    let partitions: Vec<i32> = positions.iter().map(|p| p.0).collect();
-    let offsets: Vec<i64> = positions.iter().map(|p| p.1).collect();
-    sqlx::query(
-        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
-         SELECT $1, $2, p, o FROM UNNEST($3::int[], $4::bigint[]) AS t(p, o)
-         ON CONFLICT (group_id, topic, partition) DO UPDATE
-         SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset), updated_time = now()",
-    )
-    .bind(group)
-    .bind(topic)
-    .bind(&partitions)
-    .bind(&offsets)
-    .execute(&mut *conn)
-    .await
-    .with_context(|| format!("advancing the stored positions of {topic}"))?;
-    Ok(())
+    ids: &[String],
+) -> anyhow::Result<HashMap<String, Option<DateTime<Utc>>>> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let rows: Vec<(String, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT id, trial_end_time FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&sorted)
+            .fetch_all(&mut *conn)
+            .await
+            .context("locking subscriptions")?;
+    Ok(rows.into_iter().collect())
 }
 
-/// Returns false when the stored version is the same or newer.
-async fn upsert(conn: &mut PgConnection, s: &SubscriptionSnapshot) -> anyhow::Result<bool> {
+/// Returns false when the stored version is the same or newer. After a
+/// tombstone, the next snapshot re-creates the subscription whatever its
+/// version. `trial_ends` holds the trial end of each locked subscription.
+async fn upsert(
+    conn: &mut PgConnection,
+    s: &SubscriptionSnapshot,
+    trial_ends: &mut HashMap<String, Option<DateTime<Utc>>>,
+) -> anyhow::Result<bool> {
     let changed = sqlx::query(
         "INSERT INTO subscriptions (id, version, status, trial_end_time, trial_limit, deleted)
          VALUES ($1, $2, $3, $4, $5, false)
          ON CONFLICT (id) DO UPDATE
          SET version = EXCLUDED.version, status = EXCLUDED.status,
              trial_end_time = EXCLUDED.trial_end_time, trial_limit = EXCLUDED.trial_limit,
-             -- A moved trial end changes which usage counts against the trial.
-             trial_used = CASE
-                 WHEN subscriptions.trial_end_time IS NOT DISTINCT FROM EXCLUDED.trial_end_time
-                     THEN subscriptions.trial_used
-                 ELSE (SELECT coalesce(sum(u.quantity), 0) FROM usages u
-                       WHERE u.subscription_id = EXCLUDED.id AND u.usage_time < EXCLUDED.trial_end_time)
-             END,
              deleted = false, updated_time = now()
-         WHERE subscriptions.version < EXCLUDED.version",
+         WHERE subscriptions.version < EXCLUDED.version OR subscriptions.deleted",
     )
     .bind(&s.id)
     .bind(s.version)
@@ -116,6 +142,23 @@ async fn upsert(conn: &mut PgConnection, s: &SubscriptionSnapshot) -> anyhow::Re
     .rows_affected();
     if changed == 0 {
         return Ok(false);
+    }
+    // A moved trial end changes which usage counts against the trial. The
+    // row is locked (or new), so this statement sees every usage committed.
+    if let Some(previous) = trial_ends.insert(s.id.clone(), s.trial_end_time) {
+        if previous != s.trial_end_time {
+            sqlx::query(
+                "UPDATE subscriptions SET trial_used = (
+                     SELECT coalesce(sum(u.quantity), 0) FROM usages u
+                     WHERE u.subscription_id = $1 AND u.usage_time < $2)
+                 WHERE id = $1",
+            )
+            .bind(&s.id)
+            .bind(s.trial_end_time)
+            .execute(&mut *conn)
+            .await
+            .context("recomputing trial usage")?;
+        }
     }
     let limits = &s.limits;
     match &s.period {
