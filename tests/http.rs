@@ -23,7 +23,7 @@ use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::http::{output_partition, ApiConfig};
 use usage_worker::metrics::Metrics;
 use usage_worker::pipeline::sampler::Sampler;
-use usage_worker::store::{self, apply_snapshots, SnapshotChange};
+use usage_worker::store::{self, apply_snapshots, ControlMessage, SnapshotChange};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -94,7 +94,11 @@ async fn subscribe(env: &TestEnv, snapshot: Value) {
         &env.pool,
         "test",
         "subscriptions",
-        &[SnapshotChange::Upsert(snapshot)],
+        &[ControlMessage {
+            partition: 0,
+            offset: 0,
+            body: SnapshotChange::Upsert(snapshot),
+        }],
         &[],
         &[],
     )
@@ -515,6 +519,36 @@ async fn an_invoiced_usage_cannot_be_deleted() {
         (Some("inv_1"), Some("ii_1"))
     );
     assert_eq!(used(&env, "sub_a").await, Decimal::new(3, 0));
+    assert_eq!(outbox(&env, "usage-results").await.len(), 1, "no deleted outcome");
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_usage_in_a_closed_period_cannot_be_deleted_before_its_invoice_arrives() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let created = api
+        .post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 3}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    // The period ended two hours ago by the database's clock: past its end
+    // plus the hour of grace, closed, and no invoice has stamped it yet.
+    sqlx::raw_sql(
+        "UPDATE service_periods SET start_time = now() - interval '30 days', end_time = now() - interval '2 hours';
+         UPDATE usages SET period_start_time = now() - interval '30 days', usage_time = now() - interval '3 hours'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    problem(api.delete("u1").await, 409, "period_closed").await;
+    assert_eq!(api.get("/usages/u1").await.status(), StatusCode::OK, "the usage stays");
+    assert_eq!(
+        used(&env, "sub_a").await,
+        Decimal::new(3, 0),
+        "its quantity stays counted"
+    );
     assert_eq!(outbox(&env, "usage-results").await.len(), 1, "no deleted outcome");
     api.shutdown().await;
 }

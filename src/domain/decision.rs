@@ -198,8 +198,10 @@ pub enum Decision {
     },
 }
 
-/// Decides one request. `now` is the processing time (periods close by the
-/// clock), `usage_time` the request's effective usage time. On `Created`
+/// Decides one request. `database_now` is PostgreSQL's clock, read under the
+/// subscription's lock (whether a period is closed is decided by the
+/// database's clock, never a worker's), `usage_time` the request's
+/// effective usage time. On `Created`
 /// the chosen period's `used` grows by the accepted quantity, so the next
 /// request of the same batch sees it.
 pub fn decide(
@@ -207,7 +209,7 @@ pub fn decide(
     usage_time: DateTime<Utc>,
     existing: Option<&StoredUsage>,
     subscription: Option<&mut SubscriptionState>,
-    now: DateTime<Utc>,
+    database_now: DateTime<Utc>,
     grace: Duration,
 ) -> Decision {
     let reject = |code, field: Option<&'static str>, message: String| Decision::Rejected {
@@ -258,7 +260,7 @@ pub fn decide(
         );
     };
     let period = &sub.periods[index];
-    if period.is_closed(now, grace) {
+    if period.is_closed(database_now, grace) {
         return reject(
             ReasonCode::PeriodClosed,
             Some("usageTime"),

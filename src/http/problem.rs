@@ -130,6 +130,19 @@ impl Problem {
         .with("invoiceId", invoice_id)
     }
 
+    /// A delete in a closed period: the invoice computed after the close
+    /// counts the usage, so it stays.
+    pub fn period_closed_for_delete(id: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            ReasonCode::PeriodClosed.as_str(),
+            title_of(ReasonCode::PeriodClosed),
+            format!(
+                "the service period of usage {id:?} is closed: its invoice counts it, so it can no longer be deleted"
+            ),
+        )
+    }
+
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

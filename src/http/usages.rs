@@ -86,7 +86,8 @@ pub async fn list(State(api): State<Arc<Api>>, RawQuery(query): RawQuery) -> Res
 }
 
 /// `DELETE /usages/{id}`: 204, and the quantity is free again. A usage an
-/// invoice counted stays (409). The id is free again too: a later create
+/// invoice counted, or whose period is closed, stays (409): the invoice is
+/// computed from the closed period. The id is free again too: a later create
 /// with it is a new usage, not a duplicate.
 pub async fn delete(State(api): State<Arc<Api>>, id: Result<Path<String>, PathRejection>) -> Result<Response, Problem> {
     let id = usage_id(id)?;
@@ -101,6 +102,7 @@ pub async fn delete(State(api): State<Arc<Api>>, id: Result<Path<String>, PathRe
             &id,
             usage.invoice_id.as_deref().unwrap_or_default(),
         )),
+        Ok(Deletion::PeriodClosed(_)) => Err(Problem::period_closed_for_delete(&id)),
         Err(e) => Err(Problem::unavailable(&e)),
     }
 }

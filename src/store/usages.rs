@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 
 use super::outbox::{append, OutboxRecord};
-use crate::domain::decision::StoredUsage;
+use crate::domain::decision::{PeriodState, StoredUsage};
 
 pub(super) const USAGE_COLUMNS: &str = "id, subscription_id, quantity, requested_quantity, accept_partial, usage_time,
      invoice_id, invoice_item_id, created_time, updated_time";
@@ -111,6 +111,9 @@ pub enum Deletion {
     NotFound,
     /// An invoice counted it: it stays.
     Invoiced(StoredUsage),
+    /// Its period is closed (by the database's clock, or by an invoice not
+    /// yet applied to it): what the period billed must not change.
+    PeriodClosed(StoredUsage),
     Deleted(StoredUsage),
 }
 
@@ -125,6 +128,7 @@ pub enum Deletion {
 pub async fn delete_usage(
     pool: &PgPool,
     id: &str,
+    grace: chrono::Duration,
     records_for: impl Fn(&StoredUsage) -> anyhow::Result<Vec<OutboxRecord>>,
 ) -> anyhow::Result<Deletion> {
     // The usage's subscription is read before its lock is taken; should the
@@ -144,6 +148,9 @@ pub async fn delete_usage(
         }
         if usage.invoice_id.is_some() {
             return Ok(Deletion::Invoiced(usage));
+        }
+        if period_closed(&mut tx, &usage.subscription_id, period_start, grace).await? {
+            return Ok(Deletion::PeriodClosed(usage));
         }
         remove(&mut tx, &usage, period_start, trial_end).await?;
         append(&mut tx, &records_for(&usage)?).await?;
@@ -187,6 +194,36 @@ async fn lock_usage(conn: &mut PgConnection, id: &str) -> anyhow::Result<Option<
     .await
     .context("locking the usage")?;
     Ok(row.map(|r| (stored(r.usage), r.period_start_time)))
+}
+
+/// Whether the period is closed by PostgreSQL's clock, read under the
+/// subscription's lock (the same rule a decision applies).
+async fn period_closed(
+    conn: &mut PgConnection,
+    subscription_id: &str,
+    start: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> anyhow::Result<bool> {
+    let (end, closed_time, database_now): (Option<DateTime<Utc>>, Option<DateTime<Utc>>, DateTime<Utc>) =
+        sqlx::query_as(
+            "SELECT end_time, closed_time, clock_timestamp() FROM service_periods
+             WHERE subscription_id = $1 AND start_time = $2",
+        )
+        .bind(subscription_id)
+        .bind(start)
+        .fetch_one(&mut *conn)
+        .await
+        .context("reading the usage's period")?;
+    let period = PeriodState {
+        start,
+        end,
+        hard_limit: None,
+        soft_limit: None,
+        used: Decimal::ZERO,
+        closed_time,
+        alerted: Vec::new(),
+    };
+    Ok(period.is_closed(database_now, grace))
 }
 
 /// Deletes the row and subtracts its quantity where it was counted. Trial
