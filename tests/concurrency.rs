@@ -75,3 +75,182 @@ async fn two_workers_never_exceed_a_limit_shared_across_partitions() {
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
 }
+
+mod deciding {
+    //! One batch's transaction against what concurrent transactions do.
+
+    use super::common::{active_subscription, wait_until, TestEnv};
+    use chrono::{DateTime, Utc};
+    use rust_decimal::Decimal;
+    use usage_worker::domain::event::UsageRequest;
+    use usage_worker::domain::outcome::OutcomeStatus;
+    use usage_worker::domain::subscription::decode_snapshot;
+    use usage_worker::domain::ReasonCode;
+    use usage_worker::pipeline::decide::{decide_batch, DecideContext, DecodedMessage};
+    use usage_worker::store::{apply_snapshots, BatchTx, ControlMessage, NewUsage, SnapshotChange};
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn context() -> DecideContext {
+        DecideContext {
+            group: "usage-worker".into(),
+            input_topic: "usage-events".into(),
+            results_topic: "usage-results".into(),
+            alerts_topic: "usage-alerts".into(),
+            dead_letter_topic: "usage-events-dlq".into(),
+            grace: chrono::Duration::hours(1),
+            max_dead_letter_bytes: 1_000_000,
+        }
+    }
+
+    async fn subscribe(env: &TestEnv, snapshot: serde_json::Value) {
+        let snapshot = decode_snapshot(snapshot.to_string().as_bytes()).unwrap();
+        let change = ControlMessage {
+            partition: 0,
+            offset: 0,
+            body: SnapshotChange::Upsert(snapshot),
+        };
+        apply_snapshots(&env.pool, "test", "subscriptions", &[change], &[], &[])
+            .await
+            .unwrap();
+    }
+
+    async fn start_offsets(env: &TestEnv, partitions: &[i32]) {
+        for p in partitions {
+            sqlx::query(
+                "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
+                 VALUES ('usage-worker', 'usage-events', $1, 0)",
+            )
+            .bind(p)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        }
+    }
+
+    fn message(partition: i32, offset: i64, id: &str, subscription: &str, usage_time: Option<&str>) -> DecodedMessage {
+        let now = Utc::now();
+        DecodedMessage {
+            partition,
+            offset,
+            timestamp: Some(now),
+            key: Some(subscription.as_bytes().to_vec()),
+            request_time: now,
+            request: Ok(UsageRequest {
+                id: Some(id.into()),
+                subscription_id: subscription.into(),
+                quantity: Decimal::ONE,
+                usage_time: usage_time.map(t),
+                accept_partial: false,
+            }),
+            identity: (Some(id.into()), Some(subscription.into())),
+            dead_letter: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_inserted_concurrently_from_another_partition_costs_one_decision_not_the_batch() {
+        let env = TestEnv::start().await;
+        subscribe(&env, active_subscription("sub_a", None)).await;
+        subscribe(&env, active_subscription("sub_b", None)).await;
+        start_offsets(&env, &[1]).await;
+        // Another lane, deciding partition 0, has inserted usage "dup" of
+        // sub_a and not committed yet.
+        let mut other = BatchTx::begin(&env.pool).await.unwrap();
+        other.lock_subscriptions(&["sub_a".to_owned()]).await.unwrap();
+        let now = Utc::now();
+        other
+            .insert_usages(&[NewUsage {
+                id: "dup".into(),
+                subscription_id: "sub_a".into(),
+                quantity: Decimal::ONE,
+                requested_quantity: Decimal::ONE,
+                accept_partial: false,
+                usage_time: now,
+                period_start: sqlx::query_scalar(
+                    "SELECT start_time FROM service_periods WHERE subscription_id = 'sub_a'",
+                )
+                .fetch_one(&env.pool)
+                .await
+                .unwrap(),
+                created_time: now,
+                source_partition: Some(0),
+                source_offset: Some(0),
+            }])
+            .await
+            .unwrap();
+        // This batch, from partition 1, reports the same id for sub_b, and
+        // another usage after it.
+        let pool = env.pool.clone();
+        let batch = tokio::spawn(async move {
+            let messages = [
+                message(1, 0, "dup", "sub_b", None),
+                message(1, 1, "next", "sub_b", None),
+            ];
+            decide_batch(&pool, &context(), &[(1, 0, 2)], &messages, None, Utc::now()).await
+        });
+        wait_until("the batch to wait for the other lane's insert", || async {
+            env.scalar_i64(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await
+                > 0
+        })
+        .await;
+        other.commit().await.unwrap();
+        let report = batch
+            .await
+            .unwrap()
+            .expect("the batch commits, deciding the collision again");
+        assert_eq!(
+            report.decided,
+            [
+                (OutcomeStatus::Rejected, Some(ReasonCode::IdempotencyConflict)),
+                (OutcomeStatus::Created, None)
+            ]
+        );
+        let owners: Vec<(String, String)> = sqlx::query_as("SELECT id, subscription_id FROM usages ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            owners,
+            [("dup".into(), "sub_a".into()), ("next".into(), "sub_b".into())]
+        );
+        assert_eq!(
+            env.scalar_i64("SELECT next_offset FROM consumer_offsets WHERE partition = 1")
+                .await,
+            2
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whether_a_period_is_closed_is_decided_by_the_database_clock_not_the_workers() {
+        let env = TestEnv::start().await;
+        subscribe(
+            &env,
+            serde_json::json!({
+                "id": "sub_c", "status": "active", "version": 1,
+                "currentPeriodStartTime": "2026-11-01T00:00:00Z",
+                "currentPeriodEndTime": "2026-12-01T00:00:00Z",
+            }),
+        )
+        .await;
+        start_offsets(&env, &[0]).await;
+        let database_now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&env.pool).await.unwrap();
+        assert!(database_now > t("2026-12-01T01:00:00Z"), "the period is past its grace");
+        // A worker whose clock is behind (still in November) must not
+        // accept usage into the period the database has closed.
+        let skewed_now = t("2026-11-20T00:00:00Z");
+        let messages = [message(0, 0, "late", "sub_c", Some("2026-11-15T00:00:00Z"))];
+        let report = decide_batch(&env.pool, &context(), &[(0, 0, 1)], &messages, None, skewed_now)
+            .await
+            .unwrap();
+        assert_eq!(
+            report.decided,
+            [(OutcomeStatus::Rejected, Some(ReasonCode::PeriodClosed))]
+        );
+    }
+}

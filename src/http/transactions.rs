@@ -72,13 +72,22 @@ pub async fn create_usage(
     }
 }
 
-/// A conflict with a concurrent transaction rather than an outage: a unique
-/// violation, a serialization failure or a deadlock. The next attempt sees
-/// what the other transaction committed.
+/// The usage id was inserted by a concurrent transaction (for another
+/// subscription, or by the Kafka path) after this one looked it up.
+#[derive(Debug, thiserror::Error)]
+#[error("usage id {0:?} was inserted concurrently")]
+struct IdTaken(String);
+
+/// A conflict with a concurrent transaction rather than an outage: the id
+/// taken meanwhile, a unique violation, a serialization failure or a
+/// deadlock. The next attempt sees what the other transaction committed.
 fn lost_a_race(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(db)) => matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01")),
-        _ => false,
+    error.chain().any(|cause| {
+        cause.is::<IdTaken>()
+            || match cause.downcast_ref::<sqlx::Error>() {
+                Some(sqlx::Error::Database(db)) => matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01")),
+                _ => false,
+            }
     })
 }
 
@@ -87,6 +96,7 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
     let sub_id = &request.subscription_id;
     let mut tx = BatchTx::begin(&api.pool).await?;
     let mut subscriptions = tx.lock_subscriptions(std::slice::from_ref(sub_id)).await?;
+    let database_now = tx.database_clock().await?;
     let stored = tx.stored_usages(&[id.to_owned()]).await?;
     let usage_time = request.effective_usage_time(now);
     let decision = decide(
@@ -94,7 +104,7 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
         usage_time,
         stored.get(id),
         subscriptions.get_mut(sub_id),
-        now,
+        database_now,
         api.config.grace,
     );
     // A duplicate or a rejection writes nothing: dropping the transaction
@@ -106,7 +116,10 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
     }
     let subscription = &subscriptions[sub_id];
     let writes = Writes::of(api, request, id, &decision, subscription, now)?;
-    tx.insert_usages(&[writes.usage]).await?;
+    let collided = tx.insert_usages(&[writes.usage]).await?;
+    if !collided.is_empty() {
+        return Err(anyhow::Error::new(IdTaken(id.to_owned())));
+    }
     tx.update_used(&[writes.used]).await?;
     tx.update_trial_used(&[(subscription.id.clone(), subscription.trial_used)])
         .await?;
@@ -212,7 +225,10 @@ impl Writes {
 /// its `deleted` outcome, in one transaction (see [`store::delete_usage`]).
 pub async fn delete_usage(api: &Api, id: &str, now: DateTime<Utc>) -> anyhow::Result<Deletion> {
     let started = Instant::now();
-    let deletion = store::delete_usage(&api.pool, id, |usage| Ok(vec![deleted_record(api, usage, now)?])).await?;
+    let deletion = store::delete_usage(&api.pool, id, api.config.grace, |usage| {
+        Ok(vec![deleted_record(api, usage, now)?])
+    })
+    .await?;
     if matches!(deletion, Deletion::Deleted(_)) {
         api.metrics
             .observe_transaction(TransactionKind::HttpDelete, started.elapsed());

@@ -10,6 +10,7 @@ use crate::domain::decision::{decide, Decision, LimitReached, StoredUsage};
 use crate::domain::event::UsageRequest;
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, Alert, Outcome, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
+use crate::kafka::record_size::{headers_size, outbox_record_size};
 use crate::store::{BatchTx, NewUsage, OffsetClaim, OutboxRecord};
 
 /// The original bytes of a message that could not be decoded, for the DLQ.
@@ -140,25 +141,105 @@ pub async fn decide_batch(
     }
     lap("offsets");
 
-    // 2. Lock and load what the decisions need.
+    // 2. Lock and load what the decisions need, decide in input order, and
+    //    store the usages. A usage id that a concurrent transaction (another
+    //    lane deciding the same id from another partition, an HTTP create)
+    //    inserted meanwhile is known once that transaction committed: load
+    //    it and decide again, in memory, under the locks still held.
     let sub_ids: Vec<String> = todo
         .iter()
         .filter_map(|m| m.request.as_ref().ok())
         .map(|r| r.subscription_id.clone())
         .collect();
-    let mut subscriptions = if forced.is_none() {
-        tx.lock_subscriptions(&sub_ids).await?
-    } else {
-        HashMap::new()
-    };
-    lap("locked");
     let ids: Vec<String> = todo.iter().map(|m| m.event_id(&ctx.input_topic)).collect();
-    let mut usages = tx.stored_usages(&ids).await?;
-    lap("loaded");
+    let mut attempt = 0;
+    let (writes, decided) = loop {
+        attempt += 1;
+        let mut subscriptions = if forced.is_none() {
+            tx.lock_subscriptions(&sub_ids).await?
+        } else {
+            HashMap::new()
+        };
+        let database_now = tx.database_clock().await?;
+        lap("locked");
+        let mut usages = tx.stored_usages(&ids).await?;
+        lap("loaded");
+        let (writes, decided) = decide_messages(
+            ctx,
+            &todo,
+            &ids,
+            &mut subscriptions,
+            &mut usages,
+            forced,
+            database_now,
+            now,
+        )?;
+        lap("decided");
+        let collided = tx.insert_usages(&writes.usages).await?;
+        lap("usages");
+        if collided.is_empty() {
+            break (writes, decided);
+        }
+        anyhow::ensure!(
+            attempt < MAX_DECIDE_ATTEMPTS,
+            "usage ids {collided:?} kept colliding with concurrent inserts"
+        );
+        tracing::debug!(?collided, "usage ids inserted concurrently; deciding the batch again");
+        tx.delete_usages(&writes.usages, &collided).await?;
+    };
+    report.decided = decided.statuses;
+    report.alerts = decided.alerts;
+    report.dead_letters = decided.dead_letters;
 
-    // 3. Decide in input order.
+    // 3. Store everything else and move the offsets, together.
+    let periods: Vec<(String, DateTime<Utc>, Decimal)> = writes
+        .periods
+        .into_iter()
+        .map(|((sub, start), used)| (sub, start, used))
+        .collect();
+    tx.update_used(&periods).await?;
+    tx.update_trial_used(&writes.trial_used.into_iter().collect::<Vec<_>>())
+        .await?;
+    tx.insert_alerts(&writes.alerts).await?;
+    lap("periods");
+    let seqs = tx.append_outbox(&writes.outbox).await?;
+    lap("outbox");
+    tx.advance_offsets(&ctx.group, &ctx.input_topic, &claims).await?;
+    tx.commit().await?;
+    lap("committed");
+    report.outbox = seqs.into_iter().zip(writes.outbox).collect();
+    tracing::debug!(?laps, "batch transaction");
+    Ok(report)
+}
+
+/// How often a batch is decided again because usage ids it created were
+/// inserted concurrently; each round learns of every id that collided.
+const MAX_DECIDE_ATTEMPTS: u32 = 3;
+
+/// What deciding the messages came to, besides the writes.
+#[derive(Default)]
+struct Decided {
+    statuses: Vec<(OutcomeStatus, Option<ReasonCode>)>,
+    alerts: usize,
+    dead_letters: usize,
+}
+
+/// Decides the messages in input order against the loaded state (which it
+/// updates as it goes, so that each decision sees the ones before it).
+#[allow(clippy::too_many_arguments)]
+fn decide_messages(
+    ctx: &DecideContext,
+    todo: &[&DecodedMessage],
+    ids: &[String],
+    subscriptions: &mut HashMap<String, crate::domain::decision::SubscriptionState>,
+    usages: &mut HashMap<String, StoredUsage>,
+    forced: Option<&Rejection>,
+    database_now: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(Writes, Decided)> {
     let mut writes = Writes::default();
-    for (message, event_id) in todo.iter().zip(ids) {
+    let mut decided = Decided::default();
+    for (message, event_id) in todo.iter().zip(ids.iter().cloned()) {
         let source = Source::Kafka {
             topic: ctx.input_topic.clone(),
             partition: message.partition,
@@ -174,7 +255,7 @@ pub async fn decide_batch(
                     usage_time,
                     usages.get(&event_id),
                     subscriptions.get_mut(&request.subscription_id),
-                    now,
+                    database_now,
                     ctx.grace,
                 );
                 if let Decision::Created {
@@ -239,7 +320,7 @@ pub async fn decide_batch(
                         writes
                             .alerts
                             .push((sub.id.clone(), *period_start, event_id.clone(), reached.clone()));
-                        report.alerts += 1;
+                        decided.alerts += 1;
                     }
                 }
                 Outcome::from_decision(outcome_id, event_id, &request.subscription_id, &decision, source, now)
@@ -255,7 +336,7 @@ pub async fn decide_batch(
             (Err(rejection), _) => {
                 if let Some(raw) = &message.dead_letter {
                     writes.outbox.push(dead_letter(ctx, message, raw, rejection.code));
-                    report.dead_letters += 1;
+                    decided.dead_letters += 1;
                 }
                 Outcome::rejected(
                     outcome_id,
@@ -267,8 +348,8 @@ pub async fn decide_batch(
                 )
             }
         };
-        report
-            .decided
+        decided
+            .statuses
             .push((outcome.status, outcome.error.as_ref().map(|e| e.code)));
         let key = outcome
             .subscription_id
@@ -285,28 +366,7 @@ pub async fn decide_batch(
         });
     }
 
-    lap("decided");
-    // 4. Store everything and move the offsets, together.
-    tx.insert_usages(&writes.usages).await?;
-    lap("usages");
-    let periods: Vec<(String, DateTime<Utc>, Decimal)> = writes
-        .periods
-        .into_iter()
-        .map(|((sub, start), used)| (sub, start, used))
-        .collect();
-    tx.update_used(&periods).await?;
-    tx.update_trial_used(&writes.trial_used.into_iter().collect::<Vec<_>>())
-        .await?;
-    tx.insert_alerts(&writes.alerts).await?;
-    lap("periods");
-    let seqs = tx.append_outbox(&writes.outbox).await?;
-    lap("outbox");
-    tx.advance_offsets(&ctx.group, &ctx.input_topic, &claims).await?;
-    tx.commit().await?;
-    lap("committed");
-    report.outbox = seqs.into_iter().zip(writes.outbox).collect();
-    tracing::debug!(?laps, "batch transaction");
-    Ok(report)
+    Ok((writes, decided))
 }
 
 fn to_bytes(headers: Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>)> {
@@ -325,16 +385,19 @@ pub mod dlq_headers {
     /// Set when the payload was cut to fit the producer's message limit:
     /// the original length in bytes.
     pub const TRUNCATED_FROM: &str = "dlq-truncated-from";
-    /// Set when the original headers were too large to keep: their size.
+    /// Set when the original headers were too large to keep: their size as
+    /// librdkafka serialises them.
     pub const HEADERS_DROPPED: &str = "dlq-headers-dropped";
 }
 
 /// The dead-letter copy of an input message: original key, bytes and
 /// headers, plus headers naming the reason and where it came from. The copy
-/// must fit the producer's message limit, or the relay could never publish
-/// it (and nothing after it): the payload is cut first, and original headers
-/// that alone take more than half the room are dropped, each with a header
-/// saying so.
+/// must fit the producer's message limit as librdkafka counts it, or the
+/// relay could never publish it (nor anything after it on its partition).
+/// One that does not fit whole is a stub: original headers that alone take
+/// more than half the room are dropped, a key over a quarter of it too, and
+/// the payload is cut to what is left (or emptied), each with a header
+/// saying so; the reason and the source coordinates always stay.
 pub fn dead_letter_record(
     topic: &str,
     partition: i32,
@@ -343,38 +406,49 @@ pub fn dead_letter_record(
     reason: &str,
     max_bytes: usize,
 ) -> OutboxRecord {
-    let size = |headers: &[(String, Vec<u8>)]| headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-    let mut headers = if size(&raw.headers) > max_bytes / 2 {
-        vec![(
-            dlq_headers::HEADERS_DROPPED.to_owned(),
-            size(&raw.headers).to_string().into_bytes(),
-        )]
-    } else {
-        raw.headers.clone()
-    };
-    headers.push((dlq_headers::REASON.into(), reason.as_bytes().to_vec()));
-    headers.push((dlq_headers::SOURCE_TOPIC.into(), source.0.as_bytes().to_vec()));
-    headers.push((dlq_headers::SOURCE_PARTITION.into(), source.1.to_string().into_bytes()));
-    headers.push((dlq_headers::SOURCE_OFFSET.into(), source.2.to_string().into_bytes()));
-    let key = raw.key.clone().filter(|k| k.len() <= max_bytes / 4);
-    let mut payload = raw.payload.clone().unwrap_or_default();
-    // Room for the envelope: record and header framing.
-    let room = max_bytes.saturating_sub(size(&headers) + key.as_ref().map_or(0, Vec::len) + 1024);
-    if payload.len() > room {
-        headers.push((
-            dlq_headers::TRUNCATED_FROM.into(),
-            payload.len().to_string().into_bytes(),
-        ));
-        payload.truncate(room);
-    }
-    OutboxRecord {
+    let own = vec![
+        (dlq_headers::REASON.to_owned(), reason.as_bytes().to_vec()),
+        (dlq_headers::SOURCE_TOPIC.to_owned(), source.0.as_bytes().to_vec()),
+        (
+            dlq_headers::SOURCE_PARTITION.to_owned(),
+            source.1.to_string().into_bytes(),
+        ),
+        (dlq_headers::SOURCE_OFFSET.to_owned(), source.2.to_string().into_bytes()),
+    ];
+    let record = |key: Option<Vec<u8>>, payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>| OutboxRecord {
         topic: topic.to_owned(),
         partition,
         key,
         payload,
         headers,
         source: Some((source.0.to_owned(), source.1, source.2)),
+    };
+    let payload = raw.payload.clone().unwrap_or_default();
+    let mut headers = raw.headers.clone();
+    headers.extend(own.iter().cloned());
+    if outbox_record_size(raw.key.as_deref(), &payload, &headers) <= max_bytes {
+        return record(raw.key.clone(), payload, headers);
     }
+    let original_headers = headers_size(&raw.headers);
+    if original_headers > max_bytes / 2 {
+        headers = own;
+        headers.push((
+            dlq_headers::HEADERS_DROPPED.to_owned(),
+            original_headers.to_string().into_bytes(),
+        ));
+    }
+    let key = raw.key.clone().filter(|k| k.len() <= max_bytes / 4);
+    let mut payload = payload;
+    let truncated = (
+        dlq_headers::TRUNCATED_FROM.to_owned(),
+        payload.len().to_string().into_bytes(),
+    );
+    if outbox_record_size(key.as_deref(), &payload, &headers) > max_bytes {
+        headers.push(truncated);
+        let room = max_bytes.saturating_sub(outbox_record_size(key.as_deref(), &[], &headers));
+        payload.truncate(room);
+    }
+    record(key, payload, headers)
 }
 
 fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, code: ReasonCode) -> OutboxRecord {
@@ -429,9 +503,7 @@ mod tests {
     }
 
     fn record_size(record: &OutboxRecord) -> usize {
-        record.payload.len()
-            + record.key.as_ref().map_or(0, Vec::len)
-            + record.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        outbox_record_size(record.key.as_deref(), &record.payload, &record.headers)
     }
 
     #[test]
@@ -456,7 +528,33 @@ mod tests {
         let record = dead_letter_record("dlq", 0, ("usage-events", 0, 1), &message, "malformed_payload", 4000);
         assert!(record_size(&record) <= 4000);
         assert_eq!(header(&record, "big"), None);
-        assert_eq!(header(&record, dlq_headers::HEADERS_DROPPED), Some(&b"10010"[..]));
+        let dropped = headers_size(&message.headers).to_string();
+        assert_eq!(header(&record, dlq_headers::HEADERS_DROPPED), Some(dropped.as_bytes()));
         assert_eq!(record.payload, b"not json");
+    }
+
+    #[test]
+    fn tens_of_thousands_of_small_headers_are_counted_as_librdkafka_counts_them() {
+        // Their names and values alone take 360,000 bytes, under half the
+        // room; serialised with their length varints they take 480,000,
+        // and beside the payload the copy would be over the producer's
+        // limit, refused on every try.
+        let mut message = raw(&[b'x'; 950_000]);
+        message.headers = (0..60_000).map(|_| ("abc".to_owned(), b"xyz".to_vec())).collect();
+        let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
+        let record = dead_letter_record("dlq", 0, ("usage-events", 0, 7), &message, "malformed_payload", limit);
+        assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
+        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"950000"[..]));
+        assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"7"[..]));
+        assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
+    }
+
+    #[test]
+    fn a_copy_that_fits_whole_is_kept_whole() {
+        let message = raw(&[b'x'; 10_000]);
+        let record = dead_letter_record("dlq", 0, ("usage-events", 0, 1), &message, "malformed_payload", 20_000);
+        assert_eq!(record.payload.len(), 10_000);
+        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
+        assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));
     }
 }

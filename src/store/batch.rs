@@ -170,6 +170,16 @@ impl BatchTx {
         Ok(states)
     }
 
+    /// PostgreSQL's clock, read now: under the subscriptions' locks it is
+    /// the time that decides whether a period is closed, the same for every
+    /// worker and for the invoices and sweeps that close periods.
+    pub async fn database_clock(&mut self) -> anyhow::Result<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *self.tx)
+            .await
+            .context("reading the database clock")
+    }
+
     /// Usages already stored under any of these ids.
     pub async fn stored_usages(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, StoredUsage>> {
         let rows: Vec<UsageRow> = sqlx::query_as(&format!("SELECT {USAGE_COLUMNS} FROM usages WHERE id = ANY($1)"))
@@ -183,22 +193,26 @@ impl BatchTx {
     /// Inserts in id order: two batches in flight at once that insert some of
     /// the same new ids then wait on each other in one order, never in a
     /// cycle (a deadlock PostgreSQL would break only after its time-out).
-    pub async fn insert_usages(&mut self, usages: &[NewUsage]) -> anyhow::Result<()> {
+    /// Returns the ids that a concurrent transaction inserted first (it
+    /// committed: a fresh read sees them); the others are inserted.
+    pub async fn insert_usages(&mut self, usages: &[NewUsage]) -> anyhow::Result<Vec<String>> {
         if usages.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut sorted: Vec<&NewUsage> = usages.iter().collect();
         sorted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         let usages = sorted;
         let col = |f: fn(&NewUsage) -> String| usages.iter().map(|u| f(u)).collect::<Vec<_>>();
-        sqlx::query(
+        let inserted: Vec<(String,)> = sqlx::query_as(
             "INSERT INTO usages (id, subscription_id, quantity, requested_quantity, accept_partial,
                                  usage_time, period_start_time, created_time, updated_time,
                                  source_partition, source_offset)
              SELECT id, sub, q, rq, ap, ut, ps, ct, ct, sp, so
              FROM UNNEST($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::bool[],
                          $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::bigint[])
-                  AS u(id, sub, q, rq, ap, ut, ps, ct, sp, so)",
+                  AS u(id, sub, q, rq, ap, ut, ps, ct, sp, so)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
         )
         .bind(col(|u| u.id.clone()))
         .bind(col(|u| u.subscription_id.clone()))
@@ -210,9 +224,34 @@ impl BatchTx {
         .bind(usages.iter().map(|u| u.created_time).collect::<Vec<_>>())
         .bind(usages.iter().map(|u| u.source_partition).collect::<Vec<_>>())
         .bind(usages.iter().map(|u| u.source_offset).collect::<Vec<_>>())
-        .execute(&mut *self.tx)
+        .fetch_all(&mut *self.tx)
         .await
         .context("inserting usages")?;
+        if inserted.len() == usages.len() {
+            return Ok(Vec::new());
+        }
+        let inserted: std::collections::HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();
+        Ok(usages
+            .iter()
+            .filter(|u| !inserted.contains(&u.id))
+            .map(|u| u.id.clone())
+            .collect())
+    }
+
+    /// Takes back the usages this transaction inserted, all but `collided`
+    /// (which a concurrent transaction inserted), so that the batch can be
+    /// decided again.
+    pub async fn delete_usages(&mut self, usages: &[NewUsage], collided: &[String]) -> anyhow::Result<()> {
+        let ours: Vec<&str> = usages
+            .iter()
+            .map(|u| u.id.as_str())
+            .filter(|id| !collided.iter().any(|c| c == id))
+            .collect();
+        sqlx::query("DELETE FROM usages WHERE id = ANY($1)")
+            .bind(&ours)
+            .execute(&mut *self.tx)
+            .await
+            .context("taking back usages to decide again")?;
         Ok(())
     }
 
