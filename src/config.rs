@@ -160,6 +160,9 @@ impl TopicSettings {
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
     pub batch_size: usize,
+    /// Most bytes of messages (keys and payloads) decided in one
+    /// transaction; a batch takes at least one message whatever its size.
+    pub max_batch_bytes: usize,
     pub linger_ms: u64,
     /// Batches decided at once, each in its own transaction, on partitions
     /// no other batch in flight holds.
@@ -373,6 +376,7 @@ impl Settings {
         }
         let p = &self.pipeline;
         positive("pipeline.batch_size", p.batch_size as u64)?;
+        positive("pipeline.max_batch_bytes", p.max_batch_bytes as u64)?;
         positive("pipeline.lanes", p.lanes as u64)?;
         // Each lane holds a connection for its transaction; the relay holds
         // two during a round (its fence and its reads), and each of the two

@@ -171,3 +171,144 @@ async fn a_broker_outage_delays_outcomes_but_loses_and_repeats_nothing() {
     assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 21);
     worker.shutdown().await.unwrap();
 }
+
+fn outbox_record(partition: i32, payload: Vec<u8>) -> usage_worker::store::OutboxRecord {
+    usage_worker::store::OutboxRecord {
+        topic: "usage-results".into(),
+        partition,
+        key: Some(b"sub_f".to_vec()),
+        payload,
+        headers: vec![("status".into(), b"created".to_vec())],
+        source: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_that_cannot_be_published_holds_back_its_own_partition_only() {
+    let env = TestEnv::start().await;
+    let worker = env.worker().await;
+    let reader = env.results_reader();
+    // Partition 0 gets a record the producer refuses (over its message
+    // limit; what the worker itself stores is sized to fit, so only a
+    // stored record of an older release or a changed limit can be one),
+    // partition 1 a good one, in one transaction: one relay round reads
+    // both.
+    let mut tx = usage_worker::store::BatchTx::begin(&env.pool).await.unwrap();
+    tx.append_outbox(&[
+        outbox_record(0, vec![b'x'; 1_500_000]),
+        outbox_record(1, br#"{"eventId": "good"}"#.to_vec()),
+    ])
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let records = reader.read(1, WAIT);
+    assert_eq!(records[0].partition, 1);
+    assert_eq!(records[0].value["eventId"], "good");
+    // The refused record stays stored, and partition 0 goes on trying it
+    // (nothing after it may overtake it), while the worker runs on.
+    assert!(reader.read_rest(Duration::from_secs(2)).is_empty());
+    assert!(!worker.is_finished());
+    worker.shutdown().await.unwrap();
+}
+
+#[test]
+fn records_are_sized_as_librdkafka_sizes_them() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use usage_worker::kafka::record_size::{outbox_record_size, OUTBOX_SEQ_HEADER, PRODUCER_MAX_MESSAGE_BYTES};
+
+    // Nothing is sent: librdkafka checks the size when a record is queued.
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9")
+        .set("message.max.bytes", PRODUCER_MAX_MESSAGE_BYTES.to_string())
+        .create()
+        .unwrap();
+    // Tens of thousands of headers, some with values long enough for a
+    // two-byte length.
+    let headers: Vec<(String, Vec<u8>)> = (0..30_000)
+        .map(|i| {
+            (
+                format!("h{}", i % 1000),
+                vec![b'v'; if i % 1000 == 0 { 200 } else { i % 20 }],
+            )
+        })
+        .collect();
+    let key = b"sub_1".to_vec();
+    let queue = |payload: &[u8]| {
+        let mut native = OwnedHeaders::new_with_capacity(headers.len() + 1);
+        for (k, v) in &headers {
+            native = native.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        native = native.insert(Header {
+            key: OUTBOX_SEQ_HEADER,
+            value: Some("9".repeat(19).as_bytes()),
+        });
+        let record = BaseRecord::to("usage-results")
+            .partition(0)
+            .key(&key)
+            .payload(payload)
+            .headers(native);
+        producer.send(record).map(drop).map_err(|(e, _)| e)
+    };
+    let without_payload = outbox_record_size(Some(&key), &[], &headers);
+    assert!(without_payload < PRODUCER_MAX_MESSAGE_BYTES);
+    let room = PRODUCER_MAX_MESSAGE_BYTES - without_payload;
+    let fits = vec![b'p'; room];
+    assert_eq!(
+        outbox_record_size(Some(&key), &fits, &headers),
+        PRODUCER_MAX_MESSAGE_BYTES
+    );
+    queue(&fits).expect("a record of exactly the limit is queued");
+    let over = vec![b'p'; room + 1];
+    let refused = queue(&over).expect_err("one byte more is refused");
+    assert_eq!(
+        refused.rdkafka_error_code(),
+        Some(rdkafka::error::RDKafkaErrorCode::MessageSizeTooLarge)
+    );
+    producer.purge(rdkafka::producer::PurgeConfig::default().queue());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_position_no_longer_on_its_topic_stops_that_partition_and_never_skips() {
+    let env = TestEnv::start().await;
+    for (partition, id) in [(0, "sub_gone"), (1, "sub_here")] {
+        let snapshot = active_subscription(id, None).to_string();
+        env.send_at("subscriptions", Some(partition), Some(id), Some(snapshot.as_bytes()));
+    }
+    env.flush();
+    // Partition 0's stored position is past anything the topic holds, as
+    // after the topic lost messages nobody applied.
+    sqlx::query(
+        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ('usage-worker', 'subscriptions', 0, 1000)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let worker = env.worker().await;
+    env.wait_for_count("SELECT count(*) FROM subscriptions WHERE id = 'sub_here'", 1)
+        .await;
+    common::wait_until("the reader to stop partition 0", || async {
+        worker
+            .stats
+            .metrics
+            .render()
+            .contains(r#"usage_worker_stopped_partitions_total{topic="subscriptions"} 1"#)
+    })
+    .await;
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM subscriptions WHERE id = 'sub_gone'")
+            .await,
+        0,
+        "partition 0 is not read from its beginning"
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT next_offset FROM consumer_offsets WHERE topic = 'subscriptions' AND partition = 0")
+            .await,
+        1000
+    );
+    assert!(!worker.is_finished(), "the other partitions go on");
+    worker.shutdown().await.unwrap();
+}

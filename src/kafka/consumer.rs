@@ -138,6 +138,9 @@ impl ConsumerContext for Ctx {
 pub struct ConsumerSettings {
     pub topic: String,
     pub batch_size: usize,
+    /// Most bytes (keys and payloads) in a batch; it takes one message
+    /// whatever its size.
+    pub max_batch_bytes: usize,
     pub linger: Duration,
     /// Batches the pipeline decides at once.
     pub lanes: usize,
@@ -185,6 +188,7 @@ fn run(
     // partitions whose batch is still being decided count too, and when
     // they alone fill the room nothing else is read until that batch ends.
     let room = settings.batch_size * (settings.lanes.max(1) + 1);
+    let room_bytes = settings.max_batch_bytes.saturating_mul(settings.lanes.max(1) + 1);
     let mut generation = 0;
     let mut wanted = 0usize;
     let command = |command: Command, gathered: &mut Gathered, wanted: &mut usize| match command {
@@ -199,21 +203,26 @@ fn run(
         while let Ok(c) = commands.try_recv() {
             command(c, &mut gathered, &mut wanted);
         }
-        let ready = gathered.ready();
+        let (ready, ready_bytes) = gathered.ready();
         let oldest = gathered.oldest_ready();
         let lingered = oldest.is_some_and(|t| t.elapsed() >= settings.linger);
-        let full = gathered.len() >= room;
-        if wanted > 0 && ready > 0 && (ready >= settings.batch_size || lingered || full) {
+        let full = gathered.len() >= room || gathered.bytes >= room_bytes;
+        let batch_ready = ready >= settings.batch_size || ready_bytes >= settings.max_batch_bytes;
+        if wanted > 0 && ready > 0 && (batch_ready || lingered || full) {
             // The partitions are shared out among the lanes.
             let assigned = positions.lock().expect("positions lock").next.len();
-            let batch = gathered.take(settings.batch_size, assigned.div_ceil(settings.lanes.max(1)).max(1));
+            let batch = gathered.take(
+                settings.batch_size,
+                settings.max_batch_bytes,
+                assigned.div_ceil(settings.lanes.max(1)).max(1),
+            );
             wanted -= 1;
             if batches.blocking_send(batch).is_err() {
                 break;
             }
             continue;
         }
-        if full || ready >= settings.batch_size {
+        if full || batch_ready {
             // Back-pressure: wait for the pipeline to ask, or to finish a
             // batch whose partitions hold what is gathered.
             match commands.recv_timeout(Duration::from_millis(100)) {
@@ -276,11 +285,19 @@ struct Gathered {
     messages: Vec<(OwnedMessage, Instant)>,
     partitions: HashMap<i32, Slot>,
     in_flight: HashSet<i32>,
+    /// Bytes of every gathered message (keys and payloads).
+    bytes: usize,
+}
+
+/// Bytes a message brings into a batch: its key and payload.
+fn message_bytes(message: &OwnedMessage) -> usize {
+    message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len)
 }
 
 /// What is gathered of one partition.
 struct Slot {
     count: usize,
+    bytes: usize,
     /// The consumer's position before the first message.
     from: i64,
     /// When the oldest was read.
@@ -292,15 +309,11 @@ impl Gathered {
         self.messages.len()
     }
 
-    /// How many messages a batch could take now.
-    fn ready(&self) -> usize {
-        let busy: usize = self
-            .in_flight
-            .iter()
-            .filter_map(|p| self.partitions.get(p))
-            .map(|slot| slot.count)
-            .sum();
-        self.messages.len() - busy
+    /// How many messages, and bytes, a batch could take now.
+    fn ready(&self) -> (usize, usize) {
+        let busy = self.in_flight.iter().filter_map(|p| self.partitions.get(p));
+        let (count, bytes) = busy.fold((0, 0), |(c, b), slot| (c + slot.count, b + slot.bytes));
+        (self.messages.len() - count, self.bytes - bytes)
     }
 
     /// When the oldest message a batch could take now was read.
@@ -315,63 +328,83 @@ impl Gathered {
     /// Adds a message read at consumer position `before`.
     fn push(&mut self, message: OwnedMessage, before: i64) {
         let now = Instant::now();
+        let bytes = message_bytes(&message);
         let slot = self.partitions.entry(message.partition()).or_insert(Slot {
             count: 0,
+            bytes: 0,
             from: before,
             since: now,
         });
         slot.count += 1;
+        slot.bytes += bytes;
+        self.bytes += bytes;
         self.messages.push((message, now));
     }
 
     /// Forgets a partition's messages (it is read again from elsewhere).
     fn drop_partition(&mut self, partition: i32) {
         self.messages.retain(|(m, _)| m.partition() != partition);
-        self.partitions.remove(&partition);
+        if let Some(slot) = self.partitions.remove(&partition) {
+            self.bytes -= slot.bytes;
+        }
     }
 
     /// Forgets every message (a new assignment); batches in flight stay so.
     fn clear(&mut self) {
         self.messages.clear();
         self.partitions.clear();
+        self.bytes = 0;
     }
 
-    /// Up to `max` messages of at most `max_partitions` partitions not in
-    /// flight, oldest first, and marks their partitions in flight. A
-    /// partition's messages that do not fit stay, to start its next batch.
-    /// (Without the partition limit the first batch would take every
-    /// partition, and no other batch could ever start beside it.)
-    fn take(&mut self, max: usize, max_partitions: usize) -> UsageBatch {
+    /// Up to `max` messages and `max_bytes` bytes (at least one message) of
+    /// at most `max_partitions` partitions not in flight, oldest first, and
+    /// marks their partitions in flight. A partition's messages that do not
+    /// fit stay, to start its next batch. (Without the partition limit the
+    /// first batch would take every partition, and no other batch could
+    /// ever start beside it.)
+    fn take(&mut self, max: usize, max_bytes: usize, max_partitions: usize) -> UsageBatch {
         let mut taken = Vec::with_capacity(max.min(self.messages.len()));
+        let mut taken_bytes = 0;
+        let mut closed = false;
         let mut kept = Vec::with_capacity(self.messages.len());
         let mut read_at: Option<Instant> = None;
-        // Per partition taken from: (count, offset of the last, when the
-        // first one left behind was read).
-        let mut from: HashMap<i32, (usize, i64, Option<Instant>)> = HashMap::new();
+        // Per partition taken from: (count, bytes, offset of the last, when
+        // the first one left behind was read).
+        let mut from: HashMap<i32, (usize, usize, i64, Option<Instant>)> = HashMap::new();
         for (m, at) in std::mem::take(&mut self.messages) {
             let p = m.partition();
             let admitted = from.contains_key(&p) || (from.len() < max_partitions && !self.in_flight.contains(&p));
-            if taken.len() < max && admitted {
-                let entry = from.entry(p).or_insert((0, 0, None));
+            let bytes = message_bytes(&m);
+            // Once full, nothing more is taken: each partition's messages
+            // taken stay a prefix of what it has gathered.
+            if admitted && !closed {
+                closed = taken.len() >= max || (!taken.is_empty() && taken_bytes + bytes > max_bytes);
+            }
+            if admitted && !closed {
+                taken_bytes += bytes;
+                let entry = from.entry(p).or_insert((0, 0, 0, None));
                 entry.0 += 1;
-                entry.1 = m.offset();
+                entry.1 += bytes;
+                entry.2 = m.offset();
                 read_at = Some(read_at.map_or(at, |r| r.min(at)));
                 taken.push(m);
             } else {
                 if let Some(entry) = from.get_mut(&p) {
-                    entry.2.get_or_insert(at);
+                    entry.3.get_or_insert(at);
                 }
                 kept.push((m, at));
             }
         }
         self.messages = kept;
+        self.bytes -= taken_bytes;
         let mut ranges = Vec::with_capacity(from.len());
-        for (partition, (count, last, rest_since)) in from {
+        for (partition, (count, bytes, last, rest_since)) in from {
             let slot = self.partitions.get_mut(&partition).expect("a gathered partition");
             ranges.push((partition, slot.from, last + 1));
             match rest_since {
                 Some(since) => {
                     slot.count -= count;
+                    slot.bytes -= bytes;
                     slot.from = last + 1;
                     slot.since = since;
                 }
@@ -474,6 +507,41 @@ mod tests {
         )
     }
 
+    fn sized(partition: i32, offset: i64, bytes: usize) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(vec![b'x'; bytes]),
+            None,
+            "usage-events".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_batch_of_large_messages_stops_at_its_byte_bound_and_takes_one_at_least() {
+        let mut g = Gathered::default();
+        for o in 0..5 {
+            g.push(sized(0, o, 950_000), o);
+        }
+        g.push(sized(1, 0, 10), 0);
+        assert_eq!(g.ready(), (6, 5 * 950_000 + 10));
+        let first = g.take(2000, 2_000_000, usize::MAX);
+        assert_eq!(offsets(&first), [(0, 0), (0, 1)], "a third would pass 2,000,000 bytes");
+        assert_eq!(first.ranges, [(0, 0, 2)]);
+        g.done(&first.partitions());
+        let second = g.take(2000, 100, usize::MAX);
+        assert_eq!(
+            offsets(&second),
+            [(0, 2)],
+            "one message over the bound still makes a batch"
+        );
+        g.done(&second.partitions());
+        assert_eq!(g.ready(), (3, 2 * 950_000 + 10));
+        assert_eq!(g.bytes, 2 * 950_000 + 10);
+    }
+
     fn offsets(batch: &UsageBatch) -> Vec<(i32, i64)> {
         batch.messages.iter().map(|m| (m.partition(), m.offset())).collect()
     }
@@ -485,12 +553,12 @@ mod tests {
             // Offset 12 of partition 0 is not there (a gap): positions move on.
             g.push(message(p, o), if (p, o) == (0, 13) { 12 } else { o });
         }
-        let first = g.take(3, usize::MAX);
+        let first = g.take(3, usize::MAX, usize::MAX);
         assert_eq!(offsets(&first), [(0, 10), (1, 5), (0, 11)]);
         assert_eq!(first.ranges, [(0, 10, 12), (1, 5, 6)]);
-        assert_eq!((g.len(), g.ready()), (2, 0), "both partitions are in flight");
+        assert_eq!((g.len(), g.ready().0), (2, 0), "both partitions are in flight");
         g.done(&first.partitions());
-        let second = g.take(10, usize::MAX);
+        let second = g.take(10, usize::MAX, usize::MAX);
         assert_eq!(offsets(&second), [(0, 13), (1, 6)]);
         assert_eq!(second.ranges, [(0, 12, 14), (1, 6, 7)]);
         assert_eq!(g.len(), 0);
@@ -501,18 +569,18 @@ mod tests {
     fn partitions_in_flight_wait_and_the_others_make_the_next_batch() {
         let mut g = Gathered::default();
         g.push(message(0, 0), 0);
-        let first = g.take(10, usize::MAX);
+        let first = g.take(10, usize::MAX, usize::MAX);
         assert_eq!(first.partitions(), [0]);
         for (p, o) in [(0, 1), (2, 7), (0, 2), (3, 1)] {
             g.push(message(p, o), o);
         }
-        assert_eq!(g.ready(), 2);
-        let second = g.take(10, usize::MAX);
+        assert_eq!(g.ready().0, 2);
+        let second = g.take(10, usize::MAX, usize::MAX);
         assert_eq!(offsets(&second), [(2, 7), (3, 1)]);
-        assert_eq!(g.ready(), 0);
+        assert_eq!(g.ready().0, 0);
         g.done(&[0]);
-        assert_eq!(g.ready(), 2);
-        let third = g.take(10, usize::MAX);
+        assert_eq!(g.ready().0, 2);
+        let third = g.take(10, usize::MAX, usize::MAX);
         assert_eq!(offsets(&third), [(0, 1), (0, 2)]);
         assert_eq!(third.ranges, [(0, 1, 3)]);
     }
@@ -523,9 +591,9 @@ mod tests {
         for (p, o) in [(3, 0), (1, 0), (3, 1), (2, 0), (1, 1), (0, 0)] {
             g.push(message(p, o), o);
         }
-        let first = g.take(100, 2);
+        let first = g.take(100, usize::MAX, 2);
         assert_eq!(offsets(&first), [(3, 0), (1, 0), (3, 1), (1, 1)]);
-        let second = g.take(100, 2);
+        let second = g.take(100, usize::MAX, 2);
         assert_eq!(offsets(&second), [(2, 0), (0, 0)]);
     }
 
@@ -533,15 +601,15 @@ mod tests {
     fn a_dropped_or_cleared_partition_leaves_nothing_behind_but_in_flight_stays() {
         let mut g = Gathered::default();
         g.push(message(0, 0), 0);
-        let first = g.take(1, usize::MAX);
+        let first = g.take(1, usize::MAX, usize::MAX);
         g.push(message(1, 4), 4);
         g.push(message(0, 1), 1);
         g.drop_partition(1);
-        assert_eq!((g.len(), g.ready()), (1, 0));
+        assert_eq!((g.len(), g.ready().0), (1, 0));
         g.clear();
         g.push(message(0, 8), 8);
-        assert_eq!(g.ready(), 0, "partition 0 is still in flight");
+        assert_eq!(g.ready(), (0, 0), "partition 0 is still in flight");
         g.done(&first.partitions());
-        assert_eq!(g.take(5, usize::MAX).ranges, [(0, 8, 9)]);
+        assert_eq!(g.take(5, usize::MAX, usize::MAX).ranges, [(0, 8, 9)]);
     }
 }

@@ -5,6 +5,7 @@
 pub mod consumer;
 pub mod headers;
 pub mod mock;
+pub mod record_size;
 pub mod topics;
 
 use rdkafka::ClientConfig;
@@ -77,6 +78,15 @@ pub fn reader_config(settings: &KafkaSettings, purpose: &str) -> ClientConfig {
     config
 }
 
+/// A reader of a control topic (`subscriptions`, `invoice-events`): every
+/// worker reads it in full from the group's stored positions, and a position
+/// that is no longer on the topic is an error, never a silent reset.
+pub fn control_reader_config(settings: &KafkaSettings, topic: &str) -> ClientConfig {
+    let mut config = reader_config(settings, topic);
+    config.set("auto.offset.reset", "error");
+    config
+}
+
 /// The producer of outcomes. Idempotent, and with no delivery time-out
 /// (`message.timeout.ms = 0`): a record is retried until the broker has it,
 /// so a sequence of outbox records can never get a hole.
@@ -86,6 +96,8 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", "0")
+        // What the outbox stores is sized for this limit (`record_size`).
+        .set("message.max.bytes", record_size::PRODUCER_MAX_MESSAGE_BYTES.to_string())
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000");

@@ -31,9 +31,9 @@ use control::{ControlKind, ControlReader, Progress};
 use decide::{decide_batch, BatchReport, DecideContext, DecodedMessage};
 use relay::Relay;
 
-/// Largest dead-letter payload: below the producer's `message.max.bytes`
-/// with room for the key and headers.
-pub const MAX_DEAD_LETTER_BYTES: usize = 900_000;
+/// Largest dead-letter record, as librdkafka counts it: the producer's
+/// `message.max.bytes`.
+pub const MAX_DEAD_LETTER_BYTES: usize = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
 
 /// Counts of what the worker decided, for logs, the demo and the tests.
 #[derive(Default)]
@@ -103,6 +103,7 @@ pub async fn run(
         &kafka::producer_config(k),
         kafka::reader_config(k, "relay"),
         t.outputs().iter().map(|t| t.to_string()).collect(),
+        Duration::from_millis(p.retry_max_backoff_ms),
     )?);
     let (relay_stop_tx, relay_stop_rx) = tokio::sync::watch::channel(false);
     let relay_task = {
@@ -127,8 +128,9 @@ pub async fn run(
             dead_letter_topic: t.dead_letters.clone(),
             dead_letter_partitions: partitions,
             max_dead_letter_bytes: MAX_DEAD_LETTER_BYTES,
+            metrics: stats.metrics.clone(),
         };
-        let config = kafka::reader_config(k, topic);
+        let config = kafka::control_reader_config(k, topic);
         control_threads.push(
             reader
                 .spawn(&config, topic_progress.clone(), stop_threads.clone())
@@ -154,6 +156,7 @@ pub async fn run(
         consumer::ConsumerSettings {
             topic: t.usage_events.clone(),
             batch_size: p.batch_size,
+            max_batch_bytes: p.max_batch_bytes,
             linger: p.linger(),
             lanes: p.lanes,
         },

@@ -42,13 +42,21 @@ use crate::store;
 const ROUND_LIMIT: i64 = 20_000;
 /// Fewest records a round reads of a partition.
 const ROUND_MIN_PER_PARTITION: i64 = 200;
+/// Most bytes one round reads from the outbox, shared among its partitions
+/// the same way: dead-letter copies can be nearly a megabyte each.
+const ROUND_BYTES: i64 = 64 << 20;
+/// Fewest bytes a round reads of a partition (it always reads one stored
+/// batch, whatever its size).
+const ROUND_MIN_BYTES_PER_PARTITION: i64 = 1 << 20;
 /// How long a revocation waits for the round in flight before it purges the
 /// producer.
 const REVOKE_WAIT: Duration = Duration::from_secs(1);
 
-/// Most committed records held in memory; beyond it, offers are dropped and
-/// the records are read from the outbox (the broker is slow or down).
+/// Most committed records, and bytes, held in memory; beyond them, offers
+/// are dropped and the records are read from the outbox (the broker is slow
+/// or down).
 const MAX_OFFERED: usize = 20_000;
+const MAX_OFFERED_BYTES: usize = 64 << 20;
 
 pub struct Relay {
     pool: PgPool,
@@ -71,12 +79,31 @@ pub struct Relay {
     /// (topic, partition) -> committed records in sequence order, without
     /// gaps, handed over by the deciding transaction.
     offered: Mutex<Offered>,
+    /// Partitions whose last delivery failed, and when each is tried again:
+    /// a failure backs off its own partition, never the others.
+    failing: Mutex<HashMap<(String, i32), Backoff>>,
+    retry_max: Duration,
+}
+
+/// When a failing partition is tried again, and how long it waits after
+/// its next failure.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    retry_at: Instant,
+    next_delay: Duration,
 }
 
 #[derive(Default)]
 struct Offered {
     records: HashMap<(String, i32), VecDeque<store::StoredRecord>>,
     count: usize,
+    bytes: usize,
+}
+
+fn stored_bytes(record: &store::StoredRecord) -> usize {
+    record.key.as_ref().map_or(0, Vec::len)
+        + record.payload.len()
+        + record.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
 impl Offered {
@@ -86,26 +113,30 @@ impl Offered {
             // A gap (another transaction's records came between): what is
             // held cannot continue the topic past it; the outbox can.
             self.count -= queue.len();
+            self.bytes -= queue.iter().map(stored_bytes).sum::<usize>();
             queue.clear();
         }
-        if self.count >= MAX_OFFERED {
+        if self.count >= MAX_OFFERED || self.bytes >= MAX_OFFERED_BYTES {
             return;
         }
-        queue.push_back(store::StoredRecord {
+        let record = store::StoredRecord {
             seq,
             key: record.key,
             payload: record.payload,
             headers: record.headers,
-        });
+        };
         self.count += 1;
+        self.bytes += stored_bytes(&record);
+        queue.push_back(record);
     }
 
     fn forget(&mut self, partitions: &[i32]) {
-        let count = &mut self.count;
+        let (count, bytes) = (&mut self.count, &mut self.bytes);
         self.records.retain(|(_, p), queue| {
             let keep = !partitions.contains(p);
             if !keep {
                 *count -= queue.len();
+                *bytes -= queue.iter().map(stored_bytes).sum::<usize>();
             }
             keep
         });
@@ -118,6 +149,7 @@ impl Offered {
         };
         let taken: Vec<store::StoredRecord> = queue.drain(..).collect();
         self.count -= taken.len();
+        self.bytes -= taken.iter().map(stored_bytes).sum::<usize>();
         if taken.first().is_some_and(|r| r.seq <= published + 1) {
             taken.into_iter().filter(|r| r.seq > published).collect()
         } else {
@@ -132,6 +164,7 @@ impl Relay {
         producer_config: &ClientConfig,
         reader_config: ClientConfig,
         topics: Vec<String>,
+        retry_max: Duration,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             pool,
@@ -144,7 +177,39 @@ impl Relay {
             round: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             offered: Mutex::new(Offered::default()),
+            failing: Mutex::new(HashMap::new()),
+            retry_max,
         })
+    }
+
+    /// Whether a failing partition waits still.
+    fn backing_off(&self, topic: &str, partition: i32) -> bool {
+        self.failing
+            .lock()
+            .expect("relay lock")
+            .get(&(topic.to_owned(), partition))
+            .is_some_and(|b| b.retry_at > Instant::now())
+    }
+
+    /// A delivery to the partition failed: it waits, longer each time up to
+    /// `retry_max`, and is read back from the topic before it goes on.
+    fn failed(&self, topic: &str, partition: i32, error: &anyhow::Error) {
+        let mut failing = self.failing.lock().expect("relay lock");
+        let backoff = failing.entry((topic.to_owned(), partition)).or_insert(Backoff {
+            retry_at: Instant::now(),
+            next_delay: Duration::from_millis(50),
+        });
+        backoff.retry_at = Instant::now() + backoff.next_delay;
+        tracing::warn!(
+            topic,
+            partition,
+            error = format!("{error:#}"),
+            backoff_ms = backoff.next_delay.as_millis() as u64,
+            "publishing to an output partition failed; retrying it (the other partitions go on)"
+        );
+        backoff.next_delay = (backoff.next_delay * 2).min(self.retry_max);
+        drop(failing);
+        self.mark_unknown(topic, partition);
     }
 
     pub fn assign(&self, partitions: &[i32]) {
@@ -296,6 +361,9 @@ impl Relay {
             .collect();
         let mut after = Vec::with_capacity(work.len());
         for ((topic, partition), known) in work {
+            if self.backing_off(&topic, partition) {
+                continue;
+            }
             let published = match known {
                 Some(seq) => seq,
                 None => {
@@ -354,7 +422,8 @@ impl Relay {
         }
         let from_memory = records.len();
         let per_partition = (ROUND_LIMIT / after.len().max(1) as i64).max(ROUND_MIN_PER_PARTITION);
-        records.extend(store::pending_many(&self.pool, &after, per_partition).await?);
+        let bytes_per_partition = (ROUND_BYTES / after.len().max(1) as i64).max(ROUND_MIN_BYTES_PER_PARTITION);
+        records.extend(store::pending_many(&self.pool, &after, per_partition, bytes_per_partition).await?);
         let read = clock.elapsed();
         // A revocation during the reads above takes effect now.
         let owned: HashSet<(String, i32)> = self.owned.lock().expect("relay lock").keys().cloned().collect();
@@ -362,14 +431,25 @@ impl Relay {
             .into_iter()
             .filter(|(topic, partition, _)| owned.contains(&(topic.clone(), *partition)))
             .collect();
+        // A record that cannot be queued or delivered stops its own
+        // partition for this round (nothing after it may go out before it),
+        // and only that partition backs off.
         let mut deliveries = Vec::with_capacity(records.len());
-        let mut failure = None;
+        let mut failed: HashMap<(String, i32), anyhow::Error> = HashMap::new();
         for (topic, partition, record) in &records {
+            let key = (topic.clone(), *partition);
+            if failed.contains_key(&key) {
+                deliveries.push(None);
+                continue;
+            }
             match self.send(topic, *partition, record).await {
-                Ok(delivery) => deliveries.push(delivery),
+                Ok(delivery) => deliveries.push(Some(delivery)),
                 Err(e) => {
-                    failure = Some(e.context(format!("publishing to {topic}/{partition}")));
-                    break;
+                    failed.insert(
+                        key,
+                        e.context(format!("publishing seq {} to {topic}/{partition}", record.seq)),
+                    );
+                    deliveries.push(None);
                 }
             }
         }
@@ -377,14 +457,16 @@ impl Relay {
         // concluded: a record still in the producer's queue may yet reach
         // the topic.
         let mut last: HashMap<(String, i32), i64> = HashMap::new();
-        let mut unknown: Vec<(String, i32)> = Vec::new();
         for ((topic, partition, record), delivery) in records.iter().zip(deliveries) {
+            let Some(delivery) = delivery else {
+                continue;
+            };
             let result = delivery
                 .await
                 .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))
                 .and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e)));
             let key = (topic.clone(), *partition);
-            if unknown.contains(&key) {
+            if failed.contains_key(&key) {
                 continue;
             }
             match result {
@@ -392,16 +474,24 @@ impl Relay {
                     last.insert(key, record.seq);
                 }
                 Err(e) => {
-                    unknown.push(key);
-                    failure.get_or_insert(e.context(format!("delivering to {topic}/{partition}")));
+                    failed.insert(
+                        key,
+                        e.context(format!("delivering seq {} to {topic}/{partition}", record.seq)),
+                    );
                 }
             }
         }
         // Where a partition with a failed delivery stands is unknown: it is
         // read back from the topic before it is published again.
-        for (topic, partition) in &unknown {
+        for ((topic, partition), error) in &failed {
             last.remove(&(topic.clone(), *partition));
-            self.mark_unknown(topic, *partition);
+            self.failed(topic, *partition, error);
+        }
+        {
+            let mut failing = self.failing.lock().expect("relay lock");
+            for key in last.keys() {
+                failing.remove(key);
+            }
         }
         // What was delivered is on the topic whatever happens next: the
         // relay goes on from there, even when recording it in the database
@@ -412,9 +502,6 @@ impl Relay {
         let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
         for (topic, partition, seq) in &published {
             self.set_published(topic, *partition, *seq);
-        }
-        if let Some(e) = failure {
-            return Err(e);
         }
         fence.commit().await.context("ending a publishing round")?;
         store::mark_published_many(&self.pool, &published).await?;
@@ -428,7 +515,10 @@ impl Relay {
                 "relay round"
             );
         }
-        Ok(records.len())
+        Ok(records
+            .iter()
+            .filter(|(topic, partition, _)| !failed.contains_key(&(topic.clone(), *partition)))
+            .count())
     }
 
     async fn send(
@@ -447,7 +537,7 @@ impl Relay {
                 });
             }
             headers = headers.insert(Header {
-                key: "outbox-seq",
+                key: crate::kafka::record_size::OUTBOX_SEQ_HEADER,
                 value: Some(seq.as_bytes()),
             });
             let mut future = FutureRecord::to(topic)

@@ -109,16 +109,16 @@ pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) ->
     sqlx::query(
         "INSERT INTO outbox_batches (topic, partition, first_seq, last_seq, keys, payloads, headers,
                                      source_topic, source_partition, source_offsets,
-                                     first_source_offset, last_source_offset)
+                                     first_source_offset, last_source_offset, record_bytes)
          SELECT s.topic, s.partition, s.first_seq, s.first_seq + s.hi - s.lo,
                 ($1::bytea[])[s.lo:s.hi], ($2::bytea[])[s.lo:s.hi], ($3::text[])[s.lo:s.hi],
                 s.source_topic, s.source_partition,
                 CASE WHEN s.source_topic IS NOT NULL THEN ($4::bigint[])[s.lo:s.hi] END,
-                s.first_source_offset, s.last_source_offset
+                s.first_source_offset, s.last_source_offset, s.bytes
          FROM UNNEST($5::text[], $6::int[], $7::bigint[], $8::int[], $9::int[],
-                     $10::text[], $11::int[], $12::bigint[], $13::bigint[])
+                     $10::text[], $11::int[], $12::bigint[], $13::bigint[], $14::bigint[])
               AS s(topic, partition, first_seq, lo, hi, source_topic, source_partition,
-                   first_source_offset, last_source_offset)",
+                   first_source_offset, last_source_offset, bytes)",
     )
     .bind(flat().map(|r| r.key.as_deref()).collect::<Vec<_>>())
     .bind(flat().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
@@ -133,6 +133,7 @@ pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) ->
     .bind(rows.iter().map(|s| s.source.map(|(_, p)| p)).collect::<Vec<_>>())
     .bind(rows.iter().map(|s| s.source_offsets.map(|o| o.0)).collect::<Vec<_>>())
     .bind(rows.iter().map(|s| s.source_offsets.map(|o| o.1)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|s| s.bytes).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await
     .context("inserting outbox records")?;
@@ -151,6 +152,14 @@ struct Segment<'a> {
     source: Option<(&'a str, i32)>,
     /// The lowest and highest source offset of the records.
     source_offsets: Option<(i64, i64)>,
+    /// Bytes of the records' keys, payloads and headers.
+    bytes: i64,
+}
+
+/// Bytes of a record's key, payload and headers.
+fn record_bytes(r: &OutboxRecord) -> i64 {
+    let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (r.key.as_ref().map_or(0, Vec::len) + r.payload.len() + headers) as i64
 }
 
 /// Cuts the records, taken in `order` (by output partition, then sequence),
@@ -171,6 +180,7 @@ fn segments<'a>(records: &'a [OutboxRecord], seqs: &[i64], order: &[usize]) -> V
                     && row.first_seq + i64::from(row.hi - row.lo) + 1 == seqs[i] =>
             {
                 row.hi = index;
+                row.bytes += record_bytes(r);
                 if let (Some((low, high)), Some(offset)) = (row.source_offsets.as_mut(), offset) {
                     *low = (*low).min(offset);
                     *high = (*high).max(offset);
@@ -184,45 +194,11 @@ fn segments<'a>(records: &'a [OutboxRecord], seqs: &[i64], order: &[usize]) -> V
                 hi: index,
                 source,
                 source_offsets: offset.map(|o| (o, o)),
+                bytes: record_bytes(r),
             }),
         }
     }
     rows
-}
-
-/// Appends records that decide a message of a topic every worker reads
-/// (subscriptions, invoices), unless a record for the same source is already
-/// there: another worker may have applied the same message first.
-pub(super) async fn append_once(conn: &mut PgConnection, records: &[OutboxRecord]) -> anyhow::Result<()> {
-    let mut fresh = Vec::with_capacity(records.len());
-    for r in records {
-        let Some((source_topic, source_partition, source_offset)) = &r.source else {
-            fresh.push(r.clone());
-            continue;
-        };
-        let exists: bool = sqlx::query_scalar(
-            // Rows are disjoint: only the last one starting at or before
-            // the offset can hold it.
-            "SELECT EXISTS (
-                 SELECT 1 FROM (
-                     SELECT last_source_offset, source_offsets FROM outbox_batches
-                     WHERE topic = $1 AND source_topic = $2 AND source_partition = $3
-                       AND first_source_offset <= $4
-                     ORDER BY first_source_offset DESC LIMIT 1
-                 ) previous WHERE previous.last_source_offset >= $4 AND $4 = ANY(previous.source_offsets))",
-        )
-        .bind(&r.topic)
-        .bind(source_topic)
-        .bind(source_partition)
-        .bind(source_offset)
-        .fetch_one(&mut *conn)
-        .await
-        .context("checking for an earlier dead letter")?;
-        if !exists {
-            fresh.push(r.clone());
-        }
-    }
-    append(conn, &fresh).await.map(drop)
 }
 
 /// Makes `owner` the publisher of an output partition. It waits for the
@@ -279,12 +255,14 @@ pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow
 }
 
 /// Records after the given sequence of each (topic, partition), in order,
-/// at most about `limit` per partition (whole rows: a row of a batch is not
-/// cut): one round trip for every owned partition.
+/// at most about `limit` records and `byte_limit` bytes per partition (whole
+/// rows: a row of a batch is not cut, and the first row is always read):
+/// one round trip for every owned partition.
 pub async fn pending_many(
     pool: &PgPool,
     after: &[(String, i32, i64)],
     limit: i64,
+    byte_limit: i64,
 ) -> anyhow::Result<Vec<(String, i32, StoredRecord)>> {
     type Row = (String, i32, i64, i64, Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Vec<String>);
     let rows: Vec<Row> = sqlx::query_as(
@@ -292,13 +270,15 @@ pub async fn pending_many(
          FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS w(topic, partition, after_seq)
          CROSS JOIN LATERAL (
              SELECT first_seq, keys, payloads, headers FROM (
-                 SELECT first_seq, last_seq, keys, payloads, headers,
+                 SELECT first_seq, last_seq, keys, payloads, headers, record_bytes,
                         sum(last_seq - GREATEST(first_seq, w.after_seq + 1) + 1)
-                            OVER (ORDER BY last_seq) AS through
+                            OVER (ORDER BY last_seq) AS through,
+                        sum(record_bytes) OVER (ORDER BY last_seq) AS through_bytes
                  FROM outbox_batches o
                  WHERE o.topic = w.topic AND o.partition = w.partition AND o.last_seq > w.after_seq
              ) r
              WHERE r.through - (r.last_seq - GREATEST(r.first_seq, w.after_seq + 1) + 1) < $4
+               AND r.through_bytes - r.record_bytes < $5
          ) o
          ORDER BY w.topic, w.partition, o.first_seq",
     )
@@ -306,6 +286,7 @@ pub async fn pending_many(
     .bind(after.iter().map(|a| a.1).collect::<Vec<_>>())
     .bind(after.iter().map(|a| a.2).collect::<Vec<_>>())
     .bind(limit)
+    .bind(byte_limit)
     .fetch_all(pool)
     .await
     .context("reading pending outbox records")?;
