@@ -66,6 +66,23 @@ impl TestApi {
             .unwrap()
     }
 
+    /// `POST /usages` with an `Idempotency-Key` header (any bytes) and
+    /// optionally a bearer token.
+    async fn post_keyed(&self, body: &Value, key: &[u8], token: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url("/usages"))
+            .header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(key).unwrap(),
+            )
+            .json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
     async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.unwrap()
     }
@@ -225,6 +242,151 @@ async fn a_create_is_201_and_the_same_request_again_is_200_with_the_stored_usage
         assert!(headers.to_string().contains("outcome-id"), "{headers}");
     }
     assert_eq!(records[0].2["usage"], created);
+    api.shutdown().await;
+}
+
+/// `usg_` + the first 24 lowercase hex digits of SHA-256 of `text`.
+fn derived_id(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(text.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("usg_{}", &hex[..24])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_retried_with_the_same_idempotency_key_counts_once() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let body = json!({"subscriptionId": "sub_a", "quantity": "1.5"});
+
+    let first = api.post_keyed(&body, b"order-7781/line-2", None).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let expected = derived_id("order-7781/line-2");
+    assert_eq!(expected.len(), 28);
+    assert_eq!(first.headers()["location"], format!("/usages/{expected}"));
+    let created: Value = first.json().await.unwrap();
+    assert_eq!(created["id"], expected.as_str());
+
+    // The retry after a lost answer finds the stored usage.
+    let retry = api.post_keyed(&body, b"order-7781/line-2", None).await;
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(retry.json::<Value>().await.unwrap(), created);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
+    assert_eq!(used(&env, "sub_a").await, Decimal::new(15, 1));
+    assert_eq!(outbox(&env, "usage-results").await.len(), 1);
+
+    // The same key for a different request is a conflict, not a new usage.
+    let other = api
+        .post_keyed(
+            &json!({"subscriptionId": "sub_a", "quantity": 2}),
+            b"order-7781/line-2",
+            None,
+        )
+        .await;
+    let conflict = problem(other, 409, "idempotency_conflict").await;
+    assert_eq!(conflict["field"], "id");
+
+    // Another key is another usage; no key at all, a random id each time.
+    let second = api.post_keyed(&body, b"order-7781/line-3", None).await;
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert_eq!(
+        second.json::<Value>().await.unwrap()["id"],
+        derived_id("order-7781/line-3").as_str()
+    );
+    let unkeyed: Vec<String> = [api.post(&body).await, api.post(&body).await]
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.status(), StatusCode::CREATED);
+            r.headers()["location"].to_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_ne!(unkeyed[0], unkeyed[1]);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 4);
+    assert_eq!(used(&env, "sub_a").await, Decimal::new(60, 1));
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authenticated_callers_idempotency_key_is_scoped_to_its_name() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let mut settings = env.settings();
+    settings.http.bearer_token = Some(Secret::new("s3cret"));
+    let api = TestApi::serve(&settings).await;
+    let body = json!({"subscriptionId": "sub_a", "quantity": 1});
+
+    let first = api.post_keyed(&body, b"k-1", Some("s3cret")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let expected = derived_id("bearer_token:k-1");
+    assert_eq!(first.json::<Value>().await.unwrap()["id"], expected.as_str());
+    let retry = api.post_keyed(&body, b"k-1", Some("s3cret")).await;
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(retry.json::<Value>().await.unwrap()["id"], expected.as_str());
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_idempotency_key_is_422_naming_the_header() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let body = json!({"subscriptionId": "sub_a", "quantity": 1});
+
+    let too_long = "k".repeat(256);
+    for key in [&b""[..], too_long.as_bytes(), b"tab\there", b"caf\xc3\xa9"] {
+        let response = api.post_keyed(&body, key, None).await;
+        let body = problem(response, 422, "invalid_field").await;
+        assert_eq!(body["field"], "Idempotency-Key", "{body}");
+        assert_eq!(invalid_fields(&body), ["Idempotency-Key"], "{body}");
+    }
+    // Two keys for one request: which one would the retry send?
+    let twice = api
+        .client
+        .post(api.url("/usages"))
+        .header("idempotency-key", "a")
+        .header("idempotency-key", "b")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let twice = problem(twice, 422, "invalid_field").await;
+    assert_eq!(twice["field"], "Idempotency-Key", "{twice}");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 0);
+
+    // 1 and 255 printable characters (spaces included) are keys.
+    let longest = "~".repeat(255);
+    for key in ["x", longest.as_str(), "a key with spaces"] {
+        let response = api.post_keyed(&body, key.as_bytes(), None).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "{key}");
+        assert_eq!(response.json::<Value>().await.unwrap()["id"], derived_id(key).as_str());
+    }
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_idempotency_key_is_ignored_when_the_body_has_an_id() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let api = TestApi::serve(&env.settings()).await;
+
+    let body = json!({"id": "usg_own", "subscriptionId": "sub_a", "quantity": 1});
+    let created = api.post_keyed(&body, b"k-1", None).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()["location"], "/usages/usg_own");
+    // The body's id decides, whatever key comes with it (a malformed one too).
+    let again = api.post_keyed(&body, b"another key", None).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], "usg_own");
+    assert_eq!(api.post_keyed(&body, b"", None).await.status(), StatusCode::OK);
+    problem(
+        api.get(&format!("/usages/{}", derived_id("k-1"))).await,
+        404,
+        "usage_not_found",
+    )
+    .await;
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
     api.shutdown().await;
 }
 
@@ -651,9 +813,27 @@ async fn an_unreachable_database_is_503_with_retry_after_and_not_ready() {
     let config = ApiConfig::from_settings(&env.settings(), PARTITIONS, false);
     let api = TestApi::start(pool, config, Arc::new(Metrics::default())).await;
 
+    // Did the create commit before the answer was lost? A retry finds out
+    // only through the id: without one, or a key, it may count twice.
     let create = api.post(&json!({"subscriptionId": "sub_a", "quantity": 1})).await;
     assert_eq!(create.headers()["retry-after"], "1");
-    problem(create, 503, "service_unavailable").await;
+    let unkeyed = problem(create, 503, "service_unavailable").await;
+    let detail = unkeyed["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("may count twice") && detail.contains("Idempotency-Key"),
+        "{detail}"
+    );
+    for keyed in [
+        api.post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 1}))
+            .await,
+        api.post_keyed(&json!({"subscriptionId": "sub_a", "quantity": 1}), b"k-1", None)
+            .await,
+    ] {
+        let body = problem(keyed, 503, "service_unavailable").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(!detail.contains("count twice"), "{detail}");
+        assert!(detail.contains("retry"), "{detail}");
+    }
     let read = api.get("/usages/u1").await;
     assert_eq!(read.headers()["retry-after"], "1");
     problem(read, 503, "service_unavailable").await;

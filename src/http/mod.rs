@@ -12,6 +12,7 @@
 
 mod auth;
 mod health;
+mod idempotency;
 pub mod listing;
 mod partition;
 pub mod problem;
