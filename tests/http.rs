@@ -18,7 +18,7 @@ use common::{active_subscription, ApiServer, Reader, TestEnv, PARTITIONS};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use usage_worker::config::{Secret, Settings};
+use usage_worker::config::{Partitioner, Secret, Settings};
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::http::{output_partition, ApiConfig};
 use usage_worker::metrics::Metrics;
@@ -234,7 +234,7 @@ async fn a_create_is_201_and_the_same_request_again_is_200_with_the_stored_usage
     let records = outbox(&env, "usage-results").await;
     assert_eq!(records.len(), 3, "{records:#?}");
     for (partition, key, outcome, headers) in &records {
-        assert_eq!(*partition, output_partition("sub_a", PARTITIONS));
+        assert_eq!(*partition, output_partition("sub_a", PARTITIONS, Partitioner::Murmur2));
         assert_eq!(key, "sub_a");
         assert_eq!(outcome["status"], "created");
         assert_eq!(outcome["source"], json!({"http": true}));
@@ -909,7 +909,10 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
     let statuses: Vec<&str> = http.iter().map(|r| r.value["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["created", "deleted"]);
     for record in &http {
-        assert_eq!(record.partition, output_partition("sub_a", PARTITIONS));
+        assert_eq!(
+            record.partition,
+            output_partition("sub_a", PARTITIONS, Partitioner::Murmur2)
+        );
         assert_eq!(record.key.as_deref(), Some("sub_a"));
         assert_eq!(record.value["eventId"], "h1");
         assert_eq!(record.headers["event-id"], "h1");
@@ -958,6 +961,128 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
     sampler.await.unwrap();
     api.shutdown().await;
     worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_crc32_partitioner_an_http_outcome_shares_the_partition_of_librdkafka_keyed_events() {
+    let env = TestEnv::start().await;
+    // A subscription the two hashes put on different partitions.
+    let sub = (0..100)
+        .map(|i| format!("sub_{i}"))
+        .find(|s| {
+            output_partition(s, PARTITIONS, Partitioner::Crc32) != output_partition(s, PARTITIONS, Partitioner::Murmur2)
+        })
+        .unwrap();
+    let expected = output_partition(&sub, PARTITIONS, Partitioner::Crc32);
+    env.subscription(active_subscription(&sub, None));
+    let mut vars = env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    vars.push(("USAGE_WORKER__KAFKA__PARTITIONER".into(), "crc32".into()));
+    let settings = Settings::load_from(&vars).unwrap();
+    assert_eq!(settings.kafka.partitioner, Partitioner::Crc32);
+    let worker = env.worker_with(settings.clone()).await;
+    let pool = store::connect(&settings.database).await.unwrap();
+    let config = ApiConfig::from_settings(&settings, PARTITIONS, true);
+    let api = TestApi::start(pool, config, worker.stats.metrics.clone()).await;
+    wait_until("ready", || async {
+        api.get("/readyz").await.status() == StatusCode::OK
+    })
+    .await;
+    env.wait_for_count("SELECT count(*) FROM subscriptions", 1).await;
+
+    // The harness's producer is librdkafka with its default partitioner.
+    env.usage(json!({"id": "k1", "subscriptionId": sub, "quantity": 1}));
+    env.flush();
+    let created = api
+        .post(&json!({"id": "h1", "subscriptionId": sub, "quantity": 2}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    let reader = env.results_reader();
+    let records = reader.read(2, WAIT);
+    assert!(reader.read_rest(Duration::from_secs(1)).is_empty());
+    let partition_of = |event_id: &str| {
+        let record = records
+            .iter()
+            .find(|r| r.value["eventId"] == event_id)
+            .unwrap_or_else(|| panic!("no outcome for {event_id}: {records:#?}"));
+        assert_eq!(record.value["status"], "created");
+        assert_eq!(record.key.as_deref(), Some(sub.as_str()));
+        record.partition
+    };
+    assert_eq!(partition_of("k1"), expected, "librdkafka put the event elsewhere");
+    assert_eq!(partition_of("h1"), expected);
+    api.shutdown().await;
+    worker.shutdown().await.unwrap();
+}
+
+/// The partition librdkafka itself picks for each key, producing to a new
+/// topic of `partitions` partitions with `partitioner` (None: its default).
+async fn librdkafka_partitions(partitioner: Option<&str>, keys: &[String], partitions: i32) -> Vec<i32> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let kafka = usage_worker::kafka::mock::EmbeddedKafka::start(1).unwrap();
+    let topic = format!("keyed-{}", partitioner.unwrap_or("default"));
+    kafka.create_topic(&topic, partitions).unwrap();
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("log_level", "3");
+    if let Some(partitioner) = partitioner {
+        config.set("partitioner", partitioner);
+    }
+    let producer: FutureProducer = config.create().unwrap();
+    let mut delivered = Vec::with_capacity(keys.len());
+    for key in keys {
+        let record = FutureRecord::to(&topic).key(key.as_str()).payload("x");
+        let (partition, _offset) = producer.send(record, Duration::from_secs(30)).await.unwrap();
+        delivered.push(partition);
+    }
+    delivered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn output_partitions_are_where_librdkafkas_own_partitioners_put_the_key() {
+    let mut keys: Vec<String> = (0..300).map(|i| format!("sub_{i}")).collect();
+    keys.extend(
+        [
+            "a",
+            "sub_ü",
+            "sub_0f8e4c2a-9b1d-4e7a-8c3f-2d5b6a7e9f01",
+            "x y",
+            &"s".repeat(50),
+        ]
+        .map(String::from),
+    );
+    // librdkafka's `partitioner` setting (None: its default,
+    // consistent_random), and the `kafka.partitioner` that matches it.
+    let pairs = [
+        (Some("consistent"), Partitioner::Crc32),
+        (None, Partitioner::Crc32),
+        (Some("murmur2_random"), Partitioner::Murmur2),
+        (Some("murmur2"), Partitioner::Murmur2),
+    ];
+    for partitions in [4, 7] {
+        for (partitioner, ours) in pairs {
+            let delivered = librdkafka_partitions(partitioner, &keys, partitions).await;
+            let computed: Vec<i32> = keys.iter().map(|k| output_partition(k, partitions, ours)).collect();
+            let differing: Vec<_> = keys
+                .iter()
+                .zip(delivered.iter().zip(&computed))
+                .filter(|(_, (d, c))| d != c)
+                .collect();
+            assert!(
+                differing.is_empty(),
+                "{partitioner:?} over {partitions} partitions: {} of {} keys elsewhere, e.g. {:?}",
+                differing.len(),
+                keys.len(),
+                &differing[..differing.len().min(5)]
+            );
+            // The keys spread: every partition is used.
+            assert_eq!(
+                delivered.iter().collect::<std::collections::HashSet<_>>().len(),
+                partitions as usize
+            );
+        }
+    }
 }
 
 /// The value of one sample line of a Prometheus text page (0 when absent).
