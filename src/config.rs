@@ -76,6 +76,30 @@ pub struct KafkaSettings {
     /// PEM file of the CA that signed the brokers' certificates; unset, the
     /// system's CA store is used.
     pub ssl_ca_location: Option<String>,
+    /// How the producers of `usage-events` partition by key, so that what
+    /// has no input partition (HTTP outcomes) lands where they put the
+    /// subscription's events.
+    #[serde(deserialize_with = "partitioner")]
+    pub partitioner: Partitioner,
+}
+
+/// The key hash that picks a record's partition, as Kafka clients do it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioner {
+    /// The Java client's default (and librdkafka's `murmur2_random`).
+    Murmur2,
+    /// librdkafka's default (`consistent_random`, `consistent`): CRC-32 of
+    /// the key.
+    Crc32,
+}
+
+impl Partitioner {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Murmur2 => "murmur2",
+            Self::Crc32 => "crc32",
+        }
+    }
 }
 
 /// How the clients talk to the brokers (librdkafka's `security.protocol`).
@@ -276,6 +300,18 @@ fn sasl_mechanism<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SaslM
             "kafka.sasl_mechanism must be \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\", got {text:?}"
         ))
     })
+}
+
+fn partitioner<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Partitioner, D::Error> {
+    let text = String::deserialize(d)?;
+    [Partitioner::Murmur2, Partitioner::Crc32]
+        .into_iter()
+        .find(|p| p.as_str().eq_ignore_ascii_case(&text))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "kafka.partitioner must be \"murmur2\" or \"crc32\", got {text:?}"
+            ))
+        })
 }
 
 fn log_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
@@ -633,6 +669,16 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(format!("{err:#}").contains("kafka.ssl_ca_location"), "{err:#}");
+    }
+
+    #[test]
+    fn the_partitioner_is_murmur2_unless_set_to_crc32() {
+        let s = Settings::load_from(&[]).unwrap();
+        assert_eq!(s.kafka.partitioner, Partitioner::Murmur2);
+        let s = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__PARTITIONER", "crc32")])).unwrap();
+        assert_eq!(s.kafka.partitioner, Partitioner::Crc32);
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__PARTITIONER", "consistent")])).unwrap_err();
+        assert!(format!("{err:#}").contains("kafka.partitioner"), "{err:#}");
     }
 
     #[test]

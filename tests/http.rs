@@ -18,7 +18,7 @@ use common::{active_subscription, ApiServer, Reader, TestEnv, PARTITIONS};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use usage_worker::config::{Secret, Settings};
+use usage_worker::config::{Partitioner, Secret, Settings};
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::http::{output_partition, ApiConfig};
 use usage_worker::metrics::Metrics;
@@ -64,6 +64,23 @@ impl TestApi {
             .send()
             .await
             .unwrap()
+    }
+
+    /// `POST /usages` with an `Idempotency-Key` header (any bytes) and
+    /// optionally a bearer token.
+    async fn post_keyed(&self, body: &Value, key: &[u8], token: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url("/usages"))
+            .header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(key).unwrap(),
+            )
+            .json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
@@ -221,7 +238,7 @@ async fn a_create_is_201_and_the_same_request_again_is_200_with_the_stored_usage
     let records = outbox(&env, "usage-results").await;
     assert_eq!(records.len(), 3, "{records:#?}");
     for (partition, key, outcome, headers) in &records {
-        assert_eq!(*partition, output_partition("sub_a", PARTITIONS));
+        assert_eq!(*partition, output_partition("sub_a", PARTITIONS, Partitioner::Murmur2));
         assert_eq!(key, "sub_a");
         assert_eq!(outcome["status"], "created");
         assert_eq!(outcome["source"], json!({"http": true}));
@@ -229,6 +246,151 @@ async fn a_create_is_201_and_the_same_request_again_is_200_with_the_stored_usage
         assert!(headers.to_string().contains("outcome-id"), "{headers}");
     }
     assert_eq!(records[0].2["usage"], created);
+    api.shutdown().await;
+}
+
+/// `usg_` + the first 24 lowercase hex digits of SHA-256 of `text`.
+fn derived_id(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(text.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("usg_{}", &hex[..24])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_retried_with_the_same_idempotency_key_counts_once() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let body = json!({"subscriptionId": "sub_a", "quantity": "1.5"});
+
+    let first = api.post_keyed(&body, b"order-7781/line-2", None).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let expected = derived_id("order-7781/line-2");
+    assert_eq!(expected.len(), 28);
+    assert_eq!(first.headers()["location"], format!("/usages/{expected}"));
+    let created: Value = first.json().await.unwrap();
+    assert_eq!(created["id"], expected.as_str());
+
+    // The retry after a lost answer finds the stored usage.
+    let retry = api.post_keyed(&body, b"order-7781/line-2", None).await;
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(retry.json::<Value>().await.unwrap(), created);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
+    assert_eq!(used(&env, "sub_a").await, Decimal::new(15, 1));
+    assert_eq!(outbox(&env, "usage-results").await.len(), 1);
+
+    // The same key for a different request is a conflict, not a new usage.
+    let other = api
+        .post_keyed(
+            &json!({"subscriptionId": "sub_a", "quantity": 2}),
+            b"order-7781/line-2",
+            None,
+        )
+        .await;
+    let conflict = problem(other, 409, "idempotency_conflict").await;
+    assert_eq!(conflict["field"], "id");
+
+    // Another key is another usage; no key at all, a random id each time.
+    let second = api.post_keyed(&body, b"order-7781/line-3", None).await;
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert_eq!(
+        second.json::<Value>().await.unwrap()["id"],
+        derived_id("order-7781/line-3").as_str()
+    );
+    let unkeyed: Vec<String> = [api.post(&body).await, api.post(&body).await]
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.status(), StatusCode::CREATED);
+            r.headers()["location"].to_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_ne!(unkeyed[0], unkeyed[1]);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 4);
+    assert_eq!(used(&env, "sub_a").await, Decimal::new(60, 1));
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authenticated_callers_idempotency_key_is_scoped_to_its_name() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let mut settings = env.settings();
+    settings.http.bearer_token = Some(Secret::new("s3cret"));
+    let api = TestApi::serve(&settings).await;
+    let body = json!({"subscriptionId": "sub_a", "quantity": 1});
+
+    let first = api.post_keyed(&body, b"k-1", Some("s3cret")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let expected = derived_id("bearer_token:k-1");
+    assert_eq!(first.json::<Value>().await.unwrap()["id"], expected.as_str());
+    let retry = api.post_keyed(&body, b"k-1", Some("s3cret")).await;
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(retry.json::<Value>().await.unwrap()["id"], expected.as_str());
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_idempotency_key_is_422_naming_the_header() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let body = json!({"subscriptionId": "sub_a", "quantity": 1});
+
+    let too_long = "k".repeat(256);
+    for key in [&b""[..], too_long.as_bytes(), b"tab\there", b"caf\xc3\xa9"] {
+        let response = api.post_keyed(&body, key, None).await;
+        let body = problem(response, 422, "invalid_field").await;
+        assert_eq!(body["field"], "Idempotency-Key", "{body}");
+        assert_eq!(invalid_fields(&body), ["Idempotency-Key"], "{body}");
+    }
+    // Two keys for one request: which one would the retry send?
+    let twice = api
+        .client
+        .post(api.url("/usages"))
+        .header("idempotency-key", "a")
+        .header("idempotency-key", "b")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let twice = problem(twice, 422, "invalid_field").await;
+    assert_eq!(twice["field"], "Idempotency-Key", "{twice}");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 0);
+
+    // 1 and 255 printable characters (spaces included) are keys.
+    let longest = "~".repeat(255);
+    for key in ["x", longest.as_str(), "a key with spaces"] {
+        let response = api.post_keyed(&body, key.as_bytes(), None).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "{key}");
+        assert_eq!(response.json::<Value>().await.unwrap()["id"], derived_id(key).as_str());
+    }
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_idempotency_key_is_ignored_when_the_body_has_an_id() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", None)).await;
+    let api = TestApi::serve(&env.settings()).await;
+
+    let body = json!({"id": "usg_own", "subscriptionId": "sub_a", "quantity": 1});
+    let created = api.post_keyed(&body, b"k-1", None).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()["location"], "/usages/usg_own");
+    // The body's id decides, whatever key comes with it (a malformed one too).
+    let again = api.post_keyed(&body, b"another key", None).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], "usg_own");
+    assert_eq!(api.post_keyed(&body, b"", None).await.status(), StatusCode::OK);
+    problem(
+        api.get(&format!("/usages/{}", derived_id("k-1"))).await,
+        404,
+        "usage_not_found",
+    )
+    .await;
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
     api.shutdown().await;
 }
 
@@ -685,9 +847,27 @@ async fn an_unreachable_database_is_503_with_retry_after_and_not_ready() {
     let config = ApiConfig::from_settings(&env.settings(), PARTITIONS, false);
     let api = TestApi::start(pool, config, Arc::new(Metrics::default())).await;
 
+    // Did the create commit before the answer was lost? A retry finds out
+    // only through the id: without one, or a key, it may count twice.
     let create = api.post(&json!({"subscriptionId": "sub_a", "quantity": 1})).await;
     assert_eq!(create.headers()["retry-after"], "1");
-    problem(create, 503, "service_unavailable").await;
+    let unkeyed = problem(create, 503, "service_unavailable").await;
+    let detail = unkeyed["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("may count twice") && detail.contains("Idempotency-Key"),
+        "{detail}"
+    );
+    for keyed in [
+        api.post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 1}))
+            .await,
+        api.post_keyed(&json!({"subscriptionId": "sub_a", "quantity": 1}), b"k-1", None)
+            .await,
+    ] {
+        let body = problem(keyed, 503, "service_unavailable").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(!detail.contains("count twice"), "{detail}");
+        assert!(detail.contains("retry"), "{detail}");
+    }
     let read = api.get("/usages/u1").await;
     assert_eq!(read.headers()["retry-after"], "1");
     problem(read, 503, "service_unavailable").await;
@@ -763,7 +943,10 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
     let statuses: Vec<&str> = http.iter().map(|r| r.value["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["created", "deleted"]);
     for record in &http {
-        assert_eq!(record.partition, output_partition("sub_a", PARTITIONS));
+        assert_eq!(
+            record.partition,
+            output_partition("sub_a", PARTITIONS, Partitioner::Murmur2)
+        );
         assert_eq!(record.key.as_deref(), Some("sub_a"));
         assert_eq!(record.value["eventId"], "h1");
         assert_eq!(record.headers["event-id"], "h1");
@@ -812,6 +995,128 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
     sampler.await.unwrap();
     api.shutdown().await;
     worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_crc32_partitioner_an_http_outcome_shares_the_partition_of_librdkafka_keyed_events() {
+    let env = TestEnv::start().await;
+    // A subscription the two hashes put on different partitions.
+    let sub = (0..100)
+        .map(|i| format!("sub_{i}"))
+        .find(|s| {
+            output_partition(s, PARTITIONS, Partitioner::Crc32) != output_partition(s, PARTITIONS, Partitioner::Murmur2)
+        })
+        .unwrap();
+    let expected = output_partition(&sub, PARTITIONS, Partitioner::Crc32);
+    env.subscription(active_subscription(&sub, None));
+    let mut vars = env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    vars.push(("USAGE_WORKER__KAFKA__PARTITIONER".into(), "crc32".into()));
+    let settings = Settings::load_from(&vars).unwrap();
+    assert_eq!(settings.kafka.partitioner, Partitioner::Crc32);
+    let worker = env.worker_with(settings.clone()).await;
+    let pool = store::connect(&settings.database).await.unwrap();
+    let config = ApiConfig::from_settings(&settings, PARTITIONS, true);
+    let api = TestApi::start(pool, config, worker.stats.metrics.clone()).await;
+    wait_until("ready", || async {
+        api.get("/readyz").await.status() == StatusCode::OK
+    })
+    .await;
+    env.wait_for_count("SELECT count(*) FROM subscriptions", 1).await;
+
+    // The harness's producer is librdkafka with its default partitioner.
+    env.usage(json!({"id": "k1", "subscriptionId": sub, "quantity": 1}));
+    env.flush();
+    let created = api
+        .post(&json!({"id": "h1", "subscriptionId": sub, "quantity": 2}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    let reader = env.results_reader();
+    let records = reader.read(2, WAIT);
+    assert!(reader.read_rest(Duration::from_secs(1)).is_empty());
+    let partition_of = |event_id: &str| {
+        let record = records
+            .iter()
+            .find(|r| r.value["eventId"] == event_id)
+            .unwrap_or_else(|| panic!("no outcome for {event_id}: {records:#?}"));
+        assert_eq!(record.value["status"], "created");
+        assert_eq!(record.key.as_deref(), Some(sub.as_str()));
+        record.partition
+    };
+    assert_eq!(partition_of("k1"), expected, "librdkafka put the event elsewhere");
+    assert_eq!(partition_of("h1"), expected);
+    api.shutdown().await;
+    worker.shutdown().await.unwrap();
+}
+
+/// The partition librdkafka itself picks for each key, producing to a new
+/// topic of `partitions` partitions with `partitioner` (None: its default).
+async fn librdkafka_partitions(partitioner: Option<&str>, keys: &[String], partitions: i32) -> Vec<i32> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let kafka = usage_worker::kafka::mock::EmbeddedKafka::start(1).unwrap();
+    let topic = format!("keyed-{}", partitioner.unwrap_or("default"));
+    kafka.create_topic(&topic, partitions).unwrap();
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("log_level", "3");
+    if let Some(partitioner) = partitioner {
+        config.set("partitioner", partitioner);
+    }
+    let producer: FutureProducer = config.create().unwrap();
+    let mut delivered = Vec::with_capacity(keys.len());
+    for key in keys {
+        let record = FutureRecord::to(&topic).key(key.as_str()).payload("x");
+        let (partition, _offset) = producer.send(record, Duration::from_secs(30)).await.unwrap();
+        delivered.push(partition);
+    }
+    delivered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn output_partitions_are_where_librdkafkas_own_partitioners_put_the_key() {
+    let mut keys: Vec<String> = (0..300).map(|i| format!("sub_{i}")).collect();
+    keys.extend(
+        [
+            "a",
+            "sub_ü",
+            "sub_0f8e4c2a-9b1d-4e7a-8c3f-2d5b6a7e9f01",
+            "x y",
+            &"s".repeat(50),
+        ]
+        .map(String::from),
+    );
+    // librdkafka's `partitioner` setting (None: its default,
+    // consistent_random), and the `kafka.partitioner` that matches it.
+    let pairs = [
+        (Some("consistent"), Partitioner::Crc32),
+        (None, Partitioner::Crc32),
+        (Some("murmur2_random"), Partitioner::Murmur2),
+        (Some("murmur2"), Partitioner::Murmur2),
+    ];
+    for partitions in [4, 7] {
+        for (partitioner, ours) in pairs {
+            let delivered = librdkafka_partitions(partitioner, &keys, partitions).await;
+            let computed: Vec<i32> = keys.iter().map(|k| output_partition(k, partitions, ours)).collect();
+            let differing: Vec<_> = keys
+                .iter()
+                .zip(delivered.iter().zip(&computed))
+                .filter(|(_, (d, c))| d != c)
+                .collect();
+            assert!(
+                differing.is_empty(),
+                "{partitioner:?} over {partitions} partitions: {} of {} keys elsewhere, e.g. {:?}",
+                differing.len(),
+                keys.len(),
+                &differing[..differing.len().min(5)]
+            );
+            // The keys spread: every partition is used.
+            assert_eq!(
+                delivered.iter().collect::<std::collections::HashSet<_>>().len(),
+                partitions as usize
+            );
+        }
+    }
 }
 
 /// The value of one sample line of a Prometheus text page (0 when absent).

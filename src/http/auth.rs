@@ -1,6 +1,8 @@
 //! Optional bearer-token authentication of `/usages` (RFC 6750). Off unless
 //! `http.bearer_token` is set; the probes and `/metrics` stay open so that
 //! orchestrators and scrapers need no credentials.
+//!
+//! Every request let through carries its [`Caller`] as an extension.
 
 use std::sync::Arc;
 
@@ -17,15 +19,35 @@ use crate::config::Secret;
 const CHALLENGE: &str = r#"Bearer realm="usage-worker""#;
 const CHALLENGE_INVALID: &str = r#"Bearer realm="usage-worker", error="invalid_token""#;
 
+/// The name of whoever presents `http.bearer_token`. There is one token, so
+/// one name; it scopes what callers name themselves, such as their
+/// idempotency keys.
+pub const BEARER_TOKEN_CALLER: &str = "bearer_token";
+
+/// Who sent a request, as far as authentication tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Authentication is off: callers cannot be told apart.
+    Anonymous,
+    /// A caller that presented a configured token, under the token's name.
+    Named(String),
+}
+
 /// Lets the request through when authentication is off or the token
-/// matches; answers 401 otherwise.
-pub async fn require_bearer(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+/// matches, with its [`Caller`]; answers 401 otherwise.
+pub async fn require_bearer(State(api): State<Arc<Api>>, mut request: Request, next: Next) -> Response {
     let Some(expected) = &api.config.bearer_token else {
+        request.extensions_mut().insert(Caller::Anonymous);
         return next.run(request).await;
     };
     match bearer_token(request.headers()) {
         None => Problem::unauthorized("send Authorization: Bearer <token>", CHALLENGE).into_response(),
-        Some(given) if token_matches(given, expected) => next.run(request).await,
+        Some(given) if token_matches(given, expected) => {
+            request
+                .extensions_mut()
+                .insert(Caller::Named(BEARER_TOKEN_CALLER.to_owned()));
+            next.run(request).await
+        }
         Some(_) => Problem::unauthorized("the bearer token is not valid", CHALLENGE_INVALID).into_response(),
     }
 }

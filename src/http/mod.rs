@@ -12,6 +12,7 @@
 
 mod auth;
 mod health;
+mod idempotency;
 pub mod listing;
 mod partition;
 pub mod problem;
@@ -31,7 +32,7 @@ use axum::Router;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::config::{Secret, Settings};
+use crate::config::{Partitioner, Secret, Settings};
 use crate::metrics::Metrics;
 pub use partition::output_partition;
 use problem::Problem;
@@ -49,6 +50,8 @@ pub struct ApiConfig {
     pub alerts_topic: String,
     /// Partition count of `usage-events`, and so of every output topic.
     pub partitions: i32,
+    /// How the producers of `usage-events` pick a key's partition.
+    pub partitioner: Partitioner,
     pub ready_max_outbox_backlog: i64,
     /// `/readyz` also requires the consumer's assignment (`run`, not `serve`).
     pub requires_assignment: bool,
@@ -64,6 +67,7 @@ impl ApiConfig {
             results_topic: settings.topics.usage_results.clone(),
             alerts_topic: settings.topics.usage_alerts.clone(),
             partitions,
+            partitioner: settings.kafka.partitioner,
             ready_max_outbox_backlog: settings.http.ready_max_outbox_backlog,
             requires_assignment,
         }
@@ -82,9 +86,10 @@ impl Api {
         Self { pool, config, metrics }
     }
 
-    /// The output partition of records about this subscription.
+    /// The output partition of records about this subscription: where the
+    /// producers of `usage-events` put its events.
     fn partition_of(&self, subscription_id: &str) -> i32 {
-        output_partition(subscription_id, self.config.partitions)
+        output_partition(subscription_id, self.config.partitions, self.config.partitioner)
     }
 }
 

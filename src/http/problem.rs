@@ -207,6 +207,24 @@ impl Problem {
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS))
     }
+
+    /// A create whose transaction failed or whose commit was not confirmed:
+    /// the usage may or may not be stored. A retry under the same id finds
+    /// it (200) and counts nothing twice; `retry_finds_it` says whether the
+    /// request had such an id (its own, or one from `Idempotency-Key`).
+    pub fn create_unavailable(error: &anyhow::Error, retry_finds_it: bool) -> Self {
+        let detail = if retry_finds_it {
+            "the database is not available or did not confirm the write; retry the same request \
+             (same id or Idempotency-Key): a usage stored meanwhile is answered 200 and not counted again"
+        } else {
+            "the database is not available or did not confirm the write, so the usage may have been \
+             stored; this request had neither an id nor an Idempotency-Key, so a retry may count twice: \
+             send one of them to retry safely"
+        };
+        let mut problem = Self::unavailable(error);
+        problem.detail = detail.into();
+        problem
+    }
 }
 
 /// A quantity written as an exact JSON number.

@@ -8,9 +8,12 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, SubsecRound, Utc};
 
+use super::auth::Caller;
+use super::idempotency::IdempotencyKey;
 use super::listing::ListQuery;
 use super::problem::Problem;
 use super::transactions::{create_usage, delete_usage, CreateFailure, Created};
@@ -23,9 +26,11 @@ use crate::metrics::DecisionSource;
 use crate::store::{self, Deletion};
 
 /// `POST /usages`: 201 with `Location` when stored, 200 with the stored
-/// usage when the same request was stored before.
+/// usage when the same request was stored before. The id is the body's, or
+/// derived from the `Idempotency-Key` header, or else a random one.
 pub async fn create(
     State(api): State<Arc<Api>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
@@ -40,7 +45,13 @@ pub async fn create(
         max_payload_bytes: api.config.max_body_bytes,
     };
     let request = decode_usage_event(&body, &ctx).map_err(|rejection| rejected(&api, &rejection, None))?;
-    let id = request.id.clone().unwrap_or_else(new_usage_id);
+    let (id, retry_finds_it) = match &request.id {
+        Some(id) => (id.clone(), true),
+        None => match IdempotencyKey::from_headers(&headers).map_err(|rejection| rejected(&api, &rejection, None))? {
+            Some(key) => (key.usage_id(&caller), true),
+            None => (new_usage_id(), false),
+        },
+    };
     let created = create_usage(&api, &request, &id, now)
         .await
         .map_err(|failure| match failure {
@@ -49,7 +60,7 @@ pub async fn create(
                 let rejection = Rejection::new(ReasonCode::Unprocessable, "the database refused this request's data");
                 rejected(&api, &rejection, None)
             }
-            CreateFailure::Unavailable(e) => Problem::unavailable(&e),
+            CreateFailure::Unavailable(e) => Problem::create_unavailable(&e, retry_finds_it),
         })?;
     let metrics = &api.metrics;
     match created {
