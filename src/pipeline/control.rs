@@ -115,6 +115,8 @@ impl ControlReader {
         consumer
             .assign(&tpl)
             .with_context(|| format!("assigning the {} partitions", self.topic))?;
+        // The series exists from the start: a scraper sees 0, not nothing.
+        self.metrics.partition_stopped(&self.topic, 0);
         let runtime = Handle::current();
         let name = format!("{}-reader", self.topic);
         let handle = std::thread::Builder::new()
