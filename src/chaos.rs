@@ -465,8 +465,15 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    // Everyone stops cleanly.
+    // Everyone stops cleanly. A worker restarted a moment ago may not have
+    // installed its SIGTERM handler yet (a run on a fast broker can end
+    // right after the last kill): it is stopped once it answers over HTTP,
+    // which it does only after.
     for slot in pool.live() {
+        let answering = Instant::now();
+        while readyz(pool.ports[slot]).await.is_none() && answering.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let w = pool.running[slot].as_mut().expect("live");
         let status = w.terminate(Duration::from_secs(40))?;
         if !status.is_some_and(|s| s.success()) {

@@ -15,13 +15,38 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+
+/// A reader of partition ends. rdkafka hands every consumer error to the
+/// client context as well as to `poll`; the default context logs them all as
+/// errors, and reaching the end of a partition is what this reader is for.
+pub type EndConsumer = BaseConsumer<EndsContext>;
+
+pub struct EndsContext;
+
+impl ClientContext for EndsContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error != KafkaError::Global(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(error = %error, reason, "reader of partition ends");
+        }
+    }
+}
+
+impl ConsumerContext for EndsContext {}
+
+/// A reader of partition ends, from a reader's config.
+pub fn end_reader(reader: &ClientConfig) -> anyhow::Result<EndConsumer> {
+    end_reader_config(reader)
+        .create_with_context(EndsContext)
+        .context("creating a reader of partition ends")
+}
 
 /// The config of a reader of partition ends, made from a reader's config.
-pub fn end_reader_config(reader: &ClientConfig) -> ClientConfig {
+fn end_reader_config(reader: &ClientConfig) -> ClientConfig {
     let mut config = reader.clone();
     config
         .set("enable.partition.eof", "true")
@@ -40,11 +65,11 @@ pub fn end_reader_config(reader: &ClientConfig) -> ClientConfig {
 /// end; hands every message read to `visit`. Returns each partition's end:
 /// the offset after the last record, never less than `from`.
 ///
-/// The consumer must come from [`end_reader_config`] and be used for one
+/// The consumer must come from [`end_reader`] and be used for one
 /// topic only (an end-of-partition event names the partition, not the
 /// topic). It is unassigned again before this returns.
 pub fn read_to_end(
-    consumer: &BaseConsumer,
+    consumer: &EndConsumer,
     topic: &str,
     from: &[(i32, i64)],
     timeout: Duration,
@@ -57,7 +82,7 @@ pub fn read_to_end(
 /// Assigns the partitions at their starting offsets: the broker starts
 /// fetching. Several topics' consumers can be started before any is
 /// finished, so that their reads overlap.
-pub fn start(consumer: &BaseConsumer, topic: &str, from: &[(i32, i64)]) -> anyhow::Result<()> {
+pub fn start(consumer: &EndConsumer, topic: &str, from: &[(i32, i64)]) -> anyhow::Result<()> {
     let mut tpl = TopicPartitionList::new();
     for (partition, offset) in from.iter().filter(|(_, offset)| *offset >= 0) {
         tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
@@ -70,7 +95,7 @@ pub fn start(consumer: &BaseConsumer, topic: &str, from: &[(i32, i64)]) -> anyho
 /// Polls a consumer [`start`]ed on these partitions until each is at its
 /// end, then unassigns it.
 pub fn finish(
-    consumer: &BaseConsumer,
+    consumer: &EndConsumer,
     topic: &str,
     from: &[(i32, i64)],
     deadline: Instant,
@@ -105,21 +130,20 @@ pub fn finish(
 }
 
 /// The end of each partition of each topic: ListOffsets' answer, confirmed
-/// by reading forward from it (one consumer per topic, from
-/// [`end_reader_config`], started together so that their reads overlap).
+/// by reading forward from it (one consumer per topic, started together so
+/// that their reads overlap).
 pub struct EndReader {
     config: ClientConfig,
     /// Asks ListOffsets for every partition at once.
-    offsets: BaseConsumer,
-    readers: std::sync::Mutex<HashMap<String, BaseConsumer>>,
+    offsets: EndConsumer,
+    readers: std::sync::Mutex<HashMap<String, EndConsumer>>,
 }
 
 impl EndReader {
     pub fn new(reader: &ClientConfig) -> anyhow::Result<Self> {
-        let config = end_reader_config(reader);
         Ok(Self {
-            offsets: config.create().context("creating a reader of partition ends")?,
-            config,
+            offsets: end_reader(reader)?,
+            config: reader.clone(),
             readers: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -132,10 +156,8 @@ impl EndReader {
         let mut readers = self.readers.lock().expect("end readers lock");
         for (topic, _) in topics {
             if !readers.contains_key(*topic) {
-                let consumer = self
-                    .config
-                    .create()
-                    .with_context(|| format!("creating a reader of the end of {topic}"))?;
+                let consumer =
+                    end_reader(&self.config).with_context(|| format!("creating a reader of the end of {topic}"))?;
                 readers.insert(topic.to_string(), consumer);
             }
         }
@@ -175,8 +197,8 @@ impl EndReader {
 
 /// What ListOffsets reports as the end of every partition of the topics,
 /// in one request per broker.
-pub fn reported_ends(
-    consumer: &BaseConsumer,
+pub fn reported_ends<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topics: &[(&str, i32)],
     timeout: Duration,
 ) -> anyhow::Result<Vec<HashMap<i32, i64>>> {

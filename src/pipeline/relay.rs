@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
@@ -522,9 +522,7 @@ impl Relay {
 /// more, and taking only the first of them would publish again what is
 /// already there.
 fn last_outbox_seq(config: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
-    let consumer: BaseConsumer = crate::kafka::ends::end_reader_config(config)
-        .create()
-        .context("creating a reader")?;
+    let consumer = crate::kafka::ends::end_reader(config)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("reading watermarks of {topic}/{partition}"))?;
