@@ -441,17 +441,29 @@ async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu(
             == common::PARTITIONS as i64
     })
     .await;
-    const COUNT: usize = 3000;
+    // All in one record batch: a producer that waits until it has them all.
+    const COUNT: usize = 2500;
+    let batching: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("linger.ms", "5000")
+        .set("batch.num.messages", "100000")
+        .set("batch.size", "1000000")
+        .create()
+        .unwrap();
     for i in 0..COUNT {
-        let snapshot = active_subscription(&format!("sub_batch_{i}"), None);
-        env.send_at(
-            "subscriptions",
-            Some(0),
-            Some("k"),
-            Some(snapshot.to_string().as_bytes()),
-        );
+        let id = format!("sub_batch_{i}");
+        let snapshot = active_subscription(&id, None).to_string();
+        batching
+            .send(
+                rdkafka::producer::BaseRecord::to("subscriptions")
+                    .partition(0)
+                    .key(&id)
+                    .payload(&snapshot),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
     }
-    env.flush();
+    rdkafka::producer::Producer::flush(&batching, Duration::from_secs(30)).unwrap();
     for i in (0..COUNT).rev().take(40) {
         env.usage(json!({"id": format!("batch_{i}"), "subscriptionId": format!("sub_batch_{i}"), "quantity": 1}));
     }
