@@ -595,6 +595,7 @@ fn on_error(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positio
     }
     for e in stopped.elements() {
         positions.next.remove(&e.partition());
+        positions.resumed.remove(&e.partition());
     }
     if stopped.count() > 0 {
         let _ = consumer.pause(&stopped);
