@@ -12,7 +12,9 @@
 //!   partition, so its decisions are the ones the chaos workers must make.
 //! - The mock cluster (three brokers) lives in this process; production is
 //!   paced by the outcomes read back, because the mock keeps only about
-//!   5 MiB a partition.
+//!   5 MiB a partition. `--broker tansu` runs the same against a tansu
+//!   broker process instead (one broker, which cannot be taken down and up
+//!   again: no broker outages there).
 //! - Injections happen at random points of progress (seeded: `--seed`
 //!   replays a plan), one at a time.
 
@@ -35,9 +37,40 @@ use crate::harness::load::{self, Generator, LoadProducer};
 use crate::harness::postgres::{free_port, PrivatePostgres};
 use crate::harness::process::{WorkerProcess, WorkerSpec};
 use crate::harness::results::{self, Check, Key, Records, ResultReader};
+use crate::harness::tansu::TansuBroker;
 use crate::harness::Rng;
 use crate::kafka::mock::EmbeddedKafka;
 use crate::store;
+
+/// The Kafka the chaos run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerChoice {
+    /// librdkafka's mock cluster of three brokers, in this process.
+    Mock,
+    /// A tansu broker process (`TANSU_BIN`), in-memory storage.
+    Tansu,
+}
+
+enum Cluster {
+    Mock(EmbeddedKafka),
+    Tansu(TansuBroker),
+}
+
+impl Cluster {
+    fn bootstrap_servers(&self) -> &str {
+        match self {
+            Cluster::Mock(kafka) => kafka.bootstrap_servers(),
+            Cluster::Tansu(broker) => broker.bootstrap_servers(),
+        }
+    }
+
+    async fn create_topics(&self, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+        match self {
+            Cluster::Mock(kafka) => topics.iter().try_for_each(|t| kafka.create_topic(t, partitions)),
+            Cluster::Tansu(broker) => broker.create_topics(topics, partitions).await,
+        }
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -82,6 +115,9 @@ pub struct ChaosArgs {
     /// Extra settings for the chaos workers, KEY=VALUE.
     #[arg(long = "worker-env")]
     pub worker_env: Vec<String>,
+    /// The Kafka to run on. On tansu no broker outages are injected.
+    #[arg(long, value_enum, default_value_t = BrokerChoice::Mock)]
+    pub broker: BrokerChoice,
 }
 
 /// Events produced ahead of the slower of the two runs.
@@ -196,6 +232,15 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
     });
     let mut rng = Rng(seed);
+    let mut args = args;
+    if args.broker == BrokerChoice::Tansu && args.broker_outages > 0 {
+        eprintln!(
+            "chaos: on tansu, broker outages are not injected (--broker-outages {} skipped): \
+             only the mock cluster can take its brokers down and up again",
+            args.broker_outages
+        );
+        args.broker_outages = 0;
+    }
     let plan = plan(&args, &mut rng);
     let started = Instant::now();
     let work_dir = std::env::temp_dir().join(format!("usage-worker-chaos-{}", std::process::id()));
@@ -206,19 +251,20 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     );
 
     // The brokers and topics.
-    let kafka = EmbeddedKafka::start(BROKERS)?;
+    let kafka = match args.broker {
+        BrokerChoice::Mock => Cluster::Mock(EmbeddedKafka::start(BROKERS)?),
+        BrokerChoice::Tansu => Cluster::Tansu(TansuBroker::start(&work_dir.join("tansu.log"))?),
+    };
     let bootstrap = kafka.bootstrap_servers().to_owned();
     let topics = settings.topics.clone();
-    kafka.create_worker_topics(&topics, args.partitions)?;
+    kafka.create_topics(&topics.all(), args.partitions).await?;
     let clean_topics = TopicSettings {
         usage_results: format!("clean-{}", topics.usage_results),
         usage_alerts: format!("clean-{}", topics.usage_alerts),
         dead_letters: format!("clean-{}", topics.dead_letters),
         ..topics.clone()
     };
-    for topic in clean_topics.outputs() {
-        kafka.create_topic(topic, args.partitions)?;
-    }
+    kafka.create_topics(&clean_topics.outputs(), args.partitions).await?;
 
     // The databases: the chaos run's on a private server, the clean run's
     // on the configured one.
@@ -237,10 +283,19 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     let clean_url = clean_url.to_string();
     let clean_pool = PgPool::connect(&clean_url).await?;
     store::migrate(&clean_pool).await?;
-    eprintln!(
-        "chaos: mock Kafka at {bootstrap} ({BROKERS} brokers), private PostgreSQL on port {}",
-        pg.port()
-    );
+    match &kafka {
+        Cluster::Mock(_) => eprintln!(
+            "chaos: mock Kafka at {bootstrap} ({BROKERS} brokers), private PostgreSQL on port {}",
+            pg.port()
+        ),
+        Cluster::Tansu(broker) => eprintln!(
+            "chaos: tansu {} at {bootstrap} (pid {}, log {}), private PostgreSQL on port {}",
+            crate::harness::tansu::VERSION,
+            broker.pid(),
+            broker.log().display(),
+            pg.port()
+        ),
+    }
 
     let producer: LoadProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -410,8 +465,15 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    // Everyone stops cleanly.
+    // Everyone stops cleanly. A worker restarted a moment ago may not have
+    // installed its SIGTERM handler yet (a run on a fast broker can end
+    // right after the last kill): it is stopped once it answers over HTTP,
+    // which it does only after.
     for slot in pool.live() {
+        let answering = Instant::now();
+        while readyz(pool.ports[slot]).await.is_none() && answering.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let w = pool.running[slot].as_mut().expect("live");
         let status = w.terminate(Duration::from_secs(40))?;
         if !status.is_some_and(|s| s.success()) {
@@ -490,7 +552,7 @@ async fn inject(
     rng: &mut Rng,
     pool: &mut Pool,
     pg: &PrivatePostgres,
-    kafka: &EmbeddedKafka,
+    kafka: &Cluster,
     chaos_url: &str,
     tally: &mut Tally,
     workers: usize,
@@ -524,6 +586,9 @@ async fn inject(
             }
         }
         Injection::BrokerOutage => {
+            let Cluster::Mock(kafka) = kafka else {
+                bail!("broker outages need the mock cluster");
+            };
             let brokers: Vec<i32> = if rng.below(2) == 0 {
                 (1..=BROKERS).collect()
             } else {

@@ -1,5 +1,6 @@
 //! Crash test: the worker runs as a child process while the test owns the
-//! mock cluster and the database. It is killed with SIGKILL at several points
+//! Kafka cluster (librdkafka's mock, or a tansu broker process for
+//! `..._on_tansu`) and the database. It is killed with SIGKILL at several points
 //! of a stream of thousands of events and restarted each time; at the end
 //! every input message must have exactly one outcome on `usage-results` and
 //! exactly one decision in PostgreSQL, the decisions must be those of a clean
@@ -24,6 +25,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use usage_worker::harness::process::{WorkerProcess, WorkerSpec};
 use usage_worker::harness::Rng;
+use usage_worker::kafka::ends::EndReader;
 
 const SUBSCRIPTIONS: usize = 30;
 /// Subscriptions from this index on have no hard limit.
@@ -225,6 +227,8 @@ fn decimal(value: &Value) -> Decimal {
 // The worker as a child process.
 
 struct Workers {
+    /// Names this test's logs apart from another's in the same process.
+    tag: usize,
     vars: Vec<(String, String)>,
     worker: Option<WorkerProcess>,
     logs: Vec<PathBuf>,
@@ -249,7 +253,9 @@ impl Workers {
             ("RUST_LOG".into(), "info".into()),
             ("NO_COLOR".into(), "1".into()),
         ]);
+        static TAGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         Self {
+            tag: TAGS.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
             vars,
             worker: None,
             logs: Vec::new(),
@@ -261,8 +267,9 @@ impl Workers {
     fn spawn(&mut self) {
         assert!(self.worker.is_none());
         let log = std::env::temp_dir().join(format!(
-            "usage-worker-crash-{}-{}.log",
+            "usage-worker-crash-{}-{}-{}.log",
             std::process::id(),
+            self.tag,
             self.logs.len()
         ));
         let _ = std::fs::remove_file(&log);
@@ -353,24 +360,21 @@ impl Drop for Workers {
 // ---------------------------------------------------------------------------
 // Kafka helpers (blocking).
 
-fn watermark_reader(bootstrap: &str) -> BaseConsumer {
-    ClientConfig::new()
+fn watermark_reader(bootstrap: &str) -> EndReader {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "crash-test-watermarks")
-        .create()
-        .expect("watermark reader")
+        .set("group.id", "crash-test-watermarks");
+    EndReader::new(&config).expect("watermark reader")
 }
 
-fn high_watermarks(consumer: &BaseConsumer, topic: &str) -> Vec<i64> {
-    (0..PARTITIONS)
-        .map(|p| {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks");
-            assert_eq!(low, 0, "{topic}/{p} lost records to retention");
-            high
-        })
-        .collect()
+/// Where each partition ends (read to the end: tansu's ListOffsets reports
+/// less).
+fn high_watermarks(ends: &EndReader, topic: &str) -> Vec<i64> {
+    let ends = ends
+        .ends(&[(topic, PARTITIONS)], Duration::from_secs(30))
+        .expect("watermarks");
+    (0..PARTITIONS).map(|p| ends[0][&p]).collect()
 }
 
 /// Every message of the topic's partitions up to `highs`, raw.
@@ -464,13 +468,21 @@ enum KillAfter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_event_has_exactly_one_outcome_and_decision_across_kill_9() {
+    exactly_one_outcome_across_kill_9(TestEnv::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_has_exactly_one_outcome_and_decision_across_kill_9_on_tansu() {
+    exactly_one_outcome_across_kill_9(TestEnv::start_on_tansu().await).await;
+}
+
+async fn exactly_one_outcome_across_kill_9(env: TestEnv) {
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5EED_CAFE);
     println!("CRASH_SEED={seed}");
     let mut rng = Rng(seed);
-    let env = TestEnv::start().await;
     let bootstrap = env.kafka.bootstrap_servers().to_owned();
 
     for i in 0..SUBSCRIPTIONS {

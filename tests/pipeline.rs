@@ -1,4 +1,5 @@
-//! End to end: events produced to the mock cluster, decided by the real
+//! End to end: events produced to the mock cluster (and, for the tests
+//! named `..._on_tansu`, to a tansu broker process), decided by the real
 //! worker against a fresh PostgreSQL database, outcomes read back from
 //! `usage-results`.
 
@@ -29,7 +30,15 @@ fn code(outcome: &Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_rule_yields_its_exact_outcome() {
-    let env = TestEnv::start().await;
+    every_rule_yields_its_exact_outcome_with(TestEnv::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rule_yields_its_exact_outcome_on_tansu() {
+    every_rule_yields_its_exact_outcome_with(TestEnv::start_on_tansu().await).await;
+}
+
+async fn every_rule_yields_its_exact_outcome_with(env: TestEnv) {
     let now = Utc::now();
     env.subscription(active_subscription("sub_a", Some(r#"{"quantity": 10}"#)));
     env.subscription(json!({"id": "sub_paused", "status": "paused", "version": 1,
@@ -355,19 +364,149 @@ async fn control_topic_high_watermarks_are_read_for_every_partition() {
     }
     env.send_at("invoice-events", Some(3), Some("k"), Some(b"x"));
     env.flush();
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", env.kafka.bootstrap_servers())
-        .set("group.id", "watermarks")
-        .create()
-        .unwrap();
-    let highs = usage_worker::pipeline::control::high_watermarks(
-        &consumer,
-        &[
-            ("subscriptions", common::PARTITIONS),
-            ("invoice-events", common::PARTITIONS),
-        ],
-    )
-    .unwrap();
+    let highs = control_topic_ends(&env);
     assert_eq!(highs[0], HashMap::from([(0, 0), (1, 3), (2, 0), (3, 0)]));
     assert_eq!(highs[1], HashMap::from([(0, 0), (1, 0), (2, 0), (3, 1)]));
+}
+
+fn control_topic_ends(env: &TestEnv) -> Vec<HashMap<i32, i64>> {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("group.id", "watermarks");
+    let ends = usage_worker::kafka::ends::EndReader::new(&config).unwrap();
+    let topics = [
+        ("subscriptions", common::PARTITIONS),
+        ("invoice-events", common::PARTITIONS),
+    ];
+    // Twice: a reader is used again for every batch.
+    let first =
+        tokio::task::block_in_place(|| usage_worker::pipeline::control::high_watermarks(&ends, &topics)).unwrap();
+    let again =
+        tokio::task::block_in_place(|| usage_worker::pipeline::control::high_watermarks(&ends, &topics)).unwrap();
+    assert_eq!(first, again);
+    first
+}
+
+/// tansu's ListOffsets answers one past the first offset of the last batch
+/// it stored, not the partition's end: the worker reads on to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_topic_high_watermarks_are_the_real_ends_on_tansu() {
+    let env = TestEnv::start_on_tansu().await;
+    // 50 snapshots in one batch on partition 1, then 3 more in another;
+    // one invoice event on partition 3.
+    for i in 0..50 {
+        env.send_at("subscriptions", Some(1), Some("k"), Some(format!("{i}").as_bytes()));
+    }
+    env.flush();
+    for i in 50..53 {
+        env.send_at("subscriptions", Some(1), Some("k"), Some(format!("{i}").as_bytes()));
+    }
+    env.send_at("invoice-events", Some(3), Some("k"), Some(b"x"));
+    env.flush();
+    let listed = tokio::task::block_in_place(|| {
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", env.kafka.bootstrap_servers())
+            .set("group.id", "watermarks")
+            .create()
+            .unwrap();
+        usage_worker::kafka::ends::reported_ends(
+            &consumer,
+            &[("subscriptions", common::PARTITIONS)],
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    });
+    assert!(
+        listed[0][&1] < 53,
+        "tansu reports the end of subscriptions/1 as {} (if it reports 53 now, docs/brokers.md is out of date)",
+        listed[0][&1]
+    );
+    let highs = control_topic_ends(&env);
+    assert_eq!(highs[0], HashMap::from([(0, 0), (1, 53), (2, 0), (3, 0)]));
+    assert_eq!(highs[1], HashMap::from([(0, 0), (1, 0), (2, 0), (3, 1)]));
+}
+
+/// Many snapshots in one batch, the events right behind them: the worker
+/// must wait until all are applied, which on tansu needs the real end of
+/// `subscriptions` (ListOffsets reports 1 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu() {
+    let env = TestEnv::start_on_tansu().await;
+    let worker = env.worker().await;
+    // One assignment, so that the events come while the worker is running.
+    common::wait_until("the worker to be assigned its partitions", || async {
+        env.scalar_i64("SELECT count(*) FROM consumer_offsets WHERE topic = 'usage-events'")
+            .await
+            == common::PARTITIONS as i64
+    })
+    .await;
+    // All in one record batch: a producer that waits until it has them all.
+    const COUNT: usize = 2500;
+    let batching: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("linger.ms", "5000")
+        .set("batch.num.messages", "100000")
+        .set("batch.size", "1000000")
+        .create()
+        .unwrap();
+    for i in 0..COUNT {
+        let id = format!("sub_batch_{i}");
+        let snapshot = active_subscription(&id, None).to_string();
+        batching
+            .send(
+                rdkafka::producer::BaseRecord::to("subscriptions")
+                    .partition(0)
+                    .key(&id)
+                    .payload(&snapshot),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    rdkafka::producer::Producer::flush(&batching, Duration::from_secs(30)).unwrap();
+    for i in (0..COUNT).rev().take(40) {
+        env.usage(json!({"id": format!("batch_{i}"), "subscriptionId": format!("sub_batch_{i}"), "quantity": 1}));
+    }
+    env.flush();
+    let records = env.results_reader().read(40, WAIT);
+    for r in &records {
+        assert_eq!(r.value["status"], "created", "{}", r.value);
+    }
+    worker.shutdown().await.unwrap();
+}
+
+/// A crash after records reached the topic and before the database knew:
+/// on tansu the relay must find the last of them past where ListOffsets
+/// says the partition ends, or it publishes them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn published_outcomes_are_not_repeated_after_a_restart_on_tansu() {
+    let env = TestEnv::start_on_tansu().await;
+    env.subscription(active_subscription("sub_t", None));
+    // Everything on one partition, decided in one batch, published in one
+    // produce request.
+    for i in 0..60 {
+        env.usage(json!({"id": format!("t{i}"), "subscriptionId": "sub_t", "quantity": 1}));
+    }
+    env.flush();
+    let worker = env.worker().await;
+    let reader = env.results_reader();
+    let first = reader.read(60, WAIT);
+    worker.shutdown().await.unwrap();
+    let partition = first[0].partition;
+    assert!(first.iter().all(|r| r.partition == partition));
+
+    // The crash: the database never learnt that they were published.
+    sqlx::query("UPDATE outbox_published SET published_seq = 0")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let worker = env.worker().await;
+    env.usage(json!({"id": "t60", "subscriptionId": "sub_t", "quantity": 1}));
+    env.flush();
+    let next = reader.read(1, WAIT);
+    assert_eq!(next[0].value["eventId"], "t60", "published again: {:?}", next[0].value);
+    assert_eq!(next[0].headers["outbox-seq"], "61");
+    let rest = reader.read_rest(Duration::from_secs(2));
+    assert!(rest.is_empty(), "published again: {} records", rest.len());
+    worker.shutdown().await.unwrap();
 }

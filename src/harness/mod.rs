@@ -3,12 +3,14 @@
 //!
 //! The worker under test always runs as its own process, so that its memory
 //! is its own and it can be killed; the mock cluster and the load generator
-//! live in the calling process.
+//! live in the calling process. A real broker, tansu, runs as a child
+//! process too (`tansu`).
 
 pub mod load;
 pub mod postgres;
 pub mod process;
 pub mod results;
+pub mod tansu;
 
 use std::time::Duration;
 

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message};
@@ -349,12 +348,17 @@ impl Drop for ResultReader {
     }
 }
 
-/// High watermarks of every partition of a topic.
+/// High watermarks of every partition of a topic: where each really ends
+/// (read to the end, as some brokers' ListOffsets reports less).
 pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    (0..partitions)
-        .map(|p| Ok(consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?.1))
-        .collect()
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "usage-worker-ends")
+        .set("log_level", "3");
+    let ends = crate::kafka::ends::EndReader::new(&config)?;
+    let ends = ends.ends(&[(topic, partitions)], Duration::from_secs(60))?;
+    Ok((0..partitions).map(|p| ends[0][&p]).collect())
 }
 
 #[cfg(test)]

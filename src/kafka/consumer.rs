@@ -71,12 +71,74 @@ struct Ctx {
 struct Positions {
     next: HashMap<i32, i64>,
     generation: u64,
+    /// Partitions read from a new position (an assignment or a seek) whose
+    /// first record has not shown yet that the broker served that position.
+    resumed: HashMap<i32, Resume>,
 }
 
 impl Positions {
     fn reset(&mut self) {
         self.next.clear();
+        self.resumed.clear();
         self.generation += 1;
+    }
+
+    fn resume(&mut self, partition: i32, next: i64) {
+        self.next.insert(partition, next);
+        self.resumed.insert(partition, Resume::new(next));
+    }
+}
+
+/// Checks that the broker served a partition from the position asked for.
+/// Apache Kafka answers a fetch from inside a record batch with the whole
+/// batch (the client drops what comes before the position); tansu answers
+/// with the batches that start at or after it, silently skipping the rest
+/// of the batch the position is in. A first record after the position, or
+/// none while the partition holds more, sends the read back from further
+/// and further before the position (1, 2, 4, ... records) until a record at
+/// or before it shows the batch was served; what comes before the position
+/// is dropped as usual. On Apache Kafka this costs nothing (the first record
+/// is the one asked for), or a few fetches where offsets really are missing
+/// (compaction, transaction markers), which are then accepted as a gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resume {
+    target: i64,
+    /// Where the current read starts.
+    from: i64,
+    since: Instant,
+}
+
+/// How long a resumed partition may show nothing while the broker reports
+/// records past the position before its read is sent further back.
+const RESUME_QUIET: Duration = Duration::from_millis(1000);
+
+#[derive(Debug, PartialEq, Eq)]
+enum ResumeCheck {
+    /// The position was served: read on.
+    Served,
+    /// Read again from this offset.
+    ReadFrom(i64),
+}
+
+impl Resume {
+    fn new(target: i64) -> Self {
+        Self {
+            target,
+            from: target,
+            since: Instant::now(),
+        }
+    }
+
+    /// A record (or none, as `None`) after the read from `self.from`, with
+    /// the partition's first offset.
+    fn check(&mut self, offset: Option<i64>, low: i64) -> ResumeCheck {
+        if offset.is_some_and(|o| o <= self.target) || self.from <= low.max(0) {
+            return ResumeCheck::Served;
+        }
+        let back = (self.target - self.from).max(1) * 2;
+        self.from = (self.target - back).max(low.max(0));
+        self.since = Instant::now();
+        ResumeCheck::ReadFrom(self.from)
     }
 }
 
@@ -111,7 +173,7 @@ impl ConsumerContext for Ctx {
                     assignment
                         .add_partition_offset(&self.topic, *p, Offset::Offset(next))
                         .expect("valid offset");
-                    positions.next.insert(*p, next);
+                    positions.resume(*p, next);
                 }
                 tracing::info!(?partitions, ?offsets, "partitions assigned");
                 if let Err(e) = consumer.assign(&assignment) {
@@ -251,6 +313,18 @@ fn run(
                 let partition = message.partition();
                 let offset = message.offset();
                 let mut positions = positions.lock().expect("positions lock");
+                if let Some(resume) = positions.resumed.get_mut(&partition) {
+                    let low = low_watermark(&consumer, &settings.topic, partition);
+                    match resume.check(Some(offset), low) {
+                        ResumeCheck::Served => {
+                            positions.resumed.remove(&partition);
+                        }
+                        ResumeCheck::ReadFrom(from) => {
+                            read_from(&consumer, &settings.topic, partition, offset, from);
+                            continue;
+                        }
+                    }
+                }
                 // Messages of partitions no longer ours (a revocation raced
                 // the fetch) are dropped: their new owner reads them.
                 if let Some(next) = positions.next.get_mut(&partition) {
@@ -263,6 +337,7 @@ fn run(
             Some(Err(e)) => on_error(&consumer, &settings.topic, &positions, e),
             None => {}
         }
+        check_quiet_resumes(&consumer, &settings.topic, &positions);
     }
     tracing::info!("usage consumer leaving the group");
     consumer.unsubscribe();
@@ -438,9 +513,78 @@ fn seek(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>,
     tracing::warn!(partition, offset, "re-reading partition from its stored offset");
     match consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
         Ok(()) => {
-            positions.next.insert(partition, offset);
+            positions.resume(partition, offset);
         }
         Err(e) => tracing::error!(partition, offset, error = %e, "seek failed"),
+    }
+}
+
+/// Resumed partitions that showed nothing for a while although the broker
+/// reports records past their position (from its fetch answers).
+fn check_quiet_resumes(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>) {
+    let mut positions = positions.lock().expect("positions lock");
+    let mut served = Vec::new();
+    for (partition, resume) in positions.resumed.iter_mut() {
+        if resume.since.elapsed() < RESUME_QUIET {
+            continue;
+        }
+        let Some((low, high)) = cached_watermarks(consumer, topic, *partition) else {
+            continue;
+        };
+        if high <= resume.target {
+            resume.since = Instant::now();
+            continue;
+        }
+        match resume.check(None, low) {
+            ResumeCheck::ReadFrom(from) => read_from(consumer, topic, *partition, high, from),
+            ResumeCheck::Served => served.push(*partition),
+        }
+    }
+    for partition in served {
+        positions.resumed.remove(&partition);
+    }
+}
+
+/// The partition's first and next offsets as the client's last fetch
+/// answer gave them (no request), if it had one.
+fn cached_watermarks(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client is alive for the call, the topic is a valid C
+    // string, and librdkafka only writes the two integers.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == RespErr::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0 && high >= 0).then_some((low, high))
+}
+
+/// The partition's first offset, from the client's last fetch answer, or
+/// from the broker.
+fn low_watermark(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> i64 {
+    match cached_watermarks(consumer, topic, partition) {
+        Some((low, _)) => low,
+        _ => consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            .map(|(low, _)| low)
+            .unwrap_or(0),
+    }
+}
+
+fn read_from(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32, seen: i64, from: i64) {
+    tracing::info!(
+        partition,
+        seen,
+        from,
+        "the broker did not serve the partition from its position; reading from further back"
+    );
+    if let Err(e) = consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)) {
+        tracing::warn!(partition, from, error = %e, "seek failed");
     }
 }
 
@@ -484,6 +628,7 @@ fn on_error(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positio
     }
     for e in stopped.elements() {
         positions.next.remove(&e.partition());
+        positions.resumed.remove(&e.partition());
     }
     if stopped.count() > 0 {
         let _ = consumer.pause(&stopped);
@@ -494,6 +639,29 @@ fn on_error(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positio
 mod tests {
     use super::*;
     use rdkafka::Timestamp;
+
+    #[test]
+    fn a_resumed_partition_whose_first_record_is_its_position_was_served() {
+        let mut resume = Resume::new(100);
+        assert_eq!(resume.check(Some(100), 0), ResumeCheck::Served);
+    }
+
+    #[test]
+    fn a_resumed_partition_that_starts_past_its_position_is_read_from_further_back() {
+        let mut resume = Resume::new(100);
+        assert_eq!(resume.check(Some(105), 0), ResumeCheck::ReadFrom(98));
+        assert_eq!(resume.check(None, 0), ResumeCheck::ReadFrom(96));
+        assert_eq!(resume.check(Some(103), 0), ResumeCheck::ReadFrom(92));
+        // A record before the position: its batch was served.
+        assert_eq!(resume.check(Some(90), 0), ResumeCheck::Served);
+    }
+
+    #[test]
+    fn offsets_missing_down_to_the_partition_start_are_a_gap() {
+        let mut resume = Resume::new(5);
+        assert_eq!(resume.check(Some(9), 4), ResumeCheck::ReadFrom(4));
+        assert_eq!(resume.check(Some(9), 4), ResumeCheck::Served);
+    }
 
     fn message(partition: i32, offset: i64) -> OwnedMessage {
         OwnedMessage::new(

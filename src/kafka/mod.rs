@@ -3,6 +3,7 @@
 //! topic checks, and the embedded mock cluster. Nothing here knows SQL.
 
 pub mod consumer;
+pub mod ends;
 pub mod headers;
 pub mod mock;
 pub mod record_size;

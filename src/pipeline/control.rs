@@ -372,36 +372,16 @@ pub fn raw_message(
     }
 }
 
-/// Reads the high watermarks of every partition of the given topics in one
+/// Reads the high watermarks of every partition of the given topics: one
 /// ListOffsets request per broker (offsets for the "latest" timestamp), so a
-/// batch waits for one round trip, not one per partition.
-pub fn high_watermarks(consumer: &BaseConsumer, topics: &[(&str, i32)]) -> anyhow::Result<Vec<HashMap<i32, i64>>> {
-    let mut query = TopicPartitionList::new();
-    for (topic, partitions) in topics {
-        for p in 0..*partitions {
-            query.add_partition_offset(topic, p, Offset::End)?;
-        }
-    }
-    let answer = consumer
-        .offsets_for_times(query, Duration::from_secs(5))
-        .context("reading control topic watermarks")?;
-    topics
-        .iter()
-        .map(|(topic, partitions)| {
-            (0..*partitions)
-                .map(|p| {
-                    let element = answer
-                        .find_partition(topic, p)
-                        .with_context(|| format!("no watermark for {topic}/{p}"))?;
-                    element
-                        .error()
-                        .with_context(|| format!("reading the watermark of {topic}/{p}"))?;
-                    match element.offset() {
-                        Offset::Offset(high) => Ok((p, high)),
-                        other => anyhow::bail!("unexpected watermark {other:?} for {topic}/{p}"),
-                    }
-                })
-                .collect()
-        })
-        .collect()
+/// batch waits for one round trip, not one per partition, then a read
+/// forward from there to the partitions' real ends, which is one more round
+/// trip where ListOffsets was right and catches a broker that reports less
+/// than it holds (tansu; see `kafka::ends`).
+pub fn high_watermarks(
+    ends: &crate::kafka::ends::EndReader,
+    topics: &[(&str, i32)],
+) -> anyhow::Result<Vec<HashMap<i32, i64>>> {
+    ends.ends(topics, Duration::from_secs(5))
+        .context("reading control topic watermarks")
 }

@@ -180,7 +180,7 @@ pub async fn run(
         settings: settings.clone(),
         stats,
         progress,
-        metadata,
+        control_ends: kafka::ends::EndReader::new(&metadata_config)?,
         relay: relay.clone(),
         commands: command_tx,
         shutting_down: AtomicBool::new(false),
@@ -272,7 +272,8 @@ struct Worker {
     stats: Arc<Stats>,
     /// (topic, partitions, progress) of each control topic.
     progress: Vec<(String, i32, Arc<Progress>)>,
-    metadata: BaseConsumer,
+    /// Reads where the control topics end before a batch is decided.
+    control_ends: kafka::ends::EndReader,
     relay: Arc<Relay>,
     commands: std::sync::mpsc::Sender<consumer::Command>,
     shutting_down: AtomicBool,
@@ -317,7 +318,7 @@ impl Worker {
     async fn wait_for_control_topics(&self) {
         let deadline = tokio::time::Instant::now() + self.settings.pipeline.snapshot_wait();
         let topics: Vec<(&str, i32)> = self.progress.iter().map(|(t, n, _)| (t.as_str(), *n)).collect();
-        let highs = match tokio::task::block_in_place(|| control::high_watermarks(&self.metadata, &topics)) {
+        let highs = match tokio::task::block_in_place(|| control::high_watermarks(&self.control_ends, &topics)) {
             Ok(highs) => highs,
             Err(e) => {
                 tracing::warn!(

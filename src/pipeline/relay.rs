@@ -27,11 +27,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
@@ -605,35 +605,45 @@ impl Relay {
     }
 }
 
-/// The `outbox-seq` header of the last record of a partition, if any.
+/// The `outbox-seq` of the last record of a partition, if any: the highest
+/// among the records from where ListOffsets says the partition ends, less
+/// one, to where a fetch finds it ends. On Apache Kafka that is the last
+/// record alone; a broker that reports less than it holds (tansu) yields
+/// more, and taking only the first of them would publish again what is
+/// already there.
 fn last_outbox_seq(config: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
-    let consumer: BaseConsumer = config.create().context("creating a reader")?;
+    let consumer = crate::kafka::ends::end_reader(config)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .with_context(|| format!("reading watermarks of {topic}/{partition}"))?;
     if high <= low {
         return Ok(None);
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(high - 1))?;
-    consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) if message.offset() >= high - 1 => {
-                let headers = crate::kafka::headers::of_borrowed(&message);
-                let seq = crate::kafka::headers::text(&headers, "outbox-seq").and_then(|v| v.parse::<i64>().ok());
-                if seq.is_none() {
-                    tracing::warn!(topic, partition, "the last record has no outbox-seq header (not ours?)");
-                }
-                return Ok(seq);
+    let mut last: Option<i64> = None;
+    let mut unmarked = 0;
+    crate::kafka::ends::read_to_end(
+        &consumer,
+        topic,
+        &[(partition, high - 1)],
+        Duration::from_secs(30),
+        |message| {
+            let headers = crate::kafka::headers::of_borrowed(message);
+            match crate::kafka::headers::text(&headers, "outbox-seq").and_then(|v| v.parse::<i64>().ok()) {
+                Some(seq) => last = Some(last.map_or(seq, |l| l.max(seq))),
+                None => unmarked += 1,
             }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => tracing::warn!(topic, partition, error = %e, "reading the last record"),
-            None => {}
-        }
+        },
+    )
+    .with_context(|| format!("reading the last record of {topic}/{partition}"))?;
+    if unmarked > 0 {
+        tracing::warn!(
+            topic,
+            partition,
+            unmarked,
+            "records at the end of the partition have no outbox-seq header (not ours?)"
+        );
     }
-    anyhow::bail!("timed out reading the last record of {topic}/{partition}")
+    Ok(last)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Test harness: a fresh PostgreSQL database per test, an embedded Kafka
-//! mock cluster, and the worker running in-process or as a child process.
+//! Test harness: a fresh PostgreSQL database per test, a Kafka cluster of
+//! its own (librdkafka's embedded mock, or a tansu broker process), and the
+//! worker running in-process or as a child process.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::PgPool;
 use usage_worker::config::Settings;
+use usage_worker::harness::tansu::TansuBroker;
 use usage_worker::http::{self, Api, ApiConfig};
 use usage_worker::kafka::mock::EmbeddedKafka;
 use usage_worker::metrics::Metrics;
@@ -36,9 +38,53 @@ pub fn base_database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// Which Kafka a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// librdkafka's mock cluster, in the test process.
+    Mock,
+    /// A tansu broker process with in-memory storage (`TANSU_BIN`). The
+    /// test fails when tansu is not installed.
+    Tansu,
+}
+
+/// A test's Kafka cluster.
+pub enum Broker {
+    Mock(EmbeddedKafka),
+    Tansu(TansuBroker),
+}
+
+impl Broker {
+    pub fn bootstrap_servers(&self) -> &str {
+        match self {
+            Broker::Mock(kafka) => kafka.bootstrap_servers(),
+            Broker::Tansu(broker) => broker.bootstrap_servers(),
+        }
+    }
+
+    fn mock(&self) -> &EmbeddedKafka {
+        match self {
+            Broker::Mock(kafka) => kafka,
+            Broker::Tansu(_) => panic!("only librdkafka's mock cluster can do this"),
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        self.mock().create_topic(name, partitions)
+    }
+
+    pub fn broker_down(&self, broker: i32) -> anyhow::Result<()> {
+        self.mock().broker_down(broker)
+    }
+
+    pub fn broker_up(&self, broker: i32) -> anyhow::Result<()> {
+        self.mock().broker_up(broker)
+    }
+}
+
 /// One test's world: its own database and its own Kafka cluster.
 pub struct TestEnv {
-    pub kafka: EmbeddedKafka,
+    pub kafka: Broker,
     pub database_url: String,
     pub pool: PgPool,
     pub producer: ThreadedProducer<DefaultProducerContext>,
@@ -52,15 +98,37 @@ impl TestEnv {
     }
 
     pub async fn start_with_partitions(partitions: i32) -> Self {
+        Self::start_on(BrokerKind::Mock, partitions).await
+    }
+
+    /// On tansu, with every topic of [`PARTITIONS`] partitions.
+    pub async fn start_on_tansu() -> Self {
+        Self::start_on(BrokerKind::Tansu, PARTITIONS).await
+    }
+
+    pub async fn start_on(kind: BrokerKind, partitions: i32) -> Self {
         // RUST_LOG=usage_worker=info shows the worker's logs in a failing test.
         usage_worker::telemetry::init(&usage_worker::config::LogSettings {
             format: usage_worker::config::LogFormat::Text,
             level: "off".into(),
         });
-        let kafka = EmbeddedKafka::start(1).expect("mock cluster");
-        for topic in TOPICS {
-            kafka.create_topic(topic, partitions).expect("topic");
-        }
+        let kafka = match kind {
+            BrokerKind::Mock => {
+                let kafka = EmbeddedKafka::start(1).expect("mock cluster");
+                for topic in TOPICS {
+                    kafka.create_topic(topic, partitions).expect("topic");
+                }
+                Broker::Mock(kafka)
+            }
+            BrokerKind::Tansu => {
+                let broker = TansuBroker::start_temporary().expect("a tansu broker");
+                broker
+                    .create_topics(&TOPICS, partitions)
+                    .await
+                    .expect("topics on tansu");
+                Broker::Tansu(broker)
+            }
+        };
         let name = format!(
             "usage_worker_test_{}_{}_{}",
             std::process::id(),
