@@ -475,6 +475,48 @@ async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu(
     worker.shutdown().await.unwrap();
 }
 
+/// A worker that starts from a stored control position inside a record
+/// batch: tansu serves a fetch from there without the rest of that batch, so
+/// a reader assigned at the position would never apply those snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_position_inside_a_record_batch_is_applied_from_there_on_tansu() {
+    let env = TestEnv::start_on_tansu().await;
+    let batching: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("linger.ms", "5000")
+        .create()
+        .unwrap();
+    for i in 0..10 {
+        let id = format!("sub_mid_{i}");
+        let snapshot = active_subscription(&id, None).to_string();
+        batching
+            .send(
+                rdkafka::producer::BaseRecord::to("subscriptions")
+                    .partition(0)
+                    .key(&id)
+                    .payload(&snapshot),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    rdkafka::producer::Producer::flush(&batching, Duration::from_secs(30)).unwrap();
+    // The first five were applied before (by a worker that has stopped).
+    sqlx::query(
+        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ('usage-worker', 'subscriptions', 0, 5)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let worker = env.worker().await;
+    env.wait_for_count("SELECT count(*) FROM subscriptions", 5).await;
+    let applied: Vec<String> = sqlx::query_scalar("SELECT id FROM subscriptions ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, (5..10).map(|i| format!("sub_mid_{i}")).collect::<Vec<_>>());
+    worker.shutdown().await.unwrap();
+}
+
 /// A crash after records reached the topic and before the database knew:
 /// on tansu the relay must find the last of them past where ListOffsets
 /// says the partition ends, or it publishes them again.

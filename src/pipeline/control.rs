@@ -102,14 +102,34 @@ impl ControlReader {
             store::stored_offsets(&self.pool, &self.group, &self.topic, &partitions)
         })
         .await?;
-        // From the stored position, which must still be on the topic (the
-        // reader's `auto.offset.reset` is an error); a partition nobody
-        // applied yet from its beginning, wherever retention left that.
+        // Every partition is read from its beginning, and what lies below the
+        // stored position is skipped here, unapplied: a broker may serve a
+        // fetch from inside a record batch without that batch's earlier
+        // records (tansu does: docs/brokers.md), and compaction leaves gaps.
+        // A stored position that is no longer on the topic (retention
+        // removed messages nobody applied, or the topic was recreated and
+        // is shorter) stops that partition, loudly.
+        let bounds = {
+            let config = config.clone();
+            let topic = self.topic.clone();
+            let count = self.partitions;
+            tokio::task::spawn_blocking(move || partition_bounds(&config, &topic, count))
+                .await
+                .context("reading control topic bounds")??
+        };
         let mut tpl = TopicPartitionList::new();
+        let mut skip_below = HashMap::new();
         for p in partitions {
-            let start = stored.get(&p).copied();
-            tpl.add_partition_offset(&self.topic, p, start.map_or(Offset::Beginning, Offset::Offset))?;
-            progress.set(p, start.unwrap_or(0));
+            let next = stored.get(&p).copied();
+            progress.set(p, next.unwrap_or(0));
+            if let (Some(next), Some(&(low, end))) = (next, bounds.get(&p)) {
+                if next < low || next > end {
+                    self.stop_partition(p, next, low, end);
+                    continue;
+                }
+                skip_below.insert(p, next);
+            }
+            tpl.add_partition_offset(&self.topic, p, Offset::Beginning)?;
         }
         let positions = stored;
         consumer
@@ -121,16 +141,33 @@ impl ControlReader {
         let name = format!("{}-reader", self.topic);
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || self.run(consumer, positions, runtime, progress, stop))?;
+            .spawn(move || self.run(consumer, positions, skip_below, runtime, progress, stop))?;
         Ok(handle)
     }
 
-    /// `positions`: where the reader stands in each partition it started
-    /// at a stored position (the next offset to read).
+    fn stop_partition(&self, partition: i32, next: i64, low: i64, end: i64) {
+        tracing::error!(
+            topic = %self.topic,
+            partition,
+            stored_offset = next,
+            log_start_offset = low,
+            end_offset = end,
+            "STOPPED CONTROL PARTITION {}/{partition}: the stored position {next} is no longer on the \
+             topic (it holds {low}..{end}); nothing was skipped, and usage that waits for this \
+             partition waits in vain. An operator must decide how to proceed",
+            self.topic,
+        );
+        self.metrics.partition_stopped(&self.topic, 1);
+    }
+
+    /// `positions`: where the reader stands in each partition with a stored
+    /// position (the next offset to apply); `skip_below`: the stored
+    /// positions, below which what is read was applied before.
     fn run(
         self,
         consumer: BaseConsumer,
         mut positions: HashMap<i32, i64>,
+        skip_below: HashMap<i32, i64>,
         runtime: Handle,
         progress: Arc<Progress>,
         stop: Arc<AtomicBool>,
@@ -141,6 +178,9 @@ impl ControlReader {
             while pending.positions.len() < 1000 && started.elapsed() < Duration::from_millis(20) {
                 match consumer.poll(Duration::from_millis(20)) {
                     Some(Ok(m)) => {
+                        if skip_below.get(&m.partition()).is_some_and(|next| m.offset() < *next) {
+                            continue;
+                        }
                         positions.insert(m.partition(), m.offset() + 1);
                         self.take(&m, &mut pending);
                     }
@@ -199,17 +239,7 @@ impl ControlReader {
         for (&partition, &next) in positions.iter() {
             match consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(5)) {
                 Ok((low, high)) if next < low || next > high => {
-                    tracing::error!(
-                        topic = %self.topic,
-                        partition,
-                        stored_offset = next,
-                        log_start_offset = low,
-                        high_watermark = high,
-                        "STOPPED CONTROL PARTITION {}/{partition}: the stored position {next} is no longer on the \
-                         topic (it holds {low}..{high}); nothing was skipped, and usage that waits for this \
-                         partition waits in vain. An operator must decide how to proceed",
-                        self.topic,
-                    );
+                    self.stop_partition(partition, next, low, high);
                     stopped.add_partition(&self.topic, partition);
                 }
                 Ok(_) => {}
@@ -221,7 +251,6 @@ impl ControlReader {
         }
         if stopped.count() > 0 {
             let _ = consumer.pause(&stopped);
-            self.metrics.partition_stopped(&self.topic, stopped.count() as u64);
         }
     }
 
@@ -370,6 +399,24 @@ pub fn raw_message(
         payload: payload.map(<[u8]>::to_vec),
         headers,
     }
+}
+
+/// Where each partition of a control topic starts and really ends (the end
+/// read forward from what ListOffsets reports: see `kafka::ends`).
+fn partition_bounds(config: &ClientConfig, topic: &str, partitions: i32) -> anyhow::Result<HashMap<i32, (i64, i64)>> {
+    let reader: BaseConsumer = config.create().context("creating a reader of control topic bounds")?;
+    let ends = crate::kafka::ends::EndReader::new(config)?
+        .ends(&[(topic, partitions)], Duration::from_secs(30))?
+        .pop()
+        .unwrap_or_default();
+    (0..partitions)
+        .map(|p| {
+            let (low, _) = reader
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .with_context(|| format!("reading the start of {topic}/{p}"))?;
+            Ok((p, (low, ends.get(&p).copied().unwrap_or(0))))
+        })
+        .collect()
 }
 
 /// Reads the high watermarks of every partition of the given topics: one
