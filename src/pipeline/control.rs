@@ -28,6 +28,10 @@ use crate::store::{self, ControlMessage, ItemResult, OutboxRecord, SnapshotChang
 #[derive(Default)]
 pub struct Progress {
     applied: Mutex<HashMap<i32, i64>>,
+    /// Partitions stopped because their stored position is no longer on the
+    /// topic: nothing waits for them any more (they would make every batch
+    /// wait its whole bound); the log and the metric say so, loudly.
+    stopped: Mutex<std::collections::HashSet<i32>>,
     changed: Notify,
     /// Messages that could not be applied (invalid, or naming an unknown
     /// subscription or period) and went to the dead-letter topic.
@@ -43,10 +47,17 @@ impl Progress {
         self.changed.notify_waiters();
     }
 
+    fn stop(&self, partition: i32) {
+        self.stopped.lock().expect("progress lock").insert(partition);
+        self.changed.notify_waiters();
+    }
+
     fn reached(&self, targets: &HashMap<i32, i64>) -> bool {
         let applied = self.applied.lock().expect("progress lock");
+        let stopped = self.stopped.lock().expect("progress lock");
         targets
             .iter()
+            .filter(|(p, _)| !stopped.contains(p))
             .all(|(p, high)| applied.get(p).is_some_and(|next| next >= high))
     }
 
@@ -124,7 +135,7 @@ impl ControlReader {
             progress.set(p, next.unwrap_or(0));
             if let (Some(next), Some(&(low, end))) = (next, bounds.get(&p)) {
                 if next < low || next > end {
-                    self.stop_partition(p, next, low, end);
+                    self.stop_partition(&progress, p, next, low, end);
                     continue;
                 }
                 skip_below.insert(p, next);
@@ -145,7 +156,7 @@ impl ControlReader {
         Ok(handle)
     }
 
-    fn stop_partition(&self, partition: i32, next: i64, low: i64, end: i64) {
+    fn stop_partition(&self, progress: &Progress, partition: i32, next: i64, low: i64, end: i64) {
         tracing::error!(
             topic = %self.topic,
             partition,
@@ -158,6 +169,7 @@ impl ControlReader {
             self.topic,
         );
         self.metrics.partition_stopped(&self.topic, 1);
+        progress.stop(partition);
     }
 
     /// `positions`: where the reader stands in each partition with a stored
@@ -172,19 +184,23 @@ impl ControlReader {
         progress: Arc<Progress>,
         stop: Arc<AtomicBool>,
     ) {
+        // The next offset the reader reads in each partition, skipped
+        // messages included.
+        let mut read_to: HashMap<i32, i64> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
             let mut pending = Pending::default();
             let started = Instant::now();
             while pending.positions.len() < 1000 && started.elapsed() < Duration::from_millis(20) {
                 match consumer.poll(Duration::from_millis(20)) {
                     Some(Ok(m)) => {
+                        read_to.insert(m.partition(), m.offset() + 1);
                         if skip_below.get(&m.partition()).is_some_and(|next| m.offset() < *next) {
                             continue;
                         }
                         positions.insert(m.partition(), m.offset() + 1);
                         self.take(&m, &mut pending);
                     }
-                    Some(Err(e)) => self.on_error(&consumer, &mut positions, e),
+                    Some(Err(e)) => self.on_error(&consumer, &progress, &mut positions, &mut read_to, e),
                     None => break,
                 }
             }
@@ -221,11 +237,22 @@ impl ControlReader {
         }
     }
 
-    /// A consumer error. A stored position that is no longer on the topic
-    /// (retention removed messages nobody applied, or the topic was
-    /// recreated) stops that partition, loudly: skipping control messages
-    /// would bill against the wrong limits or leave periods open.
-    fn on_error(&self, consumer: &BaseConsumer, positions: &mut HashMap<i32, i64>, error: KafkaError) {
+    /// A consumer error. When the reader's position is no longer on the
+    /// topic (retention removed messages while it read), it goes on from
+    /// the stored position if that is still there (what lies below it was
+    /// applied), or from the partition's start if nothing was ever applied
+    /// there; a stored position no longer on the topic (retention removed
+    /// messages nobody applied, or the topic was recreated) stops that
+    /// partition, loudly: skipping control messages would bill against the
+    /// wrong limits or leave periods open.
+    fn on_error(
+        &self,
+        consumer: &BaseConsumer,
+        progress: &Progress,
+        positions: &mut HashMap<i32, i64>,
+        read_to: &mut HashMap<i32, i64>,
+        error: KafkaError,
+    ) {
         let out_of_range = matches!(
             error,
             KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
@@ -236,14 +263,36 @@ impl ControlReader {
             return;
         }
         let mut stopped = TopicPartitionList::new();
-        for (&partition, &next) in positions.iter() {
-            match consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(5)) {
-                Ok((low, high)) if next < low || next > high => {
-                    self.stop_partition(partition, next, low, high);
-                    stopped.add_partition(&self.topic, partition);
+        for partition in 0..self.partitions {
+            if progress.stopped.lock().expect("progress lock").contains(&partition) {
+                continue;
+            }
+            let (low, high) = match consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(5)) {
+                Ok(bounds) => bounds,
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, partition, error = %e, "reading watermarks failed");
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(topic = %self.topic, partition, error = %e, "reading watermarks failed"),
+            };
+            let reading = read_to.get(&partition).copied().unwrap_or(0);
+            if (low..=high).contains(&reading) {
+                continue;
+            }
+            let from = match positions.get(&partition).copied() {
+                Some(next) if next < low || next > high => {
+                    self.stop_partition(progress, partition, next, low, high);
+                    stopped.add_partition(&self.topic, partition);
+                    continue;
+                }
+                Some(next) => next,
+                None => low,
+            };
+            tracing::warn!(topic = %self.topic, partition, reading, from, "control topic position no longer on the topic; reading on from what is still to apply");
+            match consumer.seek(&self.topic, partition, Offset::Offset(from), Duration::from_secs(10)) {
+                Ok(()) => {
+                    read_to.insert(partition, from);
+                }
+                Err(e) => tracing::warn!(topic = %self.topic, partition, error = %e, "seek failed"),
             }
         }
         for element in stopped.elements() {
@@ -350,18 +399,15 @@ impl ControlReader {
         reason: &str,
         detail: &str,
     ) -> OutboxRecord {
-        let mut record = dead_letter_record(
+        dead_letter_record(
             &self.dead_letter_topic,
             partition % self.dead_letter_partitions,
             (&self.topic, partition, offset),
             raw,
             reason,
+            detail,
             self.max_dead_letter_bytes,
-        );
-        if !detail.is_empty() {
-            record.headers.push(("dlq-detail".into(), detail.as_bytes().to_vec()));
-        }
-        record
+        )
     }
 }
 
@@ -431,4 +477,21 @@ pub fn high_watermarks(
 ) -> anyhow::Result<Vec<HashMap<i32, i64>>> {
     ends.ends(topics, Duration::from_secs(5))
         .context("reading control topic watermarks")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_partition_is_not_waited_for() {
+        let progress = Progress::default();
+        progress.set(0, 5);
+        let targets: HashMap<i32, i64> = [(0, 5), (1, 10)].into_iter().collect();
+        assert!(!progress.reached(&targets), "partition 1 is behind");
+        progress.stop(1);
+        assert!(progress.reached(&targets), "nothing waits for a stopped partition");
+        progress.set(0, 3);
+        assert!(progress.reached(&targets), "progress never goes back");
+    }
 }

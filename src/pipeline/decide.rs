@@ -58,7 +58,8 @@ pub struct DecideContext {
     pub alerts_topic: String,
     pub dead_letter_topic: String,
     pub grace: Duration,
-    /// Largest dead-letter payload the producer can send.
+    /// Largest record the producer can send (dead-letter copies and outcomes
+    /// are sized to fit it).
     pub max_dead_letter_bytes: usize,
 }
 
@@ -356,14 +357,21 @@ fn decide_messages(
             .clone()
             .map(String::into_bytes)
             .or_else(|| message.key.clone());
-        writes.outbox.push(OutboxRecord {
+        let mut record = OutboxRecord {
             topic: ctx.results_topic.clone(),
             partition: message.partition,
             key,
             payload: serde_json::to_vec(&outcome)?,
             headers: to_bytes(outcome.headers()),
             source: Some((ctx.input_topic.clone(), message.partition, message.offset)),
-        });
+        };
+        // An outcome without a subscription id carries the message's own
+        // key; one too large to publish beside the outcome goes, or the
+        // record could never be published (nor anything after it).
+        if outbox_record_size(record.key.as_deref(), &record.payload, &record.headers) > ctx.max_dead_letter_bytes {
+            record.key = None;
+        }
+        writes.outbox.push(record);
     }
 
     Ok((writes, decided))
@@ -382,6 +390,8 @@ pub mod dlq_headers {
     pub const SOURCE_TOPIC: &str = "dlq-source-topic";
     pub const SOURCE_PARTITION: &str = "dlq-source-partition";
     pub const SOURCE_OFFSET: &str = "dlq-source-offset";
+    /// Why a control message was refused (never its payload).
+    pub const DETAIL: &str = "dlq-detail";
     /// Set when the payload was cut to fit the producer's message limit:
     /// the original length in bytes.
     pub const TRUNCATED_FROM: &str = "dlq-truncated-from";
@@ -397,16 +407,18 @@ pub mod dlq_headers {
 /// One that does not fit whole is a stub: original headers that alone take
 /// more than half the room are dropped, a key over a quarter of it too, and
 /// the payload is cut to what is left (or emptied), each with a header
-/// saying so; the reason and the source coordinates always stay.
+/// saying so; the reason, the source coordinates and `detail` (why a
+/// control message was refused; empty for none) always stay.
 pub fn dead_letter_record(
     topic: &str,
     partition: i32,
     source: (&str, i32, i64),
     raw: &RawMessage,
     reason: &str,
+    detail: &str,
     max_bytes: usize,
 ) -> OutboxRecord {
-    let own = vec![
+    let mut own = vec![
         (dlq_headers::REASON.to_owned(), reason.as_bytes().to_vec()),
         (dlq_headers::SOURCE_TOPIC.to_owned(), source.0.as_bytes().to_vec()),
         (
@@ -415,6 +427,9 @@ pub fn dead_letter_record(
         ),
         (dlq_headers::SOURCE_OFFSET.to_owned(), source.2.to_string().into_bytes()),
     ];
+    if !detail.is_empty() {
+        own.push((dlq_headers::DETAIL.to_owned(), detail.as_bytes().to_vec()));
+    }
     let record = |key: Option<Vec<u8>>, payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>| OutboxRecord {
         topic: topic.to_owned(),
         partition,
@@ -458,6 +473,7 @@ fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, 
         (&ctx.input_topic, message.partition, message.offset),
         raw,
         code.as_str(),
+        "",
         ctx.max_dead_letter_bytes,
     )
 }
@@ -490,6 +506,7 @@ mod tests {
             ("usage-events", 2, 41),
             &raw(b"\xff"),
             "malformed_payload",
+            "",
             4000,
         );
         assert_eq!(
@@ -514,6 +531,7 @@ mod tests {
             ("usage-events", 0, 1),
             &raw(&[b'x'; 5000]),
             "payload_too_large",
+            "",
             2000,
         );
         assert!(record.payload.len() < 2000 && !record.payload.is_empty());
@@ -525,7 +543,15 @@ mod tests {
     fn huge_original_headers_are_dropped_so_the_copy_still_fits() {
         let mut message = raw(b"not json");
         message.headers.push(("big".into(), vec![b'h'; 10_000]));
-        let record = dead_letter_record("dlq", 0, ("usage-events", 0, 1), &message, "malformed_payload", 4000);
+        let record = dead_letter_record(
+            "dlq",
+            0,
+            ("usage-events", 0, 1),
+            &message,
+            "malformed_payload",
+            "",
+            4000,
+        );
         assert!(record_size(&record) <= 4000);
         assert_eq!(header(&record, "big"), None);
         let dropped = headers_size(&message.headers).to_string();
@@ -542,17 +568,105 @@ mod tests {
         let mut message = raw(&[b'x'; 950_000]);
         message.headers = (0..60_000).map(|_| ("abc".to_owned(), b"xyz".to_vec())).collect();
         let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
-        let record = dead_letter_record("dlq", 0, ("usage-events", 0, 7), &message, "malformed_payload", limit);
+        let record = dead_letter_record(
+            "dlq",
+            0,
+            ("usage-events", 0, 7),
+            &message,
+            "malformed_payload",
+            "",
+            limit,
+        );
         assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
         assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"950000"[..]));
         assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"7"[..]));
         assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
     }
 
+    fn rejected_with_key(key: Vec<u8>, offset: i64) -> DecodedMessage {
+        DecodedMessage {
+            partition: 0,
+            offset,
+            timestamp: None,
+            key: Some(key),
+            request_time: Utc::now(),
+            request: Err(Rejection::on_field(
+                ReasonCode::MissingField,
+                "subscriptionId",
+                "missing",
+            )),
+            identity: (None, None),
+            dead_letter: None,
+        }
+    }
+
+    #[test]
+    fn an_outcome_keeps_the_message_key_unless_it_could_not_be_published_with_it() {
+        let ctx = DecideContext {
+            group: "g".into(),
+            input_topic: "usage-events".into(),
+            results_topic: "usage-results".into(),
+            alerts_topic: "usage-alerts".into(),
+            dead_letter_topic: "usage-events-dlq".into(),
+            grace: Duration::hours(1),
+            max_dead_letter_bytes: crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES,
+        };
+        let messages = [
+            rejected_with_key(b"k1".to_vec(), 0),
+            rejected_with_key(vec![b'k'; 999_900], 1),
+        ];
+        let todo: Vec<&DecodedMessage> = messages.iter().collect();
+        let ids: Vec<String> = todo.iter().map(|m| m.event_id("usage-events")).collect();
+        let (writes, decided) = decide_messages(
+            &ctx,
+            &todo,
+            &ids,
+            &mut HashMap::new(),
+            &mut HashMap::new(),
+            None,
+            Utc::now(),
+            Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(decided.statuses.len(), 2);
+        let keys: Vec<Option<usize>> = writes.outbox.iter().map(|r| r.key.as_ref().map(Vec::len)).collect();
+        assert_eq!(keys, [Some(2), None]);
+        for record in &writes.outbox {
+            assert!(record_size(record) <= ctx.max_dead_letter_bytes);
+        }
+    }
+
+    #[test]
+    fn a_control_message_copy_with_its_detail_still_fits() {
+        let detail = "d".repeat(500);
+        let message = raw(&[b'{'; 999_990]);
+        let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
+        let record = dead_letter_record(
+            "dlq",
+            0,
+            ("subscriptions", 0, 3),
+            &message,
+            "invalid_snapshot",
+            &detail,
+            limit,
+        );
+        assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
+        assert_eq!(header(&record, dlq_headers::DETAIL), Some(detail.as_bytes()));
+        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"999990"[..]));
+    }
+
     #[test]
     fn a_copy_that_fits_whole_is_kept_whole() {
         let message = raw(&[b'x'; 10_000]);
-        let record = dead_letter_record("dlq", 0, ("usage-events", 0, 1), &message, "malformed_payload", 20_000);
+        let record = dead_letter_record(
+            "dlq",
+            0,
+            ("usage-events", 0, 1),
+            &message,
+            "malformed_payload",
+            "",
+            20_000,
+        );
         assert_eq!(record.payload.len(), 10_000);
         assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
         assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));

@@ -224,7 +224,15 @@ impl Relay {
             .lock()
             .expect("relay lock")
             .retain(|(_, p)| !partitions.contains(p));
+        self.forget_failures(partitions);
         self.wake.notify_one();
+    }
+
+    fn forget_failures(&self, partitions: &[i32]) {
+        self.failing
+            .lock()
+            .expect("relay lock")
+            .retain(|(_, p), _| !partitions.contains(p));
     }
 
     /// Stops publishing the partitions and waits for a round in flight to
@@ -242,6 +250,7 @@ impl Relay {
             .lock()
             .expect("relay lock")
             .retain(|(_, p)| !partitions.contains(p));
+        self.forget_failures(partitions);
         let deadline = Instant::now() + REVOKE_WAIT;
         let finished = loop {
             if let Ok(round) = self.round.try_lock() {
@@ -290,15 +299,32 @@ impl Relay {
         self.wake.notify_one();
     }
 
-    /// Publishes until nothing is pending or `deadline` passes.
+    /// Publishes until nothing is pending or `deadline` passes; a partition
+    /// whose delivery failed is tried again after its backoff until then.
     pub async fn drain(&self, deadline: tokio::time::Instant) -> anyhow::Result<()> {
         loop {
             let published = tokio::time::timeout_at(deadline, self.round_once())
                 .await
                 .context("time-out publishing the outbox")??;
-            if published == 0 {
-                return Ok(());
+            if published > 0 {
+                continue;
             }
+            let retry_at = self
+                .failing
+                .lock()
+                .expect("relay lock")
+                .values()
+                .map(|b| b.retry_at)
+                .min();
+            let Some(retry_at) = retry_at else {
+                return Ok(());
+            };
+            let retry_at = tokio::time::Instant::from_std(retry_at).min(deadline);
+            tokio::time::sleep_until(retry_at).await;
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "time-out publishing the outbox: output partitions still failing"
+            );
         }
     }
 
@@ -371,16 +397,15 @@ impl Relay {
                     if !self.owned.lock().expect("relay lock").contains_key(&key) {
                         continue; // revoked since the round began
                     }
-                    if !self.claimed.lock().expect("relay lock").contains(&key) {
-                        // Claimed before the topic is read: a former owner's
-                        // round in flight ends first, and it publishes
-                        // nothing here after.
-                        store::claim_partition(&self.pool, &topic, partition, &self.instance).await?;
-                        self.claimed.lock().expect("relay lock").insert(key);
+                    // A partition that cannot be claimed or read back now
+                    // backs off by itself; the round goes on for the others.
+                    match self.take_over(&topic, partition).await {
+                        Ok(seq) => seq,
+                        Err(e) => {
+                            self.failed(&topic, partition, &e);
+                            continue;
+                        }
                     }
-                    let seq = self.resync(&topic, partition).await?;
-                    self.set_published(&topic, partition, seq);
-                    seq
                 }
             };
             after.push((topic, partition, published));
@@ -488,9 +513,14 @@ impl Relay {
             self.failed(topic, *partition, error);
         }
         {
+            // A partition this round went through without a failure is well
+            // again, whether or not it had anything to publish.
             let mut failing = self.failing.lock().expect("relay lock");
-            for key in last.keys() {
-                failing.remove(key);
+            for (topic, partition, _) in &after {
+                let key = (topic.clone(), *partition);
+                if !failed.contains_key(&key) {
+                    failing.remove(&key);
+                }
             }
         }
         // What was delivered is on the topic whatever happens next: the
@@ -519,6 +549,21 @@ impl Relay {
             .iter()
             .filter(|(topic, partition, _)| !failed.contains_key(&(topic.clone(), *partition)))
             .count())
+    }
+
+    /// Claims a partition (once per assignment) and reads back where its
+    /// topic stands.
+    async fn take_over(&self, topic: &str, partition: i32) -> anyhow::Result<i64> {
+        let key = (topic.to_owned(), partition);
+        if !self.claimed.lock().expect("relay lock").contains(&key) {
+            // Claimed before the topic is read: a former owner's round in
+            // flight ends first, and it publishes nothing here after.
+            store::claim_partition(&self.pool, topic, partition, &self.instance).await?;
+            self.claimed.lock().expect("relay lock").insert(key);
+        }
+        let seq = self.resync(topic, partition).await?;
+        self.set_published(topic, partition, seq);
+        Ok(seq)
     }
 
     async fn send(

@@ -77,6 +77,10 @@ pub async fn apply_invoices(
         dead_letters.extend(dead_letters_for(message, &item_results));
         applied.results.push((message.offset, item_results));
     }
+    // In source order: the invalid messages' copies and the unmatched
+    // invoices' were gathered apart, and the stored batches of one source
+    // partition must not overlap.
+    dead_letters.sort_by_key(|r| r.source.as_ref().map(|s| (s.1, s.2)));
     append(&mut tx, &dead_letters).await?;
     applied.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing invoices")?;
