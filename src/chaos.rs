@@ -333,6 +333,11 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
             // The mock's brokers go down without closing connections: give
             // up on an unanswered request after 10 s instead of 60.
             .set("USAGE_WORKER__KAFKA__SOCKET_TIMEOUT_MS", "10000")
+            .set(
+                "USAGE_WORKER__KAFKA__CONFIRM_PARTITION_ENDS",
+                // tansu under-reports where a partition ends (docs/brokers.md).
+                (args.broker == BrokerChoice::Tansu).to_string(),
+            )
             .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", "false"))
     };
     let mut clean = base(&clean_url, work_dir.join("clean.log"))?

@@ -81,6 +81,11 @@ pub struct KafkaSettings {
     /// subscription's events.
     #[serde(deserialize_with = "partitioner")]
     pub partitioner: Partitioner,
+    /// Whether the end of a control partition that ListOffsets reports is
+    /// confirmed by reading forward from it before each batch: needed on
+    /// brokers that under-report it (tansu 0.6, docs/brokers.md), one more
+    /// fetch per batch; Apache Kafka reports it right.
+    pub confirm_partition_ends: bool,
 }
 
 /// The key hash that picks a record's partition, as Kafka clients do it.

@@ -95,8 +95,7 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
     let started = Instant::now();
     let sub_id = &request.subscription_id;
     let mut tx = BatchTx::begin(&api.pool).await?;
-    let mut subscriptions = tx.lock_subscriptions(std::slice::from_ref(sub_id)).await?;
-    let database_now = tx.database_clock().await?;
+    let (mut subscriptions, database_now) = tx.lock_subscriptions_at(std::slice::from_ref(sub_id)).await?;
     let stored = tx.stored_usages(&[id.to_owned()]).await?;
     let usage_time = request.effective_usage_time(now);
     let decision = decide(

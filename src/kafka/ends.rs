@@ -148,6 +148,12 @@ impl EndReader {
         })
     }
 
+    /// What ListOffsets reports as the ends (right on Apache Kafka and the
+    /// mock), in one request per broker. Blocks.
+    pub fn reported(&self, topics: &[(&str, i32)], timeout: Duration) -> anyhow::Result<Vec<HashMap<i32, i64>>> {
+        reported_ends(&self.offsets, topics, timeout)
+    }
+
     /// The ends of every partition of the given (topic, partition count)s,
     /// in the same order. Blocks.
     pub fn ends(&self, topics: &[(&str, i32)], timeout: Duration) -> anyhow::Result<Vec<HashMap<i32, i64>>> {

@@ -474,9 +474,15 @@ fn partition_bounds(config: &ClientConfig, topic: &str, partitions: i32) -> anyh
 pub fn high_watermarks(
     ends: &crate::kafka::ends::EndReader,
     topics: &[(&str, i32)],
+    confirm: bool,
 ) -> anyhow::Result<Vec<HashMap<i32, i64>>> {
-    ends.ends(topics, Duration::from_secs(5))
-        .context("reading control topic watermarks")
+    let timeout = Duration::from_secs(5);
+    if confirm {
+        ends.ends(topics, timeout)
+    } else {
+        ends.reported(topics, timeout)
+    }
+    .context("reading control topic watermarks")
 }
 
 #[cfg(test)]

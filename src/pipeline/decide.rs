@@ -156,12 +156,11 @@ pub async fn decide_batch(
     let mut attempt = 0;
     let (writes, decided) = loop {
         attempt += 1;
-        let mut subscriptions = if forced.is_none() {
-            tx.lock_subscriptions(&sub_ids).await?
+        let (mut subscriptions, database_now) = if forced.is_none() {
+            tx.lock_subscriptions_at(&sub_ids).await?
         } else {
-            HashMap::new()
+            (HashMap::new(), now)
         };
-        let database_now = tx.database_clock().await?;
         lap("locked");
         let mut usages = tx.stored_usages(&ids).await?;
         lap("loaded");

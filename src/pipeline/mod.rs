@@ -318,7 +318,9 @@ impl Worker {
     async fn wait_for_control_topics(&self) {
         let deadline = tokio::time::Instant::now() + self.settings.pipeline.snapshot_wait();
         let topics: Vec<(&str, i32)> = self.progress.iter().map(|(t, n, _)| (t.as_str(), *n)).collect();
-        let highs = match tokio::task::block_in_place(|| control::high_watermarks(&self.control_ends, &topics)) {
+        let highs = match tokio::task::block_in_place(|| {
+            control::high_watermarks(&self.control_ends, &topics, self.settings.kafka.confirm_partition_ends)
+        }) {
             Ok(highs) => highs,
             Err(e) => {
                 tracing::warn!(

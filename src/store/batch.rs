@@ -108,6 +108,17 @@ impl BatchTx {
     /// batches cannot deadlock) and loads them with their periods. Unknown
     /// ids are absent from the result.
     pub async fn lock_subscriptions(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, SubscriptionState>> {
+        Ok(self.lock_subscriptions_at(ids).await?.0)
+    }
+
+    /// [`Self::lock_subscriptions`], and PostgreSQL's clock read after the
+    /// locks were granted (by the statement that loads the periods, which
+    /// starts after them): the time that decides whether a period is closed,
+    /// the same for every worker and for the invoices that close periods.
+    pub async fn lock_subscriptions_at(
+        &mut self,
+        ids: &[String],
+    ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
         let mut sorted = ids.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
@@ -136,25 +147,34 @@ impl BatchTx {
             })
             .collect();
         type PeriodRow = (
-            String,
+            Option<String>,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            Option<Decimal>,
+            Option<Decimal>,
+            Option<Decimal>,
+            Option<DateTime<Utc>>,
+            Option<Vec<String>>,
             DateTime<Utc>,
-            Option<DateTime<Utc>>,
-            Option<Decimal>,
-            Option<Decimal>,
-            Decimal,
-            Option<DateTime<Utc>>,
-            Vec<String>,
         );
+        // One row at least (the clock), whether or not there are periods.
         let periods: Vec<PeriodRow> = sqlx::query_as(
             "SELECT p.subscription_id, p.start_time, p.end_time, p.hard_limit, p.soft_limit, p.used, p.closed_time,
-                    p.alerted
-             FROM service_periods p WHERE p.subscription_id = ANY($1) ORDER BY p.subscription_id, p.start_time",
+                    p.alerted, clock.now
+             FROM (SELECT clock_timestamp() AS now) clock
+             LEFT JOIN service_periods p ON p.subscription_id = ANY($1)
+             ORDER BY p.subscription_id, p.start_time",
         )
         .bind(&sorted)
         .fetch_all(&mut *self.tx)
         .await
         .context("loading service periods")?;
-        for (sub, start, end, hard_limit, soft_limit, used, closed_time, alerted) in periods {
+        let mut database_now = None;
+        for (sub, start, end, hard_limit, soft_limit, used, closed_time, alerted, now) in periods {
+            database_now.get_or_insert(now);
+            let (Some(sub), Some(start), Some(used)) = (sub, start, used) else {
+                continue;
+            };
             if let Some(state) = states.get_mut(&sub) {
                 state.periods.push(PeriodState {
                     start,
@@ -163,21 +183,16 @@ impl BatchTx {
                     soft_limit,
                     used,
                     closed_time,
-                    alerted: alerted.iter().filter_map(|k| LimitKind::parse(k)).collect(),
+                    alerted: alerted
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|k| LimitKind::parse(k))
+                        .collect(),
                 });
             }
         }
-        Ok(states)
-    }
-
-    /// PostgreSQL's clock, read now: under the subscriptions' locks it is
-    /// the time that decides whether a period is closed, the same for every
-    /// worker and for the invoices and sweeps that close periods.
-    pub async fn database_clock(&mut self) -> anyhow::Result<DateTime<Utc>> {
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut *self.tx)
-            .await
-            .context("reading the database clock")
+        let database_now = database_now.context("the periods statement returned no clock")?;
+        Ok((states, database_now))
     }
 
     /// Usages already stored under any of these ids.

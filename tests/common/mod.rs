@@ -161,12 +161,17 @@ impl TestEnv {
     }
 
     pub fn env_vars(&self, config_dir: &str) -> Vec<(String, String)> {
-        vec![
+        let mut vars: Vec<(String, String)> = vec![
             ("USAGE_WORKER_ENV".into(), "test".into()),
             ("USAGE_WORKER_CONFIG_DIR".into(), config_dir.into()),
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("KAFKA_BOOTSTRAP_SERVERS".into(), self.kafka.bootstrap_servers().into()),
-        ]
+        ];
+        if matches!(self.kafka, Broker::Tansu(_)) {
+            // tansu under-reports where a partition ends (docs/brokers.md).
+            vars.push(("USAGE_WORKER__KAFKA__CONFIRM_PARTITION_ENDS".into(), "true".into()));
+        }
+        vars
     }
 
     /// Starts an in-process worker with these settings.
