@@ -66,18 +66,7 @@ impl BatchTx {
     ) -> anyhow::Result<HashMap<i32, i64>> {
         let mut sorted = partitions.to_vec();
         sorted.sort_unstable();
-        let rows: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM consumer_offsets
-             WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)
-             ORDER BY partition FOR UPDATE",
-        )
-        .bind(group)
-        .bind(topic)
-        .bind(&sorted)
-        .fetch_all(&mut *self.tx)
-        .await
-        .context("locking consumer offsets")?;
-        Ok(rows.into_iter().collect())
+        super::control::lock_offset_rows(&mut self.tx, group, topic, &sorted).await
     }
 
     /// Advances the offsets, compare-and-set: each claim moves its partition

@@ -54,6 +54,18 @@ pub(super) async fn lock_positions(
     .execute(&mut *conn)
     .await
     .with_context(|| format!("initialising the stored positions of {topic}"))?;
+    lock_offset_rows(conn, group, topic, &sorted).await
+}
+
+/// Locks the stored offset rows of a group's partitions of a topic, in
+/// partition order (`partitions` sorted), and returns them: the first lock
+/// every transaction that moves positions takes.
+pub(super) async fn lock_offset_rows(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    partitions: &[i32],
+) -> anyhow::Result<StoredPositions> {
     let rows: Vec<(i32, i64)> = sqlx::query_as(
         "SELECT partition, next_offset FROM consumer_offsets
          WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)
@@ -61,10 +73,28 @@ pub(super) async fn lock_positions(
     )
     .bind(group)
     .bind(topic)
-    .bind(&sorted)
+    .bind(partitions)
     .fetch_all(&mut *conn)
     .await
     .with_context(|| format!("locking the stored positions of {topic}"))?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Locks the stored subscriptions among `ids`, in id order (the second lock
+/// of every transaction that takes one), and returns each one's trial end.
+pub(super) async fn lock_subscription_rows(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> anyhow::Result<HashMap<String, Option<chrono::DateTime<chrono::Utc>>>> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let rows: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("SELECT id, trial_end_time FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&sorted)
+            .fetch_all(&mut *conn)
+            .await
+            .context("locking subscriptions")?;
     Ok(rows.into_iter().collect())
 }
 

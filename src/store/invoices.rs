@@ -1,12 +1,10 @@
 //! Applying issued invoices: close the billed periods and stamp their usages.
 //! Each message once, in offset order per partition (see `control`).
 
-use std::collections::HashSet;
-
 use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
-use super::control::{advance_positions, fresh_dead_letters, lock_positions, not_yet_applied};
+use super::control::{advance_positions, fresh_dead_letters, lock_positions, lock_subscription_rows, not_yet_applied};
 use super::control::{ControlMessage, StoredPositions};
 use super::outbox::{append, OutboxRecord};
 use crate::domain::invoice::{InvoiceIssued, InvoiceItem};
@@ -62,12 +60,12 @@ pub async fn apply_invoices(
         .iter()
         .flat_map(|m| m.body.items.iter().map(|i| i.subscription_id.clone()))
         .collect();
-    let known = lock_subscriptions(&mut tx, &ids).await?;
+    let known = lock_subscription_rows(&mut tx, &ids).await?;
     let mut dead_letters = fresh_dead_letters(invalid, topic, &stored);
     for message in todo {
         let mut item_results = Vec::with_capacity(message.body.items.len());
         for item in &message.body.items {
-            let result = if known.contains(&item.subscription_id) {
+            let result = if known.contains_key(&item.subscription_id) {
                 apply_item(&mut tx, &message.body, item).await?
             } else {
                 ItemResult::UnknownSubscription
@@ -85,20 +83,6 @@ pub async fn apply_invoices(
     applied.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing invoices")?;
     Ok(applied)
-}
-
-/// Locks the stored subscriptions among `ids`, in id order.
-async fn lock_subscriptions(conn: &mut PgConnection, ids: &[String]) -> anyhow::Result<HashSet<String>> {
-    let mut sorted = ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let rows: Vec<String> =
-        sqlx::query_scalar("SELECT id FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&sorted)
-            .fetch_all(&mut *conn)
-            .await
-            .context("locking the invoiced subscriptions")?;
-    Ok(rows.into_iter().collect())
 }
 
 async fn apply_item(

@@ -7,7 +7,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use super::control::{advance_positions, fresh_dead_letters, lock_positions, not_yet_applied};
+use super::control::{advance_positions, fresh_dead_letters, lock_positions, lock_subscription_rows, not_yet_applied};
 use super::control::{ControlMessage, StoredPositions};
 use super::outbox::{append, OutboxRecord};
 use crate::domain::decision::open_period_start;
@@ -70,7 +70,7 @@ pub async fn apply_snapshots(
     // the statement that waited for the lock would miss what the holder
     // committed meanwhile.
     let ids: Vec<String> = todo.iter().map(|c| c.subscription_id().to_owned()).collect();
-    let mut trial_ends = lock_subscriptions(&mut tx, &ids).await?;
+    let mut trial_ends = lock_subscription_rows(&mut tx, &ids).await?;
     for change in todo {
         match change {
             SnapshotChange::Upsert(snapshot) => {
@@ -94,24 +94,6 @@ pub async fn apply_snapshots(
     outcome.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing snapshots")?;
     Ok(outcome)
-}
-
-/// Locks the stored subscriptions among `ids`, in id order, and returns
-/// their trial ends.
-async fn lock_subscriptions(
-    conn: &mut PgConnection,
-    ids: &[String],
-) -> anyhow::Result<HashMap<String, Option<DateTime<Utc>>>> {
-    let mut sorted = ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let rows: Vec<(String, Option<DateTime<Utc>>)> =
-        sqlx::query_as("SELECT id, trial_end_time FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&sorted)
-            .fetch_all(&mut *conn)
-            .await
-            .context("locking subscriptions")?;
-    Ok(rows.into_iter().collect())
 }
 
 /// Returns false when the stored version is the same or newer. After a
