@@ -92,6 +92,45 @@ pub struct TestEnv {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+async fn drop_test_databases(url: &str) -> anyhow::Result<()> {
+    let mut server = url::Url::parse(url)?;
+    let name = server.path().trim_start_matches('/').to_owned();
+    server.set_path("postgres");
+    let admin = PgPool::connect(server.as_str()).await?;
+    let beside: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+        .bind(format!("{name}_"))
+        .fetch_all(&admin)
+        .await?;
+    admin.close().await;
+    for database in beside.iter().chain([&name]) {
+        let mut target = server.clone();
+        target.set_path(database);
+        store::drop_database(target.as_str()).await?;
+    }
+    Ok(())
+}
+
+/// A test's database goes with it, passing or failing (its connections,
+/// a worker's included, are closed by the drop), and so do the databases a
+/// test made beside it (named after it: `<name>_<what>`).
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let url = self.database_url.clone();
+        // A runtime of its own: the test's may be shutting down.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(drop_test_databases(&url)))
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the test database {}: {dropped:?}", self.database_url);
+        }
+    }
+}
+
 impl TestEnv {
     pub async fn start() -> Self {
         Self::start_with_partitions(PARTITIONS).await
