@@ -433,6 +433,32 @@ async fn control_topic_high_watermarks_are_the_real_ends_on_tansu() {
     assert_eq!(highs[1], HashMap::from([(0, 0), (1, 0), (2, 0), (3, 1)]));
 }
 
+/// Publishes an active subscription's snapshot for each id on partition 0
+/// of `subscriptions`, all in one record batch: a producer that waits until
+/// it has them all.
+fn snapshots_in_one_batch(env: &TestEnv, ids: impl Iterator<Item = String>) {
+    let batching: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("linger.ms", "5000")
+        .set("batch.num.messages", "100000")
+        .set("batch.size", "1000000")
+        .create()
+        .unwrap();
+    for id in ids {
+        let snapshot = active_subscription(&id, None).to_string();
+        batching
+            .send(
+                rdkafka::producer::BaseRecord::to("subscriptions")
+                    .partition(0)
+                    .key(&id)
+                    .payload(&snapshot),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    rdkafka::producer::Producer::flush(&batching, Duration::from_secs(30)).unwrap();
+}
+
 /// Many snapshots in one batch, the events right behind them: the worker
 /// must wait until all are applied, which on tansu needs the real end of
 /// `subscriptions` (ListOffsets reports 1 here).
@@ -447,29 +473,8 @@ async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu(
             == common::PARTITIONS as i64
     })
     .await;
-    // All in one record batch: a producer that waits until it has them all.
     const COUNT: usize = 2500;
-    let batching: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", env.kafka.bootstrap_servers())
-        .set("linger.ms", "5000")
-        .set("batch.num.messages", "100000")
-        .set("batch.size", "1000000")
-        .create()
-        .unwrap();
-    for i in 0..COUNT {
-        let id = format!("sub_batch_{i}");
-        let snapshot = active_subscription(&id, None).to_string();
-        batching
-            .send(
-                rdkafka::producer::BaseRecord::to("subscriptions")
-                    .partition(0)
-                    .key(&id)
-                    .payload(&snapshot),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-    rdkafka::producer::Producer::flush(&batching, Duration::from_secs(30)).unwrap();
+    snapshots_in_one_batch(&env, (0..COUNT).map(|i| format!("sub_batch_{i}")));
     for i in (0..COUNT).rev().take(40) {
         env.usage(json!({"id": format!("batch_{i}"), "subscriptionId": format!("sub_batch_{i}"), "quantity": 1}));
     }
@@ -487,25 +492,7 @@ async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_control_position_inside_a_record_batch_is_applied_from_there_on_tansu() {
     let env = TestEnv::start_on_tansu().await;
-    let batching: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", env.kafka.bootstrap_servers())
-        .set("linger.ms", "5000")
-        .create()
-        .unwrap();
-    for i in 0..10 {
-        let id = format!("sub_mid_{i}");
-        let snapshot = active_subscription(&id, None).to_string();
-        batching
-            .send(
-                rdkafka::producer::BaseRecord::to("subscriptions")
-                    .partition(0)
-                    .key(&id)
-                    .payload(&snapshot),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
-    rdkafka::producer::Producer::flush(&batching, Duration::from_secs(30)).unwrap();
+    snapshots_in_one_batch(&env, (0..10).map(|i| format!("sub_mid_{i}")));
     // The first five were applied before (by a worker that has stopped).
     sqlx::query(
         "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ('usage-worker', 'subscriptions', 0, 5)",

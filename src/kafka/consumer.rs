@@ -664,20 +664,16 @@ mod tests {
     }
 
     fn message(partition: i32, offset: i64) -> OwnedMessage {
-        OwnedMessage::new(
-            None,
-            None,
-            "usage-events".into(),
-            Timestamp::NotAvailable,
-            partition,
-            offset,
-            None,
-        )
+        with_payload(partition, offset, None)
     }
 
     fn sized(partition: i32, offset: i64, bytes: usize) -> OwnedMessage {
+        with_payload(partition, offset, Some(vec![b'x'; bytes]))
+    }
+
+    fn with_payload(partition: i32, offset: i64, payload: Option<Vec<u8>>) -> OwnedMessage {
         OwnedMessage::new(
-            Some(vec![b'x'; bytes]),
+            payload,
             None,
             "usage-events".into(),
             Timestamp::NotAvailable,
