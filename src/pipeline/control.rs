@@ -120,13 +120,24 @@ impl ControlReader {
         // A stored position that is no longer on the topic (retention
         // removed messages nobody applied, or the topic was recreated and
         // is shorter) stops that partition, loudly.
-        let bounds = {
+        // Brokers down at start are waited out, as the database is.
+        let mut backoff = Duration::from_millis(100);
+        let bounds = loop {
             let config = config.clone();
             let topic = self.topic.clone();
             let count = self.partitions;
-            tokio::task::spawn_blocking(move || partition_bounds(&config, &topic, count))
+            match tokio::task::spawn_blocking(move || partition_bounds(&config, &topic, count))
                 .await
-                .context("reading control topic bounds")??
+                .context("reading control topic bounds")?
+            {
+                Ok(bounds) => break bounds,
+                Err(e) if stop.load(Ordering::Relaxed) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = format!("{e:#}"), "reading where the control topic starts and ends failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry_max);
+                }
+            }
         };
         let mut tpl = TopicPartitionList::new();
         let mut skip_below = HashMap::new();
