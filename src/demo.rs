@@ -3,18 +3,19 @@
 //! stream of events, ending with a summary read back from `usage-results`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{Duration as Span, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::ClientConfig;
 
-use crate::config::Settings;
-use crate::kafka::mock::EmbeddedKafka;
-use crate::{pipeline, store};
+use crate::config::{LogSettings, Settings};
+use crate::embedded::{json_payload, EmbeddedKafka, ScratchDatabase, TopicReader};
+use crate::{pipeline, store, telemetry};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -27,6 +28,18 @@ pub struct DemoArgs {
     /// Keep the demo database instead of dropping it at the end.
     #[arg(long)]
     pub keep_database: bool,
+    /// Where the worker's logs go (the terminal shows the progress and the
+    /// summary only).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("usage-worker-demo.log"))]
+    pub log_file: PathBuf,
+}
+
+/// The worker's logs go to `--log-file`, not over the progress bar.
+pub fn init_logging(settings: &LogSettings, args: &DemoArgs) -> anyhow::Result<()> {
+    let file = std::fs::File::create(&args.log_file)
+        .with_context(|| format!("creating the demo's log file {}", args.log_file.display()))?;
+    telemetry::init_to(settings, std::sync::Mutex::new(file), false);
+    Ok(())
 }
 
 const SUBSCRIPTIONS: usize = 12;
@@ -39,18 +52,18 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     settings.kafka.session_timeout_ms = 6000;
     settings.kafka.heartbeat_interval_ms = 500;
 
-    settings.database.url = store::scratch_database(&settings.database.url, "usage_worker_demo").await?;
-    let database = url::Url::parse(&settings.database.url)?
-        .path()
-        .trim_start_matches('/')
-        .to_owned();
-    let shown = show(&settings, &args, &kafka, &database).await;
+    let scratch = ScratchDatabase::create(&settings.database.url, "usage_worker_demo").await?;
+    settings.database.url = scratch.url().to_owned();
+    let database = scratch.name();
+    let shown = show(&settings, &args, &kafka, database).await;
+    println!("\nworker logs: {}", args.log_file.display());
     if args.keep_database {
         println!("database kept: {database}");
         return shown;
     }
     // Dropped whatever happened: a demo that fails half-way leaves nothing.
-    let dropped = store::drop_database(&settings.database.url)
+    let dropped = scratch
+        .drop_now()
         .await
         .with_context(|| format!("dropping the demo database {database}"));
     if let (Err(_), Err(e)) = (&shown, &dropped) {
@@ -65,7 +78,7 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
     let t = settings.topics.clone();
     let pool = store::connect(&settings.database).await?;
     store::migrate(&pool).await?;
-    eprintln!("demo: mock Kafka at {}, database {database}", kafka.bootstrap_servers());
+    println!("demo: mock Kafka at {}, database {database}", kafka.bootstrap_servers());
 
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers())
@@ -93,7 +106,6 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
         }
     };
     let elapsed = started.elapsed();
-    eprintln!();
     let _ = stop_tx.send(());
     worker.await.context("worker task")??;
 
@@ -246,13 +258,16 @@ async fn exchange(
     partitions: i32,
     worker: &tokio::task::JoinHandle<anyhow::Result<()>>,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let consumer = crate::kafka::topic_reader(
+    let reader = TopicReader::open(
         &settings.kafka.bootstrap_servers,
         &settings.topics.usage_results,
         partitions,
     )?;
+    let progress = ProgressBar::new(events.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} outcomes, {per_sec}, {elapsed}")
+            .context("the progress bar's template")?,
+    );
     let started = Instant::now();
-    let mut last_print = Instant::now();
     let mut outcomes = Vec::with_capacity(events.len());
     let mut sent = 0;
     while outcomes.len() < events.len() {
@@ -266,40 +281,22 @@ async fn exchange(
             send(producer, &settings.topics.usage_events, key, payload)?;
             sent += 1;
         }
-        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(100)));
+        let polled =
+            tokio::task::block_in_place(|| reader.next(Duration::from_millis(100))).context("reading usage-results")?;
         if let Some(message) = polled {
-            let message = message.context("reading usage-results")?;
-            if let Some(payload) = message.payload() {
-                outcomes.push(serde_json::from_slice(payload)?);
-            }
-        }
-        if last_print.elapsed() > Duration::from_millis(250) {
-            last_print = Instant::now();
-            let rate = outcomes.len() as f64 / started.elapsed().as_secs_f64().max(0.001);
-            eprint!(
-                "\rdemo: {sent} sent, {}/{} outcomes ({rate:.0}/s)   ",
-                outcomes.len(),
-                events.len()
-            );
-            let _ = std::io::stderr().flush();
+            outcomes.push(json_payload(&message));
+            progress.inc(1);
         }
     }
+    progress.finish_and_clear();
     Ok(outcomes)
 }
 
 /// Everything on a topic, read until it has been quiet for a second.
 fn read_all(settings: &Settings, topic: &str, partitions: i32) -> anyhow::Result<Vec<serde_json::Value>> {
-    let consumer = crate::kafka::topic_reader(&settings.kafka.bootstrap_servers, topic, partitions)?;
-    let mut records = Vec::new();
-    let mut quiet_since = Instant::now();
-    while quiet_since.elapsed() < Duration::from_secs(1) {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            let value = message.payload().and_then(|p| serde_json::from_slice(p).ok());
-            records.push(value.unwrap_or(serde_json::Value::Null));
-            quiet_since = Instant::now();
-        }
-    }
-    Ok(records)
+    let reader = TopicReader::open(&settings.kafka.bootstrap_servers, topic, partitions)?;
+    let records = reader.until_quiet(Duration::from_secs(1))?;
+    Ok(records.iter().map(json_payload).collect())
 }
 
 fn print_summary(outcomes: &[serde_json::Value], events: usize, elapsed: Duration) {

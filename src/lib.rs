@@ -2,12 +2,10 @@
 //! in PostgreSQL, with exactly one outcome per event.
 
 pub mod app;
-pub mod bench;
-pub mod chaos;
 pub mod config;
 pub mod demo;
 pub mod domain;
-pub mod harness;
+pub mod embedded;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

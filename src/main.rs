@@ -1,4 +1,4 @@
-//! The `usage-worker` command line: run, serve, migrate, demo, bench, chaos.
+//! The `usage-worker` command line: run, serve, migrate, demo.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -8,12 +8,12 @@ use anyhow::Context;
 
 use clap::{Parser, Subcommand};
 use usage_worker::config::Settings;
-use usage_worker::{app, bench, chaos, demo, store, telemetry};
+use usage_worker::{app, demo, store, telemetry};
 
 /// jemalloc: with glibc's per-thread arenas, memory freed by one thread
 /// (tokio workers, the producer and consumer threads) was held on to, and
 /// resident memory ran at about three times the live heap (measured with
-/// `usage-worker bench` and heaptrack).
+/// `usage-lab bench` and heaptrack).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -21,7 +21,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// quarter of a second, from a background thread, rather than after its
 /// default 10 s; two arenas rather than four per core (the worker's threads
 /// mostly wait, and memory freed in one arena is not reused by another).
-/// Against one second and eight arenas, `usage-worker bench --events 300000`
+/// Against one second and eight arenas, `usage-lab bench --events 300000`
 /// peaked at 135–160 MiB instead of 162–172 MiB, at the same throughput.
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_CONF: JemallocConf =
@@ -64,12 +64,6 @@ enum Command {
     /// Run the whole pipeline on an embedded Kafka mock cluster and a fresh
     /// local database, with generated data, and print a summary.
     Demo(demo::DemoArgs),
-    /// Measure throughput, latency and memory of the real pipeline on an
-    /// embedded Kafka mock cluster and a fresh local database.
-    Bench(bench::BenchArgs),
-    /// Prove the guarantees under kill -9, PostgreSQL crashes, broker
-    /// outages, rebalances and a slow database, against a clean run.
-    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,7 +75,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings.log);
+    match &cli.command {
+        Command::Demo(args) => {
+            if let Err(e) = demo::init_logging(&settings.log, args) {
+                eprintln!("usage-worker: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+        _ => telemetry::init(&settings.log),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -100,8 +102,6 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Demo(args) => demo::run(settings, args).await,
-            Command::Bench(args) => bench::run(settings, args).await,
-            Command::Chaos(args) => chaos::run(settings, args).await,
         }
     });
     match result {

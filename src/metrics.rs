@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    core::Collector, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::domain::outcome::OutcomeStatus;
@@ -56,8 +56,13 @@ impl TransactionKind {
     }
 }
 
+/// The prefix of every metric's name.
+const NAMESPACE: &str = "usage_worker";
+
 pub struct Metrics {
     registry: Registry,
+    /// The full name of every registered metric family.
+    names: Vec<String>,
     consumed: IntCounter,
     decided: IntCounterVec,
     batch_size: Histogram,
@@ -97,7 +102,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
-        let registry = Registry::new_custom(Some("usage_worker".into()), None)?;
+        let registry = Registry::new_custom(Some(NAMESPACE.into()), None)?;
         let consumed = IntCounter::new(
             "messages_consumed_total",
             "Usage messages read from usage-events and handed to a batch",
@@ -178,21 +183,29 @@ impl Metrics {
             .buckets(SECONDS_BUCKETS.to_vec()),
             &["method", "route"],
         )?;
-        registry.register(Box::new(consumed.clone()))?;
-        registry.register(Box::new(decided.clone()))?;
-        registry.register(Box::new(batch_size.clone()))?;
-        registry.register(Box::new(transaction_seconds.clone()))?;
-        registry.register(Box::new(event_to_outcome_seconds.clone()))?;
-        registry.register(Box::new(consumer_lag.clone()))?;
-        registry.register(Box::new(outbox_backlog.clone()))?;
-        registry.register(Box::new(db_pool_connections.clone()))?;
-        registry.register(Box::new(db_pool_max_connections.clone()))?;
-        registry.register(Box::new(assigned_partitions.clone()))?;
-        registry.register(Box::new(stopped_partitions.clone()))?;
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_request_seconds.clone()))?;
+        let mut names = Vec::new();
+        let collectors: [Box<dyn Collector>; 13] = [
+            Box::new(consumed.clone()),
+            Box::new(decided.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(transaction_seconds.clone()),
+            Box::new(event_to_outcome_seconds.clone()),
+            Box::new(consumer_lag.clone()),
+            Box::new(outbox_backlog.clone()),
+            Box::new(db_pool_connections.clone()),
+            Box::new(db_pool_max_connections.clone()),
+            Box::new(assigned_partitions.clone()),
+            Box::new(stopped_partitions.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_request_seconds.clone()),
+        ];
+        for collector in collectors {
+            names.extend(collector.desc().iter().map(|d| format!("{NAMESPACE}_{}", d.fq_name)));
+            registry.register(collector)?;
+        }
         Ok(Self {
             registry,
+            names,
             consumed,
             decided,
             batch_size,
@@ -208,6 +221,12 @@ impl Metrics {
             http_request_seconds,
             assignment: Mutex::new(None),
         })
+    }
+
+    /// The full name of every metric this registry exports (a family shows
+    /// on `/metrics` once it has a series).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Counts decisions; `reason` is empty for those without one.

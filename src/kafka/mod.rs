@@ -1,11 +1,10 @@
 //! Kafka adapters: the one place that builds client configs, the usage
-//! consumer with its assignment hooks, the snapshot reader, the producer,
-//! topic checks, and the embedded mock cluster. Nothing here knows SQL.
+//! consumer with its assignment hooks, the snapshot reader, the producer
+//! and topic checks. Nothing here knows SQL.
 
 pub mod consumer;
 pub mod ends;
 pub mod headers;
-pub mod mock;
 pub mod record_size;
 pub mod topics;
 
@@ -103,31 +102,6 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000");
     config
-}
-
-/// A plain reader of every partition of a topic from its beginning, for the
-/// demo, the bench and the tests' harness (outside any group). A gap is an
-/// error, never a skip.
-pub fn topic_reader(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
-    use rdkafka::consumer::Consumer;
-    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "usage-worker-reader")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "error")
-        .set("fetch.max.bytes", "52428800")
-        // The mock's brokers go down without closing connections.
-        .set("socket.timeout.ms", "10000")
-        .set("log_level", "3")
-        // librdkafka's mock cluster holds an empty fetch for the whole wait.
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    Ok(consumer)
 }
 
 /// The `auto.offset.reset` choice for a new group, resolved by the pipeline

@@ -66,50 +66,6 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     applied
 }
 
-/// Creates the database named in `url` when it does not exist (demo, bench
-/// and tests use databases of their own).
-pub async fn create_database(url: &str) -> anyhow::Result<()> {
-    use sqlx::Connection;
-    let options = PgConnectOptions::from_str(url)?;
-    let name = options
-        .get_database()
-        .context("database URL names no database")?
-        .to_owned();
-    let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
-    if !exists {
-        sqlx::query(&format!("CREATE DATABASE \"{}\"", name.replace('"', "")))
-            .execute(&mut admin)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Creates a fresh database named `<prefix>_<timestamp>` on the server of
-/// `base_url`, and returns its URL (demo and bench use databases of their own).
-pub async fn scratch_database(base_url: &str, prefix: &str) -> anyhow::Result<String> {
-    let name = format!("{prefix}_{}", chrono::Utc::now().format("%Y%m%d%H%M%S%3f"));
-    let mut url = url::Url::parse(base_url).context("invalid setting database.url (DATABASE_URL)")?;
-    url.set_path(&name);
-    create_database(url.as_str()).await?;
-    Ok(url.to_string())
-}
-
-/// Drops the database named in `url`, closing its connections.
-pub async fn drop_database(url: &str) -> anyhow::Result<()> {
-    let mut admin = url::Url::parse(url).context("invalid database URL")?;
-    let name = admin.path().trim_start_matches('/').replace('"', "");
-    admin.set_path("postgres");
-    let pool = sqlx::PgPool::connect(admin.as_str()).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&pool)
-        .await?;
-    Ok(())
-}
-
 /// Stored next offsets of a group on a topic, for the given partitions.
 /// Partitions with no row yet get one at `initial(partition)`, so that the
 /// compare-and-set always has a row to compare against.

@@ -13,17 +13,15 @@
 //! `scripts/control-plane` runs many more. A failure names its seed and
 //! round; the same seed replays the same run.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{ApiServer, Reader, Record, TestEnv, PARTITIONS};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use test_kit::{ApiServer, Reader, Record, TestEnv, PARTITIONS};
 use usage_worker::http::ApiConfig;
 use usage_worker::metrics::Metrics;
 
@@ -602,7 +600,7 @@ async fn run_seed(seed: u64, rounds: usize) {
         versions: vec![0; SUBSCRIPTIONS],
         next_id: 0,
     };
-    let mut vars = env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    let mut vars = env.env_vars(test_kit::env::CONFIG_DIR);
     vars.extend([
         ("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS".into(), "3000".into()),
         ("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS".into(), "300".into()),

@@ -3,14 +3,12 @@
 //! worker against a fresh PostgreSQL database, outcomes read back from
 //! `usage-results`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{active_subscription, Record, TestEnv};
 use serde_json::{json, Value};
+use test_kit::{active_subscription, Record, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -167,7 +165,7 @@ async fn outcomes_go_to_the_source_partition_with_headers_and_subscription_key()
     let env = TestEnv::start().await;
     env.subscription(active_subscription("sub_h", None));
     let worker = env.worker().await;
-    for p in 0..common::PARTITIONS {
+    for p in 0..test_kit::PARTITIONS {
         let event = json!({"id": format!("h{p}"), "subscriptionId": "sub_h", "quantity": 1});
         env.send_at(
             "usage-events",
@@ -177,7 +175,7 @@ async fn outcomes_go_to_the_source_partition_with_headers_and_subscription_key()
         );
     }
     env.flush();
-    let records = env.results_reader().read(common::PARTITIONS as usize, WAIT);
+    let records = env.results_reader().read(test_kit::PARTITIONS as usize, WAIT);
     for r in &records {
         assert_eq!(r.value["source"]["partition"], json!(r.partition));
         assert_eq!(r.key.as_deref(), Some("sub_h"));
@@ -340,7 +338,7 @@ async fn output_topics_with_another_partition_count_stop_start_up_naming_them() 
     let env = TestEnv::start_with_partitions(4).await;
     let mut settings = env.settings();
     settings.topics.usage_results = "results-two".into();
-    env.kafka.create_topic("results-two", 2).unwrap();
+    env.kafka.mock().unwrap().create_topic("results-two", 2).unwrap();
     let worker = env.worker_with(settings).await;
     let err = worker.shutdown().await.unwrap_err();
     assert!(format!("{err:#}").contains("results-two has 2"), "{err:#}");
@@ -376,8 +374,8 @@ fn control_topic_ends(env: &TestEnv) -> Vec<HashMap<i32, i64>> {
         .set("group.id", "watermarks");
     let ends = usage_worker::kafka::ends::EndReader::new(&config).unwrap();
     let topics = [
-        ("subscriptions", common::PARTITIONS),
-        ("invoice-events", common::PARTITIONS),
+        ("subscriptions", test_kit::PARTITIONS),
+        ("invoice-events", test_kit::PARTITIONS),
     ];
     // As the worker reads them (confirmed by reading forward on tansu),
     // twice: a reader is used again for every batch; and confirmed or not,
@@ -418,7 +416,7 @@ async fn control_topic_high_watermarks_are_the_real_ends_on_tansu() {
             .unwrap();
         usage_worker::kafka::ends::reported_ends(
             &consumer,
-            &[("subscriptions", common::PARTITIONS)],
+            &[("subscriptions", test_kit::PARTITIONS)],
             Duration::from_secs(5),
         )
         .unwrap()
@@ -467,10 +465,10 @@ async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu(
     let env = TestEnv::start_on_tansu().await;
     let worker = env.worker().await;
     // One assignment, so that the events come while the worker is running.
-    common::wait_until("the worker to be assigned its partitions", || async {
+    test_kit::wait_until("the worker to be assigned its partitions", || async {
         env.scalar_i64("SELECT count(*) FROM consumer_offsets WHERE topic = 'usage-events'")
             .await
-            == common::PARTITIONS as i64
+            == test_kit::PARTITIONS as i64
     })
     .await;
     const COUNT: usize = 2500;

@@ -177,7 +177,7 @@ impl TansuBroker {
         // Each topic answers metadata with its partitions before it is used.
         let client: BaseConsumer = self.client_config().create()?;
         for topic in topics {
-            let count = tokio::task::block_in_place(|| crate::kafka::topics::partition_count(&client, topic))?;
+            let count = tokio::task::block_in_place(|| usage_worker::kafka::topics::partition_count(&client, topic))?;
             if count != Some(partitions) {
                 bail!("topic {topic} on tansu has {count:?} partitions, not {partitions}");
             }

@@ -1,25 +1,24 @@
-//! Test harness: a fresh PostgreSQL database per test, a Kafka cluster of
-//! its own (librdkafka's embedded mock, or a tansu broker process), and the
-//! worker running in-process or as a child process.
-#![allow(dead_code)]
+//! One test's world: a PostgreSQL database and a Kafka cluster of its own
+//! (librdkafka's embedded mock, or a tansu broker process), both gone when
+//! the test ends, passing or failing; the worker and the HTTP API run
+//! in-process.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use serde_json::Value;
 use sqlx::PgPool;
 use usage_worker::config::Settings;
-use usage_worker::harness::tansu::TansuBroker;
+use usage_worker::embedded::{drop_database, ScratchDatabase};
 use usage_worker::http::{self, Api, ApiConfig};
-use usage_worker::kafka::mock::EmbeddedKafka;
 use usage_worker::metrics::Metrics;
 use usage_worker::{pipeline, store};
+
+use crate::cluster::{BrokerKind, Cluster};
+use crate::topics::Reader;
 
 pub const PARTITIONS: i32 = 4;
 
@@ -34,57 +33,18 @@ pub const TOPICS: [&str; 6] = [
     "usage-events-dlq",
 ];
 
+/// The server the tests' databases are made on: `DATABASE_URL`, or the
+/// local one.
 pub fn base_database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// Which Kafka a test runs against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BrokerKind {
-    /// librdkafka's mock cluster, in the test process.
-    Mock,
-    /// A tansu broker process with in-memory storage (`TANSU_BIN`). The
-    /// test fails when tansu is not installed.
-    Tansu,
-}
-
-/// A test's Kafka cluster.
-pub enum Broker {
-    Mock(EmbeddedKafka),
-    Tansu(TansuBroker),
-}
-
-impl Broker {
-    pub fn bootstrap_servers(&self) -> &str {
-        match self {
-            Broker::Mock(kafka) => kafka.bootstrap_servers(),
-            Broker::Tansu(broker) => broker.bootstrap_servers(),
-        }
-    }
-
-    fn mock(&self) -> &EmbeddedKafka {
-        match self {
-            Broker::Mock(kafka) => kafka,
-            Broker::Tansu(_) => panic!("only librdkafka's mock cluster can do this"),
-        }
-    }
-
-    pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        self.mock().create_topic(name, partitions)
-    }
-
-    pub fn broker_down(&self, broker: i32) -> anyhow::Result<()> {
-        self.mock().broker_down(broker)
-    }
-
-    pub fn broker_up(&self, broker: i32) -> anyhow::Result<()> {
-        self.mock().broker_up(broker)
-    }
-}
+/// The service's `config/` folder.
+pub const CONFIG_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config");
 
 /// One test's world: its own database and its own Kafka cluster.
 pub struct TestEnv {
-    pub kafka: Broker,
+    pub kafka: Cluster,
     pub database_url: String,
     pub pool: PgPool,
     pub producer: ThreadedProducer<DefaultProducerContext>,
@@ -105,7 +65,7 @@ async fn drop_test_databases(url: &str) -> anyhow::Result<()> {
     for database in beside.iter().chain([&name]) {
         let mut target = server.clone();
         target.set_path(database);
-        store::drop_database(target.as_str()).await?;
+        drop_database(target.as_str()).await?;
     }
     Ok(())
 }
@@ -151,33 +111,18 @@ impl TestEnv {
             format: usage_worker::config::LogFormat::Text,
             level: "off".into(),
         });
-        let kafka = match kind {
-            BrokerKind::Mock => {
-                let kafka = EmbeddedKafka::start(1).expect("mock cluster");
-                for topic in TOPICS {
-                    kafka.create_topic(topic, partitions).expect("topic");
-                }
-                Broker::Mock(kafka)
-            }
-            BrokerKind::Tansu => {
-                let broker = TansuBroker::start_temporary().expect("a tansu broker");
-                broker
-                    .create_topics(&TOPICS, partitions)
-                    .await
-                    .expect("topics on tansu");
-                Broker::Tansu(broker)
-            }
-        };
+        let kafka = Cluster::start(kind, 1).expect("a Kafka cluster");
+        kafka.create_topics(&TOPICS, partitions).await.expect("topics");
         let name = format!(
             "usage_worker_test_{}_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst),
             chrono::Utc::now().timestamp_micros()
         );
-        let mut url = url::Url::parse(&base_database_url()).unwrap();
-        url.set_path(&name);
-        let database_url = url.to_string();
-        store::create_database(&database_url).await.expect("create database");
+        let database = ScratchDatabase::create_named(&base_database_url(), &name)
+            .await
+            .expect("create database");
+        let database_url = database.url().to_owned();
         let pool = PgPool::connect(&database_url).await.expect("connect");
         store::migrate(&pool).await.expect("migrate");
         let producer = ClientConfig::new()
@@ -193,10 +138,20 @@ impl TestEnv {
         }
     }
 
+    /// A further empty database, named after the test's
+    /// (`<name>_<what>`), and dropped with it. Its URL.
+    pub async fn database_beside(&self, what: &str) -> String {
+        let name = url::Url::parse(&self.database_url).expect("the test's database URL");
+        let name = format!("{}_{what}", name.path().trim_start_matches('/'));
+        let database = ScratchDatabase::create_named(&base_database_url(), &name)
+            .await
+            .expect("create database");
+        database.url().to_owned()
+    }
+
     /// Settings for a worker of this environment (the `test` profile).
     pub fn settings(&self) -> Settings {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
-        Settings::load_from(&self.env_vars(dir)).expect("settings")
+        Settings::load_from(&self.env_vars(CONFIG_DIR)).expect("settings")
     }
 
     pub fn env_vars(&self, config_dir: &str) -> Vec<(String, String)> {
@@ -206,7 +161,7 @@ impl TestEnv {
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("KAFKA_BOOTSTRAP_SERVERS".into(), self.kafka.bootstrap_servers().into()),
         ];
-        if matches!(self.kafka, Broker::Tansu(_)) {
+        if self.kafka.kind() == BrokerKind::Tansu {
             // tansu under-reports where a partition ends (docs/brokers.md).
             vars.push(("USAGE_WORKER__KAFKA__CONFIRM_PARTITION_ENDS".into(), "true".into()));
         }
@@ -337,97 +292,6 @@ impl Drop for Worker {
         if let Some(task) = &self.task {
             task.abort();
         }
-    }
-}
-
-/// One published record, decoded.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<String>,
-    pub headers: HashMap<String, String>,
-    /// The payload as JSON, or `Null` when it is not JSON (dead letters).
-    pub value: Value,
-    pub payload: Vec<u8>,
-}
-
-/// Reads a topic from the beginning, all partitions.
-pub struct Reader {
-    consumer: BaseConsumer,
-}
-
-impl Reader {
-    pub fn new(bootstrap: &str, topic: &str, partitions: i32) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", "test-reader")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("reader");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        Self { consumer }
-    }
-
-    /// Reads until `count` records arrived (panics after `timeout`).
-    pub fn read(&self, count: usize, timeout: Duration) -> Vec<Record> {
-        let deadline = Instant::now() + timeout;
-        let mut records = Vec::new();
-        while records.len() < count {
-            assert!(
-                Instant::now() < deadline,
-                "timed out: {} of {count} records read: {records:#?}",
-                records.len()
-            );
-            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
-                records.push(decode(&m.detach()));
-            }
-        }
-        records
-    }
-
-    /// Whatever else arrives within `quiet`.
-    pub fn read_rest(&self, quiet: Duration) -> Vec<Record> {
-        let mut records = Vec::new();
-        let mut deadline = Instant::now() + quiet;
-        while Instant::now() < deadline {
-            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
-                records.push(decode(&m.detach()));
-                deadline = Instant::now() + quiet;
-            }
-        }
-        records
-    }
-}
-
-fn decode(m: &OwnedMessage) -> Record {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Record {
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-        headers,
-        value: m
-            .payload()
-            .and_then(|p| serde_json::from_slice(p).ok())
-            .unwrap_or(Value::Null),
-        payload: m.payload().unwrap_or_default().to_vec(),
     }
 }
 

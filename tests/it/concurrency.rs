@@ -1,15 +1,13 @@
 //! Two workers in one consumer group, one subscription's events spread over
 //! every partition: the hard limit holds, every event is decided once.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{active_subscription, TestEnv, PARTITIONS};
 use rust_decimal::Decimal;
 use serde_json::json;
+use test_kit::{active_subscription, TestEnv, PARTITIONS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_workers_never_exceed_a_limit_shared_across_partitions() {
@@ -79,9 +77,9 @@ async fn two_workers_never_exceed_a_limit_shared_across_partitions() {
 mod deciding {
     //! One batch's transaction against what concurrent transactions do.
 
-    use super::common::{active_subscription, wait_until, TestEnv};
     use chrono::{DateTime, Utc};
     use rust_decimal::Decimal;
+    use test_kit::{active_subscription, wait_until, TestEnv};
     use usage_worker::domain::event::UsageRequest;
     use usage_worker::domain::outcome::OutcomeStatus;
     use usage_worker::domain::subscription::decode_snapshot;

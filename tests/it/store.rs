@@ -1,11 +1,9 @@
 //! The store's rules, against a real PostgreSQL database: snapshots, the
 //! outbox, and the fence between relays.
 
-mod common;
-
 use chrono::{DateTime, Utc};
-use common::TestEnv;
 use rust_decimal::Decimal;
+use test_kit::TestEnv;
 use usage_worker::domain::decision::{LimitKind, LimitReached, SubscriptionState};
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
@@ -249,7 +247,7 @@ async fn after_a_tombstone_the_next_snapshot_recreates_the_subscription_whatever
 
 /// Waits until some transaction waits for a lock another one holds.
 async fn until_a_transaction_waits_for_a_lock(env: &TestEnv) {
-    common::wait_until("a transaction waiting for a lock", || async {
+    test_kit::wait_until("a transaction waiting for a lock", || async {
         env.scalar_i64(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
         )
@@ -433,9 +431,7 @@ async fn alerts_stored_before_migration_9_are_marked_on_their_periods() {
 /// A database of its own (beside the test's), migrated up to, not
 /// including, `version`.
 async fn database_migrated_before(env: &TestEnv, version: i64, name: &str) -> (sqlx::PgPool, String) {
-    let mut url = url::Url::parse(&env.database_url).unwrap();
-    url.set_path(&format!("{}_{name}", url.path().trim_start_matches('/')));
-    usage_worker::store::create_database(url.as_str()).await.unwrap();
+    let url = env.database_beside(name).await;
     let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
     let before = sqlx::migrate::Migrator {
         migrations: usage_worker::store::MIGRATOR
@@ -500,9 +496,7 @@ async fn a_claim_waits_for_the_former_owners_round_and_ends_its_publishing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_not_cut_short_by_the_statement_time_out() {
     let env = TestEnv::start().await;
-    let mut url = url::Url::parse(&env.database_url).unwrap();
-    url.set_path(&format!("{}_timeout", url.path().trim_start_matches('/')));
-    usage_worker::store::create_database(url.as_str()).await.unwrap();
+    let url = env.database_beside("timeout").await;
     let mut settings = env.settings().database;
     settings.url = url.to_string();
     // Far shorter than creating the schema takes.

@@ -3,9 +3,7 @@
 //! limit, deletes, authentication, outcomes on `usage-results` with the
 //! worker running, probes and metrics, and the `serve` and `run` commands.
 
-mod common;
-
-use common::wait_until;
+use test_kit::wait_until;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{active_subscription, ApiServer, Reader, TestEnv, PARTITIONS};
 use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use test_kit::{active_subscription, ApiServer, Reader, TestEnv, PARTITIONS};
 use usage_worker::config::{Partitioner, Secret, Settings};
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::http::{output_partition, ApiConfig};
@@ -1009,7 +1007,7 @@ async fn with_the_crc32_partitioner_an_http_outcome_shares_the_partition_of_libr
         .unwrap();
     let expected = output_partition(&sub, PARTITIONS, Partitioner::Crc32);
     env.subscription(active_subscription(&sub, None));
-    let mut vars = env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    let mut vars = env.env_vars(test_kit::env::CONFIG_DIR);
     vars.push(("USAGE_WORKER__KAFKA__PARTITIONER".into(), "crc32".into()));
     let settings = Settings::load_from(&vars).unwrap();
     assert_eq!(settings.kafka.partitioner, Partitioner::Crc32);
@@ -1053,7 +1051,7 @@ async fn with_the_crc32_partitioner_an_http_outcome_shares_the_partition_of_libr
 /// topic of `partitions` partitions with `partitioner` (None: its default).
 async fn librdkafka_partitions(partitioner: Option<&str>, keys: &[String], partitions: i32) -> Vec<i32> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let kafka = usage_worker::kafka::mock::EmbeddedKafka::start(1).unwrap();
+    let kafka = usage_worker::embedded::EmbeddedKafka::start(1).unwrap();
     let topic = format!("keyed-{}", partitioner.unwrap_or("default"));
     kafka.create_topic(&topic, partitions).unwrap();
     let mut config = rdkafka::ClientConfig::new();
@@ -1156,7 +1154,7 @@ impl Process {
             .arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config")))
+            .envs(env.env_vars(test_kit::env::CONFIG_DIR))
             .env("HTTP_ADDR", addr.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

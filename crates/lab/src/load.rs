@@ -7,6 +7,7 @@ use chrono::Utc;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
+use usage_worker::config::Partitioner;
 
 pub type LoadProducer = ThreadedProducer<DefaultProducerContext>;
 
@@ -116,13 +117,10 @@ impl Generator {
     }
 }
 
-/// Keyed by subscription: a stable partition per key.
+/// Keyed by subscription, placed as Kafka's default partitioner places the
+/// key (murmur2, as the Java client and librdkafka's `murmur2_random` do).
 pub fn partition_of(key: &str, partitions: i32) -> i32 {
-    let mut hash: u32 = 2_166_136_261;
-    for b in key.bytes() {
-        hash = (hash ^ b as u32).wrapping_mul(16_777_619);
-    }
-    (hash % partitions as u32) as i32
+    usage_worker::http::output_partition(key, partitions, Partitioner::Murmur2)
 }
 
 #[cfg(test)]

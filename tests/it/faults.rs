@@ -1,12 +1,10 @@
 //! Faults the worker must ride out without losing, repeating or wrongly
 //! rejecting anything.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{active_subscription, TestEnv};
 use serde_json::json;
+use test_kit::{active_subscription, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -142,10 +140,10 @@ async fn a_broker_outage_delays_outcomes_but_loses_and_repeats_nothing() {
     }
     env.flush();
     // The only broker goes away while the worker decides and publishes.
-    env.kafka.broker_down(1).unwrap();
+    env.kafka.mock().unwrap().broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!worker.is_finished(), "an outage is waited out, not fatal");
-    env.kafka.broker_up(1).unwrap();
+    env.kafka.mock().unwrap().broker_up(1).unwrap();
 
     let mut records = reader.read(20, WAIT);
     records.extend(reader.read_rest(Duration::from_secs(2)));
@@ -306,7 +304,7 @@ async fn a_control_position_no_longer_on_its_topic_stops_that_partition_and_neve
     let worker = env.worker().await;
     env.wait_for_count("SELECT count(*) FROM subscriptions WHERE id = 'sub_here'", 1)
         .await;
-    common::wait_until("the reader to stop partition 0", || async {
+    test_kit::wait_until("the reader to stop partition 0", || async {
         worker
             .stats
             .metrics

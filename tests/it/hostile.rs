@@ -16,8 +16,6 @@
 //!   letter with huge headers stalled the relay, a re-sent nanosecond or
 //!   leap-second usageTime was a conflict), each kept as a regression test.
 
-mod common;
-#[path = "hostile/corpus.rs"]
 mod corpus;
 
 use std::collections::BTreeMap;
@@ -27,18 +25,18 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use common::{TestEnv, PARTITIONS};
 use corpus::{Case, Category, Expect, MARKER, MAX_FUTURE_SECS, MAX_PAYLOAD_BYTES, REQUEST_TIME, SUBSCRIPTION};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use test_kit::process::{WorkerProcess, WorkerSpec};
+use test_kit::{TestEnv, PARTITIONS};
 use usage_worker::domain::cloudevents::decode_usage_message;
 use usage_worker::domain::event::DecodeContext;
-use usage_worker::harness::process::{WorkerProcess, WorkerSpec};
+use usage_worker::embedded::TopicReader;
 
 /// Secrets given to the worker; none may appear in its logs.
 const DATABASE_PASSWORD: &str = "s3cr3t-hunter2";
@@ -215,7 +213,7 @@ impl ChildWorker {
         // The local PostgreSQL trusts local connections, so a password it
         // never asks for still connects; the worker holds it all the same.
         url.set_password(Some(DATABASE_PASSWORD)).expect("password");
-        let mut vars = env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+        let mut vars = env.env_vars(test_kit::env::CONFIG_DIR);
         vars.retain(|(k, _)| k != "DATABASE_URL");
         vars.extend([
             ("DATABASE_URL".to_owned(), url.to_string()),
@@ -379,22 +377,13 @@ fn sentinel() -> Vec<u8> {
 /// partition has an outcome, or the deadline passes; outcomes by source
 /// offset, repeats (same `outcomeId`) dropped, anything unexpected listed.
 fn read_outcomes(env: &TestEnv, count: i64, deadline: Instant) -> (BTreeMap<i64, Vec<Value>>, Vec<String>) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env.kafka.bootstrap_servers())
-        .set("group.id", "hostile-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset("usage-results", p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer =
+        TopicReader::open(env.kafka.bootstrap_servers(), "usage-results", PARTITIONS).expect("a topic reader");
     let mut by_offset: BTreeMap<i64, Vec<Value>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     let mut unexpected = Vec::new();
     while (0..count).any(|o| !by_offset.contains_key(&o)) && Instant::now() < deadline {
-        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+        let Some(m) = consumer.next(Duration::from_millis(100)).expect("reading a topic") else {
             continue;
         };
         let value: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
@@ -418,23 +407,12 @@ fn read_outcomes(env: &TestEnv, count: i64, deadline: Instant) -> (BTreeMap<i64,
 /// The source offsets of the dead letters on `usage-events-dlq` (read until
 /// `count` arrived or the deadline passed, then a short quiet time for more).
 fn read_dead_letters(env: &TestEnv, count: usize, deadline: Instant) -> Vec<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env.kafka.bootstrap_servers())
-        .set("group.id", "hostile-dlq-reader")
-        .set("enable.auto.commit", "false")
-        .set("fetch.message.max.bytes", "2000000")
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset("usage-events-dlq", p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer =
+        TopicReader::open(env.kafka.bootstrap_servers(), "usage-events-dlq", PARTITIONS).expect("a topic reader");
     let mut offsets = Vec::new();
     let mut quiet_until = deadline;
     while Instant::now() < quiet_until.min(deadline) {
-        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+        let Some(m) = consumer.next(Duration::from_millis(100)).expect("reading a topic") else {
             continue;
         };
         let source = m.headers().and_then(|h| {

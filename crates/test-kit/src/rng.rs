@@ -1,16 +1,4 @@
-//! What `bench` and `chaos` share: worker child processes, a deterministic
-//! load, and readers that check the output topics record by record.
-//!
-//! The worker under test always runs as its own process, so that its memory
-//! is its own and it can be killed; the mock cluster and the load generator
-//! live in the calling process. A real broker, tansu, runs as a child
-//! process too (`tansu`).
-
-pub mod load;
-pub mod postgres;
-pub mod process;
-pub mod results;
-pub mod tansu;
+//! Seeded numbers that replay a run.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! `usage-worker chaos`: a long stream through several worker processes
+//! `usage-lab chaos`: a long stream through several worker processes
 //! while workers are killed, PostgreSQL crashes and restarts, brokers go down,
 //! workers join and leave, and the database stalls; then a check, from the
 //! output topics and the database, that every guarantee held.
@@ -32,15 +32,16 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Settings, TopicSettings};
-use crate::harness::load::{self, Generator, LoadProducer};
-use crate::harness::postgres::{free_port, PrivatePostgres};
-use crate::harness::process::{WorkerProcess, WorkerSpec};
-use crate::harness::results::{self, Check, Key, Records, ResultReader};
-use crate::harness::tansu::TansuBroker;
-use crate::harness::Rng;
-use crate::kafka::mock::EmbeddedKafka;
-use crate::store;
+use test_kit::postgres::{free_port, PrivatePostgres};
+use test_kit::process::{WorkerProcess, WorkerSpec};
+use test_kit::tansu::TansuBroker;
+use test_kit::{BrokerKind, Cluster, Rng};
+use usage_worker::config::{Settings, TopicSettings};
+use usage_worker::embedded::ScratchDatabase;
+use usage_worker::store;
+
+use crate::load::{self, Generator, LoadProducer};
+use crate::results::{self, Check, Key, Records, ResultReader};
 
 /// The Kafka the chaos run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,27 +50,6 @@ pub enum BrokerChoice {
     Mock,
     /// A tansu broker process (`TANSU_BIN`), in-memory storage.
     Tansu,
-}
-
-enum Cluster {
-    Mock(EmbeddedKafka),
-    Tansu(TansuBroker),
-}
-
-impl Cluster {
-    fn bootstrap_servers(&self) -> &str {
-        match self {
-            Cluster::Mock(kafka) => kafka.bootstrap_servers(),
-            Cluster::Tansu(broker) => broker.bootstrap_servers(),
-        }
-    }
-
-    async fn create_topics(&self, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
-        match self {
-            Cluster::Mock(kafka) => topics.iter().try_for_each(|t| kafka.create_topic(t, partitions)),
-            Cluster::Tansu(broker) => broker.create_topics(topics, partitions).await,
-        }
-    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -252,7 +232,8 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
 
     // The brokers and topics.
     let kafka = match args.broker {
-        BrokerChoice::Mock => Cluster::Mock(EmbeddedKafka::start(BROKERS)?),
+        BrokerChoice::Mock => Cluster::start(BrokerKind::Mock, BROKERS)?,
+        // Its log kept with the workers' logs.
         BrokerChoice::Tansu => Cluster::Tansu(TansuBroker::start(&work_dir.join("tansu.log"))?),
     };
     let bootstrap = kafka.bootstrap_servers().to_owned();
@@ -270,13 +251,14 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     // on the configured one.
     let pg = PrivatePostgres::start(args.keep)?;
     let chaos_url = pg.url("usage_worker_chaos");
-    store::create_database(&chaos_url).await?;
+    ScratchDatabase::create_named(&chaos_url, "usage_worker_chaos").await?;
     // Connected again for the checks at the end: its connections would
     // only see the crashes.
     let chaos_pool = PgPool::connect(&chaos_url).await?;
     store::migrate(&chaos_pool).await?;
     chaos_pool.close().await;
-    let mut clean_url = url::Url::parse(&store::scratch_database(&settings.database.url, "usage_worker_chaos").await?)?;
+    let clean_database = ScratchDatabase::create(&settings.database.url, "usage_worker_chaos").await?;
+    let mut clean_url = url::Url::parse(clean_database.url())?;
     if !clean_url.query_pairs().any(|(k, _)| k == "sslmode") {
         clean_url.query_pairs_mut().append_pair("sslmode", "disable");
     }
@@ -290,7 +272,7 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         ),
         Cluster::Tansu(broker) => eprintln!(
             "chaos: tansu {} at {bootstrap} (pid {}, log {}), private PostgreSQL on port {}",
-            crate::harness::tansu::VERSION,
+            test_kit::tansu::VERSION,
             broker.pid(),
             broker.log().display(),
             pg.port()
@@ -523,7 +505,7 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     .await?;
     chaos_pool.close().await;
     clean_pool.close().await;
-    store::drop_database(&clean_url).await?;
+    clean_database.drop_now().await?;
 
     let report = Report {
         seed,

@@ -26,10 +26,11 @@ impl WorkerSpec {
         }
     }
 
-    /// The running binary, with the database and brokers given.
+    /// The `usage-worker` binary ([`worker_binary`]), with the database and
+    /// brokers given.
     pub fn new(database_url: &str, bootstrap: &str, log: PathBuf) -> anyhow::Result<Self> {
         Ok(Self {
-            exe: std::env::current_exe().context("locating the usage-worker binary")?,
+            exe: worker_binary()?,
             env: vec![
                 ("DATABASE_URL".into(), database_url.into()),
                 ("KAFKA_BOOTSTRAP_SERVERS".into(), bootstrap.into()),
@@ -89,6 +90,27 @@ impl WorkerSpec {
             log: self.log.clone(),
         })
     }
+}
+
+/// Names the `usage-worker` binary to run.
+pub const WORKER_BINARY_VAR: &str = "USAGE_WORKER_BIN";
+
+/// The `usage-worker` binary: `$USAGE_WORKER_BIN`, or the one beside the
+/// running program (cargo builds a workspace's binaries into one folder).
+pub fn worker_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(WORKER_BINARY_VAR) {
+        return Ok(PathBuf::from(path));
+    }
+    let own = std::env::current_exe().context("locating the running program")?;
+    let beside = own.with_file_name("usage-worker");
+    if !beside.is_file() {
+        bail!(
+            "no usage-worker binary at {} (build it with `cargo build --workspace`, \
+             or name one with {WORKER_BINARY_VAR})",
+            beside.display()
+        );
+    }
+    Ok(beside)
 }
 
 pub struct WorkerProcess {

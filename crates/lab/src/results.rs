@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message};
 use serde::Deserialize;
+use usage_worker::embedded::TopicReader;
 
 /// What a reader reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +135,7 @@ struct Alert {
 
 impl ResultReader {
     pub fn start(bootstrap: &str, topic: &str, partitions: i32, records: Records) -> anyhow::Result<Self> {
-        let consumer = crate::kafka::topic_reader(bootstrap, topic, partitions)?;
+        let reader = TopicReader::open(bootstrap, topic, partitions)?;
         let received = Arc::new(AtomicU64::new(0));
         let consumed = Arc::new(AtomicU64::new(0));
         let state = Arc::new(Mutex::new(State::default()));
@@ -144,8 +144,8 @@ impl ResultReader {
             let (received, consumed, state, stop) = (received.clone(), consumed.clone(), state.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    match consumer.poll(Duration::from_millis(50)) {
-                        Some(Ok(m)) => {
+                    match reader.poll(Duration::from_millis(50)) {
+                        Ok(Some(m)) => {
                             consumed.fetch_add(1, Ordering::Relaxed);
                             let mut st = state.lock().unwrap();
                             match read(&m, records, &mut st) {
@@ -159,13 +159,10 @@ impl ResultReader {
                                 }
                             }
                         }
-                        // Lost connections (a broker outage) are retried by the
-                        // client; an offset off the topic means records were
-                        // lost to retention before they were read.
-                        Some(Err(e)) if lost_records(&e) => {
-                            state.lock().unwrap().error.get_or_insert(format!("reading: {e}"));
+                        Ok(None) => {}
+                        Err(e) => {
+                            state.lock().unwrap().error.get_or_insert(format!("{e:#}"));
                         }
-                        Some(Err(_)) | None => {}
                     }
                 }
             })
@@ -258,17 +255,10 @@ impl ResultReader {
     }
 }
 
-fn lost_records(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
-    )
-}
-
 /// Reads one record into the state; true for a first copy.
 fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<bool, String> {
-    let headers = crate::kafka::headers::of_borrowed(m);
-    let header = |name: &str| crate::kafka::headers::text(&headers, name).map(str::to_owned);
+    let headers = usage_worker::kafka::headers::of_borrowed(m);
+    let header = |name: &str| usage_worker::kafka::headers::text(&headers, name).map(str::to_owned);
     let seq: i64 = header("outbox-seq")
         .and_then(|s| s.parse().ok())
         .ok_or("no outbox-seq header")?;
@@ -356,21 +346,7 @@ pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> anyhow:
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "usage-worker-ends")
         .set("log_level", "3");
-    let ends = crate::kafka::ends::EndReader::new(&config)?;
+    let ends = usage_worker::kafka::ends::EndReader::new(&config)?;
     let ends = ends.ends(&[(topic, partitions)], Duration::from_secs(60))?;
     Ok((0..partitions).map(|p| ends[0][&p]).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_offset_off_the_topic_means_lost_records() {
-        let consumption = |code| KafkaError::MessageConsumption(code);
-        assert!(lost_records(&consumption(RDKafkaErrorCode::AutoOffsetReset)));
-        assert!(lost_records(&consumption(RDKafkaErrorCode::OffsetOutOfRange)));
-        assert!(!lost_records(&consumption(RDKafkaErrorCode::BrokerTransportFailure)));
-        assert!(!lost_records(&consumption(RDKafkaErrorCode::AllBrokersDown)));
-    }
 }

@@ -1,13 +1,11 @@
 //! Billing semantics end to end: trial and soft limits, alerts, invoice
 //! feedback, CloudEvents input and dead letters.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{active_subscription, Reader, TestEnv, PARTITIONS};
 use serde_json::json;
+use test_kit::{active_subscription, Reader, TestEnv, PARTITIONS};
 
 const WAIT: Duration = Duration::from_secs(60);
 

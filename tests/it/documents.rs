@@ -7,8 +7,8 @@
 //!   as under 2020-12; output schemas are closed (`additionalProperties:
 //!   false`); every example in the documents matches its schema; the routes
 //!   of the router (read from src/http/mod.rs, since the router does not
-//!   list them) are the documented paths and methods; every metric of
-//!   src/metrics.rs is charted in the Grafana dashboard and the dashboard
+//!   list them) are the documented paths and methods; every metric the
+//!   registry exports is charted in the Grafana dashboard and the dashboard
 //!   names no other; the monitoring services of docker-compose.yml, the
 //!   Prometheus config and the Grafana provisioning agree with each other.
 //! - Live: a real worker with the HTTP API beside it (and an API whose
@@ -22,9 +22,7 @@
 //!   router is probed for the method set of every documented path, and the
 //!   dashboard's label matchers against the labels on the live /metrics.
 
-mod common;
-
-use common::wait_until;
+use test_kit::wait_until;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,11 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{active_subscription, ApiServer, Reader, Record, TestEnv, PARTITIONS};
 use jsonschema::{Draft, Validator};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use serde_json::{json, Value};
+use test_kit::{active_subscription, ApiServer, Reader, Record, TestEnv, PARTITIONS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use usage_worker::config::Secret;
 use usage_worker::http::ApiConfig;
@@ -404,7 +402,7 @@ impl OpenApi {
     }
 }
 
-/// An HTTP API served in-process on a free local port (as tests/http.rs).
+/// An HTTP API served in-process on a free local port (as tests/it/http.rs).
 struct TestApi {
     addr: String,
     client: reqwest::Client,
@@ -652,23 +650,10 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
     routes
 }
 
-/// The full names of the metrics src/metrics.rs defines: the registry's
-/// namespace, `_`, and the first string argument of every `::new(`.
-fn metrics_in_source() -> BTreeSet<String> {
-    let source = read_text("src/metrics.rs");
-    let source = &source[..source.find("#[cfg(test)]").unwrap_or(source.len())];
-    let literal = |text: &str| -> Option<String> {
-        let text = text.trim_start().strip_prefix('"')?;
-        Some(text[..text.find('"')?].to_owned())
-    };
-    let namespace_at = source.find("new_custom(Some(").expect("the registry's namespace");
-    let namespace = literal(&source[namespace_at + "new_custom(Some(".len()..]).unwrap();
-    let names: BTreeSet<String> = source
-        .match_indices("::new(")
-        .filter_map(|(i, marker)| literal(&source[i + marker.len()..]))
-        .map(|name| format!("{namespace}_{name}"))
-        .collect();
-    assert!(names.len() >= 10, "too few metrics found in src/metrics.rs: {names:?}");
+/// The full name of every metric the service's registry exports.
+fn registered_metrics() -> BTreeSet<String> {
+    let names: BTreeSet<String> = Metrics::new().unwrap().names().iter().cloned().collect();
+    assert!(names.len() >= 10, "too few metrics registered: {names:?}");
     names
 }
 
@@ -1226,7 +1211,7 @@ fn the_router_serves_exactly_the_documented_paths_and_methods() {
 
 #[test]
 fn the_dashboard_charts_every_metric_and_no_other() {
-    let metrics = metrics_in_source();
+    let metrics = registered_metrics();
     let dashboard = read_json(DASHBOARD);
     let queries = dashboard_queries(&dashboard);
     assert!(!queries.is_empty());
@@ -1234,7 +1219,7 @@ fn the_dashboard_charts_every_metric_and_no_other() {
     for expr in &queries {
         for series in series_in(expr) {
             let metric = metric_of(&series, &metrics)
-                .unwrap_or_else(|| panic!("the dashboard queries {series}, which src/metrics.rs does not define"));
+                .unwrap_or_else(|| panic!("the dashboard queries {series}, which the service does not export"));
             charted.insert(metric.clone());
         }
     }
@@ -1787,7 +1772,7 @@ async fn real_responses_and_records_match_the_documents() {
         ("t-1", &b"{{ not json"[..])
     );
 
-    // --- Metrics: the live page has exactly the metrics of src/metrics.rs,
+    // --- Metrics: the live page has exactly the registered metrics,
     //     and every series and label the dashboard queries exists on it.
     let page = wait_for_metrics(
         &api,
@@ -1801,7 +1786,7 @@ async fn real_responses_and_records_match_the_documents() {
     .await;
     let page = check("GET", "/metrics", &page);
     let live = labels_on_page(page.as_str().unwrap());
-    let source = metrics_in_source();
+    let registered = registered_metrics();
     let families: BTreeSet<String> = page
         .as_str()
         .unwrap()
@@ -1810,8 +1795,8 @@ async fn real_responses_and_records_match_the_documents() {
         .map(|l| l.split(' ').next().unwrap().to_owned())
         .collect();
     assert_eq!(
-        families, source,
-        "metrics on /metrics (left) and in src/metrics.rs (right)"
+        families, registered,
+        "metrics on /metrics (left) and registered (right)"
     );
     // Labels Prometheus adds to every series it scrapes.
     let target_labels = strings(&["instance", "job"]);

@@ -1,9 +1,7 @@
 //! TLS to PostgreSQL through `sslmode` in `DATABASE_URL`, against the local
 //! server, which offers TLS (Debian's does, with its snakeoil certificate).
 
-mod common;
-
-use common::base_database_url;
+use test_kit::env::base_database_url;
 use usage_worker::config::Settings;
 use usage_worker::store;
 

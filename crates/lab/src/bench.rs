@@ -1,4 +1,4 @@
-//! `usage-worker bench`: throughput, latency and memory of the real pipeline,
+//! `usage-lab bench`: throughput, latency and memory of the real pipeline,
 //! with every guarantee on, on this machine.
 //!
 //! The bench owns an embedded Kafka mock cluster and a fresh database; the
@@ -21,12 +21,13 @@ use anyhow::{bail, Context};
 use rdkafka::producer::Producer;
 use rdkafka::ClientConfig;
 
-use crate::config::Settings;
-use crate::harness::load::{self, Generator, LoadProducer};
-use crate::harness::process::{self, WorkerProcess, WorkerSpec};
-use crate::harness::results::{self, Check, Records, ResultReader};
-use crate::kafka::mock::EmbeddedKafka;
-use crate::store;
+use test_kit::process::{self, WorkerProcess, WorkerSpec};
+use usage_worker::config::Settings;
+use usage_worker::embedded::{EmbeddedKafka, ScratchDatabase};
+use usage_worker::store;
+
+use crate::load::{self, Generator, LoadProducer};
+use crate::results::{self, Check, Records, ResultReader};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -66,7 +67,8 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let kafka = EmbeddedKafka::start(1)?;
     let t = settings.topics.clone();
     kafka.create_worker_topics(&t, args.partitions)?;
-    let mut url = url::Url::parse(&store::scratch_database(&settings.database.url, "usage_worker_bench").await?)?;
+    let scratch = ScratchDatabase::create(&settings.database.url, "usage_worker_bench").await?;
+    let mut url = url::Url::parse(scratch.url())?;
     // The database is on this host: measure the pipeline, not TLS (unless
     // the URL asks for a mode itself).
     if !url.query_pairs().any(|(k, _)| k == "sslmode") {
@@ -77,7 +79,8 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     // The database goes whatever happens: a run that fails half-way leaves
     // nothing behind (its worker processes are stopped as they drop).
     let measured = measure(&settings, &args, &kafka, &database_url, &database).await;
-    let dropped = store::drop_database(&database_url)
+    let dropped = scratch
+        .drop_now()
         .await
         .with_context(|| format!("dropping the bench database {database}"));
     if let (Err(_), Err(e)) = (&measured, &dropped) {

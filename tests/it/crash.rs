@@ -10,21 +10,19 @@
 //! times). The worker's logs go to files under the temp directory; their
 //! tails are printed when the test fails.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use common::{active_subscription, Record, TestEnv, PARTITIONS};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use usage_worker::harness::process::{WorkerProcess, WorkerSpec};
-use usage_worker::harness::Rng;
+use test_kit::process::{WorkerProcess, WorkerSpec};
+use test_kit::Rng;
+use test_kit::{active_subscription, Record, TestEnv, PARTITIONS};
+use usage_worker::embedded::TopicReader;
 use usage_worker::kafka::ends::EndReader;
 
 const SUBSCRIPTIONS: usize = 30;
@@ -238,7 +236,7 @@ struct Workers {
 
 impl Workers {
     fn new(env: &TestEnv) -> Self {
-        let mut vars = env.env_vars(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+        let mut vars = env.env_vars(test_kit::env::CONFIG_DIR);
         vars.extend([
             ("USAGE_WORKER__PIPELINE__BATCH_SIZE".into(), BATCH_SIZE.into()),
             (
@@ -381,17 +379,7 @@ fn high_watermarks(ends: &EndReader, topic: &str) -> Vec<i64> {
 /// Every message of the topic's partitions up to `highs`: payload and
 /// CreateTime (ms).
 fn read_raw(bootstrap: &str, topic: &str, highs: &[i64]) -> BTreeMap<(i32, i64), (Vec<u8>, Option<i64>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "crash-test-raw")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("input reader");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = TopicReader::open(bootstrap, topic, PARTITIONS).expect("a topic reader");
     let total: i64 = highs.iter().sum();
     let mut messages = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -401,8 +389,7 @@ fn read_raw(bootstrap: &str, topic: &str, highs: &[i64]) -> BTreeMap<(i32, i64),
             "read {} of {total} messages of {topic}",
             messages.len()
         );
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            let m = m.expect("reading a topic");
+        if let Some(m) = consumer.next(Duration::from_millis(100)).expect("reading a topic") {
             if m.offset() < highs[m.partition() as usize] {
                 messages.insert(
                     (m.partition(), m.offset()),

@@ -1,0 +1,17 @@
+//! The integration tests: one binary, a module per area. Each test runs on
+//! a world of its own (`test_kit::TestEnv`: a database and a Kafka cluster,
+//! both gone when it ends).
+
+mod billing;
+mod cli;
+mod concurrency;
+mod control_plane;
+mod crash;
+mod decision_properties;
+mod documents;
+mod faults;
+mod hostile;
+mod http;
+mod pipeline;
+mod store;
+mod tls;
