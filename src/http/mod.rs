@@ -3,10 +3,8 @@
 //! and deletes reach `usage-results` through the same outbox. Next to the
 //! worker (`usage-worker run`) or alone (`usage-worker serve`).
 //!
-//! Routes:
-//! - `POST /usages`, `GET /usages`, `GET /usages/{id}`, `DELETE /usages/{id}`
-//!   (behind the optional bearer token);
-//! - `GET /healthz`, `GET /readyz`, `GET /metrics` (open).
+//! Routes ([`routes`]): `/usages` and `/usages/{id}` behind the optional
+//! bearer token; `/healthz`, `/readyz` and `/metrics` open.
 //!
 //! Errors are RFC 9457 problem details ([`problem`]).
 
@@ -25,9 +23,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::handler::Handler;
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -99,17 +99,70 @@ fn new_outcome_id() -> String {
     format!("oc_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Behind the bearer token, when one is set.
+    Token,
+    /// Anyone: probes and metrics.
+    Open,
+}
+
+/// One route of the API: a method on a path template.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+    handler: MethodRouter<Arc<Api>>,
+}
+
+impl Route {
+    fn new<H, T>(method: Method, path: &'static str, access: Access, handler: H) -> Self
+    where
+        H: Handler<T, Arc<Api>>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("a method the router can filter on");
+        Self {
+            method,
+            path,
+            access,
+            handler: on(filter, handler),
+        }
+    }
+}
+
+/// Every route the API serves; [`router`] is built from this list, so it is
+/// also what the router serves.
+pub fn routes() -> Vec<Route> {
+    use Access::{Open, Token};
+    vec![
+        Route::new(Method::GET, "/usages", Token, usages::list),
+        Route::new(Method::POST, "/usages", Token, usages::create),
+        Route::new(Method::GET, "/usages/{id}", Token, usages::get),
+        Route::new(Method::DELETE, "/usages/{id}", Token, usages::delete),
+        Route::new(Method::GET, "/healthz", Open, health::healthz),
+        Route::new(Method::GET, "/readyz", Open, health::readyz),
+        Route::new(Method::GET, "/metrics", Open, health::metrics),
+    ]
+}
+
 pub fn router(api: Arc<Api>) -> Router {
-    let usages = Router::new()
-        .route("/usages", get(usages::list).post(usages::create))
-        .route("/usages/{id}", get(usages::get).delete(usages::delete))
+    let (guarded, open) =
+        routes()
+            .into_iter()
+            .fold((Router::new(), Router::new()), |(guarded, open), route| {
+                match route.access {
+                    Access::Token => (guarded.route(route.path, route.handler), open),
+                    Access::Open => (guarded, open.route(route.path, route.handler)),
+                }
+            });
+    let guarded = guarded
         .layer(DefaultBodyLimit::max(api.config.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth::require_bearer));
     Router::new()
-        .merge(usages)
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+        .merge(guarded)
+        .merge(open)
         .fallback(|| async { Problem::not_found() })
         .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
         .layer(middleware::from_fn_with_state(api.clone(), observe))

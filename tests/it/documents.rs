@@ -6,9 +6,8 @@
 //!   compiles and means the same under draft-07 (AsyncAPI's schema dialect)
 //!   as under 2020-12; output schemas are closed (`additionalProperties:
 //!   false`); every example in the documents matches its schema; the routes
-//!   of the router (read from src/http/mod.rs, since the router does not
-//!   list them) are the documented paths and methods; every metric the
-//!   registry exports is charted in the Grafana dashboard and the dashboard
+//!   the router is built from are the documented paths and methods; every
+//!   metric the registry exports is charted in the Grafana dashboard and the dashboard
 //!   names no other; the monitoring services of docker-compose.yml, the
 //!   Prometheus config and the Grafana provisioning agree with each other.
 //! - Live: a real worker with the HTTP API beside it (and an API whose
@@ -611,42 +610,13 @@ fn produce(env: &TestEnv, topic: &str, key: Option<&str>, payload: &[u8], header
 // ---------------------------------------------------------------------------
 // The router and the metrics, from their source
 
-/// (method, path) of every route src/http/mod.rs declares, methods in
-/// uppercase. The router does not list its routes, so its source is read.
-fn routes_in_source() -> BTreeSet<(String, String)> {
-    let source = read_text("src/http/mod.rs");
-    let mut routes = BTreeSet::new();
-    for (start, marker) in source.match_indices(".route(\"") {
-        let rest = &source[start + marker.len()..];
-        let path = &rest[..rest.find('"').unwrap()];
-        let mut depth = 1;
-        let end = rest
-            .char_indices()
-            .find(|&(_, c)| {
-                match c {
-                    '(' => depth += 1,
-                    ')' => depth -= 1,
-                    _ => {}
-                }
-                depth == 0
-            })
-            .map(|(i, _)| i)
-            .expect("a closed .route(");
-        let arguments = &rest[..end];
-        for method in ["get", "post", "put", "patch", "delete", "head", "options", "trace"] {
-            let call = format!("{method}(");
-            let declared = arguments.match_indices(&call).any(|(i, _)| {
-                arguments[..i]
-                    .chars()
-                    .next_back()
-                    .is_none_or(|c| !c.is_alphanumeric() && c != '_')
-            });
-            if declared {
-                routes.insert((method.to_uppercase(), path.to_owned()));
-            }
-        }
-    }
-    assert!(!routes.is_empty(), "no .route( found in src/http/mod.rs");
+/// (method, path) of every route the router serves, methods in uppercase.
+fn served_routes() -> BTreeSet<(String, String)> {
+    let routes: BTreeSet<(String, String)> = usage_worker::http::routes()
+        .into_iter()
+        .map(|route| (route.method.to_string(), route.path.to_owned()))
+        .collect();
+    assert!(!routes.is_empty(), "the router serves no route");
     routes
 }
 
@@ -1202,10 +1172,10 @@ fn the_input_schemas_accept_and_refuse_what_the_decoders_do() {
 #[test]
 fn the_router_serves_exactly_the_documented_paths_and_methods() {
     let documented = OpenApi::load().operations();
-    let routes = routes_in_source();
+    let routes = served_routes();
     assert_eq!(
         routes, documented,
-        "routes of src/http/mod.rs (left) and operations of docs/openapi.yaml (right) differ"
+        "routes of the router (left) and operations of docs/openapi.yaml (right) differ"
     );
 }
 
