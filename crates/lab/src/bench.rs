@@ -13,20 +13,20 @@
 //!
 //! Every input offset must have exactly one outcome, or the run fails.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::producer::Producer;
-use rdkafka::ClientConfig;
 
 use test_kit::process::{self, WorkerProcess, WorkerSpec};
-use usage_worker::config::Settings;
+use usage_worker::config::{Settings, TopicSettings};
 use usage_worker::embedded::{EmbeddedKafka, ScratchDatabase};
 use usage_worker::store;
 
 use crate::load::{self, Generator, LoadProducer};
+use crate::local;
+use crate::progress::Progress;
 use crate::results::{self, Check, Records, ResultReader};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -68,12 +68,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     let t = settings.topics.clone();
     kafka.create_worker_topics(&t, args.partitions)?;
     let scratch = ScratchDatabase::create(&settings.database.url, "usage_worker_bench").await?;
-    let mut url = url::Url::parse(scratch.url())?;
-    // The database is on this host: measure the pipeline, not TLS (unless
-    // the URL asks for a mode itself).
-    if !url.query_pairs().any(|(k, _)| k == "sslmode") {
-        url.query_pairs_mut().append_pair("sslmode", "disable");
-    }
+    let url = local::without_tls(scratch.url())?;
     let database_url = url.to_string();
     let database = url.path().trim_start_matches('/').to_owned();
     // The database goes whatever happens: a run that fails half-way leaves
@@ -97,146 +92,144 @@ async fn measure(
     database_url: &str,
     database: &str,
 ) -> anyhow::Result<()> {
-    let t = settings.topics.clone();
     let pool = sqlx::PgPool::connect(database_url).await?;
     store::migrate(&pool).await?;
     eprintln!(
         "bench: mock Kafka at {}, database {database}",
         kafka.bootstrap_servers()
     );
-
-    let producer: LoadProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    load::publish_subscriptions(&producer, &t.subscriptions, args.subscriptions, 10)?;
-    producer.flush(Duration::from_secs(30))?;
-
-    let log = std::env::temp_dir().join("usage-worker-bench.log");
-    let spec = WorkerSpec::new(database_url, kafka.bootstrap_servers(), log)?
-        .set("USAGE_WORKER__LOG__LEVEL", "warn,usage_worker::kafka::consumer=info")
-        .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "6000")
-        .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
-        // The API is not under test, and several workers share the host.
-        .set("USAGE_WORKER__HTTP__ENABLED", "false")
-        .set_all(&args.worker_env)?;
-    let bench = Bench {
-        spec,
-        args: args.clone(),
-        topic: t.usage_events.clone(),
-    };
-    let reader = ResultReader::start(
-        kafka.bootstrap_servers(),
-        &t.usage_results,
-        args.partitions,
-        Records::Outcomes { keep_decisions: false },
-    )?;
-    let mut generator = Generator::new(args.subscriptions, 0x2545_F491_4F6C_DD1D);
-
-    // Phase 1: throughput, then 2: latency, with the same worker processes.
-    let mut workers = bench.spawn_workers(&[], "main")?;
-    bench.wait_until_ready(&pool, &mut workers).await?;
-    eprintln!(
-        "bench: {} worker(s) ready; throughput phase, {} events",
-        args.workers, args.events
-    );
-    let cpu_before = CpuSnapshot::take(&pool, database, &workers).await?;
-    let throughput = bench.drive(&producer, &reader, &mut generator, args.events, None, &mut workers)?;
-    let cpu = CpuSnapshot::take(&pool, database, &workers).await?.since(&cpu_before);
-    eprintln!(
-        "bench: latency phase, {} events/s for {} s",
-        args.rate, args.latency_secs
-    );
-    let latency = bench.drive(
-        &producer,
-        &reader,
-        &mut generator,
-        args.rate * args.latency_secs,
-        Some(args.rate),
-        &mut workers,
-    )?;
-    let rss_mib: Vec<f64> = workers
-        .iter()
-        .map(|w| w.peak_rss_mib())
-        .collect::<anyhow::Result<_>>()?;
-    let assignments: Vec<String> = workers
-        .iter()
-        .map(|w| w.assignment().unwrap_or_else(|| "?".into()))
-        .collect();
-    bench.stop_workers(&mut workers)?;
-
-    // Phase 3: the baseline, one event per transaction.
-    let mut baseline_workers = bench.spawn_workers(&[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "1")], "baseline")?;
-    bench.wait_until_ready(&pool, &mut baseline_workers).await?;
-    eprintln!(
-        "bench: baseline phase (one event per transaction), {} events",
-        args.baseline_events
-    );
-    let baseline = bench.drive(
-        &producer,
-        &reader,
-        &mut generator,
-        args.baseline_events,
-        None,
-        &mut baseline_workers,
-    )?;
-    bench.stop_workers(&mut baseline_workers)?;
-
-    let input_highs = results::high_watermarks(kafka.bootstrap_servers(), &t.usage_events, args.partitions)?;
-    let check = reader.check(&input_highs);
-    let decided: i64 = sqlx::query_scalar(
-        // Counted by rows: the `outbox` view would read every payload.
-        "SELECT COALESCE(sum(last_seq - first_seq + 1), 0)::bigint FROM outbox_batches WHERE topic = $1",
-    )
-    .bind(&t.usage_results)
-    .fetch_one(&pool)
-    .await?;
-    let over_limit: i64 = sqlx::query_scalar("SELECT count(*) FROM service_periods WHERE used > hard_limit")
-        .fetch_one(&pool)
-        .await?;
+    let mut bench = Bench::set_up(settings, args, kafka, database_url)?;
+    let main = bench.throughput_and_latency(&pool, database).await?;
+    let baseline = bench.baseline(&pool).await?;
+    let exactly_once = ExactlyOnce::check(kafka, &settings.topics, args.partitions, &bench.reader, &pool).await?;
     pool.close().await;
 
-    let report = Report {
-        events: args.events,
-        events_per_sec: throughput.events_per_sec,
-        baseline_events_per_sec: baseline.events_per_sec,
-        speedup: throughput.events_per_sec / baseline.events_per_sec,
-        p50_ms: latency.percentile(50.0),
-        p99_ms: latency.percentile(99.0),
-        rss_mib: rss_mib.iter().copied().fold(0.0, f64::max),
-    };
-    print_report(
-        &report,
-        args,
-        &throughput,
-        &latency,
-        &check,
-        decided,
-        over_limit,
-        &assignments,
-        &rss_mib,
-        &cpu,
-    );
+    let report = Report::new(args, &main, &baseline);
+    print_report(&report, args, &main, &exactly_once);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report.json())?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    if !check.ok() || over_limit > 0 || decided as u64 != check.inputs {
-        bail!(
-            "the run broke a guarantee: {check:?}, {decided} decisions stored, {over_limit} periods over their limit"
-        );
-    }
-    Ok(())
+    exactly_once.ensure()
 }
 
+/// The load, the workers' settings and the reader of their outcomes, for
+/// every phase.
 struct Bench {
     spec: WorkerSpec,
     args: BenchArgs,
     topic: String,
+    producer: LoadProducer,
+    reader: ResultReader,
+    generator: Generator,
+}
+
+/// What the throughput and latency phases measured, on the same worker
+/// processes.
+struct MainPhases {
+    throughput: Phase,
+    latency: Phase,
+    /// CPU used during the throughput phase.
+    cpu: CpuUse,
+    /// Per worker: its peak resident memory and its last assignment.
+    rss_mib: Vec<f64>,
+    assignments: Vec<String>,
 }
 
 impl Bench {
+    /// Publishes the subscriptions and starts the reader of the outcomes.
+    fn set_up(
+        settings: &Settings,
+        args: &BenchArgs,
+        kafka: &EmbeddedKafka,
+        database_url: &str,
+    ) -> anyhow::Result<Self> {
+        let t = &settings.topics;
+        let producer = load::producer(kafka.bootstrap_servers(), &[])?;
+        load::publish_subscriptions(&producer, &t.subscriptions, args.subscriptions, 10)?;
+        producer.flush(Duration::from_secs(30))?;
+
+        let log = std::env::temp_dir().join("usage-worker-bench.log");
+        let spec = WorkerSpec::new(database_url, kafka.bootstrap_servers(), log)?
+            .set("USAGE_WORKER__LOG__LEVEL", "warn,usage_worker::kafka::consumer=info")
+            .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
+            // The API is not under test, and several workers share the host.
+            .set("USAGE_WORKER__HTTP__ENABLED", "false")
+            .set_all(&args.worker_env)?;
+        let reader = ResultReader::start(
+            kafka.bootstrap_servers(),
+            &t.usage_results,
+            args.partitions,
+            Records::Outcomes { keep_decisions: false },
+        )?;
+        Ok(Self {
+            spec,
+            args: args.clone(),
+            topic: t.usage_events.clone(),
+            producer,
+            reader,
+            generator: Generator::new(args.subscriptions, 0x2545_F491_4F6C_DD1D),
+        })
+    }
+
+    /// Phase 1: throughput, then 2: latency, with the same worker processes.
+    async fn throughput_and_latency(&mut self, pool: &sqlx::PgPool, database: &str) -> anyhow::Result<MainPhases> {
+        let mut workers = self.start_workers(pool, &[], "main").await?;
+        eprintln!(
+            "bench: {} worker(s) ready; throughput phase, {} events",
+            self.args.workers, self.args.events
+        );
+        let cpu_before = CpuSnapshot::take(pool, database, &workers).await?;
+        let throughput = self.drive(self.args.events, None, &mut workers)?;
+        let cpu = CpuSnapshot::take(pool, database, &workers).await?.since(&cpu_before);
+        let (rate, secs) = (self.args.rate, self.args.latency_secs);
+        eprintln!("bench: latency phase, {rate} events/s for {secs} s");
+        let latency = self.drive(rate * secs, Some(rate), &mut workers)?;
+        let rss_mib: Vec<f64> = workers
+            .iter()
+            .map(|w| w.peak_rss_mib())
+            .collect::<anyhow::Result<_>>()?;
+        let assignments: Vec<String> = workers
+            .iter()
+            .map(|w| w.assignment().unwrap_or_else(|| "?".into()))
+            .collect();
+        self.stop_workers(&mut workers)?;
+        Ok(MainPhases {
+            throughput,
+            latency,
+            cpu,
+            rss_mib,
+            assignments,
+        })
+    }
+
+    /// Phase 3: the baseline, one event per transaction.
+    async fn baseline(&mut self, pool: &sqlx::PgPool) -> anyhow::Result<Phase> {
+        let mut workers = self
+            .start_workers(pool, &[("USAGE_WORKER__PIPELINE__BATCH_SIZE", "1")], "baseline")
+            .await?;
+        eprintln!(
+            "bench: baseline phase (one event per transaction), {} events",
+            self.args.baseline_events
+        );
+        let baseline = self.drive(self.args.baseline_events, None, &mut workers)?;
+        self.stop_workers(&mut workers)?;
+        Ok(baseline)
+    }
+
+    /// Spawns the workers of a phase and waits until they are ready.
+    async fn start_workers(
+        &self,
+        pool: &sqlx::PgPool,
+        extra: &[(&str, &str)],
+        phase: &str,
+    ) -> anyhow::Result<Vec<WorkerProcess>> {
+        let mut workers = self.spawn_workers(extra, phase)?;
+        self.wait_until_ready(pool, &mut workers).await?;
+        Ok(workers)
+    }
+
     fn spawn_workers(&self, extra: &[(&str, &str)], phase: &str) -> anyhow::Result<Vec<WorkerProcess>> {
         (0..self.args.workers)
             .map(|i| {
@@ -293,33 +286,25 @@ impl Bench {
 
     /// Produces `count` events (at `rate` per second, or as fast as the
     /// in-flight cap allows) and waits for all their outcomes.
-    fn drive(
-        &self,
-        producer: &LoadProducer,
-        reader: &ResultReader,
-        generator: &mut Generator,
-        count: u64,
-        rate: Option<u64>,
-        workers: &mut [WorkerProcess],
-    ) -> anyhow::Result<Phase> {
-        let received_before = reader.received();
-        reader.start_latency_window();
+    fn drive(&mut self, count: u64, rate: Option<u64>, workers: &mut [WorkerProcess]) -> anyhow::Result<Phase> {
+        let received_before = self.reader.received();
+        self.reader.start_latency_window();
         let started = Instant::now();
         let mut sent = 0u64;
-        let mut last_print = Instant::now();
+        let mut progress = Progress::every(Duration::from_secs(1));
         loop {
-            let received = reader.received() - received_before;
+            let received = self.reader.received() - received_before;
             if received >= count {
                 break;
             }
-            if last_print.elapsed() > Duration::from_secs(1) {
-                last_print = Instant::now();
+            if progress.due() {
                 for w in workers.iter_mut() {
                     w.check_running()?;
                 }
                 let rate_now = received as f64 / started.elapsed().as_secs_f64();
-                eprint!("\rbench: {sent} sent, {received}/{count} outcomes ({rate_now:.0}/s)   ");
-                let _ = std::io::stderr().flush();
+                progress.show(&format!(
+                    "bench: {sent} sent, {received}/{count} outcomes ({rate_now:.0}/s)"
+                ));
             }
             let allowed = match rate {
                 Some(r) => (started.elapsed().as_secs_f64() * r as f64) as u64,
@@ -328,9 +313,7 @@ impl Bench {
             .min(count);
             if sent < allowed {
                 while sent < allowed {
-                    let (key, payload) = generator.next();
-                    let partition = load::partition_of(&key, self.args.partitions);
-                    load::send(producer, &self.topic, Some(partition), &key, &payload)?;
+                    load::send_next(&self.producer, &self.topic, self.args.partitions, &mut self.generator)?;
                     sent += 1;
                 }
             } else {
@@ -338,13 +321,63 @@ impl Bench {
             }
         }
         let elapsed = started.elapsed();
-        eprintln!();
+        progress.end();
         Ok(Phase {
             events: count,
             seconds: elapsed.as_secs_f64(),
             events_per_sec: count as f64 / elapsed.as_secs_f64(),
-            latencies_ms: reader.take_latencies(),
+            latencies_ms: self.reader.take_latencies(),
         })
+    }
+}
+
+/// Exactly one outcome per input offset, a decision stored for each, and
+/// no period over its hard limit.
+struct ExactlyOnce {
+    check: Check,
+    decided: i64,
+    over_limit: i64,
+}
+
+impl ExactlyOnce {
+    async fn check(
+        kafka: &EmbeddedKafka,
+        topics: &TopicSettings,
+        partitions: i32,
+        reader: &ResultReader,
+        pool: &sqlx::PgPool,
+    ) -> anyhow::Result<Self> {
+        let input_highs = results::high_watermarks(kafka.bootstrap_servers(), &topics.usage_events, partitions)?;
+        let check = reader.check(&input_highs);
+        let decided: i64 = sqlx::query_scalar(
+            // Counted by rows: the `outbox` view would read every payload.
+            "SELECT COALESCE(sum(last_seq - first_seq + 1), 0)::bigint FROM outbox_batches WHERE topic = $1",
+        )
+        .bind(&topics.usage_results)
+        .fetch_one(pool)
+        .await?;
+        let over_limit: i64 = sqlx::query_scalar("SELECT count(*) FROM service_periods WHERE used > hard_limit")
+            .fetch_one(pool)
+            .await?;
+        Ok(Self {
+            check,
+            decided,
+            over_limit,
+        })
+    }
+
+    fn ensure(&self) -> anyhow::Result<()> {
+        let Self {
+            check,
+            decided,
+            over_limit,
+        } = self;
+        if !check.ok() || *over_limit > 0 || *decided as u64 != check.inputs {
+            bail!(
+                "the run broke a guarantee: {check:?}, {decided} decisions stored, {over_limit} periods over their limit"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -460,6 +493,18 @@ struct Report {
 }
 
 impl Report {
+    fn new(args: &BenchArgs, main: &MainPhases, baseline: &Phase) -> Self {
+        Self {
+            events: args.events,
+            events_per_sec: main.throughput.events_per_sec,
+            baseline_events_per_sec: baseline.events_per_sec,
+            speedup: main.throughput.events_per_sec / baseline.events_per_sec,
+            p50_ms: main.latency.percentile(50.0),
+            p99_ms: main.latency.percentile(99.0),
+            rss_mib: main.rss_mib.iter().copied().fold(0.0, f64::max),
+        }
+    }
+
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "events": self.events,
@@ -473,19 +518,19 @@ impl Report {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_report(
-    report: &Report,
-    args: &BenchArgs,
-    throughput: &Phase,
-    latency: &Phase,
-    check: &Check,
-    decided: i64,
-    over_limit: i64,
-    assignments: &[String],
-    rss: &[f64],
-    cpu: &CpuUse,
-) {
+fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_once: &ExactlyOnce) {
+    let MainPhases {
+        throughput,
+        latency,
+        cpu,
+        rss_mib: rss,
+        assignments,
+    } = main;
+    let ExactlyOnce {
+        check,
+        decided,
+        over_limit,
+    } = exactly_once;
     println!("\n== usage-worker bench ==");
     println!(
         "machine              {} cores",

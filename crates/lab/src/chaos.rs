@@ -18,16 +18,15 @@
 //! - Injections happen at random points of progress (seeded: `--seed`
 //!   replays a plan), one at a time.
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::producer::Producer;
-use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,6 +40,8 @@ use usage_worker::embedded::ScratchDatabase;
 use usage_worker::store;
 
 use crate::load::{self, Generator, LoadProducer};
+use crate::local;
+use crate::progress::Progress;
 use crate::results::{self, Check, Key, Records, ResultReader};
 
 /// The Kafka the chaos run uses.
@@ -177,6 +178,22 @@ struct PgOutage {
 }
 
 impl PgOutage {
+    fn describe(&self) -> String {
+        let readiness = match self.watched {
+            Some(slot) => format!(
+                "worker {slot} not ready after {}, ready again {} after the restart",
+                seconds(self.not_ready_after),
+                seconds(self.ready_again_after)
+            ),
+            None => "no worker was ready to watch".into(),
+        };
+        format!(
+            "down {:.1} s: {readiness}, busiest worker at {:.0}% CPU while down",
+            self.down.as_secs_f64(),
+            self.max_cpu_percent
+        )
+    }
+
     /// Reported not ready while down, ready again by itself, no spinning.
     fn ok(&self) -> bool {
         let readiness = self.watched.is_none() || (self.not_ready_after.is_some() && self.ready_again_after.is_some());
@@ -193,6 +210,37 @@ struct Pool {
 }
 
 impl Pool {
+    /// A slot per chaos worker and one for the worker that joins and
+    /// leaves, each with an HTTP port of its own; the first `--workers`
+    /// started.
+    fn start(args: &ChaosArgs, bootstrap: &str, chaos_url: &str, work_dir: &Path) -> anyhow::Result<Self> {
+        let slots = args.workers + 1;
+        let mut pool = Pool {
+            specs: Vec::new(),
+            ports: Vec::new(),
+            running: (0..slots).map(|_| None).collect(),
+        };
+        for slot in 0..slots {
+            let port = free_port()?;
+            pool.ports.push(port);
+            pool.specs.push(
+                worker_spec(args, bootstrap, chaos_url, work_dir.join(format!("worker-{slot}.log")))?
+                    .set(
+                        "USAGE_WORKER__DATABASE__STATEMENT_TIMEOUT_MS",
+                        STATEMENT_TIMEOUT_MS.to_string(),
+                    )
+                    .set("USAGE_WORKER__PIPELINE__RETRY_MAX_BACKOFF_MS", "2000")
+                    .set("USAGE_WORKER__PIPELINE__SHUTDOWN_TIMEOUT_MS", "20000")
+                    .set("HTTP_ADDR", format!("127.0.0.1:{port}"))
+                    .set_all(&args.worker_env)?,
+            );
+        }
+        for slot in 0..args.workers {
+            pool.spawn(slot)?;
+        }
+        Ok(pool)
+    }
+
     fn live(&self) -> Vec<usize> {
         (0..self.running.len()).filter(|i| self.running[*i].is_some()).collect()
     }
@@ -201,42 +249,242 @@ impl Pool {
         self.running[slot] = Some(self.specs[slot].spawn()?);
         Ok(())
     }
+
+    /// A worker that exited on its own is noted and started again.
+    fn restart_exited(&mut self, tally: &mut Tally) -> anyhow::Result<()> {
+        for slot in self.live() {
+            let w = self.running[slot].as_mut().expect("live");
+            if let Some(status) = w.child.try_wait()? {
+                tally.unexpected_exits.push(format!(
+                    "worker {slot} exited on its own ({status}); see {}",
+                    w.log.display()
+                ));
+                self.spawn(slot)?;
+            }
+        }
+        Ok(())
+    }
 }
 
-pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
-    let mut rng = Rng(seed);
-    let mut args = args;
-    if args.broker == BrokerChoice::Tansu && args.broker_outages > 0 {
-        eprintln!(
-            "chaos: on tansu, broker outages are not injected (--broker-outages {} skipped): \
-             only the mock cluster can take its brokers down and up again",
-            args.broker_outages
-        );
-        args.broker_outages = 0;
-    }
-    let plan = plan(&args, &mut rng);
-    let started = Instant::now();
-    let work_dir = std::env::temp_dir().join(format!("usage-worker-chaos-{}", std::process::id()));
-    std::fs::create_dir_all(&work_dir)?;
-    eprintln!(
-        "chaos: seed {seed} (--seed {seed} replays this plan); logs in {}",
-        work_dir.display()
-    );
+/// The settings every worker of the run gets, the clean one's included.
+fn worker_spec(args: &ChaosArgs, bootstrap: &str, database: &str, log: PathBuf) -> anyhow::Result<WorkerSpec> {
+    Ok(WorkerSpec::new(database, bootstrap, log)?
+        .set("USAGE_WORKER__LOG__LEVEL", "info")
+        .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "4000")
+        .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
+        // The mock's brokers go down without closing connections: give
+        // up on an unanswered request after 10 s instead of 60.
+        .set("USAGE_WORKER__KAFKA__SOCKET_TIMEOUT_MS", "10000")
+        .set(
+            "USAGE_WORKER__KAFKA__CONFIRM_PARTITION_ENDS",
+            // tansu under-reports where a partition ends (docs/brokers.md).
+            (args.broker == BrokerChoice::Tansu).to_string(),
+        )
+        .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", "false"))
+}
 
-    // The brokers and topics.
+/// The clean worker: a consumer group, output topics and a database of its
+/// own; never disturbed.
+fn start_clean_worker(
+    args: &ChaosArgs,
+    bootstrap: &str,
+    databases: &Databases,
+    clean_topics: &TopicSettings,
+    work_dir: &Path,
+) -> anyhow::Result<WorkerProcess> {
+    worker_spec(args, bootstrap, &databases.clean_url, work_dir.join("clean.log"))?
+        .set("USAGE_WORKER__KAFKA__GROUP_ID", "usage-worker-clean")
+        .set("USAGE_WORKER__TOPICS__USAGE_RESULTS", &clean_topics.usage_results)
+        .set("USAGE_WORKER__TOPICS__USAGE_ALERTS", &clean_topics.usage_alerts)
+        .set("USAGE_WORKER__TOPICS__DEAD_LETTERS", &clean_topics.dead_letters)
+        .set("USAGE_WORKER__HTTP__ENABLED", "false")
+        .spawn()
+}
+
+/// SIGTERM, and up to 40 s to exit: what went wrong, unless it exited
+/// with 0.
+fn stop(w: &mut WorkerProcess, who: &str) -> anyhow::Result<Option<String>> {
+    let status = w.terminate(Duration::from_secs(40))?;
+    Ok(
+        (!status.is_some_and(|s| s.success()))
+            .then(|| format!("{who}: {status:?} on SIGTERM; see {}", w.log.display())),
+    )
+}
+
+/// The chaos run's database on a private server, the clean run's on the
+/// configured one.
+struct Databases {
+    clean_pool: PgPool,
+    clean: ScratchDatabase,
+    clean_url: String,
+    chaos_url: String,
+    pg: PrivatePostgres,
+}
+
+impl Databases {
+    async fn set_up(settings: &Settings, keep: bool) -> anyhow::Result<Self> {
+        let pg = PrivatePostgres::start(keep)?;
+        let chaos_url = pg.url("usage_worker_chaos");
+        ScratchDatabase::create_named(&chaos_url, "usage_worker_chaos").await?;
+        // Connected again for the checks at the end: its connections would
+        // only see the crashes.
+        let chaos_pool = PgPool::connect(&chaos_url).await?;
+        store::migrate(&chaos_pool).await?;
+        chaos_pool.close().await;
+        let clean = ScratchDatabase::create(&settings.database.url, "usage_worker_chaos").await?;
+        let clean_url = local::without_tls(clean.url())?.to_string();
+        let clean_pool = PgPool::connect(&clean_url).await?;
+        store::migrate(&clean_pool).await?;
+        Ok(Self {
+            clean_pool,
+            clean,
+            clean_url,
+            chaos_url,
+            pg,
+        })
+    }
+}
+
+/// Readers of both runs' outputs: `[chaos, clean]`.
+struct Readers {
+    outcomes: [Arc<ResultReader>; 2],
+    alerts: [ResultReader; 2],
+}
+
+impl Readers {
+    fn start(bootstrap: &str, topics: &[TopicSettings; 2], partitions: i32) -> anyhow::Result<Self> {
+        let outcomes = |topic: &str| {
+            let records = Records::Outcomes { keep_decisions: true };
+            ResultReader::start(bootstrap, topic, partitions, records).map(Arc::new)
+        };
+        let alerts = |topic: &str| ResultReader::start(bootstrap, topic, partitions, Records::Alerts);
+        Ok(Self {
+            outcomes: [outcomes(&topics[0].usage_results)?, outcomes(&topics[1].usage_results)?],
+            alerts: [alerts(&topics[0].usage_alerts)?, alerts(&topics[1].usage_alerts)?],
+        })
+    }
+
+    /// Waits until each has read the last records on its topic, once the
+    /// workers have stopped.
+    fn catch_up(&self, bootstrap: &str, topics: &[TopicSettings; 2], partitions: i32) -> anyhow::Result<()> {
+        for (reader, topic) in [
+            (&*self.outcomes[0], &topics[0].usage_results),
+            (&*self.outcomes[1], &topics[1].usage_results),
+            (&self.alerts[0], &topics[0].usage_alerts),
+            (&self.alerts[1], &topics[1].usage_alerts),
+        ] {
+            let highs = results::high_watermarks(bootstrap, topic, partitions)?;
+            tokio::task::block_in_place(|| reader.wait_for(&highs, Duration::from_secs(60)))?;
+        }
+        Ok(())
+    }
+}
+
+/// The run's world: the cluster and the topics of both runs, the two
+/// databases, the readers and the workers. Fields drop in order: the
+/// workers first, the cluster last.
+struct World {
+    pool: Pool,
+    clean: WorkerProcess,
+    readers: Readers,
+    databases: Databases,
+    kafka: Cluster,
+    /// The chaos run's topics, then the clean run's (its own outputs).
+    topics: [TopicSettings; 2],
+}
+
+impl World {
+    /// The cluster, its topics and the databases; the subscriptions
+    /// published, the readers and the workers started. The producer goes on
+    /// to carry the load.
+    async fn set_up(settings: &Settings, args: &ChaosArgs, work_dir: &Path) -> anyhow::Result<(Self, LoadProducer)> {
+        let (kafka, topics) = start_cluster(settings, args, work_dir).await?;
+        let databases = Databases::set_up(settings, args.keep).await?;
+        announce(&kafka, &databases.pg);
+        let bootstrap = kafka.bootstrap_servers();
+        let producer = load::producer(
+            bootstrap,
+            &[
+                ("enable.idempotence", "true"),
+                ("socket.timeout.ms", "10000"),
+                ("log_level", "3"),
+            ],
+        )?;
+        load::publish_subscriptions(&producer, &topics[0].subscriptions, args.subscriptions, 5)?;
+        producer.flush(Duration::from_secs(30))?;
+        let readers = Readers::start(bootstrap, &topics, args.partitions)?;
+        let clean = start_clean_worker(args, bootstrap, &databases, &topics[1], work_dir)?;
+        let pool = Pool::start(args, bootstrap, &databases.chaos_url, work_dir)?;
+        let world = Self {
+            pool,
+            clean,
+            readers,
+            databases,
+            kafka,
+            topics,
+        };
+        Ok((world, producer))
+    }
+
+    fn bootstrap(&self) -> &str {
+        self.kafka.bootstrap_servers()
+    }
+
+    /// Fails when the clean worker has exited; a chaos worker that exited
+    /// on its own is noted and started again.
+    fn check_workers(&mut self, tally: &mut Tally) -> anyhow::Result<()> {
+        if let Some(status) = self.clean.child.try_wait()? {
+            bail!("the clean worker exited ({status}); see {}", self.clean.log.display());
+        }
+        self.pool.restart_exited(tally)
+    }
+
+    /// Everyone stops cleanly. A worker restarted a moment ago may not have
+    /// installed its SIGTERM handler yet (a run on a fast broker can end
+    /// right after the last kill): it is stopped once it answers over HTTP,
+    /// which it does only after.
+    async fn stop_workers(&mut self, tally: &mut Tally) -> anyhow::Result<()> {
+        for slot in self.pool.live() {
+            wait_for_answer(self.pool.ports[slot], Duration::from_secs(60), |answer| {
+                answer.is_some()
+            })
+            .await;
+            let w = self.pool.running[slot].as_mut().expect("live");
+            if let Some(failure) = stop(w, &format!("worker {slot}"))? {
+                tally.unexpected_exits.push(failure);
+            }
+        }
+        if let Some(failure) = stop(&mut self.clean, "the clean worker")? {
+            bail!("{failure}");
+        }
+        Ok(())
+    }
+
+    /// What the outputs and both databases say; the clean run's database is
+    /// dropped after.
+    async fn verdict(&self, input_highs: &[i64]) -> anyhow::Result<Verdict> {
+        let chaos_pool = PgPool::connect(&self.databases.chaos_url).await?;
+        let clean_pool = &self.databases.clean_pool;
+        let verdict = Verdict::gather(input_highs, &self.readers, [&chaos_pool, clean_pool], &self.topics).await?;
+        chaos_pool.close().await;
+        clean_pool.close().await;
+        self.databases.clean.clone().drop_now().await?;
+        Ok(verdict)
+    }
+}
+
+/// The brokers, and the topics of both runs: the clean run's outputs have
+/// names of their own.
+async fn start_cluster(
+    settings: &Settings,
+    args: &ChaosArgs,
+    work_dir: &Path,
+) -> anyhow::Result<(Cluster, [TopicSettings; 2])> {
     let kafka = match args.broker {
         BrokerChoice::Mock => Cluster::start(BrokerKind::Mock, BROKERS)?,
         // Its log kept with the workers' logs.
         BrokerChoice::Tansu => Cluster::Tansu(TansuBroker::start(&work_dir.join("tansu.log"))?),
     };
-    let bootstrap = kafka.bootstrap_servers().to_owned();
     let topics = settings.topics.clone();
     kafka.create_topics(&topics.all(), args.partitions).await?;
     let clean_topics = TopicSettings {
@@ -246,26 +494,12 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         ..topics.clone()
     };
     kafka.create_topics(&clean_topics.outputs(), args.partitions).await?;
+    Ok((kafka, [topics, clean_topics]))
+}
 
-    // The databases: the chaos run's on a private server, the clean run's
-    // on the configured one.
-    let pg = PrivatePostgres::start(args.keep)?;
-    let chaos_url = pg.url("usage_worker_chaos");
-    ScratchDatabase::create_named(&chaos_url, "usage_worker_chaos").await?;
-    // Connected again for the checks at the end: its connections would
-    // only see the crashes.
-    let chaos_pool = PgPool::connect(&chaos_url).await?;
-    store::migrate(&chaos_pool).await?;
-    chaos_pool.close().await;
-    let clean_database = ScratchDatabase::create(&settings.database.url, "usage_worker_chaos").await?;
-    let mut clean_url = url::Url::parse(clean_database.url())?;
-    if !clean_url.query_pairs().any(|(k, _)| k == "sslmode") {
-        clean_url.query_pairs_mut().append_pair("sslmode", "disable");
-    }
-    let clean_url = clean_url.to_string();
-    let clean_pool = PgPool::connect(&clean_url).await?;
-    store::migrate(&clean_pool).await?;
-    match &kafka {
+fn announce(kafka: &Cluster, pg: &PrivatePostgres) {
+    let bootstrap = kafka.bootstrap_servers();
+    match kafka {
         Cluster::Mock(_) => eprintln!(
             "chaos: mock Kafka at {bootstrap} ({BROKERS} brokers), private PostgreSQL on port {}",
             pg.port()
@@ -278,235 +512,104 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
             pg.port()
         ),
     }
+}
 
-    let producer: LoadProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("enable.idempotence", "true")
-        .set("socket.timeout.ms", "10000")
-        .set("log_level", "3")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    load::publish_subscriptions(&producer, &topics.subscriptions, args.subscriptions, 5)?;
-    producer.flush(Duration::from_secs(30))?;
+/// The load, in its own thread, paced by the slower run.
+struct Load {
+    sent: Arc<AtomicU64>,
+    producing: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
 
-    let outcomes = Records::Outcomes { keep_decisions: true };
-    let chaos_results = Arc::new(ResultReader::start(
-        &bootstrap,
-        &topics.usage_results,
-        args.partitions,
-        outcomes,
-    )?);
-    let clean_results = Arc::new(ResultReader::start(
-        &bootstrap,
-        &clean_topics.usage_results,
-        args.partitions,
-        outcomes,
-    )?);
-    let chaos_alerts = ResultReader::start(&bootstrap, &topics.usage_alerts, args.partitions, Records::Alerts)?;
-    let clean_alerts = ResultReader::start(&bootstrap, &clean_topics.usage_alerts, args.partitions, Records::Alerts)?;
-
-    // The workers.
-    let base = |database: &str, log: PathBuf| -> anyhow::Result<WorkerSpec> {
-        Ok(WorkerSpec::new(database, &bootstrap, log)?
-            .set("USAGE_WORKER__LOG__LEVEL", "info")
-            .set("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "4000")
-            .set("USAGE_WORKER__KAFKA__HEARTBEAT_INTERVAL_MS", "500")
-            // The mock's brokers go down without closing connections: give
-            // up on an unanswered request after 10 s instead of 60.
-            .set("USAGE_WORKER__KAFKA__SOCKET_TIMEOUT_MS", "10000")
-            .set(
-                "USAGE_WORKER__KAFKA__CONFIRM_PARTITION_ENDS",
-                // tansu under-reports where a partition ends (docs/brokers.md).
-                (args.broker == BrokerChoice::Tansu).to_string(),
-            )
-            .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", "false"))
-    };
-    let mut clean = base(&clean_url, work_dir.join("clean.log"))?
-        .set("USAGE_WORKER__KAFKA__GROUP_ID", "usage-worker-clean")
-        .set("USAGE_WORKER__TOPICS__USAGE_RESULTS", &clean_topics.usage_results)
-        .set("USAGE_WORKER__TOPICS__USAGE_ALERTS", &clean_topics.usage_alerts)
-        .set("USAGE_WORKER__TOPICS__DEAD_LETTERS", &clean_topics.dead_letters)
-        .set("USAGE_WORKER__HTTP__ENABLED", "false")
-        .spawn()?;
-    let slots = args.workers + 1;
-    let mut pool = Pool {
-        specs: Vec::new(),
-        ports: Vec::new(),
-        running: (0..slots).map(|_| None).collect(),
-    };
-    for slot in 0..slots {
-        let port = free_port()?;
-        pool.ports.push(port);
-        pool.specs.push(
-            base(&chaos_url, work_dir.join(format!("worker-{slot}.log")))?
-                .set(
-                    "USAGE_WORKER__DATABASE__STATEMENT_TIMEOUT_MS",
-                    STATEMENT_TIMEOUT_MS.to_string(),
-                )
-                .set("USAGE_WORKER__PIPELINE__RETRY_MAX_BACKOFF_MS", "2000")
-                .set("USAGE_WORKER__PIPELINE__SHUTDOWN_TIMEOUT_MS", "20000")
-                .set("HTTP_ADDR", format!("127.0.0.1:{port}"))
-                .set_all(&args.worker_env)?,
-        );
-    }
-    for slot in 0..args.workers {
-        pool.spawn(slot)?;
-    }
-
-    // The load, in its own thread, paced by the slower run.
-    let sent = Arc::new(AtomicU64::new(0));
-    let producing = Arc::new(AtomicBool::new(true));
-    let load_thread = {
-        let (sent, producing) = (sent.clone(), producing.clone());
-        let (chaos_results, clean_results) = (chaos_results.clone(), clean_results.clone());
-        let (topic, partitions, events) = (topics.usage_events.clone(), args.partitions, args.events);
-        let mut generator = Generator::new(args.subscriptions, seed);
-        std::thread::spawn(move || -> anyhow::Result<()> {
-            while sent.load(Ordering::Relaxed) < events && producing.load(Ordering::Relaxed) {
-                let done = chaos_results.received().min(clean_results.received());
-                let n = sent.load(Ordering::Relaxed);
-                if n.saturating_sub(done) >= MAX_IN_FLIGHT {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
+impl Load {
+    fn start(producer: LoadProducer, world: &World, args: &ChaosArgs, seed: u64) -> Self {
+        let sent = Arc::new(AtomicU64::new(0));
+        let producing = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let (sent, producing) = (sent.clone(), producing.clone());
+            let [chaos_results, clean_results] = world.readers.outcomes.clone();
+            let (topic, partitions, events) = (world.topics[0].usage_events.clone(), args.partitions, args.events);
+            let mut generator = Generator::new(args.subscriptions, seed);
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                while sent.load(Ordering::Relaxed) < events && producing.load(Ordering::Relaxed) {
+                    let done = chaos_results.received().min(clean_results.received());
+                    let n = sent.load(Ordering::Relaxed);
+                    if n.saturating_sub(done) >= MAX_IN_FLIGHT {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    for _ in 0..(MAX_IN_FLIGHT - n.saturating_sub(done)).min(events - n).min(500) {
+                        load::send_next(&producer, &topic, partitions, &mut generator)?;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                for _ in 0..(MAX_IN_FLIGHT - n.saturating_sub(done)).min(events - n).min(500) {
-                    let (key, payload) = generator.next();
-                    let partition = load::partition_of(&key, partitions);
-                    load::send(&producer, &topic, Some(partition), &key, &payload)?;
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            producer.flush(Duration::from_secs(120))?;
-            Ok(())
-        })
-    };
-
-    // Injections at their points of progress, one at a time.
-    let mut tally = Tally::default();
-    let deadline = started + Duration::from_secs(args.timeout_secs);
-    let mut pending = plan.into_iter().peekable();
-    let mut input_highs: Option<Vec<i64>> = None;
-    let mut last_print = Instant::now();
-    let result: anyhow::Result<()> = async {
-        loop {
-            anyhow::ensure!(Instant::now() < deadline, "gave up after {} s", args.timeout_secs);
-            if let Some(status) = clean.child.try_wait()? {
-                bail!("the clean worker exited ({status}); see {}", clean.log.display());
-            }
-            for slot in pool.live() {
-                let w = pool.running[slot].as_mut().expect("live");
-                if let Some(status) = w.child.try_wait()? {
-                    tally
-                        .unexpected_exits
-                        .push(format!("worker {slot} exited on its own ({status}); see {}", w.log.display()));
-                    pool.spawn(slot)?;
-                }
-            }
-            let progress = chaos_results.received() as f64 / args.events as f64;
-            if let Some(&(at, injection)) = pending.peek() {
-                if progress >= at {
-                    pending.next();
-                    inject(injection, &mut rng, &mut pool, &pg, &kafka, &chaos_url, &mut tally, args.workers).await?;
-                }
-            }
-            if input_highs.is_none() && load_thread.is_finished() {
-                input_highs = Some(results::high_watermarks(&bootstrap, &topics.usage_events, args.partitions)?);
-            }
-            if let Some(highs) = &input_highs {
-                let inputs = highs.iter().sum::<i64>() as u64;
-                if pending.peek().is_none()
-                    && chaos_results.received() >= inputs
-                    && clean_results.received() >= inputs
-                {
-                    return Ok(());
-                }
-            }
-            if last_print.elapsed() > Duration::from_secs(2) {
-                last_print = Instant::now();
-                eprint!(
-                    "\rchaos: {:>4.0}s {} sent, {} decided, {} clean; {} kills, {} PostgreSQL restarts, {} broker outages, {} slow, {} joins   ",
-                    started.elapsed().as_secs_f64(),
-                    sent.load(Ordering::Relaxed),
-                    chaos_results.received(),
-                    clean_results.received(),
-                    tally.kills,
-                    tally.pg_restarts,
-                    tally.broker_outages,
-                    tally.slow_db,
-                    tally.joins
-                );
-                let _ = std::io::stderr().flush();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+                producer.flush(Duration::from_secs(120))?;
+                Ok(())
+            })
+        };
+        Self {
+            sent,
+            producing,
+            thread,
         }
     }
-    .await;
-    eprintln!();
-    producing.store(false, Ordering::Relaxed);
-    let produced = load_thread
-        .join()
-        .map_err(|_| anyhow::anyhow!("the load thread panicked"))?;
-    if let Err(e) = result.and(produced) {
-        eprintln!("chaos: logs kept in {}", work_dir.display());
-        return Err(e);
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
-    // Everyone stops cleanly. A worker restarted a moment ago may not have
-    // installed its SIGTERM handler yet (a run on a fast broker can end
-    // right after the last kill): it is stopped once it answers over HTTP,
-    // which it does only after.
-    for slot in pool.live() {
-        let answering = Instant::now();
-        while readyz(pool.ports[slot]).await.is_none() && answering.elapsed() < Duration::from_secs(60) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let w = pool.running[slot].as_mut().expect("live");
-        let status = w.terminate(Duration::from_secs(40))?;
-        if !status.is_some_and(|s| s.success()) {
-            tally
-                .unexpected_exits
-                .push(format!("worker {slot}: {status:?} on SIGTERM; see {}", w.log.display()));
-        }
+    fn finished(&self) -> bool {
+        self.thread.is_finished()
     }
-    let status = clean.terminate(Duration::from_secs(40))?;
-    anyhow::ensure!(
-        status.is_some_and(|s| s.success()),
-        "the clean worker: {status:?} on SIGTERM; see {}",
-        clean.log.display()
+
+    /// Stops producing and waits for the thread: an error if it panicked,
+    /// else what it returned.
+    fn stop(self) -> anyhow::Result<anyhow::Result<()>> {
+        self.producing.store(false, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))
+    }
+}
+
+pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut rng = Rng(seed);
+    let args = fit_to_broker(args);
+    let plan = plan(&args, &mut rng);
+    let started = Instant::now();
+    let work_dir = std::env::temp_dir().join(format!("usage-worker-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)?;
+    eprintln!(
+        "chaos: seed {seed} (--seed {seed} replays this plan); logs in {}",
+        work_dir.display()
     );
-    // The readers catch up with the last records.
-    for (reader, topic) in [
-        (&*chaos_results, &topics.usage_results),
-        (&*clean_results, &clean_topics.usage_results),
-        (&chaos_alerts, &topics.usage_alerts),
-        (&clean_alerts, &clean_topics.usage_alerts),
-    ] {
-        let highs = results::high_watermarks(&bootstrap, topic, args.partitions)?;
-        tokio::task::block_in_place(|| reader.wait_for(&highs, Duration::from_secs(60)))?;
-    }
 
-    let input_highs = input_highs.expect("set when the load finished");
-    let chaos_pool = PgPool::connect(&chaos_url).await?;
-    let statement_timeouts = (0..slots)
-        .map(|slot| {
-            std::fs::read_to_string(work_dir.join(format!("worker-{slot}.log")))
-                .map(|log| log.matches("statement timeout").count())
-                .unwrap_or(0)
-        })
-        .sum();
-    let verdict = Verdict::gather(
-        &input_highs,
-        [&chaos_results, &clean_results],
-        [&chaos_alerts, &clean_alerts],
-        [&chaos_pool, &clean_pool],
-        [&topics, &clean_topics],
-    )
-    .await?;
-    chaos_pool.close().await;
-    clean_pool.close().await;
-    clean_database.drop_now().await?;
+    let (mut world, producer) = World::set_up(&settings, &args, &work_dir).await?;
+    let load = Load::start(producer, &world, &args, seed);
+    let mut tally = Tally::default();
+    let driven = drive(&mut world, &args, &load, plan, &mut rng, &mut tally, started).await;
+    let produced = load.stop()?;
+    let input_highs = match (driven, produced) {
+        (Ok(input_highs), Ok(())) => input_highs,
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            logs_kept(&work_dir);
+            return Err(e);
+        }
+    };
+    world.stop_workers(&mut tally).await?;
+    world
+        .readers
+        .catch_up(world.bootstrap(), &world.topics, args.partitions)?;
 
+    let statement_timeouts = statement_timeouts(&work_dir, args.workers + 1);
+    let verdict = world.verdict(&input_highs).await?;
     let report = Report {
         seed,
         events: args.events,
@@ -517,160 +620,270 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         verdict,
         statement_timeouts,
     };
-    report.print();
-    std::fs::write(work_dir.join("timeline.txt"), report.tally.timeline.join("\n") + "\n")?;
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report.json())?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if !report.passed() {
-        eprintln!("chaos: logs kept in {}", work_dir.display());
-        bail!("the chaos run broke a guarantee (seed {seed})");
-    }
-    if !args.keep {
-        let _ = std::fs::remove_dir_all(&work_dir);
-    }
-    Ok(())
+    report.finish(&args, &work_dir)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// On tansu no broker outages: only the mock cluster can take its brokers
+/// down and up again.
+fn fit_to_broker(mut args: ChaosArgs) -> ChaosArgs {
+    if args.broker == BrokerChoice::Tansu && args.broker_outages > 0 {
+        eprintln!(
+            "chaos: on tansu, broker outages are not injected (--broker-outages {} skipped): \
+             only the mock cluster can take its brokers down and up again",
+            args.broker_outages
+        );
+        args.broker_outages = 0;
+    }
+    args
+}
+
+fn logs_kept(work_dir: &Path) {
+    eprintln!("chaos: logs kept in {}", work_dir.display());
+}
+
+/// "statement timeout" in the chaos workers' logs.
+fn statement_timeouts(work_dir: &Path, slots: usize) -> usize {
+    (0..slots)
+        .map(|slot| {
+            std::fs::read_to_string(work_dir.join(format!("worker-{slot}.log")))
+                .map(|log| log.matches("statement timeout").count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Drives the run until both runs have an outcome for every input,
+/// injecting each planned fault at its point of progress, one at a time:
+/// the input's high watermarks, read once the load has finished.
+async fn drive(
+    world: &mut World,
+    args: &ChaosArgs,
+    load: &Load,
+    plan: Vec<(f64, Injection)>,
+    rng: &mut Rng,
+    tally: &mut Tally,
+    started: Instant,
+) -> anyhow::Result<Vec<i64>> {
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    let mut pending = plan.into_iter().peekable();
+    let mut input_highs: Option<Vec<i64>> = None;
+    let mut progress = Progress::every(Duration::from_secs(2));
+    let driven = async {
+        loop {
+            anyhow::ensure!(Instant::now() < deadline, "gave up after {} s", args.timeout_secs);
+            world.check_workers(tally)?;
+            let share = world.readers.outcomes[0].received() as f64 / args.events as f64;
+            if let Some(&(at, injection)) = pending.peek() {
+                if share >= at {
+                    pending.next();
+                    inject(injection, rng, world, tally, args.workers).await?;
+                }
+            }
+            let [chaos_results, clean_results] = &world.readers.outcomes;
+            if input_highs.is_none() && load.finished() {
+                input_highs = Some(results::high_watermarks(
+                    world.bootstrap(),
+                    &world.topics[0].usage_events,
+                    args.partitions,
+                )?);
+            }
+            if let Some(highs) = &input_highs {
+                let inputs = highs.iter().sum::<i64>() as u64;
+                if pending.peek().is_none() && chaos_results.received() >= inputs && clean_results.received() >= inputs
+                {
+                    return Ok(highs.clone());
+                }
+            }
+            if progress.due() {
+                progress.show(&format!(
+                    "chaos: {:>4.0}s {} sent, {} decided, {} clean; {} kills, {} PostgreSQL restarts, {} broker outages, {} slow, {} joins",
+                    started.elapsed().as_secs_f64(),
+                    load.sent(),
+                    chaos_results.received(),
+                    clean_results.received(),
+                    tally.kills,
+                    tally.pg_restarts,
+                    tally.broker_outages,
+                    tally.slow_db,
+                    tally.joins
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    .await;
+    progress.end();
+    driven
+}
+
+/// One injection, by its kind.
 async fn inject(
     injection: Injection,
     rng: &mut Rng,
-    pool: &mut Pool,
-    pg: &PrivatePostgres,
-    kafka: &Cluster,
-    chaos_url: &str,
+    world: &mut World,
     tally: &mut Tally,
     workers: usize,
 ) -> anyhow::Result<()> {
     match injection {
-        Injection::Kill => {
-            let live = pool.live();
-            let slot = live[rng.below(live.len() as u64) as usize];
-            pool.running[slot].take().expect("live").kill()?;
-            tally.kills += 1;
-            tally.note(format!("kill -9 worker {slot}"));
-            tokio::time::sleep(rng.millis(0, 1500)).await;
-            pool.spawn(slot)?;
+        Injection::Kill => kill(&mut world.pool, rng, tally).await,
+        Injection::Join => join(&mut world.pool, workers, tally),
+        Injection::Leave => leave(&mut world.pool, workers, tally),
+        Injection::BrokerOutage => broker_outage(&world.kafka, rng, tally).await,
+        Injection::SlowDb => slow_database(&world.databases.chaos_url, rng, tally).await,
+        Injection::PgRestart => pg_restart(&world.pool, &world.databases.pg, rng, tally).await,
+    }
+}
+
+/// kill -9 of a live worker, started again after up to 1.5 s.
+async fn kill(pool: &mut Pool, rng: &mut Rng, tally: &mut Tally) -> anyhow::Result<()> {
+    let live = pool.live();
+    let slot = live[rng.below(live.len() as u64) as usize];
+    pool.running[slot].take().expect("live").kill()?;
+    tally.kills += 1;
+    tally.note(format!("kill -9 worker {slot}"));
+    tokio::time::sleep(rng.millis(0, 1500)).await;
+    pool.spawn(slot)
+}
+
+/// The extra worker joins the group.
+fn join(pool: &mut Pool, slot: usize, tally: &mut Tally) -> anyhow::Result<()> {
+    pool.spawn(slot)?;
+    tally.joins += 1;
+    tally.note(format!("worker {slot} joins"));
+    Ok(())
+}
+
+/// The extra worker leaves the group (SIGTERM), if it runs.
+fn leave(pool: &mut Pool, slot: usize, tally: &mut Tally) -> anyhow::Result<()> {
+    if let Some(mut w) = pool.running[slot].take() {
+        tally.note(format!("worker {slot} leaves (SIGTERM)"));
+        if let Some(failure) = stop(&mut w, "leaving worker")? {
+            tally.unexpected_exits.push(failure);
         }
-        Injection::Join => {
-            pool.spawn(workers)?;
-            tally.joins += 1;
-            tally.note(format!("worker {workers} joins"));
-        }
-        Injection::Leave => {
-            if let Some(mut w) = pool.running[workers].take() {
-                tally.note(format!("worker {workers} leaves (SIGTERM)"));
-                let status = w.terminate(Duration::from_secs(40))?;
-                if !status.is_some_and(|s| s.success()) {
-                    tally.unexpected_exits.push(format!(
-                        "leaving worker: {status:?} on SIGTERM; see {}",
-                        w.log.display()
-                    ));
-                }
-                tally.leaves += 1;
-            }
-        }
-        Injection::BrokerOutage => {
-            let Cluster::Mock(kafka) = kafka else {
-                bail!("broker outages need the mock cluster");
-            };
-            let brokers: Vec<i32> = if rng.below(2) == 0 {
-                (1..=BROKERS).collect()
-            } else {
-                vec![1 + rng.below(BROKERS as u64) as i32]
-            };
-            for b in &brokers {
-                kafka.broker_down(*b)?;
-            }
-            tally.note(format!("brokers {brokers:?} down"));
-            tokio::time::sleep(rng.millis(1000, 5000)).await;
-            for b in &brokers {
-                kafka.broker_up(*b)?;
-            }
-            tally.note(format!("brokers {brokers:?} up"));
-            tally.broker_outages += 1;
-        }
-        Injection::SlowDb => {
-            let table = ["consumer_offsets", "service_periods", "usages", "outbox"][rng.below(4) as usize];
-            let hold = rng.millis(STATEMENT_TIMEOUT_MS / 3, STATEMENT_TIMEOUT_MS * 2);
-            tally.note(format!("{table} locked for {} ms", hold.as_millis()));
-            let mut conn = sqlx::PgConnection::connect(chaos_url).await?;
-            let mut tx = conn.begin().await?;
-            sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-                .execute(&mut *tx)
-                .await?;
-            tokio::time::sleep(hold).await;
-            tx.commit().await?;
-            conn.close().await?;
-            tally.slow_db += 1;
-        }
-        Injection::PgRestart => {
-            // A worker that is ready now is watched: it must report not
-            // ready while the database is down and ready again after, by
-            // itself. (One still joining the group, say after a broker
-            // outage, is not ready for reasons of its own.)
-            let live = pool.live();
-            let mut ready = Vec::new();
-            let asked = Instant::now();
-            while ready.is_empty() && asked.elapsed() < Duration::from_secs(30) {
-                for slot in &live {
-                    if readyz(pool.ports[*slot]).await == Some(true) {
-                        ready.push(*slot);
-                    }
-                }
-                if ready.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-            let watched = (!ready.is_empty()).then(|| ready[rng.below(ready.len() as u64) as usize]);
-            let pids: Vec<&WorkerProcess> = live.iter().filter_map(|s| pool.running[*s].as_ref()).collect();
-            let cpu_before: Vec<Duration> = pids.iter().map(|w| w.cpu_time()).collect::<anyhow::Result<_>>()?;
-            let down = rng.millis(2000, 6000);
-            pg.crash()?;
-            tally.note("PostgreSQL crashed".into());
-            let crashed = Instant::now();
-            let not_ready_after = match watched {
-                Some(slot) => wait_for_readiness(pool.ports[slot], false, Duration::from_secs(10)).await,
-                None => None,
-            };
-            let rest = down.saturating_sub(crashed.elapsed());
-            tokio::time::sleep(rest).await;
-            let max_cpu_percent = pids
-                .iter()
-                .zip(&cpu_before)
-                .map(|(w, before)| {
-                    let used = w.cpu_time().unwrap_or(*before).saturating_sub(*before);
-                    100.0 * used.as_secs_f64() / crashed.elapsed().as_secs_f64()
-                })
-                .fold(0.0, f64::max);
-            let down = crashed.elapsed();
-            pg.start_server()?;
-            tally.note("PostgreSQL restarted".into());
-            let restarted = Instant::now();
-            let ready_again_after = match watched {
-                Some(slot) => wait_for_readiness(pool.ports[slot], true, Duration::from_secs(60)).await,
-                None => None,
-            };
-            tally.pg_restarts += 1;
-            tally.outages.push(PgOutage {
-                watched,
-                down,
-                not_ready_after,
-                ready_again_after: ready_again_after.map(|_| restarted.elapsed()),
-                max_cpu_percent,
-            });
-        }
+        tally.leaves += 1;
     }
     Ok(())
 }
 
-/// How long until `/readyz` answers ready (or not), if within `limit`.
-async fn wait_for_readiness(port: u16, ready: bool, limit: Duration) -> Option<Duration> {
+/// One or all of the mock's brokers down for 1 to 5 s.
+async fn broker_outage(kafka: &Cluster, rng: &mut Rng, tally: &mut Tally) -> anyhow::Result<()> {
+    let Cluster::Mock(kafka) = kafka else {
+        bail!("broker outages need the mock cluster");
+    };
+    let brokers: Vec<i32> = if rng.below(2) == 0 {
+        (1..=BROKERS).collect()
+    } else {
+        vec![1 + rng.below(BROKERS as u64) as i32]
+    };
+    for b in &brokers {
+        kafka.broker_down(*b)?;
+    }
+    tally.note(format!("brokers {brokers:?} down"));
+    tokio::time::sleep(rng.millis(1000, 5000)).await;
+    for b in &brokers {
+        kafka.broker_up(*b)?;
+    }
+    tally.note(format!("brokers {brokers:?} up"));
+    tally.broker_outages += 1;
+    Ok(())
+}
+
+/// A table of the chaos run's database locked for up to twice the
+/// workers' statement timeout.
+async fn slow_database(chaos_url: &str, rng: &mut Rng, tally: &mut Tally) -> anyhow::Result<()> {
+    let table = ["consumer_offsets", "service_periods", "usages", "outbox"][rng.below(4) as usize];
+    let hold = rng.millis(STATEMENT_TIMEOUT_MS / 3, STATEMENT_TIMEOUT_MS * 2);
+    tally.note(format!("{table} locked for {} ms", hold.as_millis()));
+    let mut conn = sqlx::PgConnection::connect(chaos_url).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *tx)
+        .await?;
+    tokio::time::sleep(hold).await;
+    tx.commit().await?;
+    conn.close().await?;
+    tally.slow_db += 1;
+    Ok(())
+}
+
+/// The private PostgreSQL crashes and, 2 to 6 s later, starts again; a
+/// ready worker's readiness and the workers' CPU are watched meanwhile.
+async fn pg_restart(pool: &Pool, pg: &PrivatePostgres, rng: &mut Rng, tally: &mut Tally) -> anyhow::Result<()> {
+    let live = pool.live();
+    let watched = watch_a_ready_worker(pool, &live, rng).await;
+    let pids: Vec<&WorkerProcess> = live.iter().filter_map(|s| pool.running[*s].as_ref()).collect();
+    let cpu_before: Vec<Duration> = pids.iter().map(|w| w.cpu_time()).collect::<anyhow::Result<_>>()?;
+    let down = rng.millis(2000, 6000);
+    pg.crash()?;
+    tally.note("PostgreSQL crashed".into());
+    let crashed = Instant::now();
+    let watched_port = watched.map(|slot| pool.ports[slot]);
+    let not_ready_after = wait_for_readiness(watched_port, false, Duration::from_secs(10)).await;
+    let rest = down.saturating_sub(crashed.elapsed());
+    tokio::time::sleep(rest).await;
+    let max_cpu_percent = busiest_cpu_percent(&pids, &cpu_before, crashed.elapsed());
+    let down = crashed.elapsed();
+    pg.start_server()?;
+    tally.note("PostgreSQL restarted".into());
+    let restarted = Instant::now();
+    let ready_again_after = wait_for_readiness(watched_port, true, Duration::from_secs(60)).await;
+    tally.pg_restarts += 1;
+    tally.outages.push(PgOutage {
+        watched,
+        down,
+        not_ready_after,
+        ready_again_after: ready_again_after.map(|_| restarted.elapsed()),
+        max_cpu_percent,
+    });
+    Ok(())
+}
+
+/// A worker that is ready now, picked at random, to be watched: it must
+/// report not ready while the database is down and ready again after, by
+/// itself. (One still joining the group, say after a broker outage, is not
+/// ready for reasons of its own.) None when none is ready within 30 s.
+async fn watch_a_ready_worker(pool: &Pool, live: &[usize], rng: &mut Rng) -> Option<usize> {
+    let mut ready = Vec::new();
+    let asked = Instant::now();
+    while ready.is_empty() && asked.elapsed() < Duration::from_secs(30) {
+        for slot in live {
+            if readyz(pool.ports[*slot]).await == Some(true) {
+                ready.push(*slot);
+            }
+        }
+        if ready.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    (!ready.is_empty()).then(|| ready[rng.below(ready.len() as u64) as usize])
+}
+
+/// The CPU the busiest of these workers used over `elapsed`, in percent of
+/// one core.
+fn busiest_cpu_percent(workers: &[&WorkerProcess], cpu_before: &[Duration], elapsed: Duration) -> f64 {
+    workers
+        .iter()
+        .zip(cpu_before)
+        .map(|(w, before)| {
+            let used = w.cpu_time().unwrap_or(*before).saturating_sub(*before);
+            100.0 * used.as_secs_f64() / elapsed.as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// How long until the watched worker's `/readyz` answers ready (or not),
+/// if within `limit`; None when no worker is watched.
+async fn wait_for_readiness(port: Option<u16>, ready: bool, limit: Duration) -> Option<Duration> {
+    let port = port?;
+    wait_for_answer(port, limit, |answer| answer == Some(ready)).await
+}
+
+/// How long until `/readyz` gives an answer that `wanted` accepts (None:
+/// none given), if within `limit`.
+async fn wait_for_answer(port: u16, limit: Duration, wanted: impl Fn(Option<bool>) -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if readyz(port).await == Some(ready) {
+        if wanted(readyz(port).await) {
             return Some(start.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -723,11 +936,11 @@ struct Verdict {
 impl Verdict {
     async fn gather(
         input_highs: &[i64],
-        outcomes: [&ResultReader; 2],
-        alerts: [&ResultReader; 2],
+        readers: &Readers,
         pools: [&PgPool; 2],
-        topics: [&TopicSettings; 2],
+        topics: &[TopicSettings; 2],
     ) -> anyhow::Result<Self> {
+        let (outcomes, alerts) = (&readers.outcomes, &readers.alerts);
         let mut v = Verdict {
             outcomes: [outcomes[0].check(input_highs), outcomes[1].check(input_highs)],
             alerts: [alerts[0].check(&[]), alerts[1].check(&[])],
@@ -736,88 +949,118 @@ impl Verdict {
         let decided = [outcomes[0].summaries(), outcomes[1].summaries()];
         let alerted = [alerts[0].summaries(), alerts[1].summaries()];
         v.alerts_on_topic = [alerted[0].len() as i64, alerted[1].len() as i64];
-        let mut periods: [BTreeMap<String, Decimal>; 2] = Default::default();
+        let mut periods: [HashMap<String, Decimal>; 2] = Default::default();
         for run in 0..2 {
-            v.decisions[run] = sqlx::query_as(
-                "SELECT count(*), count(DISTINCT (b.source_partition, o.offset_)) FROM outbox_batches b
-                 CROSS JOIN LATERAL unnest(b.source_offsets) AS o(offset_)
-                 WHERE b.topic = $1 AND b.source_topic = $2",
-            )
-            .bind(&topics[run].usage_results)
-            .bind(&topics[run].usage_events)
-            .fetch_one(pools[run])
-            .await?;
-            v.alerts_stored[run] = sqlx::query_scalar("SELECT count(*) FROM limit_alerts")
-                .fetch_one(pools[run])
-                .await?;
-            let rows: Vec<(String, Option<Decimal>, Decimal, Decimal)> = sqlx::query_as(
-                "SELECT p.subscription_id || ' ' || p.start_time, p.hard_limit, p.used, coalesce(sum(u.quantity), 0)
-                 FROM service_periods p LEFT JOIN usages u
-                   ON u.subscription_id = p.subscription_id AND u.period_start_time = p.start_time
-                 GROUP BY p.subscription_id, p.start_time, p.hard_limit, p.used",
-            )
-            .fetch_all(pools[run])
-            .await?;
-            for (period, limit, used, sum) in rows {
-                if used != sum {
-                    v.counted_twice += 1;
-                    v.example(format!("run {run}: {period}: used {used}, its usages sum to {sum}"));
-                }
-                if limit.is_some_and(|l| used > l) {
-                    v.over_limit += 1;
-                    v.example(format!(
-                        "run {run}: {period}: used {used} over the hard limit {limit:?}"
-                    ));
-                }
-                periods[run].insert(period, used);
-            }
-            // Created outcomes on the topic against usages in the table.
-            let created: HashSet<String> = decided[run]
-                .values()
-                .filter(|s| s.starts_with("created "))
-                .filter_map(|s| s.split(" usage ").nth(1)?.split(' ').next().map(str::to_owned))
-                .collect();
-            let stored: HashSet<String> = sqlx::query_scalar("SELECT id FROM usages")
-                .fetch_all(pools[run])
-                .await?
-                .into_iter()
-                .collect();
-            for id in created.difference(&stored) {
-                v.usages_lost += 1;
-                v.example(format!("run {run}: usage {id} created on the topic, not stored"));
-            }
-            for id in stored.difference(&created) {
-                v.counted_twice += 1;
-                v.example(format!("run {run}: usage {id} stored without a created outcome"));
-            }
+            periods[run] = v.read_database(run, pools[run], &topics[run], &decided[run]).await?;
         }
+        v.compare(&decided, &alerted, &periods);
+        Ok(v)
+    }
+
+    /// One run's database: its decisions and alerts stored, its periods
+    /// and its usages against the created outcomes on its topic. Each
+    /// period's `used`, for comparison.
+    async fn read_database(
+        &mut self,
+        run: usize,
+        pool: &PgPool,
+        topics: &TopicSettings,
+        decided: &HashMap<Key, String>,
+    ) -> anyhow::Result<HashMap<String, Decimal>> {
+        self.decisions[run] = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT (b.source_partition, o.offset_)) FROM outbox_batches b
+             CROSS JOIN LATERAL unnest(b.source_offsets) AS o(offset_)
+             WHERE b.topic = $1 AND b.source_topic = $2",
+        )
+        .bind(&topics.usage_results)
+        .bind(&topics.usage_events)
+        .fetch_one(pool)
+        .await?;
+        self.alerts_stored[run] = sqlx::query_scalar("SELECT count(*) FROM limit_alerts")
+            .fetch_one(pool)
+            .await?;
+        let periods = self.check_periods(run, pool).await?;
+        self.check_usages(run, pool, decided).await?;
+        Ok(periods)
+    }
+
+    /// Each period's `used` is the sum of its usages, and within its hard
+    /// limit. Each period's `used`.
+    async fn check_periods(&mut self, run: usize, pool: &PgPool) -> anyhow::Result<HashMap<String, Decimal>> {
+        let rows: Vec<(String, Option<Decimal>, Decimal, Decimal)> = sqlx::query_as(
+            "SELECT p.subscription_id || ' ' || p.start_time, p.hard_limit, p.used, coalesce(sum(u.quantity), 0)
+             FROM service_periods p LEFT JOIN usages u
+               ON u.subscription_id = p.subscription_id AND u.period_start_time = p.start_time
+             GROUP BY p.subscription_id, p.start_time, p.hard_limit, p.used",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut periods = HashMap::new();
+        for (period, limit, used, sum) in rows {
+            if used != sum {
+                self.counted_twice += 1;
+                self.example(format!("run {run}: {period}: used {used}, its usages sum to {sum}"));
+            }
+            if limit.is_some_and(|l| used > l) {
+                self.over_limit += 1;
+                self.example(format!(
+                    "run {run}: {period}: used {used} over the hard limit {limit:?}"
+                ));
+            }
+            periods.insert(period, used);
+        }
+        Ok(periods)
+    }
+
+    /// Created outcomes on the topic against usages in the table.
+    async fn check_usages(&mut self, run: usize, pool: &PgPool, decided: &HashMap<Key, String>) -> anyhow::Result<()> {
+        let created: HashSet<String> = decided
+            .values()
+            .filter(|s| s.starts_with("created "))
+            .filter_map(|s| s.split(" usage ").nth(1)?.split(' ').next().map(str::to_owned))
+            .collect();
+        let stored: HashSet<String> = sqlx::query_scalar("SELECT id FROM usages")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+        for id in created.difference(&stored) {
+            self.usages_lost += 1;
+            self.example(format!("run {run}: usage {id} created on the topic, not stored"));
+        }
+        for id in stored.difference(&created) {
+            self.counted_twice += 1;
+            self.example(format!("run {run}: usage {id} stored without a created outcome"));
+        }
+        Ok(())
+    }
+
+    /// The chaos run against the clean one: the same decision for each
+    /// input both decided, the same alerts, the same `used` in each period.
+    fn compare(
+        &mut self,
+        decided: &[HashMap<Key, String>; 2],
+        alerted: &[HashMap<Key, String>; 2],
+        periods: &[HashMap<String, Decimal>; 2],
+    ) {
         for (key, chaos) in &decided[0] {
             if let Some(clean) = decided[1].get(key) {
                 if chaos != clean {
-                    v.decisions_mismatched += 1;
-                    v.example(format!("{key:?}: chaos run {chaos:?}, clean run {clean:?}"));
+                    self.decisions_mismatched += 1;
+                    self.example(format!("{key:?}: chaos run {chaos:?}, clean run {clean:?}"));
                 }
             }
         }
-        let alert_keys: HashSet<&Key> = alerted[0].keys().chain(alerted[1].keys()).collect();
-        for key in alert_keys {
-            let (chaos, clean) = (alerted[0].get(key), alerted[1].get(key));
-            if chaos != clean {
-                v.alerts_mismatched += 1;
-                v.example(format!("alert {key:?}: chaos run {chaos:?}, clean run {clean:?}"));
-            }
+        for (key, chaos, clean) in differing(alerted) {
+            self.alerts_mismatched += 1;
+            self.example(format!("alert {key:?}: chaos run {chaos:?}, clean run {clean:?}"));
         }
-        let period_keys: HashSet<&String> = periods[0].keys().chain(periods[1].keys()).collect();
-        for key in period_keys {
-            let (chaos, clean) = (periods[0].get(key), periods[1].get(key));
-            if chaos != clean {
-                v.periods_mismatched += 1;
-                v.example(format!(
-                    "period {key}: used {chaos:?} in the chaos run, {clean:?} clean"
-                ));
-            }
+        for (key, chaos, clean) in differing(periods) {
+            self.periods_mismatched += 1;
+            self.example(format!(
+                "period {key}: used {chaos:?} in the chaos run, {clean:?} clean"
+            ));
         }
-        Ok(v)
     }
 
     fn example(&mut self, what: String) {
@@ -837,6 +1080,16 @@ impl Verdict {
     fn mismatched(&self) -> u64 {
         self.decisions_mismatched + self.alerts_mismatched + self.periods_mismatched
     }
+}
+
+/// The keys of either map whose values differ between the two (one
+/// missing counts), with both values.
+fn differing<K: Eq + Hash, V: PartialEq>(maps: &[HashMap<K, V>; 2]) -> Vec<(&K, Option<&V>, Option<&V>)> {
+    let keys: HashSet<&K> = maps[0].keys().chain(maps[1].keys()).collect();
+    keys.into_iter()
+        .map(|key| (key, maps[0].get(key), maps[1].get(key)))
+        .filter(|(_, chaos, clean)| chaos != clean)
+        .collect()
 }
 
 struct Report {
@@ -869,13 +1122,24 @@ impl Report {
     }
 
     fn print(&self) {
-        let (t, v) = (&self.tally, &self.verdict);
         println!("\n== usage-worker chaos ==");
         println!("seed                 {}", self.seed);
         println!(
             "events               {} produced, {} input messages (broker repeats of the load included), {:.0} s",
             self.events, self.inputs, self.seconds
         );
+        self.print_injections();
+        self.print_outputs();
+        self.print_failures();
+        println!(
+            "result               {}",
+            if self.passed() { "PASSED" } else { "FAILED" }
+        );
+    }
+
+    /// What was done to the chaos run.
+    fn print_injections(&self) {
+        let t = &self.tally;
         println!(
             "workers              {} in the group, {} joined and {} left",
             self.workers, t.joins, t.leaves
@@ -883,25 +1147,18 @@ impl Report {
         println!("kills (SIGKILL)      {}", t.kills);
         println!("PostgreSQL restarts  {}", t.pg_restarts);
         for o in &t.outages {
-            let readiness = match o.watched {
-                Some(slot) => format!(
-                    "worker {slot} not ready after {}, ready again {} after the restart",
-                    seconds(o.not_ready_after),
-                    seconds(o.ready_again_after)
-                ),
-                None => "no worker was ready to watch".into(),
-            };
-            println!(
-                "  down {:.1} s: {readiness}, busiest worker at {:.0}% CPU while down",
-                o.down.as_secs_f64(),
-                o.max_cpu_percent
-            );
+            println!("  {}", o.describe());
         }
         println!("broker outages       {}", t.broker_outages);
         println!(
             "slow database        {} table locks, {} statement timeouts in the logs",
             t.slow_db, self.statement_timeouts
         );
+    }
+
+    /// What both runs produced, and what the checks found.
+    fn print_outputs(&self) {
+        let v = &self.verdict;
         println!(
             "outcomes             {} chaos, {} clean, decisions stored {} / {}",
             v.outcomes[0].inputs - v.outcomes[0].missing,
@@ -927,6 +1184,12 @@ impl Report {
             v.alerts_mismatched,
             v.periods_mismatched
         );
+    }
+
+    /// The failed checks, unexpected exits and examples; the timeline when
+    /// the run failed.
+    fn print_failures(&self) {
+        let (t, v) = (&self.tally, &self.verdict);
         let checks = v.outcomes.iter().chain(&v.alerts);
         for (name, c) in ["chaos outcomes", "clean outcomes", "chaos alerts", "clean alerts"]
             .iter()
@@ -945,10 +1208,25 @@ impl Report {
                 println!("  {line}");
             }
         }
-        println!(
-            "result               {}",
-            if self.passed() { "PASSED" } else { "FAILED" }
-        );
+    }
+
+    /// Prints the report, keeps the timeline beside the logs, writes the
+    /// JSON, and fails unless every guarantee held.
+    fn finish(&self, args: &ChaosArgs, work_dir: &Path) -> anyhow::Result<()> {
+        self.print();
+        std::fs::write(work_dir.join("timeline.txt"), self.tally.timeline.join("\n") + "\n")?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&self.json())?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if !self.passed() {
+            logs_kept(work_dir);
+            bail!("the chaos run broke a guarantee (seed {})", self.seed);
+        }
+        if !args.keep {
+            let _ = std::fs::remove_dir_all(work_dir);
+        }
+        Ok(())
     }
 
     fn json(&self) -> serde_json::Value {

@@ -7,9 +7,24 @@ use chrono::Utc;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
 use usage_worker::config::Partitioner;
 
 pub type LoadProducer = ThreadedProducer<DefaultProducerContext>;
+
+/// A producer for the load (batches of up to 5 ms, a deep queue), with
+/// these further settings.
+pub fn producer(bootstrap: &str, settings: &[(&str, &str)]) -> anyhow::Result<LoadProducer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    Ok(config.create()?)
+}
 
 /// Sends one record, waiting while the producer's queue is full.
 pub fn send(
@@ -115,6 +130,17 @@ impl Generator {
         }
         event
     }
+}
+
+/// Sends the generator's next event to its partition of `topic`.
+pub fn send_next(
+    producer: &LoadProducer,
+    topic: &str,
+    partitions: i32,
+    generator: &mut Generator,
+) -> anyhow::Result<()> {
+    let (key, payload) = generator.next();
+    send(producer, topic, Some(partition_of(&key, partitions)), &key, &payload)
 }
 
 /// Keyed by subscription, placed as Kafka's default partitioner places the

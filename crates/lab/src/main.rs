@@ -11,6 +11,8 @@
 mod bench;
 mod chaos;
 mod load;
+mod local;
+mod progress;
 mod results;
 
 use std::process::ExitCode;
