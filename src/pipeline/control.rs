@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
-use super::decide::{dead_letter_record, RawMessage};
+use super::dead_letter::{dead_letter_record, RawMessage};
 use crate::domain::invoice::{decode_invoice_event, InvoiceIssued};
 use crate::domain::subscription::decode_snapshot;
 use crate::store::{self, ControlMessage, ItemResult, OutboxRecord, SnapshotChange, StoredPositions};

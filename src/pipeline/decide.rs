@@ -6,20 +6,13 @@ use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 
+use super::dead_letter::{dead_letter_record, RawMessage};
 use crate::domain::decision::{decide, Decision, LimitReached, StoredUsage};
 use crate::domain::event::UsageRequest;
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, Alert, Outcome, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
-use crate::kafka::record_size::{headers_size, outbox_record_size};
+use crate::kafka::record_size::outbox_record_size;
 use crate::store::{BatchTx, NewUsage, OffsetClaim, OutboxRecord};
-
-/// The original bytes of a message that could not be decoded, for the DLQ.
-#[derive(Debug, Clone)]
-pub struct RawMessage {
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
 
 /// A usage message after decoding (pure, outside the transaction).
 #[derive(Debug, Clone)]
@@ -383,88 +376,6 @@ fn to_bytes(headers: Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// Names of the headers a dead letter carries besides the original ones.
-pub mod dlq_headers {
-    pub const REASON: &str = "dlq-reason";
-    pub const SOURCE_TOPIC: &str = "dlq-source-topic";
-    pub const SOURCE_PARTITION: &str = "dlq-source-partition";
-    pub const SOURCE_OFFSET: &str = "dlq-source-offset";
-    /// Why a control message was refused (never its payload).
-    pub const DETAIL: &str = "dlq-detail";
-    /// Set when the payload was cut to fit the producer's message limit:
-    /// the original length in bytes.
-    pub const TRUNCATED_FROM: &str = "dlq-truncated-from";
-    /// Set when the original headers were too large to keep: their size as
-    /// librdkafka serialises them.
-    pub const HEADERS_DROPPED: &str = "dlq-headers-dropped";
-}
-
-/// The dead-letter copy of an input message: original key, bytes and
-/// headers, plus headers naming the reason and where it came from. The copy
-/// must fit the producer's message limit as librdkafka counts it, or the
-/// relay could never publish it (nor anything after it on its partition).
-/// One that does not fit whole is a stub: original headers that alone take
-/// more than half the room are dropped, a key over a quarter of it too, and
-/// the payload is cut to what is left (or emptied), each with a header
-/// saying so; the reason, the source coordinates and `detail` (why a
-/// control message was refused; empty for none) always stay.
-pub fn dead_letter_record(
-    topic: &str,
-    partition: i32,
-    source: (&str, i32, i64),
-    raw: &RawMessage,
-    reason: &str,
-    detail: &str,
-    max_bytes: usize,
-) -> OutboxRecord {
-    let mut own = vec![
-        (dlq_headers::REASON.to_owned(), reason.as_bytes().to_vec()),
-        (dlq_headers::SOURCE_TOPIC.to_owned(), source.0.as_bytes().to_vec()),
-        (
-            dlq_headers::SOURCE_PARTITION.to_owned(),
-            source.1.to_string().into_bytes(),
-        ),
-        (dlq_headers::SOURCE_OFFSET.to_owned(), source.2.to_string().into_bytes()),
-    ];
-    if !detail.is_empty() {
-        own.push((dlq_headers::DETAIL.to_owned(), detail.as_bytes().to_vec()));
-    }
-    let record = |key: Option<Vec<u8>>, payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>| OutboxRecord {
-        topic: topic.to_owned(),
-        partition,
-        key,
-        payload,
-        headers,
-        source: Some((source.0.to_owned(), source.1, source.2)),
-    };
-    let payload = raw.payload.clone().unwrap_or_default();
-    let mut headers = raw.headers.clone();
-    headers.extend(own.iter().cloned());
-    if outbox_record_size(raw.key.as_deref(), &payload, &headers) <= max_bytes {
-        return record(raw.key.clone(), payload, headers);
-    }
-    let original_headers = headers_size(&raw.headers);
-    if original_headers > max_bytes / 2 {
-        headers = own;
-        headers.push((
-            dlq_headers::HEADERS_DROPPED.to_owned(),
-            original_headers.to_string().into_bytes(),
-        ));
-    }
-    let key = raw.key.clone().filter(|k| k.len() <= max_bytes / 4);
-    let mut payload = payload;
-    let truncated = (
-        dlq_headers::TRUNCATED_FROM.to_owned(),
-        payload.len().to_string().into_bytes(),
-    );
-    if outbox_record_size(key.as_deref(), &payload, &headers) > max_bytes {
-        headers.push(truncated);
-        let room = max_bytes.saturating_sub(outbox_record_size(key.as_deref(), &[], &headers));
-        payload.truncate(room);
-    }
-    record(key, payload, headers)
-}
-
 fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, code: ReasonCode) -> OutboxRecord {
     dead_letter_record(
         &ctx.dead_letter_topic,
@@ -481,105 +392,8 @@ fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, 
 mod tests {
     use super::*;
 
-    fn raw(payload: &[u8]) -> RawMessage {
-        RawMessage {
-            key: Some(b"k".to_vec()),
-            payload: Some(payload.to_vec()),
-            headers: vec![("trace".into(), vec![0, 1])],
-        }
-    }
-
-    fn header<'a>(record: &'a OutboxRecord, name: &str) -> Option<&'a [u8]> {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    #[test]
-    fn a_dead_letter_keeps_key_bytes_and_headers_and_names_its_source() {
-        let record = dead_letter_record(
-            "dlq",
-            2,
-            ("usage-events", 2, 41),
-            &raw(b"\xff"),
-            "malformed_payload",
-            "",
-            4000,
-        );
-        assert_eq!(
-            (record.key.as_deref(), record.payload.as_slice()),
-            (Some(&b"k"[..]), &b"\xff"[..])
-        );
-        assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));
-        assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
-        assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"41"[..]));
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
-    }
-
     fn record_size(record: &OutboxRecord) -> usize {
         outbox_record_size(record.key.as_deref(), &record.payload, &record.headers)
-    }
-
-    #[test]
-    fn a_dead_letter_over_the_producer_limit_is_truncated_and_says_so() {
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 1),
-            &raw(&[b'x'; 5000]),
-            "payload_too_large",
-            "",
-            2000,
-        );
-        assert!(record.payload.len() < 2000 && !record.payload.is_empty());
-        assert!(record_size(&record) <= 2000);
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"5000"[..]));
-    }
-
-    #[test]
-    fn huge_original_headers_are_dropped_so_the_copy_still_fits() {
-        let mut message = raw(b"not json");
-        message.headers.push(("big".into(), vec![b'h'; 10_000]));
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 1),
-            &message,
-            "malformed_payload",
-            "",
-            4000,
-        );
-        assert!(record_size(&record) <= 4000);
-        assert_eq!(header(&record, "big"), None);
-        let dropped = headers_size(&message.headers).to_string();
-        assert_eq!(header(&record, dlq_headers::HEADERS_DROPPED), Some(dropped.as_bytes()));
-        assert_eq!(record.payload, b"not json");
-    }
-
-    #[test]
-    fn tens_of_thousands_of_small_headers_are_counted_as_librdkafka_counts_them() {
-        // Their names and values alone take 360,000 bytes, under half the
-        // room; serialised with their length varints they take 480,000,
-        // and beside the payload the copy would be over the producer's
-        // limit, refused on every try.
-        let mut message = raw(&[b'x'; 950_000]);
-        message.headers = (0..60_000).map(|_| ("abc".to_owned(), b"xyz".to_vec())).collect();
-        let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 7),
-            &message,
-            "malformed_payload",
-            "",
-            limit,
-        );
-        assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"950000"[..]));
-        assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"7"[..]));
-        assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
     }
 
     fn rejected_with_key(key: Vec<u8>, offset: i64) -> DecodedMessage {
@@ -633,41 +447,5 @@ mod tests {
         for record in &writes.outbox {
             assert!(record_size(record) <= ctx.max_dead_letter_bytes);
         }
-    }
-
-    #[test]
-    fn a_control_message_copy_with_its_detail_still_fits() {
-        let detail = "d".repeat(500);
-        let message = raw(&[b'{'; 999_990]);
-        let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("subscriptions", 0, 3),
-            &message,
-            "invalid_snapshot",
-            &detail,
-            limit,
-        );
-        assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
-        assert_eq!(header(&record, dlq_headers::DETAIL), Some(detail.as_bytes()));
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"999990"[..]));
-    }
-
-    #[test]
-    fn a_copy_that_fits_whole_is_kept_whole() {
-        let message = raw(&[b'x'; 10_000]);
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 1),
-            &message,
-            "malformed_payload",
-            "",
-            20_000,
-        );
-        assert_eq!(record.payload.len(), 10_000);
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
-        assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));
     }
 }

@@ -3,6 +3,7 @@
 //! shutdown behaviour.
 
 pub mod control;
+pub mod dead_letter;
 pub mod decide;
 pub mod relay;
 pub mod sampler;
