@@ -268,7 +268,7 @@ fn lost_records(e: &KafkaError) -> bool {
 /// Reads one record into the state; true for a first copy.
 fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<bool, String> {
     let headers = crate::kafka::headers::of_borrowed(m);
-    let header = |name: &str| crate::kafka::headers::text(&headers, name).map(str::to_owned);
+    let header = |name: &str| headers.text(name).map(str::to_owned);
     let seq: i64 = header("outbox-seq")
         .and_then(|s| s.parse().ok())
         .ok_or("no outbox-seq header")?;

@@ -176,7 +176,7 @@ impl Writes {
                 partition,
                 key: key.clone(),
                 payload: serde_json::to_vec(&alert)?,
-                headers: to_bytes(alert.headers()),
+                headers: alert.headers(),
                 source: None,
             });
         }
@@ -193,7 +193,7 @@ impl Writes {
             partition,
             key,
             payload: serde_json::to_vec(&outcome)?,
-            headers: to_bytes(outcome.headers()),
+            headers: outcome.headers(),
             source: None,
         });
         Ok(Self {
@@ -243,14 +243,7 @@ fn deleted_record(api: &Api, usage: &StoredUsage, now: DateTime<Utc>) -> anyhow:
         partition: api.partition_of(&usage.subscription_id),
         key: Some(usage.subscription_id.clone().into_bytes()),
         payload: serde_json::to_vec(&outcome)?,
-        headers: to_bytes(outcome.headers()),
+        headers: outcome.headers(),
         source: None,
     })
-}
-
-fn to_bytes(headers: Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>)> {
-    headers
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-        .collect()
 }

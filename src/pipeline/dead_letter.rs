@@ -2,15 +2,16 @@
 //! goes, with its original key, bytes and headers, to the dead-letter topic,
 //! sized to fit what the producer may send.
 
+use crate::domain::headers::Headers;
 use crate::kafka::record_size::{headers_size, outbox_record_size};
-use crate::store::OutboxRecord;
+use crate::store::{OutboxRecord, SourcePosition};
 
 /// The original bytes of a message that could not be decoded, for the DLQ.
 #[derive(Debug, Clone)]
 pub struct RawMessage {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
 }
 
 /// Names of the headers a dead letter carries besides the original ones.
@@ -47,48 +48,44 @@ pub fn dead_letter_record(
     detail: &str,
     max_bytes: usize,
 ) -> OutboxRecord {
-    let mut own = vec![
-        (dlq_headers::REASON.to_owned(), reason.as_bytes().to_vec()),
-        (dlq_headers::SOURCE_TOPIC.to_owned(), source.0.as_bytes().to_vec()),
-        (
-            dlq_headers::SOURCE_PARTITION.to_owned(),
-            source.1.to_string().into_bytes(),
-        ),
-        (dlq_headers::SOURCE_OFFSET.to_owned(), source.2.to_string().into_bytes()),
-    ];
+    let mut own: Headers = [
+        (dlq_headers::REASON, reason.to_owned()),
+        (dlq_headers::SOURCE_TOPIC, source.0.to_owned()),
+        (dlq_headers::SOURCE_PARTITION, source.1.to_string()),
+        (dlq_headers::SOURCE_OFFSET, source.2.to_string()),
+    ]
+    .into_iter()
+    .collect();
     if !detail.is_empty() {
-        own.push((dlq_headers::DETAIL.to_owned(), detail.as_bytes().to_vec()));
+        own.push(dlq_headers::DETAIL, detail);
     }
-    let record = |key: Option<Vec<u8>>, payload: Vec<u8>, headers: Vec<(String, Vec<u8>)>| OutboxRecord {
+    let record = |key: Option<Vec<u8>>, payload: Vec<u8>, headers: Headers| OutboxRecord {
         topic: topic.to_owned(),
         partition,
         key,
         payload,
         headers,
-        source: Some((source.0.to_owned(), source.1, source.2)),
+        source: Some(SourcePosition {
+            topic: source.0.to_owned(),
+            partition: source.1,
+            offset: source.2,
+        }),
     };
     let payload = raw.payload.clone().unwrap_or_default();
     let mut headers = raw.headers.clone();
-    headers.extend(own.iter().cloned());
+    headers.extend(own.iter());
     if outbox_record_size(raw.key.as_deref(), &payload, &headers) <= max_bytes {
         return record(raw.key.clone(), payload, headers);
     }
     let original_headers = headers_size(&raw.headers);
     if original_headers > max_bytes / 2 {
         headers = own;
-        headers.push((
-            dlq_headers::HEADERS_DROPPED.to_owned(),
-            original_headers.to_string().into_bytes(),
-        ));
+        headers.push(dlq_headers::HEADERS_DROPPED, original_headers.to_string());
     }
     let key = raw.key.clone().filter(|k| k.len() <= max_bytes / 4);
     let mut payload = payload;
-    let truncated = (
-        dlq_headers::TRUNCATED_FROM.to_owned(),
-        payload.len().to_string().into_bytes(),
-    );
     if outbox_record_size(key.as_deref(), &payload, &headers) > max_bytes {
-        headers.push(truncated);
+        headers.push(dlq_headers::TRUNCATED_FROM, payload.len().to_string());
         let room = max_bytes.saturating_sub(outbox_record_size(key.as_deref(), &[], &headers));
         payload.truncate(room);
     }
@@ -103,16 +100,12 @@ mod tests {
         RawMessage {
             key: Some(b"k".to_vec()),
             payload: Some(payload.to_vec()),
-            headers: vec![("trace".into(), vec![0, 1])],
+            headers: [("trace", vec![0, 1])].into_iter().collect(),
         }
     }
 
     fn header<'a>(record: &'a OutboxRecord, name: &str) -> Option<&'a [u8]> {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+        record.headers.get(name)
     }
 
     #[test]
@@ -159,7 +152,7 @@ mod tests {
     #[test]
     fn huge_original_headers_are_dropped_so_the_copy_still_fits() {
         let mut message = raw(b"not json");
-        message.headers.push(("big".into(), vec![b'h'; 10_000]));
+        message.headers.push("big", vec![b'h'; 10_000]);
         let record = dead_letter_record(
             "dlq",
             0,
@@ -183,7 +176,7 @@ mod tests {
         // and beside the payload the copy would be over the producer's
         // limit, refused on every try.
         let mut message = raw(&[b'x'; 950_000]);
-        message.headers = (0..60_000).map(|_| ("abc".to_owned(), b"xyz".to_vec())).collect();
+        message.headers = (0..60_000).map(|_| ("abc", "xyz")).collect();
         let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
         let record = dead_letter_record(
             "dlq",

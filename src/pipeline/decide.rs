@@ -12,7 +12,7 @@ use crate::domain::event::UsageRequest;
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, Alert, Outcome, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
 use crate::kafka::record_size::outbox_record_size;
-use crate::store::{BatchTx, NewUsage, OffsetClaim, OutboxRecord};
+use crate::store::{BatchTx, NewUsage, OffsetClaim, OutboxRecord, SourcePosition};
 
 /// A usage message after decoding (pure, outside the transaction).
 #[derive(Debug, Clone)]
@@ -306,7 +306,7 @@ fn decide_messages(
                             partition: message.partition,
                             key: Some(sub.id.clone().into_bytes()),
                             payload: serde_json::to_vec(&alert)?,
-                            headers: to_bytes(alert.headers()),
+                            headers: alert.headers(),
                             // At most one per period and kind: limit_alerts' key.
                             source: None,
                         });
@@ -354,8 +354,12 @@ fn decide_messages(
             partition: message.partition,
             key,
             payload: serde_json::to_vec(&outcome)?,
-            headers: to_bytes(outcome.headers()),
-            source: Some((ctx.input_topic.clone(), message.partition, message.offset)),
+            headers: outcome.headers(),
+            source: Some(SourcePosition {
+                topic: ctx.input_topic.clone(),
+                partition: message.partition,
+                offset: message.offset,
+            }),
         };
         // An outcome without a subscription id carries the message's own
         // key; one too large to publish beside the outcome goes, or the
@@ -367,13 +371,6 @@ fn decide_messages(
     }
 
     Ok((writes, decided))
-}
-
-fn to_bytes(headers: Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>)> {
-    headers
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-        .collect()
 }
 
 fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, code: ReasonCode) -> OutboxRecord {

@@ -352,8 +352,7 @@ impl Worker {
         };
         let payload = message.payload().unwrap_or_default();
         let header_list = crate::kafka::headers::of_owned(message);
-        let headers: Vec<(&str, &[u8])> = header_list.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        let request = decode_usage_message(&headers, payload, &ctx);
+        let request = decode_usage_message(&header_list, payload, &ctx);
         let (identity, dead_letter) = match &request {
             Ok(_) => ((None, None), None),
             Err(rejection) => {
