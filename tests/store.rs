@@ -11,7 +11,7 @@ use usage_worker::domain::headers::Headers;
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
     apply_snapshots, claim_partition, delete_expired, lock_claimed, mark_published_many, pending_many, BatchTx,
-    ControlMessage, NewUsage, OutboxRecord, SnapshotChange, SourcePosition,
+    ControlMessage, NewAlert, NewUsage, OutboxRecord, SnapshotChange, SourcePosition,
 };
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -375,7 +375,12 @@ async fn an_alert_is_marked_on_its_period_and_stored_once() {
         limit: Decimal::from(10),
         used: Decimal::from(10),
     };
-    let alert = |kind| ("sub_1".to_owned(), t(start), "u1".to_owned(), reached(kind));
+    let alert = |kind| NewAlert {
+        subscription_id: "sub_1".to_owned(),
+        period_start: t(start),
+        usage_id: "u1".to_owned(),
+        reached: reached(kind),
+    };
     let alerted = |states: &std::collections::HashMap<String, SubscriptionState>| {
         let period = states["sub_1"].periods.iter().find(|p| p.start == t(start)).unwrap();
         period.alerted.clone()

@@ -7,6 +7,7 @@ pub mod dead_letter;
 pub mod decide;
 pub mod relay;
 pub mod sampler;
+pub mod stage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

@@ -17,7 +17,7 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{BatchTx, NewUsage, OffsetClaim};
+pub use batch::{BatchTx, NewAlert, NewUsage, OffsetClaim, StagedWrites};
 pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};
