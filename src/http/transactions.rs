@@ -30,14 +30,18 @@ use crate::store::{self, BatchTx, Deletion, OutboxRecord};
 /// concurrently for another subscription, a deadlock) is tried again.
 const RACE_ATTEMPTS: u32 = 3;
 
-/// What a create request came to.
+/// What a decided create request is answered.
 #[derive(Debug)]
-pub enum Created {
+pub enum CreateAnswer {
     /// Stored now; the outcome is in the outbox.
-    New(UsageBody),
+    Created(UsageBody),
     /// The same request was stored before: nothing changed.
     Duplicate(UsageBody),
-    Rejected(Rejection, Option<LimitReport>),
+    /// Refused by the limit decision: nothing changed, nothing published.
+    Rejected {
+        rejection: Rejection,
+        limit: Option<LimitReport>,
+    },
 }
 
 /// Why a create did not come to a decision.
@@ -56,11 +60,11 @@ pub async fn create_usage(
     request: &UsageRequest,
     id: &str,
     now: DateTime<Utc>,
-) -> Result<Created, CreateFailure> {
+) -> Result<CreateAnswer, CreateFailure> {
     let mut attempt = 1;
     loop {
         match try_create(api, request, id, now).await {
-            Ok(created) => return Ok(created),
+            Ok(answer) => return Ok(answer),
             Err(e) if store::classify(&e) == store::FailureKind::Permanent => return Err(CreateFailure::Refused(e)),
             Err(e) if attempt < RACE_ATTEMPTS && lost_a_race(&e) => {
                 tracing::debug!(error = format!("{e:#}"), attempt, "create lost a race; trying again");
@@ -91,7 +95,7 @@ fn lost_a_race(error: &anyhow::Error) -> bool {
     })
 }
 
-async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<Utc>) -> anyhow::Result<Created> {
+async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<Utc>) -> anyhow::Result<CreateAnswer> {
     let started = Instant::now();
     let sub_id = &request.subscription_id;
     let mut tx = BatchTx::begin(&api.pool).await?;
@@ -128,8 +132,8 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
     // A duplicate or a rejection writes nothing: dropping the transaction
     // rolls it back and releases the lock.
     match decision {
-        Some(Decision::Duplicate { original }) => return Ok(Created::Duplicate(UsageBody::from(&original))),
-        Some(Decision::Rejected { rejection, limit }) => return Ok(Created::Rejected(rejection, limit)),
+        Some(Decision::Duplicate { original }) => return Ok(CreateAnswer::Duplicate(UsageBody::from(&original))),
+        Some(Decision::Rejected { rejection, limit }) => return Ok(CreateAnswer::Rejected { rejection, limit }),
         Some(Decision::Created { .. }) | None => {}
     }
     let collided = tx.insert_usages(&staged.writes.usages).await?;
@@ -141,7 +145,7 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
     api.metrics
         .observe_transaction(TransactionKind::HttpCreate, started.elapsed());
     let usage = outcome.usage.expect("a created outcome carries its usage");
-    Ok(Created::New(usage))
+    Ok(CreateAnswer::Created(usage))
 }
 
 /// Deletes a usage no invoice counted, gives its quantity back and stores

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use super::dead_letter::{dead_letter_record, RawMessage};
 use super::stage::{decide_and_stage, LockedState, Report, ReportRequest, StageContext, Staged};
-use crate::domain::event::UsageRequest;
+use crate::domain::event::{Identity, UsageRequest};
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
 use crate::store::{BatchTx, OffsetClaim, OutboxRecord, SourcePosition};
@@ -23,7 +23,7 @@ pub struct DecodedMessage {
     pub request_time: DateTime<Utc>,
     pub request: Result<UsageRequest, Rejection>,
     /// For a rejected message: its own valid `id` and `subscriptionId`, if any.
-    pub identity: (Option<String>, Option<String>),
+    pub identity: Identity,
     /// Set for input that could not be decoded at all: it is also copied to
     /// the dead-letter topic.
     pub dead_letter: Option<RawMessage>,
@@ -33,7 +33,7 @@ impl DecodedMessage {
     /// The idempotency key: the request's `id`, else one derived from the
     /// message's coordinates.
     pub fn event_id(&self, topic: &str) -> String {
-        match (&self.request, &self.identity.0) {
+        match (&self.request, &self.identity.id) {
             (Ok(UsageRequest { id: Some(id), .. }), _) | (Err(_), Some(id)) => id.clone(),
             _ => derived_event_id(topic, self.partition, self.offset),
         }
@@ -268,7 +268,7 @@ fn report<'m>(
             rejection: rejection.clone(),
         },
         (Err(rejection), _) => ReportRequest::Rejected {
-            subscription_id: message.identity.1.clone(),
+            subscription_id: message.identity.subscription_id.clone(),
             rejection: rejection.clone(),
         },
     };
@@ -330,7 +330,7 @@ mod tests {
                 "subscriptionId",
                 "missing",
             )),
-            identity: (None, None),
+            identity: Identity::default(),
             dead_letter: None,
         }
     }

@@ -355,7 +355,7 @@ impl Worker {
         let header_list = crate::kafka::headers::of_owned(message);
         let request = decode_usage_message(&header_list, payload, &ctx);
         let (identity, dead_letter) = match &request {
-            Ok(_) => ((None, None), None),
+            Ok(_) => (Default::default(), None),
             Err(rejection) => {
                 let undecodable = matches!(
                     rejection.code,
