@@ -104,8 +104,17 @@ mod tests {
         }
     }
 
-    fn header<'a>(record: &'a OutboxRecord, name: &str) -> Option<&'a [u8]> {
-        record.headers.get(name)
+    /// The copy of a malformed usage message read at `offset`.
+    fn malformed_copy(message: &RawMessage, offset: i64, max_bytes: usize) -> OutboxRecord {
+        dead_letter_record(
+            "dlq",
+            0,
+            ("usage-events", 0, offset),
+            message,
+            "malformed_payload",
+            "",
+            max_bytes,
+        )
     }
 
     #[test]
@@ -123,10 +132,10 @@ mod tests {
             (record.key.as_deref(), record.payload.as_slice()),
             (Some(&b"k"[..]), &b"\xff"[..])
         );
-        assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));
-        assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
-        assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"41"[..]));
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
+        assert_eq!(record.headers.get("trace"), Some(&[0u8, 1][..]));
+        assert_eq!(record.headers.get(dlq_headers::REASON), Some(&b"malformed_payload"[..]));
+        assert_eq!(record.headers.get(dlq_headers::SOURCE_OFFSET), Some(&b"41"[..]));
+        assert_eq!(record.headers.get(dlq_headers::TRUNCATED_FROM), None);
     }
 
     fn record_size(record: &OutboxRecord) -> usize {
@@ -146,26 +155,21 @@ mod tests {
         );
         assert!(record.payload.len() < 2000 && !record.payload.is_empty());
         assert!(record_size(&record) <= 2000);
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"5000"[..]));
+        assert_eq!(record.headers.get(dlq_headers::TRUNCATED_FROM), Some(&b"5000"[..]));
     }
 
     #[test]
     fn huge_original_headers_are_dropped_so_the_copy_still_fits() {
         let mut message = raw(b"not json");
         message.headers.push("big", vec![b'h'; 10_000]);
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 1),
-            &message,
-            "malformed_payload",
-            "",
-            4000,
-        );
+        let record = malformed_copy(&message, 1, 4000);
         assert!(record_size(&record) <= 4000);
-        assert_eq!(header(&record, "big"), None);
+        assert_eq!(record.headers.get("big"), None);
         let dropped = headers_size(&message.headers).to_string();
-        assert_eq!(header(&record, dlq_headers::HEADERS_DROPPED), Some(dropped.as_bytes()));
+        assert_eq!(
+            record.headers.get(dlq_headers::HEADERS_DROPPED),
+            Some(dropped.as_bytes())
+        );
         assert_eq!(record.payload, b"not json");
     }
 
@@ -178,19 +182,11 @@ mod tests {
         let mut message = raw(&[b'x'; 950_000]);
         message.headers = (0..60_000).map(|_| ("abc", "xyz")).collect();
         let limit = crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 7),
-            &message,
-            "malformed_payload",
-            "",
-            limit,
-        );
+        let record = malformed_copy(&message, 7, limit);
         assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"950000"[..]));
-        assert_eq!(header(&record, dlq_headers::SOURCE_OFFSET), Some(&b"7"[..]));
-        assert_eq!(header(&record, dlq_headers::REASON), Some(&b"malformed_payload"[..]));
+        assert_eq!(record.headers.get(dlq_headers::TRUNCATED_FROM), Some(&b"950000"[..]));
+        assert_eq!(record.headers.get(dlq_headers::SOURCE_OFFSET), Some(&b"7"[..]));
+        assert_eq!(record.headers.get(dlq_headers::REASON), Some(&b"malformed_payload"[..]));
     }
 
     #[test]
@@ -208,24 +204,16 @@ mod tests {
             limit,
         );
         assert!(record_size(&record) <= limit, "{} > {limit}", record_size(&record));
-        assert_eq!(header(&record, dlq_headers::DETAIL), Some(detail.as_bytes()));
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), Some(&b"999990"[..]));
+        assert_eq!(record.headers.get(dlq_headers::DETAIL), Some(detail.as_bytes()));
+        assert_eq!(record.headers.get(dlq_headers::TRUNCATED_FROM), Some(&b"999990"[..]));
     }
 
     #[test]
     fn a_copy_that_fits_whole_is_kept_whole() {
         let message = raw(&[b'x'; 10_000]);
-        let record = dead_letter_record(
-            "dlq",
-            0,
-            ("usage-events", 0, 1),
-            &message,
-            "malformed_payload",
-            "",
-            20_000,
-        );
+        let record = malformed_copy(&message, 1, 20_000);
         assert_eq!(record.payload.len(), 10_000);
-        assert_eq!(header(&record, dlq_headers::TRUNCATED_FROM), None);
-        assert_eq!(header(&record, "trace"), Some(&[0u8, 1][..]));
+        assert_eq!(record.headers.get(dlq_headers::TRUNCATED_FROM), None);
+        assert_eq!(record.headers.get("trace"), Some(&[0u8, 1][..]));
     }
 }

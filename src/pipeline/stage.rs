@@ -219,7 +219,7 @@ impl Staged {
         if sub.trial_end_time.is_some() {
             self.writes.trial_used.insert(sub.id.clone(), sub.trial_used);
         }
-        self.writes.usages.push(NewUsage {
+        let usage = NewUsage {
             id: event_id.to_owned(),
             subscription_id: sub.id.clone(),
             quantity: *quantity,
@@ -230,7 +230,10 @@ impl Staged {
             created_time: now,
             source_partition: input.map(|i| i.partition),
             source_offset: input.map(|i| i.offset),
-        });
+        };
+        // A later report with the same id is a duplicate of this one.
+        state.usages.insert(event_id.to_owned(), usage.as_stored());
+        self.writes.usages.push(usage);
         for reached in alerts {
             let alert = Alert::new(&sub.id, *period_start, *period_end, reached, event_id, now);
             self.writes.outbox.push(OutboxRecord {
@@ -249,22 +252,6 @@ impl Staged {
                 reached: reached.clone(),
             });
         }
-        // A later report with the same id is a duplicate of this one.
-        state.usages.insert(
-            event_id.to_owned(),
-            StoredUsage {
-                id: event_id.to_owned(),
-                subscription_id: sub.id.clone(),
-                quantity: *quantity,
-                requested_quantity: *requested_quantity,
-                accept_partial: request.accept_partial,
-                usage_time: *usage_time,
-                invoice_id: None,
-                invoice_item_id: None,
-                created_time: now,
-                updated_time: now,
-            },
-        );
         Ok(())
     }
 }

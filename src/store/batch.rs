@@ -61,6 +61,24 @@ pub struct StagedWrites {
     pub outbox: Vec<OutboxRecord>,
 }
 
+impl NewUsage {
+    /// The usage as it reads once stored, before any invoice counts it.
+    pub fn as_stored(&self) -> StoredUsage {
+        StoredUsage {
+            id: self.id.clone(),
+            subscription_id: self.subscription_id.clone(),
+            quantity: self.quantity,
+            requested_quantity: self.requested_quantity,
+            accept_partial: self.accept_partial,
+            usage_time: self.usage_time,
+            invoice_id: None,
+            invoice_item_id: None,
+            created_time: self.created_time,
+            updated_time: self.created_time,
+        }
+    }
+}
+
 pub struct BatchTx {
     tx: Transaction<'static, Postgres>,
 }
