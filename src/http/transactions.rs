@@ -4,10 +4,10 @@
 //! transaction, through the same path as the pipeline
 //! (`src/pipeline/stage.rs`): lock the subscription row, load the usage
 //! stored under the id, decide and stage, then store the usage, `used`,
-//! alerts and the outcome record together. The subscription's row lock is what keeps
-//! concurrent requests, and the Kafka path deciding the same subscription at
-//! the same time, under the limit: whoever holds it sees every usage
-//! committed before it.
+//! alerts and the outcome record together. The subscription's row lock is
+//! what keeps concurrent requests, and the Kafka path deciding the same
+//! subscription at the same time, under the limit: whoever holds it sees
+//! every usage committed before it.
 //!
 //! Only creates and deletes publish outcomes: a duplicate or a rejected
 //! request changes nothing, and its answer goes back to the caller alone.

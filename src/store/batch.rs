@@ -338,19 +338,18 @@ impl BatchTx {
     /// [`Self::insert_usages`]): `used`, `trial_used`, alerts, then the
     /// outbox records. Returns the records' sequence numbers, in order.
     pub async fn write_staged(&mut self, writes: &StagedWrites) -> anyhow::Result<Vec<i64>> {
-        let used: Vec<(&(String, DateTime<Utc>), &Decimal)> = writes.used.iter().collect();
-        self.update_used(&used).await?;
-        let trial_used: Vec<(&String, &Decimal)> = writes.trial_used.iter().collect();
-        self.update_trial_used(&trial_used).await?;
+        self.update_used(&writes.used).await?;
+        self.update_trial_used(&writes.trial_used).await?;
         self.insert_alerts(&writes.alerts).await?;
         self.append_outbox(&writes.outbox).await
     }
 
     /// Writes the new `used` of each touched period.
-    async fn update_used(&mut self, periods: &[(&(String, DateTime<Utc>), &Decimal)]) -> anyhow::Result<()> {
-        if periods.is_empty() {
+    async fn update_used(&mut self, used: &HashMap<(String, DateTime<Utc>), Decimal>) -> anyhow::Result<()> {
+        if used.is_empty() {
             return Ok(());
         }
+        let periods: Vec<_> = used.iter().collect();
         sqlx::query(
             "UPDATE service_periods p SET used = c.used
              FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[]) AS c(sub, start_time, used)
@@ -366,10 +365,11 @@ impl BatchTx {
     }
 
     /// Writes the new `trial_used` of each touched subscription.
-    async fn update_trial_used(&mut self, subscriptions: &[(&String, &Decimal)]) -> anyhow::Result<()> {
-        if subscriptions.is_empty() {
+    async fn update_trial_used(&mut self, trial_used: &HashMap<String, Decimal>) -> anyhow::Result<()> {
+        if trial_used.is_empty() {
             return Ok(());
         }
+        let subscriptions: Vec<_> = trial_used.iter().collect();
         sqlx::query(
             "UPDATE subscriptions s SET trial_used = c.used
              FROM UNNEST($1::text[], $2::numeric[]) AS c(id, used) WHERE s.id = c.id",
