@@ -24,6 +24,7 @@ use libfuzzer_sys::fuzz_target;
 use rust_decimal::Decimal;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use usage_worker::domain::cloudevents::decode_usage_message;
+use usage_worker::domain::headers::Headers;
 use usage_worker::domain::event::{decode_usage_event, DecodeContext, UsageRequest};
 use usage_worker::domain::outcome::UsageBody;
 use usage_worker::domain::{ReasonCode, Rejection};
@@ -46,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(plain, decode_usage_event(data, &ctx), "decoding is deterministic");
     assert_eq!(
         plain,
-        decode_usage_message(&[], data, &ctx),
+        decode_usage_message(&Headers::new(), data, &ctx),
         "a message without headers is a plain event"
     );
     check_result(data, &plain, &ctx);
@@ -68,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     if let Some((headers, body)) = split_headers(data) {
-        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let headers: Headers = headers.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let framed = decode_usage_message(&headers, body, &ctx);
         assert_eq!(
             framed,

@@ -11,6 +11,7 @@
 use serde_json::value::RawValue;
 
 use super::event::{decode_usage_event, decode_usage_object, json_string, DecodeContext, JsonObject, UsageRequest};
+use super::headers::Headers;
 use super::{ReasonCode, Rejection};
 
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -24,13 +25,8 @@ pub enum Framing {
 }
 
 /// Tells the framing from the message headers.
-pub fn framing(headers: &[(&str, &[u8])]) -> Framing {
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
-    };
+pub fn framing(headers: &Headers) -> Framing {
+    let header = |name: &str| header(headers, name);
     let structured = header("content-type")
         .and_then(|v| std::str::from_utf8(v).ok())
         .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(STRUCTURED_CONTENT_TYPE));
@@ -44,11 +40,7 @@ pub fn framing(headers: &[(&str, &[u8])]) -> Framing {
 }
 
 /// Decodes a usage message in any of the three framings.
-pub fn decode_usage_message(
-    headers: &[(&str, &[u8])],
-    body: &[u8],
-    ctx: &DecodeContext,
-) -> Result<UsageRequest, Rejection> {
+pub fn decode_usage_message(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
     if body.len() > ctx.max_payload_bytes {
         // Same answer as plain JSON: too large, not parsed.
         return decode_usage_event(body, ctx);
@@ -91,12 +83,19 @@ fn decode_structured(body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, R
     decode_usage_object(&object, ctx)
 }
 
-fn decode_binary(headers: &[(&str, &[u8])], body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
+/// The value of the first header named `name`, in any case: CloudEvents
+/// attribute headers are matched ignoring case.
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+fn decode_binary(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
     let attribute = |name: &str| -> Result<Option<String>, Rejection> {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| {
+        header(headers, name)
+            .map(|v| {
                 std::str::from_utf8(v)
                     .map(str::to_owned)
                     .map_err(|_| malformed(format!("header {name} is not UTF-8")))
@@ -167,7 +166,7 @@ mod tests {
     const CT: (&str, &[u8]) = ("content-type", b"application/cloudevents+json; charset=utf-8");
 
     fn structured(json: &str) -> Result<UsageRequest, Rejection> {
-        decode_usage_message(&[CT], json.as_bytes(), &ctx())
+        decode_usage_message(&[CT].into_iter().collect(), json.as_bytes(), &ctx())
     }
 
     #[test]
@@ -224,26 +223,34 @@ mod tests {
 
     #[test]
     fn binary_mode_reads_ce_headers() {
-        let headers: [(&str, &[u8]); 5] = [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", b"ce-7"),
-            ("ce_source", b"/meter"),
-            ("ce_type", b"usage"),
-            ("ce_time", b"2026-11-27T11:30:00+01:00"),
+        let all = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "ce-7"),
+            ("ce_source", "/meter"),
+            ("ce_type", "usage"),
+            ("ce_time", "2026-11-27T11:30:00+01:00"),
         ];
+        let headers: Headers = all.into_iter().collect();
         let r = decode_usage_message(&headers, br#"{"subscriptionId": "sub_1", "quantity": "1.5"}"#, &ctx()).unwrap();
         assert_eq!(r.id.as_deref(), Some("ce-7"));
         assert_eq!(r.usage_time.unwrap().to_rfc3339(), "2026-11-27T10:30:00+00:00");
+        let first_three: Headers = all[..3].iter().copied().collect();
         let err =
-            decode_usage_message(&headers[..3], br#"{"subscriptionId": "sub_1", "quantity": 1}"#, &ctx()).unwrap_err();
+            decode_usage_message(&first_three, br#"{"subscriptionId": "sub_1", "quantity": 1}"#, &ctx()).unwrap_err();
         assert_eq!(err.code, ReasonCode::MalformedPayload, "no ce_type");
     }
 
     #[test]
     fn plain_json_stays_the_default() {
-        assert_eq!(framing(&[("content-type", b"application/json")]), Framing::Plain);
-        assert_eq!(framing(&[]), Framing::Plain);
-        let r = decode_usage_message(&[], br#"{"subscriptionId": "sub_1", "quantity": 1}"#, &ctx()).unwrap();
+        let json: Headers = [("content-type", "application/json")].into_iter().collect();
+        assert_eq!(framing(&json), Framing::Plain);
+        assert_eq!(framing(&Headers::new()), Framing::Plain);
+        let r = decode_usage_message(
+            &Headers::new(),
+            br#"{"subscriptionId": "sub_1", "quantity": 1}"#,
+            &ctx(),
+        )
+        .unwrap();
         assert_eq!(r.id, None);
     }
 }

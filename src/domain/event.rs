@@ -321,19 +321,28 @@ pub fn decode_usage_event(bytes: &[u8], ctx: &DecodeContext) -> Result<UsageRequ
     decode_usage_object(&object, ctx)
 }
 
-/// The valid `id` and `subscriptionId` of an event that was rejected, where
-/// it has them, so that its outcome names its own id and is keyed by its
-/// subscription. Only ever called on the (rare) rejection path.
-pub fn identify(bytes: &[u8], max_payload_bytes: usize) -> (Option<String>, Option<String>) {
+/// The valid `id` and `subscriptionId` a rejected event still has, where it
+/// has them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub id: Option<String>,
+    pub subscription_id: Option<String>,
+}
+
+/// The identity of an event that was rejected, so that its outcome names its
+/// own id and is keyed by its subscription. Only ever called on the (rare)
+/// rejection path.
+pub fn identify(bytes: &[u8], max_payload_bytes: usize) -> Identity {
     if bytes.len() > max_payload_bytes {
-        return (None, None);
+        return Identity::default();
     }
     let Ok(object) = JsonObject::from_slice(bytes) else {
-        return (None, None);
+        return Identity::default();
     };
-    let id = decode_id(object.given(fields::ID)).ok().flatten();
-    let subscription_id = decode_subscription_id(object.given(fields::SUBSCRIPTION_ID)).ok();
-    (id, subscription_id)
+    Identity {
+        id: decode_id(object.given(fields::ID)).ok().flatten(),
+        subscription_id: decode_subscription_id(object.given(fields::SUBSCRIPTION_ID)).ok(),
+    }
 }
 
 /// Validates a request body already read as a [`JsonObject`] (an event, a
@@ -504,22 +513,28 @@ mod normalize_tests {
 
 #[cfg(test)]
 mod identify_tests {
-    use super::identify;
+    use super::{identify, Identity};
 
     #[test]
     fn a_rejected_event_keeps_its_valid_ids() {
-        let (id, sub) = identify(br#"{"id": "usg_1", "subscriptionId": "sub_1", "quantity": -1}"#, 1000);
-        assert_eq!((id.as_deref(), sub.as_deref()), (Some("usg_1"), Some("sub_1")));
+        let identity = identify(br#"{"id": "usg_1", "subscriptionId": "sub_1", "quantity": -1}"#, 1000);
+        assert_eq!(
+            identity,
+            Identity {
+                id: Some("usg_1".to_owned()),
+                subscription_id: Some("sub_1".to_owned()),
+            }
+        );
     }
 
     #[test]
     fn invalid_ids_are_not_used() {
         assert_eq!(
             identify(br#"{"id": "msg_1", "subscriptionId": "a b"}"#, 1000),
-            (None, None)
+            Identity::default()
         );
-        assert_eq!(identify(b"not json", 1000), (None, None));
-        assert_eq!(identify(br#"{"id": "usg_1"}"#, 5), (None, None));
+        assert_eq!(identify(b"not json", 1000), Identity::default());
+        assert_eq!(identify(br#"{"id": "usg_1"}"#, 5), Identity::default());
     }
 }
 

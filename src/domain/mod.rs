@@ -6,6 +6,7 @@
 pub mod cloudevents;
 pub mod decision;
 pub mod event;
+pub mod headers;
 pub mod ids;
 pub mod invoice;
 pub mod outcome;

@@ -6,6 +6,7 @@ use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use super::decision::{open_period_start, Decision, LimitReport, StoredUsage};
+use super::headers::Headers;
 use super::{InvalidField, Rejection};
 
 /// Writes a decimal as a JSON number with exactly its digits (no float).
@@ -409,12 +410,14 @@ impl Outcome {
 
     /// Headers every outcome record carries, besides `outbox-seq` (added
     /// when it is published).
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("outcome-id", self.outcome_id.clone()),
-            ("event-id", self.event_id.clone()),
-            ("status", self.status.as_str().to_owned()),
+    pub fn headers(&self) -> Headers {
+        [
+            ("outcome-id", self.outcome_id.as_str()),
+            ("event-id", self.event_id.as_str()),
+            ("status", self.status.as_str()),
         ]
+        .into_iter()
+        .collect()
     }
 }
 
@@ -472,8 +475,10 @@ impl Alert {
         }
     }
 
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        vec![("alert-id", self.alert_id.clone()), ("type", self.kind.to_owned())]
+    pub fn headers(&self) -> Headers {
+        [("alert-id", self.alert_id.as_str()), ("type", self.kind)]
+            .into_iter()
+            .collect()
     }
 }
 

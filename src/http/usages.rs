@@ -16,7 +16,7 @@ use super::auth::Caller;
 use super::idempotency::IdempotencyKey;
 use super::listing::ListQuery;
 use super::problem::Problem;
-use super::transactions::{create_usage, delete_usage, CreateFailure, Created};
+use super::transactions::{create_usage, delete_usage, CreateAnswer, CreateFailure};
 use super::Api;
 use crate::domain::decision::LimitReport;
 use crate::domain::event::{decode_usage_event, DecodeContext};
@@ -52,7 +52,7 @@ pub async fn create(
             None => (new_usage_id(), false),
         },
     };
-    let created = create_usage(&api, &request, &id, now)
+    let answer = create_usage(&api, &request, &id, now)
         .await
         .map_err(|failure| match failure {
             CreateFailure::Refused(e) => {
@@ -63,16 +63,16 @@ pub async fn create(
             CreateFailure::Unavailable(e) => Problem::create_unavailable(&e, retry_finds_it),
         })?;
     let metrics = &api.metrics;
-    match created {
-        Created::New(usage) => {
+    match answer {
+        CreateAnswer::Created(usage) => {
             metrics.record_decision(DecisionSource::Http, OutcomeStatus::Created, None);
             Ok(usage_response(StatusCode::CREATED, usage))
         }
-        Created::Duplicate(usage) => {
+        CreateAnswer::Duplicate(usage) => {
             metrics.record_decision(DecisionSource::Http, OutcomeStatus::Duplicate, None);
             Ok(usage_response(StatusCode::OK, usage))
         }
-        Created::Rejected(rejection, limit) => Err(rejected(&api, &rejection, limit.as_ref())),
+        CreateAnswer::Rejected { rejection, limit } => Err(rejected(&api, &rejection, limit.as_ref())),
     }
 }
 

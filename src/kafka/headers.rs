@@ -9,25 +9,26 @@ use rdkafka::bindings::{rd_kafka_header_cnt, rd_kafka_header_get_all, rd_kafka_h
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, OwnedMessage};
 use rdkafka::Message;
 
-/// Header keys (lossy UTF-8) and values (bytes; a null value reads as empty).
-pub type HeaderList = Vec<(String, Vec<u8>)>;
+use crate::domain::headers::Headers;
 
-pub fn of_owned(message: &OwnedMessage) -> HeaderList {
+/// Header names (lossy UTF-8) and values (bytes; a null value reads as
+/// empty).
+pub fn of_owned(message: &OwnedMessage) -> Headers {
     message.headers().map(|h| read(h.as_borrowed())).unwrap_or_default()
 }
 
-pub fn of_borrowed(message: &BorrowedMessage<'_>) -> HeaderList {
+pub fn of_borrowed(message: &BorrowedMessage<'_>) -> Headers {
     message.headers().map(read).unwrap_or_default()
 }
 
-fn read(headers: &BorrowedHeaders) -> HeaderList {
+fn read(headers: &BorrowedHeaders) -> Headers {
     // SAFETY: `BorrowedHeaders` is rdkafka's transparent view of a native
     // `rd_kafka_headers_t` (rdkafka casts it the same way); the pointers
     // librdkafka returns stay valid while `headers` is borrowed, and are
     // copied out before it ends.
     let native = headers as *const BorrowedHeaders as *const rd_kafka_headers_t;
     let count = unsafe { rd_kafka_header_cnt(native) };
-    let mut list = Vec::with_capacity(count);
+    let mut list = Headers::with_capacity(count);
     for index in 0..count {
         let mut name = std::ptr::null();
         let mut value = std::ptr::null();
@@ -42,15 +43,7 @@ fn read(headers: &BorrowedHeaders) -> HeaderList {
         } else {
             unsafe { std::slice::from_raw_parts(value as *const u8, size) }.to_vec()
         };
-        list.push((key, bytes));
+        list.push(key, bytes);
     }
     list
-}
-
-/// The value of the first header named `name`, as text.
-pub fn text<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }

@@ -5,6 +5,8 @@
 //! `message.max.bytes` by this count is refused before it is queued, and
 //! would be refused on every retry: what the outbox stores must fit by it.
 
+use crate::domain::headers::Headers;
+
 /// The producer's `message.max.bytes` (librdkafka's default, which the
 /// worker does not change).
 pub const PRODUCER_MAX_MESSAGE_BYTES: usize = 1_000_000;
@@ -34,13 +36,13 @@ pub fn header_size(name: &str, value: &[u8]) -> usize {
 }
 
 /// Headers as librdkafka serialises them.
-pub fn headers_size(headers: &[(String, Vec<u8>)]) -> usize {
-    headers.iter().map(|(k, v)| header_size(k, v)).sum()
+pub fn headers_size(headers: &Headers) -> usize {
+    headers.iter().map(|(name, value)| header_size(name, value)).sum()
 }
 
 /// The size librdkafka compares with `message.max.bytes`, for a record the
 /// relay publishes (its own headers plus `outbox-seq`).
-pub fn outbox_record_size(key: Option<&[u8]>, payload: &[u8], headers: &[(String, Vec<u8>)]) -> usize {
+pub fn outbox_record_size(key: Option<&[u8]>, payload: &[u8], headers: &Headers) -> usize {
     RECORD_MAX_OVERHEAD
         + key.map_or(0, <[u8]>::len)
         + payload.len()
@@ -66,7 +68,7 @@ mod tests {
     fn each_header_costs_its_two_length_varints_beside_its_bytes() {
         assert_eq!(header_size("a", b""), 3);
         assert_eq!(header_size("trace", &[0; 100]), 5 + 100 + 1 + 2);
-        let many: Vec<(String, Vec<u8>)> = (0..60_000).map(|_| ("abc".to_owned(), b"xyz".to_vec())).collect();
+        let many: Headers = (0..60_000).map(|_| ("abc", "xyz")).collect();
         assert_eq!(headers_size(&many), 60_000 * 8);
     }
 }

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
-use super::decide::{dead_letter_record, RawMessage};
+use super::dead_letter::{dead_letter_record, RawMessage};
 use crate::domain::invoice::{decode_invoice_event, InvoiceIssued};
 use crate::domain::subscription::decode_snapshot;
 use crate::store::{self, ControlMessage, ItemResult, OutboxRecord, SnapshotChange, StoredPositions};
@@ -446,11 +446,7 @@ fn decode_subscription(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Sna
 }
 
 /// The original key, bytes and headers of a message.
-pub fn raw_message(
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-    headers: crate::kafka::headers::HeaderList,
-) -> RawMessage {
+pub fn raw_message(key: Option<&[u8]>, payload: Option<&[u8]>, headers: crate::domain::headers::Headers) -> RawMessage {
     RawMessage {
         key: key.map(<[u8]>::to_vec),
         payload: payload.map(<[u8]>::to_vec),

@@ -3,9 +3,11 @@
 //! shutdown behaviour.
 
 pub mod control;
+pub mod dead_letter;
 pub mod decide;
 pub mod relay;
 pub mod sampler;
+pub mod stage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -351,10 +353,9 @@ impl Worker {
         };
         let payload = message.payload().unwrap_or_default();
         let header_list = crate::kafka::headers::of_owned(message);
-        let headers: Vec<(&str, &[u8])> = header_list.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        let request = decode_usage_message(&headers, payload, &ctx);
+        let request = decode_usage_message(&header_list, payload, &ctx);
         let (identity, dead_letter) = match &request {
-            Ok(_) => ((None, None), None),
+            Ok(_) => (Default::default(), None),
             Err(rejection) => {
                 let undecodable = matches!(
                     rejection.code,

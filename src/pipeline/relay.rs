@@ -576,10 +576,7 @@ impl Relay {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
             for (k, v) in &record.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_slice()),
-                });
+                headers = headers.insert(Header { key: k, value: Some(v) });
             }
             headers = headers.insert(Header {
                 key: crate::kafka::record_size::OUTBOX_SEQ_HEADER,
@@ -673,7 +670,7 @@ fn last_outbox_seq(config: &ClientConfig, topic: &str, partition: i32) -> anyhow
         Duration::from_secs(30),
         |message| {
             let headers = crate::kafka::headers::of_borrowed(message);
-            match crate::kafka::headers::text(&headers, "outbox-seq").and_then(|v| v.parse::<i64>().ok()) {
+            match headers.text("outbox-seq").and_then(|v| v.parse::<i64>().ok()) {
                 Some(seq) => last = Some(last.map_or(seq, |l| l.max(seq))),
                 None => unmarked += 1,
             }
@@ -701,7 +698,7 @@ mod tests {
             partition,
             key: None,
             payload: b"{}".to_vec(),
-            headers: Vec::new(),
+            headers: Default::default(),
             source: None,
         }
     }

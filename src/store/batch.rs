@@ -38,6 +38,47 @@ pub struct NewUsage {
     pub source_offset: Option<i64>,
 }
 
+/// A limit alert to record: `reached` by the usage `usage_id` in the
+/// period of `subscription_id` that starts at `period_start`.
+#[derive(Debug, Clone)]
+pub struct NewAlert {
+    pub subscription_id: String,
+    pub period_start: DateTime<Utc>,
+    pub usage_id: String,
+    pub reached: LimitReached,
+}
+
+/// What deciding stages for one transaction: the usages created, the new
+/// `used` of each touched period (by subscription id and period start) and
+/// `trial_used` of each touched subscription in a trial, the alerts raised
+/// and the outbox records, in the order they were decided.
+#[derive(Debug, Default)]
+pub struct StagedWrites {
+    pub usages: Vec<NewUsage>,
+    pub used: HashMap<(String, DateTime<Utc>), Decimal>,
+    pub trial_used: HashMap<String, Decimal>,
+    pub alerts: Vec<NewAlert>,
+    pub outbox: Vec<OutboxRecord>,
+}
+
+impl NewUsage {
+    /// The usage as it reads once stored, before any invoice counts it.
+    pub fn as_stored(&self) -> StoredUsage {
+        StoredUsage {
+            id: self.id.clone(),
+            subscription_id: self.subscription_id.clone(),
+            quantity: self.quantity,
+            requested_quantity: self.requested_quantity,
+            accept_partial: self.accept_partial,
+            usage_time: self.usage_time,
+            invoice_id: None,
+            invoice_item_id: None,
+            created_time: self.created_time,
+            updated_time: self.created_time,
+        }
+    }
+}
+
 pub struct BatchTx {
     tx: Transaction<'static, Postgres>,
 }
@@ -293,19 +334,30 @@ impl BatchTx {
         Ok(())
     }
 
+    /// Writes what deciding staged besides the usages (inserted first, by
+    /// [`Self::insert_usages`]): `used`, `trial_used`, alerts, then the
+    /// outbox records. Returns the records' sequence numbers, in order.
+    pub async fn write_staged(&mut self, writes: &StagedWrites) -> anyhow::Result<Vec<i64>> {
+        self.update_used(&writes.used).await?;
+        self.update_trial_used(&writes.trial_used).await?;
+        self.insert_alerts(&writes.alerts).await?;
+        self.append_outbox(&writes.outbox).await
+    }
+
     /// Writes the new `used` of each touched period.
-    pub async fn update_used(&mut self, periods: &[(String, DateTime<Utc>, Decimal)]) -> anyhow::Result<()> {
-        if periods.is_empty() {
+    async fn update_used(&mut self, used: &HashMap<(String, DateTime<Utc>), Decimal>) -> anyhow::Result<()> {
+        if used.is_empty() {
             return Ok(());
         }
+        let periods: Vec<_> = used.iter().collect();
         sqlx::query(
             "UPDATE service_periods p SET used = c.used
              FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[]) AS c(sub, start_time, used)
              WHERE p.subscription_id = c.sub AND p.start_time = c.start_time",
         )
-        .bind(periods.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
-        .bind(periods.iter().map(|p| p.1).collect::<Vec<_>>())
-        .bind(periods.iter().map(|p| p.2).collect::<Vec<_>>())
+        .bind(periods.iter().map(|((sub, _), _)| sub.as_str()).collect::<Vec<_>>())
+        .bind(periods.iter().map(|((_, start), _)| *start).collect::<Vec<_>>())
+        .bind(periods.iter().map(|(_, used)| **used).collect::<Vec<_>>())
         .execute(&mut *self.tx)
         .await
         .context("updating used quantities")?;
@@ -313,16 +365,17 @@ impl BatchTx {
     }
 
     /// Writes the new `trial_used` of each touched subscription.
-    pub async fn update_trial_used(&mut self, subscriptions: &[(String, Decimal)]) -> anyhow::Result<()> {
-        if subscriptions.is_empty() {
+    async fn update_trial_used(&mut self, trial_used: &HashMap<String, Decimal>) -> anyhow::Result<()> {
+        if trial_used.is_empty() {
             return Ok(());
         }
+        let subscriptions: Vec<_> = trial_used.iter().collect();
         sqlx::query(
             "UPDATE subscriptions s SET trial_used = c.used
              FROM UNNEST($1::text[], $2::numeric[]) AS c(id, used) WHERE s.id = c.id",
         )
-        .bind(subscriptions.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
-        .bind(subscriptions.iter().map(|s| s.1).collect::<Vec<_>>())
+        .bind(subscriptions.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+        .bind(subscriptions.iter().map(|(_, used)| **used).collect::<Vec<_>>())
         .execute(&mut *self.tx)
         .await
         .context("updating trial usage")?;
@@ -331,10 +384,7 @@ impl BatchTx {
 
     /// Records raised alerts. The primary key makes a second alert of the
     /// same period and kind fail the batch rather than go out twice.
-    pub async fn insert_alerts(
-        &mut self,
-        alerts: &[(String, DateTime<Utc>, String, LimitReached)],
-    ) -> anyhow::Result<()> {
+    pub async fn insert_alerts(&mut self, alerts: &[NewAlert]) -> anyhow::Result<()> {
         if alerts.is_empty() {
             return Ok(());
         }
@@ -342,12 +392,12 @@ impl BatchTx {
             "INSERT INTO limit_alerts (subscription_id, period_start_time, kind, usage_id, limit_quantity, used)
              SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::numeric[], $6::numeric[])",
         )
-        .bind(alerts.iter().map(|a| a.0.clone()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|a| a.1).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|a| a.3.kind.as_str().to_owned()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|a| a.2.clone()).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|a| a.3.limit).collect::<Vec<_>>())
-        .bind(alerts.iter().map(|a| a.3.used).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.subscription_id.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.period_start).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.reached.kind.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.usage_id.as_str()).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.reached.limit).collect::<Vec<_>>())
+        .bind(alerts.iter().map(|a| a.reached.used).collect::<Vec<_>>())
         .execute(&mut *self.tx)
         .await
         .context("recording limit alerts")?;

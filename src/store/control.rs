@@ -140,9 +140,7 @@ pub(super) fn fresh_dead_letters(
     records
         .iter()
         .filter(|r| match &r.source {
-            Some((source_topic, partition, offset)) if source_topic == topic => {
-                not_yet_applied(stored, *partition, *offset)
-            }
+            Some(source) if source.topic == topic => not_yet_applied(stored, source.partition, source.offset),
             _ => true,
         })
         .cloned()

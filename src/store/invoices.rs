@@ -78,7 +78,7 @@ pub async fn apply_invoices(
     // In source order: the invalid messages' copies and the unmatched
     // invoices' were gathered apart, and the stored batches of one source
     // partition must not overlap.
-    dead_letters.sort_by_key(|r| r.source.as_ref().map(|s| (s.1, s.2)));
+    dead_letters.sort_by_key(|r| r.source.as_ref().map(|s| (s.partition, s.offset)));
     append(&mut tx, &dead_letters).await?;
     applied.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing invoices")?;

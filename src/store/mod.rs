@@ -17,13 +17,13 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{BatchTx, NewUsage, OffsetClaim};
+pub use batch::{BatchTx, NewAlert, NewUsage, OffsetClaim, StagedWrites};
 pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};
 pub use outbox::{
     claim_partition, delete_expired, lock_claimed, mark_published, mark_published_many, pending_many, published_seq,
-    OutboxRecord, StoredRecord,
+    OutboxRecord, SourcePosition, StoredRecord,
 };
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
 pub use usages::{delete_usage, get_usage, list_usages, outbox_backlog, ping, Deletion, UsageFilter};

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
+use crate::domain::headers::Headers;
+
 /// A record to publish, as the deciding transaction stores it.
 #[derive(Debug, Clone)]
 pub struct OutboxRecord {
@@ -14,9 +16,17 @@ pub struct OutboxRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     /// Header values are bytes: a dead letter keeps the original headers.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
     /// The input message this record decides, when there is one.
-    pub source: Option<(String, i32, i64)>,
+    pub source: Option<SourcePosition>,
+}
+
+/// Where an input message was read: its topic, partition and offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// A stored record, with its sequence number in its output partition.
@@ -25,33 +35,30 @@ pub struct StoredRecord {
     pub seq: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
 }
 
 /// Headers are stored as a JSON array of `[key, base64 value]` pairs.
-fn encode_headers(headers: &[(String, Vec<u8>)]) -> String {
+fn encode_headers(headers: &Headers) -> String {
     use base64::Engine;
     let pairs: Vec<(&str, String)> = headers
         .iter()
-        .map(|(k, v)| (k.as_str(), base64::engine::general_purpose::STANDARD.encode(v)))
+        .map(|(name, value)| (name, base64::engine::general_purpose::STANDARD.encode(value)))
         .collect();
     serde_json::to_string(&pairs).expect("headers serialize")
 }
 
-fn decode_headers(text: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+fn decode_headers(text: &str) -> anyhow::Result<Headers> {
     use base64::Engine;
     let pairs: Vec<(String, String)> = serde_json::from_str(text).context("decoding stored headers")?;
-    pairs
-        .into_iter()
-        .map(|(k, v)| {
-            Ok((
-                k,
-                base64::engine::general_purpose::STANDARD
-                    .decode(v)
-                    .context("decoding a stored header")?,
-            ))
-        })
-        .collect()
+    let mut headers = Headers::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .context("decoding a stored header")?;
+        headers.push(name, value);
+    }
+    Ok(headers)
 }
 
 /// Appends records, giving each the next sequence number of its output
@@ -123,7 +130,7 @@ pub(super) async fn append(conn: &mut PgConnection, records: &[OutboxRecord]) ->
     .bind(flat().map(|r| r.key.as_deref()).collect::<Vec<_>>())
     .bind(flat().map(|r| r.payload.as_slice()).collect::<Vec<_>>())
     .bind(flat().map(|r| encode_headers(&r.headers)).collect::<Vec<_>>())
-    .bind(flat().map(|r| r.source.as_ref().map(|s| s.2)).collect::<Vec<_>>())
+    .bind(flat().map(|r| r.source.as_ref().map(|s| s.offset)).collect::<Vec<_>>())
     .bind(rows.iter().map(|s| s.topic).collect::<Vec<_>>())
     .bind(rows.iter().map(|s| s.partition).collect::<Vec<_>>())
     .bind(rows.iter().map(|s| s.first_seq).collect::<Vec<_>>())
@@ -158,7 +165,7 @@ struct Segment<'a> {
 
 /// Bytes of a record's key, payload and headers.
 fn record_bytes(r: &OutboxRecord) -> i64 {
-    let headers: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let headers: usize = r.headers.iter().map(|(name, value)| name.len() + value.len()).sum();
     (r.key.as_ref().map_or(0, Vec::len) + r.payload.len() + headers) as i64
 }
 
@@ -169,8 +176,8 @@ fn segments<'a>(records: &'a [OutboxRecord], seqs: &[i64], order: &[usize]) -> V
     let mut rows: Vec<Segment<'a>> = Vec::new();
     for (position, &i) in order.iter().enumerate() {
         let r = &records[i];
-        let source = r.source.as_ref().map(|s| (s.0.as_str(), s.1));
-        let offset = r.source.as_ref().map(|s| s.2);
+        let source = r.source.as_ref().map(|s| (s.topic.as_str(), s.partition));
+        let offset = r.source.as_ref().map(|s| s.offset);
         let index = position as i32 + 1;
         match rows.last_mut() {
             Some(row)
@@ -385,8 +392,12 @@ mod tests {
             partition,
             key: None,
             payload: b"{}".to_vec(),
-            headers: Vec::new(),
-            source: source.map(|(t, p, o)| (t.to_owned(), p, o)),
+            headers: Headers::new(),
+            source: source.map(|(topic, partition, offset)| SourcePosition {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+            }),
         }
     }
 
@@ -409,6 +420,16 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn stored_headers_keep_their_encoding() {
+        let headers: Headers = [("status", &b"created"[..]), ("trace", &[0, 1][..])]
+            .into_iter()
+            .collect();
+        let stored = r#"[["status","Y3JlYXRlZA=="],["trace","AAE="]]"#;
+        assert_eq!(encode_headers(&headers), stored);
+        assert_eq!(decode_headers(stored).unwrap(), headers);
     }
 
     #[test]

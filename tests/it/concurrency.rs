@@ -80,7 +80,7 @@ mod deciding {
     use chrono::{DateTime, Utc};
     use rust_decimal::Decimal;
     use test_kit::{active_subscription, wait_until, TestEnv};
-    use usage_worker::domain::event::UsageRequest;
+    use usage_worker::domain::event::{Identity, UsageRequest};
     use usage_worker::domain::outcome::OutcomeStatus;
     use usage_worker::domain::subscription::decode_snapshot;
     use usage_worker::domain::ReasonCode;
@@ -143,7 +143,10 @@ mod deciding {
                 usage_time: usage_time.map(t),
                 accept_partial: false,
             }),
-            identity: (Some(id.into()), Some(subscription.into())),
+            identity: Identity {
+                id: Some(id.into()),
+                subscription_id: Some(subscription.into()),
+            },
             dead_letter: None,
         }
     }

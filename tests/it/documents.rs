@@ -967,6 +967,7 @@ fn every_example_in_the_documents_matches_its_schema() {
 fn the_input_schemas_accept_and_refuse_what_the_decoders_do() {
     use usage_worker::domain::cloudevents::decode_usage_message;
     use usage_worker::domain::event::DecodeContext;
+    use usage_worker::domain::headers::Headers;
     use usage_worker::domain::invoice::decode_invoice_event;
     use usage_worker::domain::subscription::decode_snapshot;
 
@@ -977,9 +978,9 @@ fn the_input_schemas_accept_and_refuse_what_the_decoders_do() {
         max_future: chrono::Duration::minutes(5),
         max_payload_bytes: 64 * 1024,
     };
-    let usage = |body: &str| decode_usage_message(&[], body.as_bytes(), &ctx).is_ok();
+    let usage = |body: &str| decode_usage_message(&Headers::new(), body.as_bytes(), &ctx).is_ok();
     let structured = |body: &str| {
-        let headers: [(&str, &[u8]); 1] = [("content-type", b"application/cloudevents+json")];
+        let headers: Headers = [("content-type", "application/cloudevents+json")].into_iter().collect();
         decode_usage_message(&headers, body.as_bytes(), &ctx).is_ok()
     };
     let snapshot = |body: &str| decode_snapshot(body.as_bytes()).is_ok();

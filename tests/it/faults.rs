@@ -176,7 +176,7 @@ fn outbox_record(partition: i32, payload: Vec<u8>) -> usage_worker::store::Outbo
         partition,
         key: Some(b"sub_f".to_vec()),
         payload,
-        headers: vec![("status".into(), b"created".to_vec())],
+        headers: [("status", "created")].into_iter().collect(),
         source: None,
     }
 }
@@ -239,7 +239,7 @@ fn records_are_sized_as_librdkafka_sizes_them() {
         .unwrap();
     // Tens of thousands of headers, some with values long enough for a
     // two-byte length.
-    let headers: Vec<(String, Vec<u8>)> = (0..30_000)
+    let headers: usage_worker::domain::headers::Headers = (0..30_000)
         .map(|i| {
             (
                 format!("h{}", i % 1000),
@@ -251,10 +251,7 @@ fn records_are_sized_as_librdkafka_sizes_them() {
     let queue = |payload: &[u8]| {
         let mut native = OwnedHeaders::new_with_capacity(headers.len() + 1);
         for (k, v) in &headers {
-            native = native.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
+            native = native.insert(Header { key: k, value: Some(v) });
         }
         native = native.insert(Header {
             key: OUTBOX_SEQ_HEADER,

@@ -5,10 +5,11 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use test_kit::TestEnv;
 use usage_worker::domain::decision::{LimitKind, LimitReached, SubscriptionState};
+use usage_worker::domain::headers::Headers;
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
     apply_snapshots, claim_partition, delete_expired, lock_claimed, mark_published_many, pending_many, BatchTx,
-    ControlMessage, NewUsage, OutboxRecord, SnapshotChange,
+    ControlMessage, NewAlert, NewUsage, OutboxRecord, SnapshotChange, SourcePosition,
 };
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -317,8 +318,12 @@ fn dead_letter(source: (&str, i32, i64)) -> OutboxRecord {
         partition: 0,
         key: None,
         payload: b"not json".to_vec(),
-        headers: Vec::new(),
-        source: Some((source.0.to_owned(), source.1, source.2)),
+        headers: Headers::new(),
+        source: Some(SourcePosition {
+            topic: source.0.to_owned(),
+            partition: source.1,
+            offset: source.2,
+        }),
     }
 }
 
@@ -368,7 +373,12 @@ async fn an_alert_is_marked_on_its_period_and_stored_once() {
         limit: Decimal::from(10),
         used: Decimal::from(10),
     };
-    let alert = |kind| ("sub_1".to_owned(), t(start), "u1".to_owned(), reached(kind));
+    let alert = |kind| NewAlert {
+        subscription_id: "sub_1".to_owned(),
+        period_start: t(start),
+        usage_id: "u1".to_owned(),
+        reached: reached(kind),
+    };
     let alerted = |states: &std::collections::HashMap<String, SubscriptionState>| {
         let period = states["sub_1"].periods.iter().find(|p| p.start == t(start)).unwrap();
         period.alerted.clone()
@@ -521,9 +531,17 @@ fn outbox_record(topic: &str, partition: i32, source_offset: Option<i64>) -> Out
         partition,
         key: source_offset.map(|o| format!("key-{o}").into_bytes()),
         payload: format!("payload-{source_offset:?}").into_bytes(),
-        headers: vec![("status".to_owned(), b"created".to_vec())],
-        source: source_offset.map(|o| ("events".to_owned(), partition, o)),
+        headers: status_created(),
+        source: source_offset.map(|offset| SourcePosition {
+            topic: "events".to_owned(),
+            partition,
+            offset,
+        }),
     }
+}
+
+fn status_created() -> Headers {
+    [("status", "created")].into_iter().collect()
 }
 
 async fn append(env: &TestEnv, records: &[OutboxRecord]) -> anyhow::Result<Vec<i64>> {
@@ -540,7 +558,7 @@ async fn pending(env: &TestEnv, after: i64, limit: i64) -> Vec<(i64, Option<Vec<
         .into_iter()
         .map(|(topic, partition, r)| {
             assert_eq!((topic.as_str(), partition), ("results", 0));
-            assert_eq!(r.headers, vec![("status".to_owned(), b"created".to_vec())]);
+            assert_eq!(r.headers, status_created());
             (r.seq, r.key, r.payload)
         })
         .collect()

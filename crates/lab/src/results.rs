@@ -258,7 +258,7 @@ impl ResultReader {
 /// Reads one record into the state; true for a first copy.
 fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<bool, String> {
     let headers = usage_worker::kafka::headers::of_borrowed(m);
-    let header = |name: &str| usage_worker::kafka::headers::text(&headers, name).map(str::to_owned);
+    let header = |name: &str| headers.text(name).map(str::to_owned);
     let seq: i64 = header("outbox-seq")
         .and_then(|s| s.parse().ok())
         .ok_or("no outbox-seq header")?;

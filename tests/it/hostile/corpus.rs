@@ -136,7 +136,7 @@ impl Case {
 
     /// The headers as the worker reads them: a header without a value has
     /// an empty one.
-    pub fn header_slices(&self) -> Vec<(&str, &[u8])> {
+    pub fn header_slices(&self) -> usage_worker::domain::headers::Headers {
         self.headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or_default()))
