@@ -26,6 +26,7 @@ use crate::domain::cloudevents::decode_usage_message;
 use crate::domain::event::{identify, DecodeContext};
 use crate::domain::{ReasonCode, Rejection};
 use crate::kafka::{self, consumer};
+use crate::retry::Backoff;
 use crate::store::{self, FailureKind};
 use control::{ControlKind, ControlReader, Progress};
 use decide::{decide_batch, BatchReport, DecideContext, DecodedMessage};
@@ -388,7 +389,10 @@ impl Worker {
         forced: Option<&Rejection>,
     ) -> anyhow::Result<Option<()>> {
         let p = &self.settings.pipeline;
-        let mut backoff = Duration::from_millis(p.retry_initial_backoff_ms);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(p.retry_initial_backoff_ms),
+            Duration::from_millis(p.retry_max_backoff_ms),
+        );
         loop {
             let started = std::time::Instant::now();
             match decide_batch(&self.pool, &self.ctx, ranges, messages, forced, Utc::now()).await {
@@ -420,13 +424,13 @@ impl Worker {
                             );
                             return Ok(Some(()));
                         }
+                        let wait = backoff.next_delay();
                         tracing::warn!(
                             error = format!("{e:#}"),
-                            backoff_ms = backoff.as_millis() as u64,
+                            backoff_ms = wait.as_millis() as u64,
                             "deciding the batch failed; retrying"
                         );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(p.retry_max_backoff_ms));
+                        tokio::time::sleep(wait).await;
                     }
                 },
             }

@@ -35,6 +35,7 @@ use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::retry::Backoff;
 use crate::store;
 
 /// Most records one round reads from the outbox, shared among its
@@ -81,16 +82,19 @@ pub struct Relay {
     offered: Mutex<Offered>,
     /// Partitions whose last delivery failed, and when each is tried again:
     /// a failure backs off its own partition, never the others.
-    failing: Mutex<HashMap<(String, i32), Backoff>>,
+    failing: Mutex<HashMap<(String, i32), FailingPartition>>,
     retry_max: Duration,
 }
+
+/// The first wait after a failure; the waits double up to `retry_max`.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
 
 /// When a failing partition is tried again, and how long it waits after
 /// its next failure.
 #[derive(Debug, Clone, Copy)]
-struct Backoff {
+struct FailingPartition {
     retry_at: Instant,
-    next_delay: Duration,
+    backoff: Backoff,
 }
 
 #[derive(Default)]
@@ -195,19 +199,21 @@ impl Relay {
     /// `retry_max`, and is read back from the topic before it goes on.
     fn failed(&self, topic: &str, partition: i32, error: &anyhow::Error) {
         let mut failing = self.failing.lock().expect("relay lock");
-        let backoff = failing.entry((topic.to_owned(), partition)).or_insert(Backoff {
-            retry_at: Instant::now(),
-            next_delay: Duration::from_millis(50),
-        });
-        backoff.retry_at = Instant::now() + backoff.next_delay;
+        let failure = failing
+            .entry((topic.to_owned(), partition))
+            .or_insert(FailingPartition {
+                retry_at: Instant::now(),
+                backoff: Backoff::new(FIRST_RETRY, self.retry_max),
+            });
+        let wait = failure.backoff.next_delay();
+        failure.retry_at = Instant::now() + wait;
         tracing::warn!(
             topic,
             partition,
             error = format!("{error:#}"),
-            backoff_ms = backoff.next_delay.as_millis() as u64,
+            backoff_ms = wait.as_millis() as u64,
             "publishing to an output partition failed; retrying it (the other partitions go on)"
         );
-        backoff.next_delay = (backoff.next_delay * 2).min(self.retry_max);
         drop(failing);
         self.mark_unknown(topic, partition);
     }
@@ -330,7 +336,7 @@ impl Relay {
 
     /// Runs rounds until `stop` resolves.
     pub async fn run(&self, retry_max: Duration, retention_days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(FIRST_RETRY, retry_max);
         let mut last_cleanup = tokio::time::Instant::now();
         loop {
             if *stop.borrow() {
@@ -338,22 +344,22 @@ impl Relay {
             }
             match self.round_once().await {
                 Ok(published) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     if published > 0 {
                         continue;
                     }
                 }
                 Err(e) => {
+                    let wait = backoff.next_delay();
                     tracing::warn!(
                         error = format!("{e:#}"),
-                        backoff_ms = backoff.as_millis() as u64,
+                        backoff_ms = wait.as_millis() as u64,
                         "publishing the outbox failed; retrying"
                     );
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => {}
                     }
-                    backoff = (backoff * 2).min(retry_max);
                     continue;
                 }
             }
