@@ -115,15 +115,9 @@ fn send(
     key: &str,
     payload: &str,
 ) -> anyhow::Result<()> {
-    loop {
-        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
-            Ok(()) => return Ok(()),
-            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
-    }
+    let record = BaseRecord::to(topic).key(key).payload(payload);
+    crate::kafka::producer::send_with_retry(producer, record, || std::thread::sleep(Duration::from_millis(5)))?;
+    Ok(())
 }
 
 /// A handful of subscriptions that exercise every rule: generous and tight

@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod ends;
 pub mod headers;
 pub mod mock;
+pub mod producer;
 pub mod record_size;
 pub mod topics;
 

@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::kafka::producer::send_with_retry;
 use crate::retry::Backoff;
 use crate::store;
 
@@ -473,7 +473,7 @@ impl Relay {
                 deliveries.push(None);
                 continue;
             }
-            match self.send(topic, *partition, record).await {
+            match self.send(topic, *partition, record) {
                 Ok(delivery) => deliveries.push(Some(delivery)),
                 Err(e) => {
                     failed.insert(
@@ -572,40 +572,37 @@ impl Relay {
         Ok(seq)
     }
 
-    async fn send(
+    fn send(
         &self,
         topic: &str,
         partition: i32,
         record: &store::StoredRecord,
     ) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
         let seq = record.seq.to_string();
-        loop {
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
-            for (k, v) in &record.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_slice()),
-                });
-            }
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
+        for (k, v) in &record.headers {
             headers = headers.insert(Header {
-                key: crate::kafka::record_size::OUTBOX_SEQ_HEADER,
-                value: Some(seq.as_bytes()),
+                key: k,
+                value: Some(v.as_slice()),
             });
-            let mut future = FutureRecord::to(topic)
-                .partition(partition)
-                .payload(&record.payload)
-                .headers(headers);
-            if let Some(key) = &record.key {
-                future = future.key(key);
-            }
-            match self.producer.send_result(future) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(e).context("enqueueing an outbox record"),
-            }
         }
+        headers = headers.insert(Header {
+            key: crate::kafka::record_size::OUTBOX_SEQ_HEADER,
+            value: Some(seq.as_bytes()),
+        });
+        let mut future = FutureRecord::to(topic)
+            .partition(partition)
+            .payload(&record.payload)
+            .headers(headers);
+        if let Some(key) = &record.key {
+            future = future.key(key);
+        }
+        // The queue is full only with an abandoned round's records still in
+        // it: the wait leaves the runtime's other tasks to other threads.
+        send_with_retry(&self.producer, future, || {
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(5)))
+        })
+        .context("enqueueing an outbox record")
     }
 
     fn set_published(&self, topic: &str, partition: i32, seq: i64) {
