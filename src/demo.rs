@@ -75,9 +75,9 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
         send(&producer, &t.subscriptions, &id, &snapshot)?;
     }
 
-    let stats = Arc::new(pipeline::Stats::default());
+    let counts = Arc::new(pipeline::DecisionCounts::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(pipeline::run(settings.clone(), pool.clone(), stats.clone(), async {
+    let worker = tokio::spawn(pipeline::run(settings.clone(), pool.clone(), counts.clone(), async {
         let _ = stop_rx.await;
     }));
 

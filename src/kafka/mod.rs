@@ -131,6 +131,18 @@ pub fn topic_reader(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Re
     Ok(consumer)
 }
 
+/// Whether a consumer error says that its position is no longer on the
+/// topic (retention removed it, or the topic was recreated): with
+/// `auto.offset.reset = error`, the consumer stops there instead of skipping.
+pub fn position_off_topic(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    matches!(
+        error,
+        KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
+            | KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+    )
+}
+
 /// The `auto.offset.reset` choice for a new group, resolved by the pipeline
 /// against the partition's watermarks.
 pub fn initial_offset(reset: OffsetReset, low: i64, high: i64) -> i64 {

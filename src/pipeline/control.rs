@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -75,6 +75,13 @@ impl Progress {
             }
         }
     }
+}
+
+/// A control topic, and how far this worker has applied it.
+pub struct AppliedTopic {
+    pub topic: String,
+    pub partitions: i32,
+    pub progress: Arc<Progress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,12 +270,7 @@ impl ControlReader {
         read_to: &mut HashMap<i32, i64>,
         error: KafkaError,
     ) {
-        let out_of_range = matches!(
-            error,
-            KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
-                | KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
-        );
-        if !out_of_range {
+        if !crate::kafka::position_off_topic(&error) {
             tracing::warn!(topic = %self.topic, error = %error, "control topic reader error");
             return;
         }

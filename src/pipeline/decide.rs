@@ -10,6 +10,7 @@ use crate::domain::decision::{decide, Decision, LimitReached, StoredUsage};
 use crate::domain::event::UsageRequest;
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, Alert, Outcome, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
+use crate::kafka::consumer::OffsetRange;
 use crate::kafka::record_size::{headers_size, outbox_record_size};
 use crate::store::{BatchTx, NewUsage, OffsetClaim, OutboxRecord};
 
@@ -92,13 +93,13 @@ struct Writes {
 
 /// Decides the messages (in input order) whose partitions' claims hold, and
 /// commits usages, periods, alerts, outcomes and offsets together. `ranges`
-/// are the consumer's (partition, position before, position after) of the
-/// batch. `forced` turns every message into the given rejection (the
-/// fallback for a message the database refuses).
+/// are the consumer's positions around the batch in each partition.
+/// `forced` turns every message into the given rejection (the fallback for
+/// a message the database refuses).
 pub async fn decide_batch(
     pool: &PgPool,
     ctx: &DecideContext,
-    ranges: &[(i32, i64, i64)],
+    ranges: &[OffsetRange],
     messages: &[DecodedMessage],
     forced: Option<&Rejection>,
     now: DateTime<Utc>,
@@ -113,11 +114,11 @@ pub async fn decide_batch(
     // 1. Claim the offsets. Only messages at or after the stored offset are
     //    still undecided; a claim that starts after it means the consumer
     //    missed some and must read again.
-    let partitions: Vec<i32> = ranges.iter().map(|r| r.0).collect();
+    let partitions: Vec<i32> = ranges.iter().map(|r| r.partition).collect();
     let stored = tx.lock_offsets(&ctx.group, &ctx.input_topic, &partitions).await?;
     let mut claims = Vec::new();
     let mut start_of: HashMap<i32, i64> = HashMap::new();
-    for &(partition, from, to) in ranges {
+    for &OffsetRange { partition, from, to } in ranges {
         let Some(&current) = stored.get(&partition) else {
             anyhow::bail!("no stored offset for partition {partition}");
         };
