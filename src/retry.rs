@@ -30,6 +30,18 @@ impl Backoff {
         delay
     }
 
+    /// Logs `failure` (what failed, and the error) with how long it waits,
+    /// then waits.
+    pub async fn wait_after(&mut self, failure: &str, error: &anyhow::Error) {
+        let wait = self.next_delay();
+        tracing::warn!(
+            error = format!("{error:#}"),
+            backoff_ms = wait.as_millis() as u64,
+            "{failure}; retrying"
+        );
+        tokio::time::sleep(wait).await;
+    }
+
     /// Back to the first wait (after a success).
     pub fn reset(&mut self) {
         self.next = self.initial;

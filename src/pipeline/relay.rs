@@ -350,14 +350,8 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        backoff_ms = wait.as_millis() as u64,
-                        "publishing the outbox failed; retrying"
-                    );
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = backoff.wait_after("publishing the outbox failed", &e) => {}
                         _ = stop.changed() => {}
                     }
                     continue;

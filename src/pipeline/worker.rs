@@ -279,13 +279,7 @@ impl Worker {
                 );
                 return Ok(DecideOutcome::RolledBackAtShutdown);
             }
-            let wait = backoff.next_delay();
-            tracing::warn!(
-                error = format!("{e:#}"),
-                backoff_ms = wait.as_millis() as u64,
-                "deciding the batch failed; retrying"
-            );
-            tokio::time::sleep(wait).await;
+            backoff.wait_after("deciding the batch failed", &e).await;
         }
     }
 

@@ -64,13 +64,8 @@ where
     loop {
         match op().await {
             Err(e) if is_unavailable(&e) => {
-                let wait = backoff.next_delay();
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    backoff_ms = wait.as_millis() as u64,
-                    "{what}: the database is unavailable; retrying"
-                );
-                tokio::time::sleep(wait).await;
+                let failure = format!("{what}: the database is unavailable");
+                backoff.wait_after(&failure, &e).await;
             }
             result => return result,
         }
