@@ -1,6 +1,7 @@
 //! Kafka adapters: the one place that builds client configs, the usage
-//! consumer with its assignment hooks, the snapshot reader, the producer,
-//! topic checks, and the embedded mock cluster. Nothing here knows SQL.
+//! consumer and its protocol with the worker, the snapshot reader, sending
+//! to a producer, topic checks, and the embedded mock cluster. Nothing here
+//! knows SQL.
 
 pub mod consumer;
 pub mod ends;
