@@ -339,6 +339,18 @@ pub struct ConsumerSettings {
 /// through `Revoked`) when asked to, or when the pipeline drops its
 /// [`UsageConsumer`].
 pub fn spawn(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Result<UsageConsumer> {
+    let (reader, mut handle) = subscribe(config, settings)?;
+    let thread = std::thread::Builder::new()
+        .name("usage-consumer".into())
+        .spawn(move || reader.run())
+        .context("starting the consumer thread")?;
+    handle.thread = Some(thread);
+    Ok(handle)
+}
+
+/// The consumer, subscribed, with the thread's state and the pipeline's
+/// handle (without the thread yet).
+fn subscribe(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Result<(UsageReader, UsageConsumer)> {
     // Room for a batch for every lane and one rebalance question: the
     // thread never waits for room.
     let (events_tx, events) = mpsc::channel(settings.lanes.max(1) + 1);
@@ -365,15 +377,12 @@ pub fn spawn(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Resul
         decided_tx,
         decided,
     };
-    let thread = std::thread::Builder::new()
-        .name("usage-consumer".into())
-        .spawn(move || reader.run())
-        .context("starting the consumer thread")?;
-    Ok(UsageConsumer {
+    let handle = UsageConsumer {
         events,
         leave: Some(leave_tx),
-        thread: Some(thread),
-    })
+        thread: None,
+    };
+    Ok((reader, handle))
 }
 
 /// The consumer thread's state.
@@ -844,6 +853,78 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    /// The thread's state and the pipeline's handle, without a thread (and
+    /// without a broker: nothing here reaches one).
+    fn reader(lanes: usize) -> (UsageReader, UsageConsumer) {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "usage-worker-test")
+            .set("log_level", "0");
+        let settings = ConsumerSettings {
+            topic: "usage-events".into(),
+            batch_size: 10,
+            max_batch_bytes: usize::MAX,
+            linger: Duration::ZERO,
+            lanes,
+        };
+        subscribe(&config, settings).unwrap()
+    }
+
+    /// A reader that has sent a batch of partition 0 for one of its lanes.
+    fn reader_with_a_batch_out(lanes: usize) -> (UsageReader, UsageConsumer, UsageBatch, BatchReply) {
+        let (mut reader, mut handle) = reader(lanes);
+        reader.gathered.push(message(0, 0), 0);
+        assert!(reader.send_batch());
+        match handle.events.try_recv() {
+            Ok(ConsumerEvent::Batch { batch, reply }) => (reader, handle, batch, reply),
+            _ => panic!("a batch"),
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_a_lane_and_its_partitions_until_it_is_answered() {
+        let (mut reader, _handle, batch, reply) = reader_with_a_batch_out(1);
+        assert_eq!(reader.free_lanes, 0);
+        assert_eq!(batch.ranges, [OffsetRange::new(0, 0, 1)]);
+        reader.gathered.push(message(0, 1), 1);
+        assert_eq!(reader.gathered.ready().0, 0, "partition 0 is in its lane");
+        reply.decided(Vec::new());
+        let decided = reader.decided.try_recv().expect("the answer");
+        reader.on_decided(decided);
+        assert_eq!((reader.free_lanes, reader.gathered.ready().0), (1, 1));
+    }
+
+    #[test]
+    fn a_batch_dropped_unanswered_keeps_its_lane_and_partitions() {
+        let (mut reader, _handle, batch, reply) = reader_with_a_batch_out(2);
+        drop((batch, reply));
+        assert!(reader.decided.try_recv().is_err());
+        reader.gathered.push(message(0, 1), 1);
+        assert_eq!((reader.free_lanes, reader.gathered.ready().0), (1, 0));
+    }
+
+    #[test]
+    fn a_partition_to_read_again_loses_what_was_gathered_of_it() {
+        let (mut reader, _handle, _, reply) = reader_with_a_batch_out(1);
+        reader.gathered.push(message(0, 1), 1);
+        reader.gathered.push(message(1, 5), 5);
+        reply.decided(vec![(0, 0)]);
+        reader.on_decided(reader.decided.try_recv().expect("the answer"));
+        assert_eq!((reader.gathered.len(), reader.gathered.ready().0), (1, 1));
+    }
+
+    #[test]
+    fn the_thread_leaves_when_asked_or_when_the_handle_is_dropped() {
+        let (mut reader, mut handle) = reader(1);
+        assert!(!reader.leaving());
+        handle.leave();
+        assert!(reader.leaving());
+        let (mut reader, handle) = self::reader(1);
+        drop(handle);
+        assert!(reader.leaving());
     }
 
     #[test]
