@@ -67,15 +67,27 @@ pub async fn run(
         tokio::spawn(async move { input.leave().await });
         return Err(e);
     }
-    tracing::info!("shutting down: publishing what was committed");
     let deadline = tokio::time::Instant::now() + settings.pipeline.shutdown_timeout();
+    shut_down(input, relay, controls.threads, &stop_threads, deadline).await
+}
+
+/// After the last batch: publishes what was committed (until `deadline`),
+/// then leaves the group and stops the threads and the relay.
+async fn shut_down(
+    mut input: UsageInput,
+    relay: RelayService,
+    control_threads: Vec<JoinHandle<()>>,
+    stop_threads: &AtomicBool,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<()> {
+    tracing::info!("shutting down: publishing what was committed");
     let drained = input.answering(relay.relay.drain(deadline)).await;
     stop_threads.store(true, Ordering::Relaxed);
     let _ = relay.stop.send(true);
-    let thread = input.consumer.thread();
+    let consumer_thread = input.consumer.thread();
     let left = async {
         input.leave().await;
-        let threads = thread.into_iter().chain(controls.threads);
+        let threads = consumer_thread.into_iter().chain(control_threads);
         let joined = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 let _ = thread.join();
