@@ -25,7 +25,7 @@ pub async fn run(
     pool: PgPool,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let stats = Arc::new(pipeline::Stats::default());
+    let counts = Arc::new(pipeline::DecisionCounts::default());
     let stop = Stop::on(shutdown);
     let metadata = metadata_client(&settings)?;
     let partitions = input_partitions(&settings, &metadata).await?;
@@ -36,12 +36,12 @@ pub async fn run(
         let api_pool = store::connect(&settings.database).await?;
         pools.push(("http", api_pool.clone()));
         let config = ApiConfig::from_settings(&settings, partitions, true);
-        let api = Arc::new(Api::new(api_pool, config, stats.metrics.clone()));
+        let api = Arc::new(Api::new(api_pool, config, counts.metrics.clone()));
         api_task = Some(tokio::spawn(http::serve(listener, api, stop.wait())));
     }
-    tokio::spawn(sampler(&settings, &stats.metrics, pools, partitions, metadata).run(stop.wait()));
+    tokio::spawn(sampler(&settings, &counts.metrics, pools, partitions, metadata).run(stop.wait()));
     let shutdown_timeout = settings.pipeline.shutdown_timeout();
-    let worker = pipeline::run(settings, pool, stats, stop.wait());
+    let worker = pipeline::run(settings, pool, counts, stop.wait());
     let Some(mut api_task) = api_task else {
         return worker.await;
     };

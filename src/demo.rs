@@ -88,9 +88,9 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
         send(&producer, &t.subscriptions, &id, &snapshot)?;
     }
 
-    let stats = Arc::new(pipeline::Stats::default());
+    let counts = Arc::new(pipeline::DecisionCounts::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(pipeline::run(settings.clone(), pool.clone(), stats.clone(), async {
+    let worker = tokio::spawn(pipeline::run(settings.clone(), pool.clone(), counts.clone(), async {
         let _ = stop_rx.await;
     }));
 
@@ -127,15 +127,9 @@ fn send(
     key: &str,
     payload: &str,
 ) -> anyhow::Result<()> {
-    loop {
-        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
-            Ok(()) => return Ok(()),
-            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
-    }
+    let record = BaseRecord::to(topic).key(key).payload(payload);
+    crate::kafka::producer::send_with_retry(producer, record, || std::thread::sleep(Duration::from_millis(5)))?;
+    Ok(())
 }
 
 /// A handful of subscriptions that exercise every rule: generous and tight

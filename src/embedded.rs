@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Connection;
+
+use crate::kafka::position_off_topic;
 
 pub struct EmbeddedKafka {
     // The cluster lives as long as the client that created it.
@@ -203,7 +204,7 @@ impl TopicReader {
     pub fn poll(&self, timeout: Duration) -> anyhow::Result<Option<BorrowedMessage<'_>>> {
         match self.consumer.poll(timeout) {
             Some(Ok(message)) => Ok(Some(message)),
-            Some(Err(e)) if means_lost_records(&e) => Err(e).context("reading a topic"),
+            Some(Err(e)) if position_off_topic(&e) => Err(e).context("reading a topic"),
             Some(Err(_)) | None => Ok(None),
         }
     }
@@ -227,35 +228,10 @@ impl TopicReader {
     }
 }
 
-/// An offset no longer on the topic: records were removed (retention,
-/// compaction, a recreated topic) before they were read.
-fn means_lost_records(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
-    )
-}
-
 /// A record's payload as JSON, or `Null` when it is not JSON (dead letters).
 pub fn json_payload(message: &OwnedMessage) -> serde_json::Value {
     message
         .payload()
         .and_then(|p| serde_json::from_slice(p).ok())
         .unwrap_or(serde_json::Value::Null)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_offset_off_the_topic_means_lost_records() {
-        let consumption = |code| KafkaError::MessageConsumption(code);
-        assert!(means_lost_records(&consumption(RDKafkaErrorCode::AutoOffsetReset)));
-        assert!(means_lost_records(&consumption(RDKafkaErrorCode::OffsetOutOfRange)));
-        assert!(!means_lost_records(&consumption(
-            RDKafkaErrorCode::BrokerTransportFailure
-        )));
-        assert!(!means_lost_records(&consumption(RDKafkaErrorCode::AllBrokersDown)));
-    }
 }

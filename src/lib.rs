@@ -10,5 +10,6 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod retry;
 pub mod store;
 pub mod telemetry;

@@ -1,11 +1,26 @@
 //! The consumer of `usage-events`: a thread that polls, forms batches and
-//! hands them to the pipeline. On assignment it asks its `Assignments` hook
-//! where each partition resumes (PostgreSQL knows); on revocation it lets the
-//! hook stop publishing for those partitions before the partitions move.
+//! hands them to the pipeline, and the one protocol between the two. The
+//! thread sends [`ConsumerEvent`]s, and each event carries the way to answer
+//! it:
+//!
+//! - `Assigned`: the pipeline answers where each partition resumes
+//!   (PostgreSQL knows); the thread seeks there.
+//! - `Revoked`: the pipeline answers once it has stopped publishing the
+//!   partitions; only then do they move to another worker.
+//! - `Batch`: the pipeline answers once the batch is decided, with the
+//!   partitions to read again; until then the batch's partitions go into no
+//!   other batch, and its lane stays taken.
+//!
+//! The thread sends a batch only for a free lane (of `lanes`), and keeps
+//! gathering (up to the batch size) until one is free, so that a busy
+//! pipeline gets one fresh, full batch rather than a queue of small ones
+//! that aged while they waited. Rebalances run inside the thread's poll and
+//! block it until the pipeline answers, which is the point: the group waits
+//! for the answer, and publishing stops before another worker starts.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,73 +29,240 @@ use rdkafka::bindings::rd_kafka_resp_err_t as RespErr;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-/// What the pipeline does when partitions come and go. Called on the
-/// consumer thread, inside the rebalance: blocking here delays the rebalance,
-/// which is the point (publishing stops before another worker starts).
-pub trait Assignments: Send + Sync + 'static {
-    /// Where each partition resumes: the next offset to decide.
-    fn assigned(&self, partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>>;
-    fn revoked(&self, partitions: &[i32]);
+/// What the consumer thread tells the pipeline; each event carries its
+/// answer's way back.
+pub enum ConsumerEvent {
+    /// Partitions were assigned: answer where each resumes (the next offset
+    /// to decide). The group waits for the answer; a failure is asked again.
+    Assigned {
+        partitions: Vec<i32>,
+        resume_at: oneshot::Sender<anyhow::Result<HashMap<i32, i64>>>,
+    },
+    /// Partitions are being revoked: answer once nothing publishes them any
+    /// more. The group waits for the answer.
+    Revoked {
+        partitions: Vec<i32>,
+        stopped: oneshot::Sender<()>,
+    },
+    /// A batch for a free lane: answer once it is decided.
+    Batch { batch: UsageBatch, reply: BatchReply },
+}
+
+/// What a batch holds of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OffsetRange {
+    pub partition: i32,
+    /// The consumer's position before the first message.
+    pub from: i64,
+    /// The consumer's position after the last message.
+    pub to: i64,
+}
+
+impl OffsetRange {
+    pub const fn new(partition: i32, from: i64, to: i64) -> Self {
+        Self { partition, from, to }
+    }
 }
 
 /// Messages of one poll window, in offset order per partition.
 pub struct UsageBatch {
     pub messages: Vec<OwnedMessage>,
-    /// Per partition: the consumer's position before the first message of
-    /// this batch and after the last.
-    pub ranges: Vec<(i32, i64, i64)>,
+    pub ranges: Vec<OffsetRange>,
     pub read_at: Instant,
 }
 
 impl UsageBatch {
     pub fn partitions(&self) -> Vec<i32> {
-        self.ranges.iter().map(|r| r.0).collect()
+        self.ranges.iter().map(|r| r.partition).collect()
     }
 }
 
-/// Requests from the pipeline to the consumer thread.
-#[derive(Debug)]
-pub enum Command {
-    /// Read the partition again from this offset (the stored offset is
-    /// behind what the consumer read, so something was not decided).
-    Seek { partition: i32, offset: i64 },
-    /// The pipeline is ready for its next batch. Until it asks, the thread
-    /// keeps gathering (up to the batch size), so a busy pipeline gets one
-    /// fresh, full batch rather than a queue of small ones that aged while
-    /// they waited.
-    NextBatch,
-    /// The pipeline has decided the batch of these partitions: they may go
-    /// into a batch again.
-    Done { partitions: Vec<i32> },
+/// The pipeline's way to answer a batch. Dropped unanswered (the worker
+/// failed, or is leaving), the batch's partitions and lane stay taken.
+pub struct BatchReply {
+    partitions: Vec<i32>,
+    to: std_mpsc::Sender<Decided>,
 }
 
-struct Ctx {
+impl BatchReply {
+    /// The batch is decided (committed, or rolled back at shutdown), and
+    /// these partitions are read again from these offsets: their stored
+    /// offset is behind what the consumer read, so something was not
+    /// decided.
+    pub fn decided(self, reread: Vec<(i32, i64)>) {
+        // The thread is gone only when the worker stops.
+        let _ = self.to.send(Decided {
+            partitions: self.partitions,
+            reread,
+        });
+    }
+}
+
+/// A batch's answer, as the thread receives it.
+struct Decided {
+    partitions: Vec<i32>,
+    reread: Vec<(i32, i64)>,
+}
+
+/// The usage consumer as the pipeline holds it: its events, and its way
+/// out of the group. Dropped, the thread leaves the group too, without
+/// being able to ask anything.
+pub struct UsageConsumer {
+    events: mpsc::Receiver<ConsumerEvent>,
+    leave: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UsageConsumer {
+    /// The thread's next event; `None` once it has ended.
+    pub async fn next_event(&mut self) -> Option<ConsumerEvent> {
+        self.events.recv().await
+    }
+
+    /// Asks the thread to leave the group: it stops reading, revokes its
+    /// partitions (asking through `Revoked` as usual) and ends, and then
+    /// `next_event` returns `None`.
+    pub fn leave(&mut self) {
+        if let Some(leave) = self.leave.take() {
+            let _ = leave.send(());
+        }
+    }
+
+    /// The thread, to join once it has ended.
+    pub fn thread(&mut self) -> Option<JoinHandle<()>> {
+        self.thread.take()
+    }
+}
+
+/// Answers the group's rebalances by asking the pipeline. It runs on the
+/// consumer thread, inside `poll`, and leaves the new positions for the
+/// thread's loop to take up after the poll.
+struct RebalanceContext {
     topic: String,
-    hooks: Arc<dyn Assignments>,
-    positions: Arc<Mutex<Positions>>,
+    events: mpsc::Sender<ConsumerEvent>,
+    /// The owned partitions and where each resumes, after a rebalance the
+    /// loop has not taken up yet.
+    reassigned: Mutex<Option<HashMap<i32, i64>>>,
 }
 
-/// Next offset per owned partition (the thread advances it as it reads), and
-/// a generation that every rebalance bumps, so that the thread drops what it
-/// gathered under the previous assignment.
+impl RebalanceContext {
+    fn reassign(&self, next: HashMap<i32, i64>) {
+        *self.reassigned.lock().expect("rebalance lock") = Some(next);
+    }
+
+    /// The positions after the rebalances since the last call, if any.
+    fn take_reassigned(&self) -> Option<HashMap<i32, i64>> {
+        self.reassigned.lock().expect("rebalance lock").take()
+    }
+
+    /// Where each partition resumes, asked until the pipeline knows
+    /// (without the stored offsets nothing can be read safely, and the
+    /// group waits for us); `None` when the pipeline is gone.
+    fn resume_positions(&self, partitions: &[i32]) -> Option<HashMap<i32, i64>> {
+        loop {
+            let (resume_at, answer) = oneshot::channel();
+            let asked = ConsumerEvent::Assigned {
+                partitions: partitions.to_vec(),
+                resume_at,
+            };
+            self.events.blocking_send(asked).ok()?;
+            match answer.blocking_recv().ok()? {
+                Ok(offsets) => return Some(offsets),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "loading stored offsets failed; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Waits until the pipeline has stopped publishing the partitions.
+    fn stop_publishing(&self, partitions: &[i32]) {
+        let (stopped, answer) = oneshot::channel();
+        let asked = ConsumerEvent::Revoked {
+            partitions: partitions.to_vec(),
+            stopped,
+        };
+        if self.events.blocking_send(asked).is_err() || answer.blocking_recv().is_err() {
+            tracing::warn!(
+                ?partitions,
+                "the pipeline is gone; partitions revoked without its answer"
+            );
+        }
+    }
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        match err {
+            RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let Some(offsets) = self.resume_positions(&partitions) else {
+                    // The worker is stopping: nothing is read any more.
+                    self.reassign(HashMap::new());
+                    return;
+                };
+                let mut assignment = TopicPartitionList::new();
+                let mut next = HashMap::new();
+                for p in &partitions {
+                    let offset = offsets[p];
+                    assignment
+                        .add_partition_offset(&self.topic, *p, Offset::Offset(offset))
+                        .expect("valid offset");
+                    next.insert(*p, offset);
+                }
+                self.reassign(next);
+                tracing::info!(?partitions, ?offsets, "partitions assigned");
+                if let Err(e) = consumer.assign(&assignment) {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+            }
+            RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(?partitions, "partitions revoked");
+                self.reassign(HashMap::new());
+                self.stop_publishing(&partitions);
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                self.reassign(HashMap::new());
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+type UsageKafkaConsumer = BaseConsumer<RebalanceContext>;
+
+/// Next offset per owned partition (the thread advances it as it reads).
 #[derive(Default)]
 struct Positions {
     next: HashMap<i32, i64>,
-    generation: u64,
     /// Partitions read from a new position (an assignment or a seek) whose
     /// first record has not shown yet that the broker served that position.
     resumed: HashMap<i32, Resume>,
 }
 
 impl Positions {
-    fn reset(&mut self) {
+    /// A new assignment: these partitions, from these positions.
+    fn reassign(&mut self, next: HashMap<i32, i64>) {
         self.next.clear();
         self.resumed.clear();
-        self.generation += 1;
+        for (partition, offset) in next {
+            self.resume(partition, offset);
+        }
     }
 
     fn resume(&mut self, partition: i32, next: i64) {
@@ -142,61 +324,6 @@ impl Resume {
     }
 }
 
-impl ClientContext for Ctx {}
-
-impl ConsumerContext for Ctx {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
-        let partitions: Vec<i32> = tpl
-            .elements()
-            .iter()
-            .filter(|e| e.topic() == self.topic)
-            .map(|e| e.partition())
-            .collect();
-        match err {
-            RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let offsets = loop {
-                    match self.hooks.assigned(&partitions) {
-                        Ok(offsets) => break offsets,
-                        Err(e) => {
-                            // Without the stored offsets nothing can be read
-                            // safely: keep trying (the group waits for us).
-                            tracing::warn!(error = format!("{e:#}"), "loading stored offsets failed; retrying");
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
-                    }
-                };
-                let mut assignment = TopicPartitionList::new();
-                let mut positions = self.positions.lock().expect("positions lock");
-                positions.reset();
-                for p in &partitions {
-                    let next = offsets[p];
-                    assignment
-                        .add_partition_offset(&self.topic, *p, Offset::Offset(next))
-                        .expect("valid offset");
-                    positions.resume(*p, next);
-                }
-                tracing::info!(?partitions, ?offsets, "partitions assigned");
-                if let Err(e) = consumer.assign(&assignment) {
-                    tracing::error!(error = %e, "assigning partitions failed");
-                }
-            }
-            RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(?partitions, "partitions revoked");
-                self.positions.lock().expect("positions lock").reset();
-                self.hooks.revoked(&partitions);
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!(error = %e, "unassigning partitions failed");
-                }
-            }
-            other => {
-                tracing::error!(error = ?other, "rebalance failed");
-                self.positions.lock().expect("positions lock").reset();
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
-
 pub struct ConsumerSettings {
     pub topic: String,
     pub batch_size: usize,
@@ -208,143 +335,196 @@ pub struct ConsumerSettings {
     pub lanes: usize,
 }
 
-/// Starts the consumer thread. It stops when `stop` is set, after leaving
-/// the group (which revokes its partitions through the hook).
-pub fn spawn(
-    config: &ClientConfig,
-    settings: ConsumerSettings,
-    hooks: Arc<dyn Assignments>,
-    batches: mpsc::Sender<UsageBatch>,
-    commands: std::sync::mpsc::Receiver<Command>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let positions = Arc::new(Mutex::new(Positions::default()));
-    let ctx = Ctx {
+/// Starts the consumer thread. It leaves the group (revoking its partitions
+/// through `Revoked`) when asked to, or when the pipeline drops its
+/// [`UsageConsumer`].
+pub fn spawn(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Result<UsageConsumer> {
+    let (reader, mut handle) = subscribe(config, settings)?;
+    let thread = std::thread::Builder::new()
+        .name("usage-consumer".into())
+        .spawn(move || reader.run())
+        .context("starting the consumer thread")?;
+    handle.thread = Some(thread);
+    Ok(handle)
+}
+
+/// The consumer, subscribed, with the thread's state and the pipeline's
+/// handle (without the thread yet).
+fn subscribe(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Result<(UsageReader, UsageConsumer)> {
+    // Room for a batch for every lane and one rebalance question: the
+    // thread never waits for room.
+    let (events_tx, events) = mpsc::channel(settings.lanes.max(1) + 1);
+    let context = RebalanceContext {
         topic: settings.topic.clone(),
-        hooks,
-        positions: positions.clone(),
+        events: events_tx,
+        reassigned: Mutex::new(None),
     };
-    let consumer: BaseConsumer<Ctx> = config
-        .create_with_context(ctx)
+    let consumer: UsageKafkaConsumer = config
+        .create_with_context(context)
         .context("creating the usage-events consumer")?;
     consumer
         .subscribe(&[&settings.topic])
         .with_context(|| format!("subscribing to {}", settings.topic))?;
-    let handle = std::thread::Builder::new()
-        .name("usage-consumer".into())
-        .spawn(move || run(consumer, settings, positions, batches, commands, stop))
-        .context("starting the consumer thread")?;
-    Ok(handle)
+    let (leave_tx, leave) = oneshot::channel();
+    let (decided_tx, decided) = std_mpsc::channel();
+    let reader = UsageReader {
+        consumer,
+        free_lanes: settings.lanes,
+        settings,
+        leave,
+        positions: Positions::default(),
+        gathered: Gathered::default(),
+        decided_tx,
+        decided,
+    };
+    let handle = UsageConsumer {
+        events,
+        leave: Some(leave_tx),
+        thread: None,
+    };
+    Ok((reader, handle))
 }
 
-fn run(
-    consumer: BaseConsumer<Ctx>,
+/// The consumer thread's state.
+struct UsageReader {
+    consumer: UsageKafkaConsumer,
     settings: ConsumerSettings,
-    positions: Arc<Mutex<Positions>>,
-    batches: mpsc::Sender<UsageBatch>,
-    commands: std::sync::mpsc::Receiver<Command>,
-    stop: Arc<AtomicBool>,
-) {
-    let mut gathered = Gathered::default();
-    // Room for a full batch for every lane, and one more: the messages of
-    // partitions whose batch is still being decided count too, and when
-    // they alone fill the room nothing else is read until that batch ends.
-    let room = settings.batch_size * (settings.lanes.max(1) + 1);
-    let room_bytes = settings.max_batch_bytes.saturating_mul(settings.lanes.max(1) + 1);
-    let mut generation = 0;
-    let mut wanted = 0usize;
-    let command = |command: Command, gathered: &mut Gathered, wanted: &mut usize| match command {
-        Command::Seek { partition, offset } => {
-            seek(&consumer, &settings.topic, &positions, partition, offset);
-            gathered.drop_partition(partition);
-        }
-        Command::NextBatch => *wanted += 1,
-        Command::Done { partitions } => gathered.done(&partitions),
-    };
-    while !stop.load(Ordering::Relaxed) {
-        while let Ok(c) = commands.try_recv() {
-            command(c, &mut gathered, &mut wanted);
-        }
-        let (ready, ready_bytes) = gathered.ready();
-        let oldest = gathered.oldest_ready();
-        let lingered = oldest.is_some_and(|t| t.elapsed() >= settings.linger);
-        let full = gathered.len() >= room || gathered.bytes >= room_bytes;
-        let batch_ready = ready >= settings.batch_size || ready_bytes >= settings.max_batch_bytes;
-        if wanted > 0 && ready > 0 && (batch_ready || lingered || full) {
-            // The partitions are shared out among the lanes.
-            let assigned = positions.lock().expect("positions lock").next.len();
-            let batch = gathered.take(
-                settings.batch_size,
-                settings.max_batch_bytes,
-                assigned.div_ceil(settings.lanes.max(1)).max(1),
-            );
-            wanted -= 1;
-            if batches.blocking_send(batch).is_err() {
-                break;
+    leave: oneshot::Receiver<()>,
+    positions: Positions,
+    gathered: Gathered,
+    /// Lanes without a batch: a batch is sent only for one of them.
+    free_lanes: usize,
+    decided_tx: std_mpsc::Sender<Decided>,
+    decided: std_mpsc::Receiver<Decided>,
+}
+
+impl UsageReader {
+    fn run(mut self) {
+        // Room for a full batch for every lane, and one more: the messages of
+        // partitions whose batch is still being decided count too, and when
+        // they alone fill the room nothing else is read until that batch ends.
+        let room = self.settings.batch_size * (self.settings.lanes.max(1) + 1);
+        let room_bytes = self
+            .settings
+            .max_batch_bytes
+            .saturating_mul(self.settings.lanes.max(1) + 1);
+        while !self.leaving() {
+            while let Ok(decided) = self.decided.try_recv() {
+                self.on_decided(decided);
             }
-            continue;
-        }
-        if full || batch_ready {
-            // Back-pressure: wait for the pipeline to ask, or to finish a
-            // batch whose partitions hold what is gathered.
-            match commands.recv_timeout(Duration::from_millis(100)) {
-                Ok(c) => command(c, &mut gathered, &mut wanted),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            let (ready, ready_bytes) = self.gathered.ready();
+            let oldest = self.gathered.oldest_ready();
+            let lingered = oldest.is_some_and(|t| t.elapsed() >= self.settings.linger);
+            let full = self.gathered.len() >= room || self.gathered.bytes >= room_bytes;
+            let batch_ready = ready >= self.settings.batch_size || ready_bytes >= self.settings.max_batch_bytes;
+            if self.free_lanes > 0 && ready > 0 && (batch_ready || lingered || full) {
+                if !self.send_batch() {
+                    break;
+                }
+                continue;
             }
-            continue;
+            if full || batch_ready {
+                // Back-pressure: wait for a lane to finish its batch (its
+                // partitions may hold what is gathered).
+                if let Ok(decided) = self.decided.recv_timeout(Duration::from_millis(100)) {
+                    self.on_decided(decided);
+                }
+                continue;
+            }
+            let wait = match oldest {
+                // Ready but every lane is busy: look for a free one often.
+                Some(_) if lingered => Duration::from_millis(2),
+                Some(t) => self.settings.linger.saturating_sub(t.elapsed()),
+                None => Duration::from_millis(100),
+            };
+            self.poll(wait);
         }
-        let wait = match oldest {
-            // Ready but the pipeline is busy: look for its request often.
-            Some(_) if lingered => Duration::from_millis(2),
-            Some(t) => settings.linger.saturating_sub(t.elapsed()),
-            None => Duration::from_millis(100),
+        tracing::info!("usage consumer leaving the group");
+        self.consumer.unsubscribe();
+        // Let the revocation be answered before the consumer is dropped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+            self.consumer.poll(Duration::from_millis(50));
+        }
+    }
+
+    /// Asked to leave, or the pipeline is gone.
+    fn leaving(&mut self) -> bool {
+        let asked = !matches!(self.leave.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        asked || self.consumer.context().events.is_closed()
+    }
+
+    /// Sends a batch for a free lane; false when the pipeline is gone.
+    fn send_batch(&mut self) -> bool {
+        // The partitions are shared out among the lanes.
+        let share = self.positions.next.len().div_ceil(self.settings.lanes.max(1)).max(1);
+        let batch = self
+            .gathered
+            .take(self.settings.batch_size, self.settings.max_batch_bytes, share);
+        let reply = BatchReply {
+            partitions: batch.partitions(),
+            to: self.decided_tx.clone(),
         };
+        self.free_lanes -= 1;
+        let event = ConsumerEvent::Batch { batch, reply };
+        self.consumer.context().events.blocking_send(event).is_ok()
+    }
+
+    fn on_decided(&mut self, decided: Decided) {
+        for (partition, offset) in decided.reread {
+            seek(
+                &self.consumer,
+                &self.settings.topic,
+                &mut self.positions,
+                partition,
+                offset,
+            );
+            self.gathered.drop_partition(partition);
+        }
+        self.gathered.done(&decided.partitions);
+        self.free_lanes += 1;
+    }
+
+    /// Reads a message, if one comes within `wait`; rebalances run here.
+    fn poll(&mut self, wait: Duration) {
+        let consumer = &self.consumer;
+        let topic = self.settings.topic.as_str();
         let polled = consumer.poll(wait);
-        {
-            let current = positions.lock().expect("positions lock").generation;
-            if current != generation {
-                generation = current;
-                gathered.clear();
-            }
+        if let Some(next) = consumer.context().take_reassigned() {
+            // What was gathered under the former assignment is dropped (the
+            // partitions' owners read it again); batches in lanes stay so.
+            self.positions.reassign(next);
+            self.gathered.clear();
         }
         match polled {
             Some(Ok(message)) => {
                 let partition = message.partition();
                 let offset = message.offset();
-                let mut positions = positions.lock().expect("positions lock");
-                if let Some(resume) = positions.resumed.get_mut(&partition) {
-                    let low = low_watermark(&consumer, &settings.topic, partition);
+                if let Some(resume) = self.positions.resumed.get_mut(&partition) {
+                    let low = low_watermark(consumer, topic, partition);
                     match resume.check(Some(offset), low) {
                         ResumeCheck::Served => {
-                            positions.resumed.remove(&partition);
+                            self.positions.resumed.remove(&partition);
                         }
                         ResumeCheck::ReadFrom(from) => {
-                            read_from(&consumer, &settings.topic, partition, offset, from);
-                            continue;
+                            read_from(consumer, topic, partition, offset, from);
+                            return;
                         }
                     }
                 }
                 // Messages of partitions no longer ours (a revocation raced
                 // the fetch) are dropped: their new owner reads them.
-                if let Some(next) = positions.next.get_mut(&partition) {
+                if let Some(next) = self.positions.next.get_mut(&partition) {
                     if offset >= *next {
-                        gathered.push(message.detach(), *next);
+                        self.gathered.push(message.detach(), *next);
                         *next = offset + 1;
                     }
                 }
             }
-            Some(Err(e)) => on_error(&consumer, &settings.topic, &positions, e),
+            Some(Err(e)) => on_error(consumer, topic, &mut self.positions, e),
             None => {}
         }
-        check_quiet_resumes(&consumer, &settings.topic, &positions);
-    }
-    tracing::info!("usage consumer leaving the group");
-    consumer.unsubscribe();
-    // Let the revocation run its hooks before the consumer is dropped.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
-        consumer.poll(Duration::from_millis(50));
+        check_quiet_resumes(consumer, topic, &mut self.positions);
     }
 }
 
@@ -475,7 +655,7 @@ impl Gathered {
         let mut ranges = Vec::with_capacity(from.len());
         for (partition, (count, bytes, last, rest_since)) in from {
             let slot = self.partitions.get_mut(&partition).expect("a gathered partition");
-            ranges.push((partition, slot.from, last + 1));
+            ranges.push(OffsetRange::new(partition, slot.from, last + 1));
             match rest_since {
                 Some(since) => {
                     slot.count -= count;
@@ -505,8 +685,7 @@ impl Gathered {
     }
 }
 
-fn seek(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>, partition: i32, offset: i64) {
-    let mut positions = positions.lock().expect("positions lock");
+fn seek(consumer: &UsageKafkaConsumer, topic: &str, positions: &mut Positions, partition: i32, offset: i64) {
     if !positions.next.contains_key(&partition) {
         return;
     }
@@ -521,8 +700,7 @@ fn seek(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>,
 
 /// Resumed partitions that showed nothing for a while although the broker
 /// reports records past their position (from its fetch answers).
-fn check_quiet_resumes(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>) {
-    let mut positions = positions.lock().expect("positions lock");
+fn check_quiet_resumes(consumer: &UsageKafkaConsumer, topic: &str, positions: &mut Positions) {
     let mut served = Vec::new();
     for (partition, resume) in positions.resumed.iter_mut() {
         if resume.since.elapsed() < RESUME_QUIET {
@@ -547,7 +725,7 @@ fn check_quiet_resumes(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mu
 
 /// The partition's first and next offsets as the client's last fetch
 /// answer gave them (no request), if it had one.
-fn cached_watermarks(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> Option<(i64, i64)> {
+fn cached_watermarks(consumer: &UsageKafkaConsumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client is alive for the call, the topic is a valid C
@@ -566,7 +744,7 @@ fn cached_watermarks(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) 
 
 /// The partition's first offset, from the client's last fetch answer, or
 /// from the broker.
-fn low_watermark(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> i64 {
+fn low_watermark(consumer: &UsageKafkaConsumer, topic: &str, partition: i32) -> i64 {
     match cached_watermarks(consumer, topic, partition) {
         Some((low, _)) => low,
         _ => consumer
@@ -576,7 +754,7 @@ fn low_watermark(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32) -> i
     }
 }
 
-fn read_from(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32, seen: i64, from: i64) {
+fn read_from(consumer: &UsageKafkaConsumer, topic: &str, partition: i32, seen: i64, from: i64) {
     tracing::info!(
         partition,
         seen,
@@ -591,17 +769,11 @@ fn read_from(consumer: &BaseConsumer<Ctx>, topic: &str, partition: i32, seen: i6
 /// A consumer error. When a position is no longer on the topic (retention
 /// removed events nobody decided), the partition stops, loudly: skipping
 /// would lose billing data.
-fn on_error(consumer: &BaseConsumer<Ctx>, topic: &str, positions: &Mutex<Positions>, error: KafkaError) {
-    let out_of_range = matches!(
-        error,
-        KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
-            | KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
-    );
-    if !out_of_range {
+fn on_error(consumer: &UsageKafkaConsumer, topic: &str, positions: &mut Positions, error: KafkaError) {
+    if !super::position_off_topic(&error) {
         tracing::warn!(error = %error, "consumer error");
         return;
     }
-    let mut positions = positions.lock().expect("positions lock");
     let mut stopped = TopicPartitionList::new();
     for (partition, next) in positions.next.iter() {
         match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5)) {
@@ -683,6 +855,78 @@ mod tests {
         )
     }
 
+    /// The thread's state and the pipeline's handle, without a thread (and
+    /// without a broker: nothing here reaches one).
+    fn reader(lanes: usize) -> (UsageReader, UsageConsumer) {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "usage-worker-test")
+            .set("log_level", "0");
+        let settings = ConsumerSettings {
+            topic: "usage-events".into(),
+            batch_size: 10,
+            max_batch_bytes: usize::MAX,
+            linger: Duration::ZERO,
+            lanes,
+        };
+        subscribe(&config, settings).unwrap()
+    }
+
+    /// A reader that has sent a batch of partition 0 for one of its lanes.
+    fn reader_with_a_batch_out(lanes: usize) -> (UsageReader, UsageConsumer, UsageBatch, BatchReply) {
+        let (mut reader, mut handle) = reader(lanes);
+        reader.gathered.push(message(0, 0), 0);
+        assert!(reader.send_batch());
+        match handle.events.try_recv() {
+            Ok(ConsumerEvent::Batch { batch, reply }) => (reader, handle, batch, reply),
+            _ => panic!("a batch"),
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_a_lane_and_its_partitions_until_it_is_answered() {
+        let (mut reader, _handle, batch, reply) = reader_with_a_batch_out(1);
+        assert_eq!(reader.free_lanes, 0);
+        assert_eq!(batch.ranges, [OffsetRange::new(0, 0, 1)]);
+        reader.gathered.push(message(0, 1), 1);
+        assert_eq!(reader.gathered.ready().0, 0, "partition 0 is in its lane");
+        reply.decided(Vec::new());
+        let decided = reader.decided.try_recv().expect("the answer");
+        reader.on_decided(decided);
+        assert_eq!((reader.free_lanes, reader.gathered.ready().0), (1, 1));
+    }
+
+    #[test]
+    fn a_batch_dropped_unanswered_keeps_its_lane_and_partitions() {
+        let (mut reader, _handle, batch, reply) = reader_with_a_batch_out(2);
+        drop((batch, reply));
+        assert!(reader.decided.try_recv().is_err());
+        reader.gathered.push(message(0, 1), 1);
+        assert_eq!((reader.free_lanes, reader.gathered.ready().0), (1, 0));
+    }
+
+    #[test]
+    fn a_partition_to_read_again_loses_what_was_gathered_of_it() {
+        let (mut reader, _handle, _, reply) = reader_with_a_batch_out(1);
+        reader.gathered.push(message(0, 1), 1);
+        reader.gathered.push(message(1, 5), 5);
+        reply.decided(vec![(0, 0)]);
+        reader.on_decided(reader.decided.try_recv().expect("the answer"));
+        assert_eq!((reader.gathered.len(), reader.gathered.ready().0), (1, 1));
+    }
+
+    #[test]
+    fn the_thread_leaves_when_asked_or_when_the_handle_is_dropped() {
+        let (mut reader, mut handle) = reader(1);
+        assert!(!reader.leaving());
+        handle.leave();
+        assert!(reader.leaving());
+        let (mut reader, handle) = self::reader(1);
+        drop(handle);
+        assert!(reader.leaving());
+    }
+
     #[test]
     fn a_batch_of_large_messages_stops_at_its_byte_bound_and_takes_one_at_least() {
         let mut g = Gathered::default();
@@ -693,7 +937,7 @@ mod tests {
         assert_eq!(g.ready(), (6, 5 * 950_000 + 10));
         let first = g.take(2000, 2_000_000, usize::MAX);
         assert_eq!(offsets(&first), [(0, 0), (0, 1)], "a third would pass 2,000,000 bytes");
-        assert_eq!(first.ranges, [(0, 0, 2)]);
+        assert_eq!(first.ranges, [OffsetRange::new(0, 0, 2)]);
         g.done(&first.partitions());
         let second = g.take(2000, 100, usize::MAX);
         assert_eq!(
@@ -719,12 +963,12 @@ mod tests {
         }
         let first = g.take(3, usize::MAX, usize::MAX);
         assert_eq!(offsets(&first), [(0, 10), (1, 5), (0, 11)]);
-        assert_eq!(first.ranges, [(0, 10, 12), (1, 5, 6)]);
+        assert_eq!(first.ranges, [OffsetRange::new(0, 10, 12), OffsetRange::new(1, 5, 6)]);
         assert_eq!((g.len(), g.ready().0), (2, 0), "both partitions are in flight");
         g.done(&first.partitions());
         let second = g.take(10, usize::MAX, usize::MAX);
         assert_eq!(offsets(&second), [(0, 13), (1, 6)]);
-        assert_eq!(second.ranges, [(0, 12, 14), (1, 6, 7)]);
+        assert_eq!(second.ranges, [OffsetRange::new(0, 12, 14), OffsetRange::new(1, 6, 7)]);
         assert_eq!(g.len(), 0);
         assert!(g.oldest_ready().is_none());
     }
@@ -746,7 +990,7 @@ mod tests {
         assert_eq!(g.ready().0, 2);
         let third = g.take(10, usize::MAX, usize::MAX);
         assert_eq!(offsets(&third), [(0, 1), (0, 2)]);
-        assert_eq!(third.ranges, [(0, 1, 3)]);
+        assert_eq!(third.ranges, [OffsetRange::new(0, 1, 3)]);
     }
 
     #[test]
@@ -774,6 +1018,6 @@ mod tests {
         g.push(message(0, 8), 8);
         assert_eq!(g.ready(), (0, 0), "partition 0 is still in flight");
         g.done(&first.partitions());
-        assert_eq!(g.take(5, usize::MAX, usize::MAX).ranges, [(0, 8, 9)]);
+        assert_eq!(g.take(5, usize::MAX, usize::MAX).ranges, [OffsetRange::new(0, 8, 9)]);
     }
 }

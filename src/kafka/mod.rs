@@ -1,10 +1,11 @@
 //! Kafka adapters: the one place that builds client configs, the usage
-//! consumer with its assignment hooks, the snapshot reader, the producer
-//! and topic checks. Nothing here knows SQL.
+//! consumer and its protocol with the worker, the snapshot reader, sending
+//! to a producer, and topic checks. Nothing here knows SQL.
 
 pub mod consumer;
 pub mod ends;
 pub mod headers;
+pub mod producer;
 pub mod record_size;
 pub mod topics;
 
@@ -104,6 +105,18 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// Whether a consumer error says that its position is no longer on the
+/// topic (retention removed it, or the topic was recreated): with
+/// `auto.offset.reset = error`, the consumer stops there instead of skipping.
+pub fn position_off_topic(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    matches!(
+        error,
+        KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
+            | KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+    )
+}
+
 /// The `auto.offset.reset` choice for a new group, resolved by the pipeline
 /// against the partition's watermarks.
 pub fn initial_offset(reset: OffsetReset, low: i64, high: i64) -> i64 {
@@ -147,5 +160,17 @@ mod tests {
         let config = reader_config(&settings(&[]), "test");
         assert_eq!(config.get("security.protocol"), Some("plaintext"));
         assert_eq!(config.get("sasl.password"), None);
+    }
+
+    #[test]
+    fn only_an_offset_off_the_topic_means_a_position_is_lost() {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let consumption = KafkaError::MessageConsumption;
+        assert!(position_off_topic(&consumption(RDKafkaErrorCode::AutoOffsetReset)));
+        assert!(position_off_topic(&consumption(RDKafkaErrorCode::OffsetOutOfRange)));
+        assert!(!position_off_topic(&consumption(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!position_off_topic(&consumption(RDKafkaErrorCode::AllBrokersDown)));
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use super::dead_letter::{dead_letter_record, RawMessage};
 use crate::domain::invoice::{decode_invoice_event, InvoiceIssued};
 use crate::domain::subscription::decode_snapshot;
+use crate::retry::Backoff;
 use crate::store::{self, ControlMessage, ItemResult, OutboxRecord, SnapshotChange, StoredPositions};
 
 /// How far this worker has applied each partition of a control topic.
@@ -76,6 +77,13 @@ impl Progress {
     }
 }
 
+/// A control topic, and how far this worker has applied it.
+pub struct AppliedTopic {
+    pub topic: String,
+    pub partitions: i32,
+    pub progress: Arc<Progress>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlKind {
     Subscriptions,
@@ -121,7 +129,7 @@ impl ControlReader {
         // removed messages nobody applied, or the topic was recreated and
         // is shorter) stops that partition, loudly.
         // Brokers down at start are waited out, as the database is.
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.retry_max);
         let bounds = loop {
             let config = config.clone();
             let topic = self.topic.clone();
@@ -134,8 +142,7 @@ impl ControlReader {
                 Err(e) if stop.load(Ordering::Relaxed) => return Err(e),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = format!("{e:#}"), "reading where the control topic starts and ends failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.retry_max);
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         };
@@ -219,7 +226,7 @@ impl ControlReader {
                 continue;
             }
             let positions: Vec<(i32, i64)> = pending.positions.iter().map(|(p, o)| (*p, *o)).collect();
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), self.retry_max);
             loop {
                 match runtime.block_on(self.apply(&pending, &positions)) {
                     Ok((dead_lettered, stored)) => {
@@ -237,8 +244,7 @@ impl ControlReader {
                     }
                     Err(e) => {
                         tracing::warn!(topic = %self.topic, error = format!("{e:#}"), "applying failed; retrying");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(self.retry_max);
+                        std::thread::sleep(backoff.next_delay());
                     }
                 }
             }
@@ -264,12 +270,7 @@ impl ControlReader {
         read_to: &mut HashMap<i32, i64>,
         error: KafkaError,
     ) {
-        let out_of_range = matches!(
-            error,
-            KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)
-                | KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
-        );
-        if !out_of_range {
+        if !crate::kafka::position_off_topic(&error) {
             tracing::warn!(topic = %self.topic, error = %error, "control topic reader error");
             return;
         }

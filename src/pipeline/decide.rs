@@ -10,6 +10,7 @@ use super::stage::{decide_and_stage, LockedState, Report, ReportRequest, StageCo
 use crate::domain::event::{Identity, UsageRequest};
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
+use crate::kafka::consumer::OffsetRange;
 use crate::store::{BatchTx, OffsetClaim, OutboxRecord, SourcePosition};
 
 /// A usage message after decoding (pure, outside the transaction).
@@ -84,13 +85,13 @@ pub struct BatchReport {
 
 /// Decides the messages (in input order) whose partitions' claims hold, and
 /// commits usages, periods, alerts, outcomes and offsets together. `ranges`
-/// are the consumer's (partition, position before, position after) of the
-/// batch. `forced` turns every message into the given rejection (the
-/// fallback for a message the database refuses).
+/// are the consumer's positions around the batch in each partition.
+/// `forced` turns every message into the given rejection (the fallback for
+/// a message the database refuses).
 pub async fn decide_batch(
     pool: &PgPool,
     ctx: &DecideContext,
-    ranges: &[(i32, i64, i64)],
+    ranges: &[OffsetRange],
     messages: &[DecodedMessage],
     forced: Option<&Rejection>,
     now: DateTime<Utc>,
@@ -161,15 +162,15 @@ struct Claimed<'m> {
 async fn claim_offsets<'m>(
     tx: &mut BatchTx,
     ctx: &DecideContext,
-    ranges: &[(i32, i64, i64)],
+    ranges: &[OffsetRange],
     messages: &'m [DecodedMessage],
 ) -> anyhow::Result<Claimed<'m>> {
-    let partitions: Vec<i32> = ranges.iter().map(|r| r.0).collect();
+    let partitions: Vec<i32> = ranges.iter().map(|r| r.partition).collect();
     let stored = tx.lock_offsets(&ctx.group, &ctx.input_topic, &partitions).await?;
     let mut claims = Vec::new();
     let mut reread = Vec::new();
     let mut start_of: HashMap<i32, i64> = HashMap::new();
-    for &(partition, from, to) in ranges {
+    for &OffsetRange { partition, from, to } in ranges {
         let Some(&current) = stored.get(&partition) else {
             anyhow::bail!("no stored offset for partition {partition}");
         };

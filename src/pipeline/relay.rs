@@ -28,13 +28,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::kafka::producer::send_with_retry;
+use crate::retry::Backoff;
 use crate::store;
 
 /// Most records one round reads from the outbox, shared among its
@@ -81,16 +82,19 @@ pub struct Relay {
     offered: Mutex<Offered>,
     /// Partitions whose last delivery failed, and when each is tried again:
     /// a failure backs off its own partition, never the others.
-    failing: Mutex<HashMap<(String, i32), Backoff>>,
+    failing: Mutex<HashMap<(String, i32), FailingPartition>>,
     retry_max: Duration,
 }
+
+/// The first wait after a failure; the waits double up to `retry_max`.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
 
 /// When a failing partition is tried again, and how long it waits after
 /// its next failure.
 #[derive(Debug, Clone, Copy)]
-struct Backoff {
+struct FailingPartition {
     retry_at: Instant,
-    next_delay: Duration,
+    backoff: Backoff,
 }
 
 #[derive(Default)]
@@ -195,19 +199,21 @@ impl Relay {
     /// `retry_max`, and is read back from the topic before it goes on.
     fn failed(&self, topic: &str, partition: i32, error: &anyhow::Error) {
         let mut failing = self.failing.lock().expect("relay lock");
-        let backoff = failing.entry((topic.to_owned(), partition)).or_insert(Backoff {
-            retry_at: Instant::now(),
-            next_delay: Duration::from_millis(50),
-        });
-        backoff.retry_at = Instant::now() + backoff.next_delay;
+        let failure = failing
+            .entry((topic.to_owned(), partition))
+            .or_insert(FailingPartition {
+                retry_at: Instant::now(),
+                backoff: Backoff::new(FIRST_RETRY, self.retry_max),
+            });
+        let wait = failure.backoff.next_delay();
+        failure.retry_at = Instant::now() + wait;
         tracing::warn!(
             topic,
             partition,
             error = format!("{error:#}"),
-            backoff_ms = backoff.next_delay.as_millis() as u64,
+            backoff_ms = wait.as_millis() as u64,
             "publishing to an output partition failed; retrying it (the other partitions go on)"
         );
-        backoff.next_delay = (backoff.next_delay * 2).min(self.retry_max);
         drop(failing);
         self.mark_unknown(topic, partition);
     }
@@ -330,7 +336,7 @@ impl Relay {
 
     /// Runs rounds until `stop` resolves.
     pub async fn run(&self, retry_max: Duration, retention_days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(FIRST_RETRY, retry_max);
         let mut last_cleanup = tokio::time::Instant::now();
         loop {
             if *stop.borrow() {
@@ -338,22 +344,16 @@ impl Relay {
             }
             match self.round_once().await {
                 Ok(published) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     if published > 0 {
                         continue;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        backoff_ms = backoff.as_millis() as u64,
-                        "publishing the outbox failed; retrying"
-                    );
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = backoff.wait_after("publishing the outbox failed", &e) => {}
                         _ = stop.changed() => {}
                     }
-                    backoff = (backoff * 2).min(retry_max);
                     continue;
                 }
             }
@@ -378,6 +378,57 @@ impl Relay {
     /// One pass over the owned partitions; returns how many records went out.
     async fn round_once(&self) -> anyhow::Result<usize> {
         let _round = self.round.lock().await;
+        let mut after = self.published_positions().await;
+        if after.is_empty() {
+            return Ok(0);
+        }
+        // The fence: the round holds its partitions' rows until its
+        // deliveries are settled (the transaction ends with the function).
+        let mut fence = self.pool.begin().await.context("starting a publishing round")?;
+        self.keep_claimed(&mut fence, &mut after).await?;
+        let clock = std::time::Instant::now();
+        let (records, from_memory) = self.pending_records(&mut after).await?;
+        let read = clock.elapsed();
+        let records = self.still_owned(records);
+        // A record that cannot be queued or delivered stops its own
+        // partition for this round (nothing after it may go out before it),
+        // and only that partition backs off.
+        let mut failed: HashMap<(String, i32), anyhow::Error> = HashMap::new();
+        let deliveries = self.enqueue(&records, &mut failed);
+        let mut last = settle(&records, deliveries, &mut failed).await;
+        self.conclude_failures(&after, &failed, &mut last);
+        // What was delivered is on the topic whatever happens next: the
+        // relay goes on from there, even when recording it in the database
+        // fails (the database copy is a hint; a resync takes the further of
+        // it and the topic). Going back to the database's figure would
+        // publish these records a second time.
+        let delivered = clock.elapsed();
+        let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
+        for (topic, partition, seq) in &published {
+            self.set_published(topic, *partition, *seq);
+        }
+        fence.commit().await.context("ending a publishing round")?;
+        store::mark_published_many(&self.pool, &published).await?;
+        if !records.is_empty() {
+            tracing::debug!(
+                records = records.len(),
+                from_memory,
+                read_ms = read.as_secs_f64() * 1e3,
+                deliver_ms = (delivered - read).as_secs_f64() * 1e3,
+                mark_ms = (clock.elapsed() - delivered).as_secs_f64() * 1e3,
+                "relay round"
+            );
+        }
+        Ok(records
+            .iter()
+            .filter(|(topic, partition, _)| !failed.contains_key(&(topic.clone(), *partition)))
+            .count())
+    }
+
+    /// (topic, partition, last sequence on the topic) of each owned
+    /// partition that is not backing off, read back from the topic where it
+    /// is not known.
+    async fn published_positions(&self) -> Vec<(String, i32, i64)> {
         let work: Vec<((String, i32), Option<i64>)> = self
             .owned
             .lock()
@@ -410,14 +461,18 @@ impl Relay {
             };
             after.push((topic, partition, published));
         }
-        if after.is_empty() {
-            return Ok(0);
-        }
-        // The fence: the round holds its partitions' rows until its
-        // deliveries are settled (the transaction ends with the function).
-        let mut fence = self.pool.begin().await.context("starting a publishing round")?;
+        after
+    }
+
+    /// Locks the rows of the round's partitions, and drops from the round
+    /// (and from what this relay owns) those another worker has claimed.
+    async fn keep_claimed(
+        &self,
+        fence: &mut sqlx::PgConnection,
+        after: &mut Vec<(String, i32, i64)>,
+    ) -> anyhow::Result<()> {
         let keys: Vec<(String, i32)> = after.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
-        let claimed = store::lock_claimed(&mut fence, &self.instance, &keys).await?;
+        let claimed = store::lock_claimed(fence, &self.instance, &keys).await?;
         for (topic, partition) in keys.iter().filter(|k| !claimed.contains(*k)) {
             tracing::error!(
                 topic,
@@ -431,9 +486,17 @@ impl Relay {
                 .remove(&(topic.clone(), *partition));
         }
         after.retain(|(t, p, _)| claimed.contains(&(t.clone(), *p)));
-        let clock = std::time::Instant::now();
-        // Offered records first; the outbox for whatever follows them (or
-        // for everything, where nothing continues the topic).
+        Ok(())
+    }
+
+    /// The records to publish after each partition's position: offered
+    /// records first, the outbox for whatever follows them (or for
+    /// everything, where nothing continues the topic). Returns them, and how
+    /// many came from memory.
+    async fn pending_records(
+        &self,
+        after: &mut [(String, i32, i64)],
+    ) -> anyhow::Result<(Vec<(String, i32, store::StoredRecord)>, usize)> {
         let mut records = Vec::new();
         {
             let mut offered = self.offered.lock().expect("relay lock");
@@ -448,26 +511,35 @@ impl Relay {
         let from_memory = records.len();
         let per_partition = (ROUND_LIMIT / after.len().max(1) as i64).max(ROUND_MIN_PER_PARTITION);
         let bytes_per_partition = (ROUND_BYTES / after.len().max(1) as i64).max(ROUND_MIN_BYTES_PER_PARTITION);
-        records.extend(store::pending_many(&self.pool, &after, per_partition, bytes_per_partition).await?);
-        let read = clock.elapsed();
-        // A revocation during the reads above takes effect now.
+        records.extend(store::pending_many(&self.pool, after, per_partition, bytes_per_partition).await?);
+        Ok((records, from_memory))
+    }
+
+    /// The records of partitions still owned: a revocation during the
+    /// reads takes effect now.
+    fn still_owned(&self, records: Vec<(String, i32, store::StoredRecord)>) -> Vec<(String, i32, store::StoredRecord)> {
         let owned: HashSet<(String, i32)> = self.owned.lock().expect("relay lock").keys().cloned().collect();
-        let records: Vec<_> = records
+        records
             .into_iter()
             .filter(|(topic, partition, _)| owned.contains(&(topic.clone(), *partition)))
-            .collect();
-        // A record that cannot be queued or delivered stops its own
-        // partition for this round (nothing after it may go out before it),
-        // and only that partition backs off.
+            .collect()
+    }
+
+    /// Hands the records to the producer, in order; after a partition's
+    /// first failure its later records are not sent (`None`).
+    fn enqueue(
+        &self,
+        records: &[(String, i32, store::StoredRecord)],
+        failed: &mut HashMap<(String, i32), anyhow::Error>,
+    ) -> Vec<Option<DeliveryFuture>> {
         let mut deliveries = Vec::with_capacity(records.len());
-        let mut failed: HashMap<(String, i32), anyhow::Error> = HashMap::new();
-        for (topic, partition, record) in &records {
+        for (topic, partition, record) in records {
             let key = (topic.clone(), *partition);
             if failed.contains_key(&key) {
                 deliveries.push(None);
                 continue;
             }
-            match self.send(topic, *partition, record).await {
+            match self.send(topic, *partition, record) {
                 Ok(delivery) => deliveries.push(Some(delivery)),
                 Err(e) => {
                     failed.insert(
@@ -478,77 +550,30 @@ impl Relay {
                 }
             }
         }
-        // Every delivery of the round is settled before anything is
-        // concluded: a record still in the producer's queue may yet reach
-        // the topic.
-        let mut last: HashMap<(String, i32), i64> = HashMap::new();
-        for ((topic, partition, record), delivery) in records.iter().zip(deliveries) {
-            let Some(delivery) = delivery else {
-                continue;
-            };
-            let result = delivery
-                .await
-                .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))
-                .and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e)));
-            let key = (topic.clone(), *partition);
-            if failed.contains_key(&key) {
-                continue;
-            }
-            match result {
-                Ok(_) => {
-                    last.insert(key, record.seq);
-                }
-                Err(e) => {
-                    failed.insert(
-                        key,
-                        e.context(format!("delivering seq {} to {topic}/{partition}", record.seq)),
-                    );
-                }
-            }
-        }
-        // Where a partition with a failed delivery stands is unknown: it is
-        // read back from the topic before it is published again.
-        for ((topic, partition), error) in &failed {
+        deliveries
+    }
+
+    /// Where a partition with a failed delivery stands is unknown: it is
+    /// read back from the topic before it is published again. A partition
+    /// the round went through without a failure is well again, whether or
+    /// not it had anything to publish.
+    fn conclude_failures(
+        &self,
+        after: &[(String, i32, i64)],
+        failed: &HashMap<(String, i32), anyhow::Error>,
+        last: &mut HashMap<(String, i32), i64>,
+    ) {
+        for ((topic, partition), error) in failed {
             last.remove(&(topic.clone(), *partition));
             self.failed(topic, *partition, error);
         }
-        {
-            // A partition this round went through without a failure is well
-            // again, whether or not it had anything to publish.
-            let mut failing = self.failing.lock().expect("relay lock");
-            for (topic, partition, _) in &after {
-                let key = (topic.clone(), *partition);
-                if !failed.contains_key(&key) {
-                    failing.remove(&key);
-                }
+        let mut failing = self.failing.lock().expect("relay lock");
+        for (topic, partition, _) in after {
+            let key = (topic.clone(), *partition);
+            if !failed.contains_key(&key) {
+                failing.remove(&key);
             }
         }
-        // What was delivered is on the topic whatever happens next: the
-        // relay goes on from there, even when recording it in the database
-        // fails (the database copy is a hint; a resync takes the further of
-        // it and the topic). Going back to the database's figure would
-        // publish these records a second time.
-        let delivered = clock.elapsed();
-        let published: Vec<(String, i32, i64)> = last.into_iter().map(|((t, p), seq)| (t, p, seq)).collect();
-        for (topic, partition, seq) in &published {
-            self.set_published(topic, *partition, *seq);
-        }
-        fence.commit().await.context("ending a publishing round")?;
-        store::mark_published_many(&self.pool, &published).await?;
-        if !records.is_empty() {
-            tracing::debug!(
-                records = records.len(),
-                from_memory,
-                read_ms = read.as_secs_f64() * 1e3,
-                deliver_ms = (delivered - read).as_secs_f64() * 1e3,
-                mark_ms = (clock.elapsed() - delivered).as_secs_f64() * 1e3,
-                "relay round"
-            );
-        }
-        Ok(records
-            .iter()
-            .filter(|(topic, partition, _)| !failed.contains_key(&(topic.clone(), *partition)))
-            .count())
     }
 
     /// Claims a partition (once per assignment) and reads back where its
@@ -566,37 +591,29 @@ impl Relay {
         Ok(seq)
     }
 
-    async fn send(
-        &self,
-        topic: &str,
-        partition: i32,
-        record: &store::StoredRecord,
-    ) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
+    fn send(&self, topic: &str, partition: i32, record: &store::StoredRecord) -> anyhow::Result<DeliveryFuture> {
         let seq = record.seq.to_string();
-        loop {
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
-            for (k, v) in &record.headers {
-                headers = headers.insert(Header { key: k, value: Some(v) });
-            }
-            headers = headers.insert(Header {
-                key: crate::kafka::record_size::OUTBOX_SEQ_HEADER,
-                value: Some(seq.as_bytes()),
-            });
-            let mut future = FutureRecord::to(topic)
-                .partition(partition)
-                .payload(&record.payload)
-                .headers(headers);
-            if let Some(key) = &record.key {
-                future = future.key(key);
-            }
-            match self.producer.send_result(future) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(e).context("enqueueing an outbox record"),
-            }
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
         }
+        headers = headers.insert(Header {
+            key: crate::kafka::record_size::OUTBOX_SEQ_HEADER,
+            value: Some(seq.as_bytes()),
+        });
+        let mut future = FutureRecord::to(topic)
+            .partition(partition)
+            .payload(&record.payload)
+            .headers(headers);
+        if let Some(key) = &record.key {
+            future = future.key(key);
+        }
+        // The queue is full only with an abandoned round's records still in
+        // it: the wait leaves the runtime's other tasks to other threads.
+        send_with_retry(&self.producer, future, || {
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(5)))
+        })
+        .context("enqueueing an outbox record")
     }
 
     fn set_published(&self, topic: &str, partition: i32, seq: i64) {
@@ -645,6 +662,43 @@ impl Relay {
         );
         Ok(seq)
     }
+}
+
+/// Waits for every delivery of a round before anything is concluded (a
+/// record still in the producer's queue may yet reach the topic); returns
+/// the last sequence delivered per partition, and adds the partitions whose
+/// delivery failed to `failed`.
+async fn settle(
+    records: &[(String, i32, store::StoredRecord)],
+    deliveries: Vec<Option<DeliveryFuture>>,
+    failed: &mut HashMap<(String, i32), anyhow::Error>,
+) -> HashMap<(String, i32), i64> {
+    let mut last: HashMap<(String, i32), i64> = HashMap::new();
+    for ((topic, partition, record), delivery) in records.iter().zip(deliveries) {
+        let Some(delivery) = delivery else {
+            continue;
+        };
+        let result = delivery
+            .await
+            .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))
+            .and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e)));
+        let key = (topic.clone(), *partition);
+        if failed.contains_key(&key) {
+            continue;
+        }
+        match result {
+            Ok(_) => {
+                last.insert(key, record.seq);
+            }
+            Err(e) => {
+                failed.insert(
+                    key,
+                    e.context(format!("delivering seq {} to {topic}/{partition}", record.seq)),
+                );
+            }
+        }
+    }
+    last
 }
 
 /// The `outbox-seq` of the last record of a partition, if any: the highest

@@ -60,17 +60,12 @@ pub async fn until_available<T, Fut>(
 where
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let mut backoff = std::time::Duration::from_millis(100).min(max_backoff);
+    let mut backoff = crate::retry::Backoff::new(std::time::Duration::from_millis(100).min(max_backoff), max_backoff);
     loop {
         match op().await {
             Err(e) if is_unavailable(&e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    backoff_ms = backoff.as_millis() as u64,
-                    "{what}: the database is unavailable; retrying"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(max_backoff);
+                let failure = format!("{what}: the database is unavailable");
+                backoff.wait_after(&failure, &e).await;
             }
             result => return result,
         }

@@ -65,8 +65,8 @@ async fn two_workers_never_exceed_a_limit_shared_across_partitions() {
     assert_eq!((used, stored), (Decimal::from(500), Decimal::from(500)));
 
     let (a, b) = (
-        first.stats.decided.load(Ordering::Relaxed),
-        second.stats.decided.load(Ordering::Relaxed),
+        first.counts.decided.load(Ordering::Relaxed),
+        second.counts.decided.load(Ordering::Relaxed),
     );
     assert!(a > 0 && b > 0, "both workers decided part of the stream ({a} and {b})");
     assert_eq!(a + b, EVENTS as u64);
@@ -84,6 +84,7 @@ mod deciding {
     use usage_worker::domain::outcome::OutcomeStatus;
     use usage_worker::domain::subscription::decode_snapshot;
     use usage_worker::domain::ReasonCode;
+    use usage_worker::kafka::consumer::OffsetRange;
     use usage_worker::pipeline::decide::{decide_batch, DecideContext, DecodedMessage};
     use usage_worker::store::{apply_snapshots, BatchTx, ControlMessage, NewUsage, SnapshotChange};
 
@@ -190,7 +191,15 @@ mod deciding {
                 message(1, 0, "dup", "sub_b", None),
                 message(1, 1, "next", "sub_b", None),
             ];
-            decide_batch(&pool, &context(), &[(1, 0, 2)], &messages, None, Utc::now()).await
+            decide_batch(
+                &pool,
+                &context(),
+                &[OffsetRange::new(1, 0, 2)],
+                &messages,
+                None,
+                Utc::now(),
+            )
+            .await
         });
         wait_until("the batch to wait for the other lane's insert", || async {
             env.scalar_i64(
@@ -246,9 +255,16 @@ mod deciding {
         // accept usage into the period the database has closed.
         let skewed_now = t("2026-11-20T00:00:00Z");
         let messages = [message(0, 0, "late", "sub_c", Some("2026-11-15T00:00:00Z"))];
-        let report = decide_batch(&env.pool, &context(), &[(0, 0, 1)], &messages, None, skewed_now)
-            .await
-            .unwrap();
+        let report = decide_batch(
+            &env.pool,
+            &context(),
+            &[OffsetRange::new(0, 0, 1)],
+            &messages,
+            None,
+            skewed_now,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             report.decided,
             [(OutcomeStatus::Rejected, Some(ReasonCode::PeriodClosed))]

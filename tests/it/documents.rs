@@ -1360,7 +1360,7 @@ async fn real_responses_and_records_match_the_documents() {
     let mut settings = env.settings();
     settings.http.bearer_token = Some(Secret::new(TOKEN));
     let worker = env.worker_with(settings.clone()).await;
-    let metrics = worker.stats.metrics.clone();
+    let metrics = worker.counts.metrics.clone();
     let api = TestApi::start(
         store::connect(&settings.database).await.unwrap(),
         ApiConfig::from_settings(&settings, PARTITIONS, true),

@@ -303,7 +303,7 @@ async fn a_control_position_no_longer_on_its_topic_stops_that_partition_and_neve
         .await;
     test_kit::wait_until("the reader to stop partition 0", || async {
         worker
-            .stats
+            .counts
             .metrics
             .render()
             .contains(r#"usage_worker_stopped_partitions_total{topic="subscriptions"} 1"#)

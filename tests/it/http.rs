@@ -890,7 +890,7 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
     env.subscription(sub);
     let settings = env.settings();
     let worker = env.worker_with(settings.clone()).await;
-    let metrics = worker.stats.metrics.clone();
+    let metrics = worker.counts.metrics.clone();
     let pool = store::connect(&settings.database).await.unwrap();
     let config = ApiConfig::from_settings(&settings, PARTITIONS, true);
     let api = TestApi::start(pool, config, metrics.clone()).await;
@@ -1014,7 +1014,7 @@ async fn with_the_crc32_partitioner_an_http_outcome_shares_the_partition_of_libr
     let worker = env.worker_with(settings.clone()).await;
     let pool = store::connect(&settings.database).await.unwrap();
     let config = ApiConfig::from_settings(&settings, PARTITIONS, true);
-    let api = TestApi::start(pool, config, worker.stats.metrics.clone()).await;
+    let api = TestApi::start(pool, config, worker.counts.metrics.clone()).await;
     wait_until("ready", || async {
         api.get("/readyz").await.status() == StatusCode::OK
     })

@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use usage_worker::config::Partitioner;
+use usage_worker::kafka::producer::send_with_retry;
 
 pub type LoadProducer = ThreadedProducer<DefaultProducerContext>;
 
@@ -34,19 +33,12 @@ pub fn send(
     key: &str,
     payload: &str,
 ) -> anyhow::Result<()> {
-    loop {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    if let Some(p) = partition {
+        record = record.partition(p);
     }
+    send_with_retry(producer, record, || std::thread::sleep(Duration::from_millis(1)))?;
+    Ok(())
 }
 
 /// Active subscriptions `sub_0`..: one in `small_every` has a hard limit of

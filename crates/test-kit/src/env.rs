@@ -170,16 +170,16 @@ impl TestEnv {
 
     /// Starts an in-process worker with these settings.
     pub async fn worker_with(&self, settings: Settings) -> Worker {
-        let stats = Arc::new(pipeline::Stats::default());
+        let counts = Arc::new(pipeline::DecisionCounts::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let pool = store::connect(&settings.database).await.expect("pool");
-        let task = tokio::spawn(pipeline::run(settings, pool, stats.clone(), async {
+        let task = tokio::spawn(pipeline::run(settings, pool, counts.clone(), async {
             let _ = stopped.await;
         }));
         Worker {
             stop: Some(stop),
             task: Some(task),
-            stats,
+            counts,
         }
     }
 
@@ -269,7 +269,7 @@ pub fn active_subscription(id: &str, hard_limit: Option<&str>) -> Value {
 pub struct Worker {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    pub stats: Arc<pipeline::Stats>,
+    pub counts: Arc<pipeline::DecisionCounts>,
 }
 
 impl Worker {

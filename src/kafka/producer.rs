@@ -1,0 +1,120 @@
+//! Handing records to a producer.
+
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::AsyncRuntime;
+
+/// A producer's own send of a record `R`, which gives the record back when
+/// the producer cannot take it.
+pub trait Enqueue<R> {
+    /// What a queued record turns into (its delivery, where there is one).
+    type Queued;
+
+    fn enqueue(&self, record: R) -> Result<Self::Queued, (KafkaError, R)>;
+}
+
+impl<'a, K, P, C> Enqueue<BaseRecord<'a, K, P, C::DeliveryOpaque>> for ThreadedProducer<C>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+    C: ProducerContext + 'static,
+{
+    type Queued = ();
+
+    fn enqueue(
+        &self,
+        record: BaseRecord<'a, K, P, C::DeliveryOpaque>,
+    ) -> Result<(), (KafkaError, BaseRecord<'a, K, P, C::DeliveryOpaque>)> {
+        self.send(record)
+    }
+}
+
+impl<'a, K, P, C, Rt> Enqueue<FutureRecord<'a, K, P>> for FutureProducer<C, Rt>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+    C: ClientContext + 'static,
+    Rt: AsyncRuntime,
+{
+    type Queued = DeliveryFuture;
+
+    fn enqueue(&self, record: FutureRecord<'a, K, P>) -> Result<DeliveryFuture, (KafkaError, FutureRecord<'a, K, P>)> {
+        self.send_result(record)
+    }
+}
+
+/// Hands `record` to the producer, and while the producer's queue is full
+/// calls `wait_for_room` and tries again: the queue empties as the brokers
+/// acknowledge what it holds. Any other failure is returned.
+pub fn send_with_retry<R, P: Enqueue<R>>(
+    producer: &P,
+    mut record: R,
+    mut wait_for_room: impl FnMut(),
+) -> KafkaResult<P::Queued> {
+    loop {
+        match producer.enqueue(record) {
+            Ok(queued) => return Ok(queued),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                wait_for_room();
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// Full for its first `full` records, then refuses records longer than
+    /// `max_len`.
+    struct Producer {
+        full: Cell<usize>,
+        max_len: usize,
+    }
+
+    impl Enqueue<&'static str> for Producer {
+        type Queued = usize;
+
+        fn enqueue(&self, record: &'static str) -> Result<usize, (KafkaError, &'static str)> {
+            if self.full.get() > 0 {
+                self.full.set(self.full.get() - 1);
+                return Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record));
+            }
+            if record.len() > self.max_len {
+                return Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    record,
+                ));
+            }
+            Ok(record.len())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_is_waited_out() {
+        let producer = Producer {
+            full: Cell::new(2),
+            max_len: 10,
+        };
+        let mut waits = 0;
+        let queued = send_with_retry(&producer, "record", || waits += 1);
+        assert_eq!((queued.unwrap(), waits), (6, 2));
+    }
+
+    #[test]
+    fn other_failures_are_returned_without_waiting() {
+        let producer = Producer {
+            full: Cell::new(0),
+            max_len: 3,
+        };
+        let failed = send_with_retry(&producer, "record", || panic!("only a full queue is waited out"));
+        assert!(failed.is_err());
+    }
+}
