@@ -361,7 +361,7 @@ impl Relay {
                 last_cleanup = tokio::time::Instant::now();
                 match store::delete_expired(&self.pool, retention_days).await {
                     Ok(n) if n > 0 => {
-                        tracing::info!(deleted = n, "deleted expired outcome records")
+                        tracing::info!(deleted = n, "deleted expired outcome records");
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "deleting expired outcome records failed"),
@@ -611,7 +611,7 @@ impl Relay {
         // The queue is full only with an abandoned round's records still in
         // it: the wait leaves the runtime's other tasks to other threads.
         send_with_retry(&self.producer, future, || {
-            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(5)))
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(5)));
         })
         .context("enqueueing an outbox record")
     }

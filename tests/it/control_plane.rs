@@ -640,7 +640,7 @@ async fn run_seed(seed: u64, rounds: usize) {
             println!(
                 "[seed {seed} {:>6.2}s] round {round}: {what}",
                 started.elapsed().as_secs_f64()
-            )
+            );
         };
         if round == late_start {
             workers.spawn();

@@ -396,7 +396,7 @@ fn read_outcomes(env: &TestEnv, count: i64, deadline: Instant) -> (BTreeMap<i64,
         }
         match value["source"]["offset"].as_i64() {
             Some(offset) if value["source"]["partition"] == PARTITION => {
-                by_offset.entry(offset).or_default().push(value)
+                by_offset.entry(offset).or_default().push(value);
             }
             _ => unexpected.push(format!("an outcome from elsewhere: {value}")),
         }

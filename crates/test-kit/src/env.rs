@@ -188,7 +188,7 @@ impl TestEnv {
     }
 
     pub fn send(&self, topic: &str, key: Option<&str>, payload: Option<&[u8]>) {
-        self.send_at(topic, None, key, payload)
+        self.send_at(topic, None, key, payload);
     }
 
     pub fn send_at(&self, topic: &str, partition: Option<i32>, key: Option<&str>, payload: Option<&[u8]>) {
