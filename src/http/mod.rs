@@ -12,7 +12,6 @@ mod auth;
 mod health;
 mod idempotency;
 pub mod listing;
-mod partition;
 pub mod problem;
 mod transactions;
 mod usages;
@@ -33,8 +32,8 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::config::{Partitioner, Secret, Settings};
+use crate::kafka::partition::output_partition;
 use crate::metrics::Metrics;
-pub use partition::output_partition;
 use problem::Problem;
 
 /// What the API needs to know besides the database.

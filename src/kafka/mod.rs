@@ -5,6 +5,7 @@
 pub mod consumer;
 pub mod ends;
 pub mod headers;
+pub mod partition;
 pub mod producer;
 pub mod record_size;
 pub mod topics;

@@ -138,7 +138,7 @@ pub fn send_next(
 /// Keyed by subscription, placed as Kafka's default partitioner places the
 /// key (murmur2, as the Java client and librdkafka's `murmur2_random` do).
 pub fn partition_of(key: &str, partitions: i32) -> i32 {
-    usage_worker::http::output_partition(key, partitions, Partitioner::Murmur2)
+    usage_worker::kafka::partition::output_partition(key, partitions, Partitioner::Murmur2)
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! Which output partition an HTTP create or delete is published to.
+//! Where Kafka's producers put a keyed record: which output partition an
+//! HTTP create or delete is published to, and where the lab's load
+//! generator sends its events.
 //!
 //! A Kafka message's outcome goes to the partition number it was read from.
 //! An HTTP request has none, so its outcome goes where the producers of
