@@ -46,6 +46,16 @@ where
     }
 }
 
+/// One attempt: the record is queued (`Ok(Ok)`), given back because the
+/// producer's queue is full (`Ok(Err)`), or refused (`Err`).
+fn try_enqueue<R, P: Enqueue<R>>(producer: &P, record: R) -> KafkaResult<Result<P::Queued, R>> {
+    match producer.enqueue(record) {
+        Ok(queued) => Ok(Ok(queued)),
+        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => Ok(Err(back)),
+        Err((e, _)) => Err(e),
+    }
+}
+
 /// Hands `record` to the producer, and while the producer's queue is full
 /// calls `wait_for_room` and tries again: the queue empties as the brokers
 /// acknowledge what it holds. Any other failure is returned.
@@ -55,13 +65,30 @@ pub fn send_with_retry<R, P: Enqueue<R>>(
     mut wait_for_room: impl FnMut(),
 ) -> KafkaResult<P::Queued> {
     loop {
-        match producer.enqueue(record) {
+        match try_enqueue(producer, record)? {
             Ok(queued) => return Ok(queued),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+            Err(back) => {
                 record = back;
                 wait_for_room();
             }
-            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// As [`send_with_retry`], pausing without blocking the thread: for a task
+/// that must stay cancellable (a shutdown deadline) while it waits for room.
+pub async fn send_with_retry_async<R, P: Enqueue<R>>(
+    producer: &P,
+    mut record: R,
+    pause: std::time::Duration,
+) -> KafkaResult<P::Queued> {
+    loop {
+        match try_enqueue(producer, record)? {
+            Ok(queued) => return Ok(queued),
+            Err(back) => {
+                record = back;
+                tokio::time::sleep(pause).await;
+            }
         }
     }
 }

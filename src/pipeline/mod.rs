@@ -9,7 +9,7 @@ pub mod decide;
 pub mod relay;
 pub mod sampler;
 pub mod stage;
-pub mod worker;
+mod worker;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
@@ -60,8 +60,11 @@ pub async fn run(
     });
     let mut input = start_usage_input(&settings, &worker.pool, &relay.relay, &worker.counts)?;
     if let Err(e) = worker.decide_until(&mut input, shutdown).await {
-        // The consumer leaves the group, and its revocation is still
-        // answered, after the worker has returned.
+        // The relay and the control readers stop (what was committed stays
+        // in the outbox); the consumer leaves the group, and its revocation
+        // is still answered, after the worker has returned.
+        stop_threads.store(true, Ordering::Relaxed);
+        let _ = relay.stop.send(true);
         tokio::spawn(async move { input.leave().await });
         return Err(e);
     }

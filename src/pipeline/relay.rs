@@ -34,7 +34,7 @@ use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::kafka::producer::send_with_retry;
+use crate::kafka::producer::send_with_retry_async;
 use crate::retry::Backoff;
 use crate::store;
 
@@ -244,8 +244,9 @@ impl Relay {
     /// Stops publishing the partitions and waits for a round in flight to
     /// finish; one that cannot finish in `REVOKE_WAIT` (its deliveries wait
     /// for unreachable brokers) has the producer purged, so that nothing of
-    /// it is sent after the partitions have moved. Call from a thread that
-    /// may block (the consumer thread).
+    /// it is sent after the partitions have moved. It blocks: call it where
+    /// blocking is allowed (the worker answers a revocation from
+    /// `spawn_blocking`).
     pub fn revoke(&self, partitions: &[i32]) {
         self.owned
             .lock()
@@ -394,7 +395,7 @@ impl Relay {
         // partition for this round (nothing after it may go out before it),
         // and only that partition backs off.
         let mut failed: HashMap<(String, i32), anyhow::Error> = HashMap::new();
-        let deliveries = self.enqueue(&records, &mut failed);
+        let deliveries = self.enqueue(&records, &mut failed).await;
         let mut last = settle(&records, deliveries, &mut failed).await;
         self.conclude_failures(&after, &failed, &mut last);
         // What was delivered is on the topic whatever happens next: the
@@ -527,7 +528,7 @@ impl Relay {
 
     /// Hands the records to the producer, in order; after a partition's
     /// first failure its later records are not sent (`None`).
-    fn enqueue(
+    async fn enqueue(
         &self,
         records: &[(String, i32, store::StoredRecord)],
         failed: &mut HashMap<(String, i32), anyhow::Error>,
@@ -539,7 +540,7 @@ impl Relay {
                 deliveries.push(None);
                 continue;
             }
-            match self.send(topic, *partition, record) {
+            match self.send(topic, *partition, record).await {
                 Ok(delivery) => deliveries.push(Some(delivery)),
                 Err(e) => {
                     failed.insert(
@@ -591,7 +592,7 @@ impl Relay {
         Ok(seq)
     }
 
-    fn send(&self, topic: &str, partition: i32, record: &store::StoredRecord) -> anyhow::Result<DeliveryFuture> {
+    async fn send(&self, topic: &str, partition: i32, record: &store::StoredRecord) -> anyhow::Result<DeliveryFuture> {
         let seq = record.seq.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
         for (k, v) in &record.headers {
@@ -609,11 +610,11 @@ impl Relay {
             future = future.key(key);
         }
         // The queue is full only with an abandoned round's records still in
-        // it: the wait leaves the runtime's other tasks to other threads.
-        send_with_retry(&self.producer, future, || {
-            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(5)));
-        })
-        .context("enqueueing an outbox record")
+        // it. The wait yields, so that a shutdown's deadline still cuts the
+        // round short.
+        send_with_retry_async(&self.producer, future, Duration::from_millis(5))
+            .await
+            .context("enqueueing an outbox record")
     }
 
     fn set_published(&self, topic: &str, partition: i32, seq: i64) {

@@ -531,7 +531,7 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
         decided,
         over_limit,
     } = exactly_once;
-    println!("\n== usage-worker bench ==");
+    println!("\n== usage-lab bench ==");
     println!(
         "machine              {} cores",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)

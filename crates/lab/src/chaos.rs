@@ -1122,7 +1122,7 @@ impl Report {
     }
 
     fn print(&self) {
-        println!("\n== usage-worker chaos ==");
+        println!("\n== usage-lab chaos ==");
         println!("seed                 {}", self.seed);
         println!(
             "events               {} produced, {} input messages (broker repeats of the load included), {:.0} s",

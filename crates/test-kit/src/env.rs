@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use usage_worker::config::Settings;
 use usage_worker::embedded::{drop_database, ScratchDatabase};
 use usage_worker::http::{self, Api, ApiConfig};
+use usage_worker::kafka::producer::send_with_retry;
 use usage_worker::metrics::Metrics;
 use usage_worker::{pipeline, store};
 
@@ -202,15 +203,8 @@ impl TestEnv {
         if let Some(v) = payload {
             record = record.payload(v);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return,
-                Err((_, r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
+        send_with_retry(&self.producer, record, || std::thread::sleep(Duration::from_millis(5)))
+            .unwrap_or_else(|e| panic!("sending to {topic}: {e}"));
     }
 
     pub fn flush(&self) {

@@ -4,7 +4,7 @@
 //! half-way leaves no broker behind. What tansu does differently from
 //! Apache Kafka and from librdkafka's mock is in docs/brokers.md.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +14,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
+
+use crate::postgres::free_port;
 
 /// The version the lane is pinned to, and where `.ci/run` installs it.
 pub const VERSION: &str = "0.6.0";
@@ -203,9 +205,4 @@ impl Drop for TansuBroker {
             let _ = std::fs::remove_file(&self.log);
         }
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
