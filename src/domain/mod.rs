@@ -10,6 +10,7 @@ pub mod headers;
 pub mod ids;
 pub mod invoice;
 pub mod outcome;
+pub mod pricing;
 pub mod quantity;
 pub mod reason;
 pub mod subscription;
