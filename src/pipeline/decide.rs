@@ -52,7 +52,7 @@ pub struct DecideContext {
     pub grace: Duration,
     /// Largest record the producer can send (dead-letter copies and outcomes
     /// are sized to fit it).
-    pub max_dead_letter_bytes: usize,
+    pub max_record_bytes: usize,
 }
 
 impl DecideContext {
@@ -61,7 +61,7 @@ impl DecideContext {
             results_topic: &self.results_topic,
             alerts_topic: &self.alerts_topic,
             grace: self.grace,
-            max_record_bytes: self.max_dead_letter_bytes,
+            max_record_bytes: self.max_record_bytes,
         }
     }
 }
@@ -306,7 +306,7 @@ fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, 
         raw,
         code.as_str(),
         "",
-        ctx.max_dead_letter_bytes,
+        ctx.max_record_bytes,
     )
 }
 
@@ -345,7 +345,7 @@ mod tests {
             alerts_topic: "usage-alerts".into(),
             dead_letter_topic: "usage-events-dlq".into(),
             grace: Duration::hours(1),
-            max_dead_letter_bytes: crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES,
+            max_record_bytes: crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES,
         };
         let messages = [
             rejected_with_key(b"k1".to_vec(), 0),
@@ -369,7 +369,7 @@ mod tests {
             .collect();
         assert_eq!(keys, [Some(2), None]);
         for record in &staged.writes.outbox {
-            assert!(record_size(record) <= ctx.max_dead_letter_bytes);
+            assert!(record_size(record) <= ctx.max_record_bytes);
         }
     }
 }

@@ -243,6 +243,6 @@ fn decide_context(settings: &Settings) -> DecideContext {
         alerts_topic: t.usage_alerts.clone(),
         dead_letter_topic: t.dead_letters.clone(),
         grace: settings.pipeline.period_grace(),
-        max_dead_letter_bytes: MAX_DEAD_LETTER_BYTES,
+        max_record_bytes: crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES,
     }
 }

@@ -100,7 +100,7 @@ mod deciding {
             alerts_topic: "usage-alerts".into(),
             dead_letter_topic: "usage-events-dlq".into(),
             grace: chrono::Duration::hours(1),
-            max_dead_letter_bytes: 1_000_000,
+            max_record_bytes: 1_000_000,
         }
     }
 
