@@ -276,11 +276,14 @@ pub fn parse_quantity(raw: &RawValue) -> Result<Decimal, String> {
 /// The object form of a snapshot limit. serde's derive rejects a repeated
 /// `quantity`, and a missing or null one is an error rather than "no cap":
 /// an invalid snapshot changes nothing, while a silently dropped cap would
-/// let unlimited usage through.
+/// let unlimited usage through. For the same reason an `amount` beside the
+/// quantity (a limit is one or the other) makes it invalid, not ignored.
 #[derive(Deserialize)]
 struct LimitObject<'a> {
     #[serde(borrow)]
     quantity: &'a RawValue,
+    #[serde(borrow, default)]
+    amount: Option<&'a RawValue>,
 }
 
 /// Parses a snapshot limit: a number, a decimal string, or
@@ -289,9 +292,12 @@ struct LimitObject<'a> {
 /// `null` is an error here; callers treat it as an absent limit first.
 pub fn parse_limit(raw: &RawValue) -> Result<Decimal, String> {
     let quantity = if raw.get().trim_start().starts_with('{') {
-        serde_json::from_str::<LimitObject<'_>>(raw.get())
-            .map_err(|e| format!("must be a number or {{\"quantity\": n}}: {e}"))?
-            .quantity
+        let object = serde_json::from_str::<LimitObject<'_>>(raw.get())
+            .map_err(|e| format!("must be a number or {{\"quantity\": n}}: {e}"))?;
+        if object.amount.is_some() {
+            return Err("must have a quantity or an amount, not both".to_owned());
+        }
+        object.quantity
     } else {
         raw
     };
@@ -552,6 +558,14 @@ mod tests {
             assert!(limit(json).is_err(), "{json}");
         }
         assert!(limit("{\"quantity\": true}").is_err());
+    }
+
+    #[test]
+    fn rejects_a_limit_object_with_anything_beside_its_quantity() {
+        // An amount cap beside the quantity would otherwise be dropped.
+        let error = limit("{\"quantity\": 100, \"amount\": 5}").unwrap_err();
+        assert!(error.contains("amount"), "{error}");
+        assert_eq!(limit("{\"quantity\": 100}").unwrap(), Decimal::from(100));
     }
 
     #[test]
