@@ -3,10 +3,14 @@
 //! rejected, and why. Pure: the caller loads the state, applies the decisions
 //! in input order (each one updates the in-memory `used`), and stores them.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 
 use super::event::UsageRequest;
+use super::pricing::{Pricing, STEP};
+use super::subscription::Limit;
 use super::{ReasonCode, Rejection};
 
 /// Start of the open-ended period of a subscription that never named one.
@@ -18,7 +22,13 @@ pub fn open_period_start() -> DateTime<Utc> {
 
 /// Smallest billable quantity.
 pub fn min_quantity() -> Decimal {
-    Decimal::new(1, 3)
+    STEP
+}
+
+/// The most one usage can carry (quantities are below 10^12): what an amount
+/// limit reports as available when even that much fits.
+pub fn max_quantity() -> Decimal {
+    Decimal::new(999_999_999_999_999, 3)
 }
 
 /// The three limits of SPEC. The serialized names are the snapshot's.
@@ -64,6 +74,43 @@ impl LimitKind {
     }
 }
 
+/// One alert of a period: a limit reached at a percentage of it. The soft
+/// limit has three (75, 90 and 100 %), the hard and trial limits one (100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AlertStep {
+    pub kind: LimitKind,
+    pub threshold: u8,
+}
+
+impl AlertStep {
+    pub const SOFT_THRESHOLDS: [u8; 3] = [75, 90, 100];
+
+    pub fn full(kind: LimitKind) -> Self {
+        Self { kind, threshold: 100 }
+    }
+
+    /// The stored spelling (`service_periods.alerted`): the kind, then
+    /// `:threshold` below 100 (`soft:75`), so that version 1's entries
+    /// (`soft`, `hard`, `trial`) keep their meaning.
+    pub fn stored(self) -> String {
+        match self.threshold {
+            100 => self.kind.as_str().to_owned(),
+            threshold => format!("{}:{threshold}", self.kind.as_str()),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let (kind, threshold) = match text.split_once(':') {
+            Some((kind, threshold)) => (kind, threshold.parse().ok()?),
+            None => (text, 100),
+        };
+        Some(Self {
+            kind: LimitKind::parse(kind)?,
+            threshold,
+        })
+    }
+}
+
 /// One service period of a subscription and what has been accepted in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeriodState {
@@ -71,16 +118,47 @@ pub struct PeriodState {
     pub start: DateTime<Utc>,
     /// Exclusive; `None` while open-ended.
     pub end: Option<DateTime<Utc>>,
-    pub hard_limit: Option<Decimal>,
-    pub soft_limit: Option<Decimal>,
+    pub hard_limit: Option<Limit>,
+    pub soft_limit: Option<Limit>,
+    /// The plan's metered price, remembered with the limits; an amount
+    /// limit is only stored with one.
+    pub pricing: Option<Arc<Pricing>>,
     pub used: Decimal,
     /// Set when the period was closed early (an invoice was issued for it).
     pub closed_time: Option<DateTime<Utc>>,
-    /// Limits whose alert this period already raised.
-    pub alerted: Vec<LimitKind>,
+    /// Alerts this period already raised.
+    pub alerted: Vec<AlertStep>,
 }
 
 impl PeriodState {
+    /// A period without limits, pricing or usage.
+    pub fn new(start: DateTime<Utc>, end: Option<DateTime<Utc>>) -> Self {
+        Self {
+            start,
+            end,
+            hard_limit: None,
+            soft_limit: None,
+            pricing: None,
+            used: Decimal::ZERO,
+            closed_time: None,
+            alerted: Vec::new(),
+        }
+    }
+
+    /// What the period's usage costs, with `extra` more; `None` without
+    /// pricing.
+    pub fn amount_with(&self, extra: Decimal) -> Option<Decimal> {
+        self.pricing.as_ref().map(|p| p.amount(self.used + extra))
+    }
+
+    /// Whether the step, or a higher step of its kind, was raised: each step
+    /// once per period, lowest first.
+    fn raised(&self, step: AlertStep) -> bool {
+        self.alerted
+            .iter()
+            .any(|a| a.kind == step.kind && a.threshold >= step.threshold)
+    }
+
     pub fn contains(&self, t: DateTime<Utc>) -> bool {
         self.start <= t && self.end.is_none_or(|end| t < end)
     }
@@ -153,26 +231,52 @@ impl StoredUsage {
     }
 }
 
+/// The money side of an amount limit: the limit, what the period's usage
+/// costs, and in what currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmountFigures {
+    pub limit_amount: Decimal,
+    pub used_amount: Decimal,
+    pub currency: String,
+}
+
 /// Which limit decided, with the figures the outcome reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitReport {
     pub applied: LimitKind,
-    pub limit: Decimal,
-    /// Used in the period after this decision.
+    /// The quantity limit; `None` for an amount limit (see `amount`).
+    pub limit: Option<Decimal>,
+    /// Quantity used in the period (the trial, for the trial limit) after
+    /// this decision.
     pub used: Decimal,
-    /// Still available after this decision.
+    /// The quantity still available after this decision: for an amount
+    /// limit, the largest quantity whose cost still fits.
     pub available: Decimal,
+    pub amount: Option<AmountFigures>,
     pub period_start: DateTime<Utc>,
     pub period_end: Option<DateTime<Utc>>,
 }
 
-/// A limit that a created usage reached (used ≥ limit) for the first time
-/// in its period.
+/// An alert step that a created usage reached for the first time in its
+/// period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitReached {
     pub kind: LimitKind,
-    pub limit: Decimal,
+    /// 75, 90 or 100 (percent of the limit).
+    pub threshold: u8,
+    /// The quantity limit; `None` for an amount limit (see `amount`).
+    pub limit: Option<Decimal>,
     pub used: Decimal,
+    pub amount: Option<AmountFigures>,
+}
+
+impl LimitReached {
+    pub fn step(&self) -> AlertStep {
+        AlertStep {
+            kind: self.kind,
+            threshold: self.threshold,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,22 +374,21 @@ pub fn decide(
 
     let requested = req.quantity;
     let in_trial = sub.in_trial(usage_time);
+    let caps = limit_caps(sub, index, in_trial);
     let period = &sub.periods[index];
-    // Every cap that applies, with what it leaves; the smallest wins (the
+    let refusing = caps.iter().filter(|cap| refuses(cap, period, requested));
+    // The binding limit: of those that refuse the request, the one that
+    // leaves least; when all let it through, the one that leaves least (the
     // hard limit on a tie).
-    let mut caps: Vec<LimitReport> = Vec::new();
-    if let Some(limit) = period.hard_limit {
-        caps.push(report(LimitKind::Hard, limit, period.used, period));
-    }
-    if let (true, Some(limit)) = (in_trial, sub.trial_limit) {
-        caps.push(report(LimitKind::Trial, limit, sub.trial_used, period));
-    }
-    let binding = caps.into_iter().min_by_key(|c| c.available);
-    let quantity = match &binding {
-        Some(cap) if requested > cap.available => {
-            if req.accept_partial && cap.available >= min_quantity() {
-                cap.available
+    let (quantity, binding) = match refusing.min_by_key(|cap| cap.available) {
+        None => (requested, caps.iter().min_by_key(|cap| cap.available).cloned()),
+        Some(cap) => {
+            let fitting = if req.accept_partial {
+                largest_fitting(&caps, period, requested)
             } else {
+                Decimal::ZERO
+            };
+            if fitting < min_quantity() {
                 return Decision::Rejected {
                     rejection: Rejection::on_field(
                         ReasonCode::UsageLimitExceeded,
@@ -296,45 +399,27 @@ pub fn decide(
                             cap.applied.field()
                         ),
                     ),
-                    limit: binding,
+                    limit: Some(cap.clone()),
                 };
             }
+            (fitting, Some(cap.clone()))
         }
-        _ => requested,
     };
 
     let period = &mut sub.periods[index];
     period.used += quantity;
-    let mut reached = Vec::new();
-    for (kind, limit, used) in [
-        (LimitKind::Soft, period.soft_limit, period.used),
-        (LimitKind::Hard, period.hard_limit, period.used),
-    ] {
-        if let Some(limit) = limit.filter(|limit| used >= *limit && !period.alerted.contains(&kind)) {
-            period.alerted.push(kind);
-            reached.push(LimitReached { kind, limit, used });
-        }
-    }
-    let (start, end) = (period.start, period.end);
     if in_trial {
         sub.trial_used += quantity;
-        let period = &mut sub.periods[index];
-        if let Some(limit) = sub
-            .trial_limit
-            .filter(|limit| sub.trial_used >= *limit && !period.alerted.contains(&LimitKind::Trial))
-        {
-            period.alerted.push(LimitKind::Trial);
-            reached.push(LimitReached {
-                kind: LimitKind::Trial,
-                limit,
-                used: sub.trial_used,
-            });
-        }
     }
-    let period = &sub.periods[index];
-    let limit = binding.map(|cap| match cap.applied {
-        LimitKind::Trial => report(LimitKind::Trial, cap.limit, sub.trial_used, period),
-        kind => report(kind, cap.limit, period.used, period),
+    let alerts = reached(sub, index, in_trial);
+    let period = &mut sub.periods[index];
+    period.alerted.extend(alerts.iter().map(LimitReached::step));
+    let (start, end) = (period.start, period.end);
+    // The binding limit's figures after this usage.
+    let limit = binding.and_then(|cap| {
+        limit_caps(sub, index, in_trial)
+            .into_iter()
+            .find(|c| c.applied == cap.applied)
     });
     Decision::Created {
         quantity,
@@ -344,21 +429,146 @@ pub fn decide(
         period_start: start,
         period_end: end,
         limit,
-        alerts: reached,
+        alerts,
     }
 }
 
-/// A limit with what is used against it; never a negative availability
-/// (a limit lowered below what is used leaves nothing).
-fn report(kind: LimitKind, limit: Decimal, used: Decimal, period: &PeriodState) -> LimitReport {
+/// Every limit that caps a usage at this period (and in the trial), with
+/// what it leaves available now.
+fn limit_caps(sub: &SubscriptionState, index: usize, in_trial: bool) -> Vec<LimitReport> {
+    let period = &sub.periods[index];
+    let mut caps = Vec::with_capacity(2);
+    match period.hard_limit {
+        Some(Limit::Quantity(limit)) => caps.push(quantity_report(LimitKind::Hard, limit, period.used, period)),
+        Some(Limit::Amount(limit)) => caps.push(amount_report(LimitKind::Hard, limit, period)),
+        None => {}
+    }
+    if let (true, Some(limit)) = (in_trial, sub.trial_limit) {
+        caps.push(quantity_report(LimitKind::Trial, limit, sub.trial_used, period));
+    }
+    caps
+}
+
+/// Whether `cap` refuses a usage of `quantity` added to `period` now. An
+/// amount limit is checked at that exact total: under volume pricing a
+/// larger total can fit where a smaller one does not.
+fn refuses(cap: &LimitReport, period: &PeriodState, quantity: Decimal) -> bool {
+    match (&cap.amount, &period.pricing) {
+        (Some(figures), Some(pricing)) => pricing.amount(period.used + quantity) > figures.limit_amount,
+        // An amount limit without pricing is never stored; fail closed.
+        (Some(_), None) => true,
+        (None, _) => quantity > cap.available,
+    }
+}
+
+/// The largest multiple of 0.001, at most `requested` and every quantity
+/// cap's available quantity, whose cost fits every amount limit. Quantities
+/// and quantity limits have at most 3 decimal places, so without an amount
+/// limit that is the smallest of them, as it is.
+fn largest_fitting(caps: &[LimitReport], period: &PeriodState, requested: Decimal) -> Decimal {
+    let most = caps
+        .iter()
+        .filter(|cap| cap.amount.is_none())
+        .fold(requested, |most, cap| most.min(cap.available));
+    caps.iter()
+        .filter_map(|cap| cap.amount.as_ref())
+        .fold(most, |most, figures| match &period.pricing {
+            Some(pricing) => pricing
+                .largest_fitting(period.used, most, figures.limit_amount)
+                .normalize(),
+            None => Decimal::ZERO,
+        })
+}
+
+/// The alert steps that the period's usage (and the trial's) has reached
+/// and not raised yet, lowest first: the soft limit's 75, 90 and 100 %,
+/// the hard limit, the trial limit.
+fn reached(sub: &SubscriptionState, index: usize, in_trial: bool) -> Vec<LimitReached> {
+    let period = &sub.periods[index];
+    let mut reached = Vec::new();
+    let mut raise = |kind, threshold, limit: Limit, used| {
+        let step = AlertStep { kind, threshold };
+        if !period.raised(step) {
+            reached.push(LimitReached {
+                kind,
+                threshold,
+                limit: limit.quantity(),
+                used,
+                amount: limit
+                    .amount()
+                    .and_then(|limit_amount| amount_figures(limit_amount, period)),
+            });
+        }
+    };
+    if let Some(limit) = period.soft_limit {
+        let (value, measure) = match limit {
+            Limit::Quantity(value) => (value, Some(period.used)),
+            Limit::Amount(value) => (value, period.amount_with(Decimal::ZERO)),
+        };
+        for threshold in AlertStep::SOFT_THRESHOLDS {
+            let level = value * Decimal::from(threshold) / Decimal::ONE_HUNDRED;
+            if measure.is_some_and(|measure| measure >= level) {
+                raise(LimitKind::Soft, threshold, limit, period.used);
+            }
+        }
+    }
+    if let Some(limit) = period.hard_limit {
+        let full = match limit {
+            Limit::Quantity(value) => period.used >= value,
+            // Reached when not even 0.001 more fits.
+            Limit::Amount(value) => amount_report(LimitKind::Hard, value, period).available.is_zero(),
+        };
+        if full {
+            raise(LimitKind::Hard, 100, limit, period.used);
+        }
+    }
+    if let (true, Some(limit)) = (in_trial, sub.trial_limit) {
+        if sub.trial_used >= limit {
+            raise(LimitKind::Trial, 100, Limit::Quantity(limit), sub.trial_used);
+        }
+    }
+    reached
+}
+
+/// A quantity limit with what is used against it; never a negative
+/// availability (a limit lowered below what is used leaves nothing).
+fn quantity_report(kind: LimitKind, limit: Decimal, used: Decimal, period: &PeriodState) -> LimitReport {
     LimitReport {
         applied: kind,
-        limit,
+        limit: Some(limit),
         used,
         available: (limit - used).max(Decimal::ZERO),
+        amount: None,
         period_start: period.start,
         period_end: period.end,
     }
+}
+
+/// An amount limit on the period's usage: available is the largest
+/// quantity whose cost still fits (0 when not even 0.001 does).
+fn amount_report(kind: LimitKind, limit: Decimal, period: &PeriodState) -> LimitReport {
+    let available = period
+        .pricing
+        .as_ref()
+        .map_or(Decimal::ZERO, |p| p.largest_fitting(period.used, max_quantity(), limit));
+    LimitReport {
+        applied: kind,
+        limit: None,
+        used: period.used,
+        available,
+        amount: amount_figures(limit, period),
+        period_start: period.start,
+        period_end: period.end,
+    }
+}
+
+fn amount_figures(limit_amount: Decimal, period: &PeriodState) -> Option<AmountFigures> {
+    let pricing = period.pricing.as_ref()?;
+    Some(AmountFigures {
+        limit_amount,
+        used_amount: pricing.amount(period.used),
+        currency: pricing.currency().to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -390,8 +600,9 @@ mod tests {
             periods: vec![PeriodState {
                 start: t("2026-11-01T00:00:00Z"),
                 end: Some(t("2026-12-01T00:00:00Z")),
-                hard_limit: hard.map(d),
+                hard_limit: hard.map(|h| Limit::Quantity(d(h))),
                 soft_limit: None,
+                pricing: None,
                 used: Decimal::ZERO,
                 closed_time: None,
                 alerted: Vec::new(),
@@ -445,7 +656,7 @@ mod tests {
         assert!(!partial);
         assert_eq!(
             (limit.used, limit.available, limit.limit),
-            (d("12.5"), d("987.5"), d("1000"))
+            (d("12.5"), d("987.5"), Some(d("1000")))
         );
         assert_eq!(s.periods[0].used, d("12.5"));
     }
@@ -621,8 +832,9 @@ mod tests {
         s.periods[0] = PeriodState {
             start: open_period_start(),
             end: None,
-            hard_limit: Some(d("100")),
+            hard_limit: Some(Limit::Quantity(d("100"))),
             soft_limit: None,
+            pricing: None,
             used: Decimal::ZERO,
             closed_time: None,
             alerted: Vec::new(),
@@ -646,8 +858,9 @@ mod tests {
         s.periods.push(PeriodState {
             start: t("2026-12-01T00:00:00Z"),
             end: Some(t("2027-01-01T00:00:00Z")),
-            hard_limit: Some(d("10")),
+            hard_limit: Some(Limit::Quantity(d("10"))),
             soft_limit: None,
+            pricing: None,
             used: Decimal::ZERO,
             closed_time: None,
             alerted: Vec::new(),
@@ -769,20 +982,22 @@ mod tests {
     }
 
     #[test]
-    fn reaching_a_soft_limit_raises_one_alert_and_caps_nothing() {
+    fn jumping_past_the_soft_limit_raises_every_step_lowest_first_and_caps_nothing() {
         let mut s = sub(None);
-        s.periods[0].soft_limit = Some(d("5"));
+        s.periods[0].soft_limit = Some(Limit::Quantity(d("5")));
         let first = decide_now(&req("6", false), &mut s);
         let Decision::Created { alerts, .. } = &first else {
             panic!()
         };
         assert_eq!(
             alerts,
-            &[LimitReached {
+            &[75, 90, 100].map(|threshold| LimitReached {
                 kind: LimitKind::Soft,
-                limit: d("5"),
-                used: d("6")
-            }]
+                threshold,
+                limit: Some(d("5")),
+                used: d("6"),
+                amount: None,
+            })
         );
         let second = decide_now(&req("6", false), &mut s);
         let Decision::Created { alerts, .. } = &second else {
@@ -803,5 +1018,219 @@ mod tests {
         };
         assert!(partial);
         assert_eq!(alerts.iter().map(|a| a.kind).collect::<Vec<_>>(), [LimitKind::Hard]);
+    }
+
+    // ---- Amount limits and soft-limit steps (SPEC version 2) ----------------
+
+    use crate::domain::pricing::{Bracket, Formula};
+
+    /// SPEC's example brackets: 0.5 up to 100, then 0.4.
+    fn priced(kind: fn(Vec<Bracket>) -> Formula) -> Arc<Pricing> {
+        let brackets = vec![
+            Bracket {
+                max_quantity: Some(d("100")),
+                price: d("0.5"),
+            },
+            Bracket {
+                max_quantity: None,
+                price: d("0.4"),
+            },
+        ];
+        Arc::new(Pricing::new("USD", kind(brackets)).unwrap())
+    }
+
+    /// A subscription whose hard limit is `amount` under `pricing`.
+    fn amount_capped(amount: &str, pricing: Arc<Pricing>) -> SubscriptionState {
+        let mut s = sub(None);
+        s.periods[0].hard_limit = Some(Limit::Amount(d(amount)));
+        s.periods[0].pricing = Some(pricing);
+        s
+    }
+
+    fn outcome_limit(decision: &Decision) -> LimitReport {
+        match decision {
+            Decision::Created { limit: Some(l), .. } | Decision::Rejected { limit: Some(l), .. } => l.clone(),
+            other => panic!("expected a limit report, got {other:?}"),
+        }
+    }
+
+    fn alert_steps(decision: &Decision) -> Vec<(LimitKind, u8)> {
+        match decision {
+            Decision::Created { alerts, .. } => alerts.iter().map(|a| (a.kind, a.threshold)).collect(),
+            other => panic!("expected created, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_amount_limit_lets_through_what_it_can_pay_for() {
+        // Tiered: 100 cost 50, then 0.4 each; a limit of 60 buys 125.
+        let mut s = amount_capped("60", priced(Formula::Tiered));
+        let first = decide_now(&req("100", false), &mut s);
+        assert_eq!(created_quantity(&first), d("100"));
+        let report = outcome_limit(&first);
+        assert_eq!((report.applied, report.limit), (LimitKind::Hard, None));
+        assert_eq!(report.available, d("25"), "10 more buys 25 units at 0.4");
+        assert_eq!(
+            report.amount,
+            Some(AmountFigures {
+                limit_amount: d("60"),
+                used_amount: d("50"),
+                currency: "USD".into(),
+            })
+        );
+
+        let refused = decide_now(&req("25.001", false), &mut s);
+        assert_eq!(code(&refused), Some(ReasonCode::UsageLimitExceeded));
+        assert_eq!(outcome_limit(&refused).available, d("25"));
+        assert_eq!(s.periods[0].used, d("100"), "a refusal counts nothing");
+
+        let clamped = decide_now(&req("30", true), &mut s);
+        assert_eq!(
+            created_quantity(&clamped),
+            d("25"),
+            "the largest quantity that fits, exactly"
+        );
+        let report = outcome_limit(&clamped);
+        assert_eq!(report.available, Decimal::ZERO);
+        assert_eq!(report.amount.unwrap().used_amount, d("60"));
+        assert_eq!(alert_steps(&clamped), [(LimitKind::Hard, 100)]);
+    }
+
+    #[test]
+    fn a_partial_amount_fit_is_a_whole_number_of_thousandths() {
+        // 10 / 3 = 3.333…: 3.333 fits, 3.334 would cost 10.002.
+        let flat = Arc::new(Pricing::new("USD", Formula::FlatRate { price: d("3") }).unwrap());
+        let mut s = amount_capped("10", flat);
+        assert_eq!(created_quantity(&decide_now(&req("5", true), &mut s)), d("3.333"));
+        // 0.001 more would cost 10.002: the limit is reached, nothing fits.
+        assert_eq!(
+            code(&decide_now(&req("0.001", true), &mut s)),
+            Some(ReasonCode::UsageLimitExceeded)
+        );
+    }
+
+    #[test]
+    fn under_volume_pricing_a_larger_usage_can_fit_where_a_smaller_does_not() {
+        // 90 used cost 45, over a limit of 42; reaching 105 (the 0.4
+        // bracket) costs 42 again.
+        let mut s = amount_capped("42", priced(Formula::Volume));
+        s.periods[0].used = d("90");
+        assert_eq!(
+            code(&decide_now(&req("5", false), &mut s)),
+            Some(ReasonCode::UsageLimitExceeded)
+        );
+        assert_eq!(created_quantity(&decide_now(&req("15", false), &mut s)), d("15"));
+        assert_eq!(s.periods[0].used, d("105"));
+    }
+
+    #[test]
+    fn the_smallest_of_a_quantity_and_an_amount_limit_binds() {
+        // Trial quantity limit 20 beside an amount hard limit that buys 125.
+        let mut s = amount_capped("60", priced(Formula::Tiered));
+        s.trial_end_time = Some(t("2026-12-01T00:00:00Z"));
+        s.trial_limit = Some(d("20"));
+        let clamped = decide_now(&req("30", true), &mut s);
+        assert_eq!(created_quantity(&clamped), d("20"));
+        assert_eq!(outcome_limit(&clamped).applied, LimitKind::Trial);
+        let refused = decide_now(&req("1", false), &mut s);
+        assert_eq!(outcome_limit(&refused).applied, LimitKind::Trial);
+    }
+
+    #[test]
+    fn an_amount_limit_reports_every_quantity_as_available_when_usage_is_free() {
+        let free = Arc::new(Pricing::new("USD", Formula::FlatRate { price: Decimal::ZERO }).unwrap());
+        let mut s = amount_capped("0", free);
+        let decision = decide_now(&req("1000", false), &mut s);
+        assert_eq!(created_quantity(&decision), d("1000"));
+        assert_eq!(outcome_limit(&decision).available, max_quantity());
+        assert!(
+            alert_steps(&decision).is_empty(),
+            "a free plan never reaches its amount"
+        );
+    }
+
+    #[test]
+    fn soft_steps_fire_once_each_lowest_first() {
+        let mut s = sub(None);
+        s.periods[0].soft_limit = Some(Limit::Quantity(d("100")));
+        assert!(alert_steps(&decide_now(&req("74.999", false), &mut s)).is_empty());
+        let at_75 = decide_now(&req("0.001", false), &mut s);
+        assert_eq!(alert_steps(&at_75), [(LimitKind::Soft, 75)]);
+        assert!(alert_steps(&decide_now(&req("1", false), &mut s)).is_empty());
+        // 76 → 101: past 90 and 100 at once.
+        let jump = decide_now(&req("25", false), &mut s);
+        assert_eq!(alert_steps(&jump), [(LimitKind::Soft, 90), (LimitKind::Soft, 100)]);
+        let Decision::Created { alerts, .. } = &jump else {
+            panic!()
+        };
+        assert_eq!((alerts[0].limit, alerts[0].used), (Some(d("100")), d("101")));
+        assert!(alert_steps(&decide_now(&req("50", false), &mut s)).is_empty());
+        assert_eq!(
+            s.periods[0].alerted,
+            [75, 90, 100].map(|threshold| AlertStep {
+                kind: LimitKind::Soft,
+                threshold
+            })
+        );
+    }
+
+    #[test]
+    fn a_soft_step_below_one_already_raised_is_not_raised_later() {
+        // Version 1 raised the soft alert at 100 % only.
+        let mut s = sub(None);
+        s.periods[0].soft_limit = Some(Limit::Quantity(d("10")));
+        s.periods[0].alerted = vec![AlertStep::full(LimitKind::Soft)];
+        assert!(alert_steps(&decide_now(&req("20", false), &mut s)).is_empty());
+    }
+
+    #[test]
+    fn a_soft_amount_limit_steps_on_the_amount() {
+        // Tiered, soft limit 40: 75 % at 30 (60 units), 90 % at 36 (72).
+        let mut s = sub(None);
+        s.periods[0].soft_limit = Some(Limit::Amount(d("40")));
+        s.periods[0].pricing = Some(priced(Formula::Tiered));
+        assert!(alert_steps(&decide_now(&req("59.999", false), &mut s)).is_empty());
+        let at_75 = decide_now(&req("0.001", false), &mut s);
+        assert_eq!(alert_steps(&at_75), [(LimitKind::Soft, 75)]);
+        let Decision::Created { alerts, .. } = &at_75 else {
+            panic!()
+        };
+        assert_eq!(alerts[0].limit, None);
+        assert_eq!(
+            alerts[0].amount,
+            Some(AmountFigures {
+                limit_amount: d("40"),
+                used_amount: d("30"),
+                currency: "USD".into(),
+            })
+        );
+        let Decision::Created { limit, .. } = at_75 else {
+            panic!()
+        };
+        assert_eq!(limit, None, "a soft limit never binds");
+        assert_eq!(
+            alert_steps(&decide_now(&req("100", false), &mut s)),
+            [(LimitKind::Soft, 90), (LimitKind::Soft, 100)]
+        );
+    }
+
+    #[test]
+    fn alert_steps_are_stored_as_version_1_spelled_them_at_100() {
+        for (text, step) in [
+            ("soft", AlertStep::full(LimitKind::Soft)),
+            ("hard", AlertStep::full(LimitKind::Hard)),
+            (
+                "soft:75",
+                AlertStep {
+                    kind: LimitKind::Soft,
+                    threshold: 75,
+                },
+            ),
+        ] {
+            assert_eq!(step.stored(), text);
+            assert_eq!(AlertStep::parse(text), Some(step));
+        }
+        assert_eq!(AlertStep::parse("soft:x"), None);
+        assert_eq!(AlertStep::parse("other"), None);
     }
 }

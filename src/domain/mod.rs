@@ -13,6 +13,7 @@ pub mod outcome;
 pub mod pricing;
 pub mod quantity;
 pub mod reason;
+pub mod status;
 pub mod subscription;
 
 pub use reason::{InvalidField, ReasonCode, Rejection};

@@ -5,7 +5,7 @@ use rust_decimal::Decimal;
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use super::decision::{open_period_start, Decision, LimitReport, StoredUsage};
+use super::decision::{open_period_start, AmountFigures, Decision, LimitReport, StoredUsage};
 use super::headers::Headers;
 use super::{InvalidField, Rejection};
 
@@ -16,7 +16,17 @@ pub fn serialize_decimal<S: Serializer>(value: &Decimal, s: S) -> Result<S::Ok, 
     raw.serialize(s)
 }
 
-fn serialize_opt_decimal<S: Serializer>(value: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+/// A decimal written as an exact JSON number, where a value (not a field)
+/// is serialized.
+pub struct Exact(pub Decimal);
+
+impl Serialize for Exact {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_decimal(&self.0, s)
+    }
+}
+
+pub(crate) fn serialize_opt_decimal<S: Serializer>(value: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
     match value {
         Some(v) => serialize_decimal(v, s),
         None => s.serialize_none(),
@@ -28,11 +38,11 @@ pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn serialize_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(*t))
 }
 
-fn serialize_opt_time<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_opt_time<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => serialize_time(t, s),
         None => s.serialize_none(),
@@ -40,7 +50,7 @@ fn serialize_opt_time<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<
 }
 
 /// A period start written for readers: the open-ended period has none.
-fn period_start_of(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub(crate) fn period_start_of(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
     (t != open_period_start()).then_some(t)
 }
 
@@ -218,16 +228,42 @@ impl From<&StoredUsage> for UsageBody {
 #[serde(rename_all = "camelCase")]
 pub struct LimitBlock {
     pub applied: &'static str,
-    #[serde(serialize_with = "serialize_decimal")]
-    pub limit: Decimal,
+    /// The quantity limit; absent for an amount limit (`limitAmount`).
+    #[serde(serialize_with = "serialize_opt_decimal", skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Decimal>,
     #[serde(serialize_with = "serialize_decimal")]
     pub used: Decimal,
     #[serde(serialize_with = "serialize_decimal")]
     pub available: Decimal,
+    #[serde(flatten)]
+    pub amount: AmountBlock,
     #[serde(serialize_with = "serialize_opt_time")]
     pub period_start_time: Option<DateTime<Utc>>,
     #[serde(serialize_with = "serialize_opt_time")]
     pub period_end_time: Option<DateTime<Utc>>,
+}
+
+/// `limitAmount`, `usedAmount` and `currency`, present together where an
+/// amount limit applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AmountBlock {
+    #[serde(serialize_with = "serialize_opt_decimal", skip_serializing_if = "Option::is_none")]
+    pub limit_amount: Option<Decimal>,
+    #[serde(serialize_with = "serialize_opt_decimal", skip_serializing_if = "Option::is_none")]
+    pub used_amount: Option<Decimal>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+impl From<Option<&AmountFigures>> for AmountBlock {
+    fn from(figures: Option<&AmountFigures>) -> Self {
+        figures.map_or_else(Self::default, |f| Self {
+            limit_amount: Some(f.limit_amount),
+            used_amount: Some(f.used_amount),
+            currency: Some(f.currency.clone()),
+        })
+    }
 }
 
 impl From<&LimitReport> for LimitBlock {
@@ -237,6 +273,7 @@ impl From<&LimitReport> for LimitBlock {
             limit: r.limit,
             used: r.used,
             available: r.available,
+            amount: r.amount.as_ref().into(),
             period_start_time: period_start_of(r.period_start),
             period_end_time: r.period_end,
         }
@@ -425,7 +462,8 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Alert {
-    /// Stable per subscription, period and kind: consumers drop repeats by it.
+    /// Stable per subscription, period, kind and threshold: consumers drop
+    /// repeats by it.
     pub alert_id: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -434,10 +472,15 @@ pub struct Alert {
     pub period_start_time: Option<DateTime<Utc>>,
     #[serde(serialize_with = "serialize_opt_time")]
     pub period_end_time: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "serialize_decimal")]
-    pub limit: Decimal,
+    /// 75, 90 or 100: the percentage of the limit reached.
+    pub threshold: u8,
+    /// The quantity limit; absent for an amount limit (`limitAmount`).
+    #[serde(serialize_with = "serialize_opt_decimal", skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Decimal>,
     #[serde(serialize_with = "serialize_decimal")]
     pub used: Decimal,
+    #[serde(flatten)]
+    pub amount: AmountBlock,
     pub usage_id: String,
     #[serde(serialize_with = "serialize_time")]
     pub time: DateTime<Utc>,
@@ -452,10 +495,11 @@ impl Alert {
         usage_id: &str,
         now: DateTime<Utc>,
     ) -> Self {
+        // At 100 % the key is version 1's, so that its alerts keep their ids.
         let key = format!(
             "{subscription_id}\u{0}{}\u{0}{}",
             period_start.timestamp_micros(),
-            reached.kind.as_str()
+            reached.step().stored()
         );
         let hash = Sha256::digest(key.as_bytes());
         let alert_id = format!(
@@ -468,8 +512,10 @@ impl Alert {
             subscription_id: subscription_id.to_owned(),
             period_start_time: period_start_of(period_start),
             period_end_time: period_end,
+            threshold: reached.threshold,
             limit: reached.limit,
             used: reached.used,
+            amount: reached.amount.as_ref().into(),
             usage_id: usage_id.to_owned(),
             time: now,
         }

@@ -105,6 +105,31 @@ impl Pricing {
         &self.formula
     }
 
+    /// The JSON a snapshot gives it in (`pricing`), with exact digits: what
+    /// a period stores, read back by `subscription::decode_pricing`.
+    pub fn to_json(&self) -> String {
+        let currency = &self.currency;
+        let (name, brackets) = match &self.formula {
+            Formula::FlatRate { price } => {
+                return format!(r#"{{"currency":"{currency}","formula":"flat-rate","price":{price}}}"#);
+            }
+            Formula::Tiered(brackets) => ("tiered", brackets),
+            Formula::Volume(brackets) => ("volume", brackets),
+            Formula::Stairstep(brackets) => ("stairstep", brackets),
+        };
+        let brackets: Vec<String> = brackets
+            .iter()
+            .map(|b| {
+                let end = b.max_quantity.map_or_else(|| "null".to_owned(), |end| end.to_string());
+                format!(r#"{{"maxQuantity":{end},"price":{}}}"#, b.price)
+            })
+            .collect();
+        format!(
+            r#"{{"currency":"{currency}","formula":"{name}","brackets":[{}]}}"#,
+            brackets.join(",")
+        )
+    }
+
     /// What a period's total `quantity` (at least 0) costs.
     pub fn amount(&self, quantity: Decimal) -> Decimal {
         if quantity <= Decimal::ZERO {

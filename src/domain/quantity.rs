@@ -10,6 +10,8 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::subscription::Limit;
+
 /// Most decimal places a quantity or limit may have (SPEC: the minimum
 /// billable unit is 0.001).
 pub const MAX_DECIMAL_PLACES: u32 = 3;
@@ -194,7 +196,32 @@ pub fn parse_decimal_text(text: &str) -> Option<Decimal> {
 struct Bounds {
     /// Zero is a valid limit (nothing may be used) but not a valid quantity.
     allow_zero: bool,
+    /// Most decimal places once trailing zeros are removed.
+    places: u32,
+    /// Most digits before the point: the value is below 10^this.
+    integer_digits: i128,
 }
+
+/// Quantities and quantity limits: 3 places, below 10^12.
+const QUANTITY: Bounds = Bounds {
+    allow_zero: false,
+    places: MAX_DECIMAL_PLACES,
+    integer_digits: MAX_INTEGER_DIGITS,
+};
+
+/// Amounts in a currency (amount limits): 6 places, below 10^15.
+const AMOUNT: Bounds = Bounds {
+    allow_zero: true,
+    places: 6,
+    integer_digits: 15,
+};
+
+/// Prices: 6 places, below 10^9 (SPEC version 2).
+const PRICE: Bounds = Bounds {
+    allow_zero: true,
+    places: 6,
+    integer_digits: 9,
+};
 
 const NOT_A_NUMBER: &str = "must be a number or a decimal string";
 const NOT_A_DECIMAL_STRING: &str = "must be a decimal string such as \"12.5\" (no spaces, '+', NaN or Infinity)";
@@ -237,15 +264,15 @@ fn parse_bounded(raw: &RawValue, bounds: Bounds) -> Result<Decimal, String> {
         NumberText::Quoted(s) => ExactNumber::parse(s).ok_or_else(|| NOT_A_DECIMAL_STRING.to_owned())?,
     };
     check_bounds(&number, &bounds)?;
-    // In range with at most 3 places means at most 15 digits, which any
-    // `Decimal` holds; the fallback only keeps this total without a panic.
+    // In range means at most 21 digits, which any `Decimal` holds; the
+    // fallback only keeps this total without a panic.
     number.to_decimal().ok_or_else(|| NOT_A_NUMBER.to_owned())
 }
 
 /// Checks the SPEC rules on the exact digits. The minimum comes first: for
 /// `0.0005` "at least 0.001" says what is wrong better than "too precise".
 fn check_bounds(number: &ExactNumber<'_>, bounds: &Bounds) -> Result<(), String> {
-    let max_places = i128::from(MAX_DECIMAL_PLACES);
+    let max_places = i128::from(bounds.places);
     if bounds.allow_zero {
         if number.negative {
             return Err("must not be negative".into());
@@ -256,10 +283,10 @@ fn check_bounds(number: &ExactNumber<'_>, bounds: &Bounds) -> Result<(), String>
         return Err("must be at least 0.001".into());
     }
     if number.decimal_places() > max_places {
-        return Err(format!("must have at most {MAX_DECIMAL_PLACES} decimal places"));
+        return Err(format!("must have at most {} decimal places", bounds.places));
     }
-    if !number.is_zero() && number.magnitude() > MAX_INTEGER_DIGITS {
-        return Err("must be below 1000000000000".into());
+    if !number.is_zero() && number.magnitude() > bounds.integer_digits {
+        return Err(format!("must be below 1{}", "0".repeat(bounds.integer_digits as usize)));
     }
     Ok(())
 }
@@ -270,38 +297,80 @@ fn check_bounds(number: &ExactNumber<'_>, bounds: &Bounds) -> Result<(), String>
 ///
 /// `null` is an error here; callers treat it as a missing field first.
 pub fn parse_quantity(raw: &RawValue) -> Result<Decimal, String> {
-    parse_bounded(raw, Bounds { allow_zero: false })
+    parse_bounded(raw, QUANTITY)
 }
 
-/// The object form of a snapshot limit. serde's derive rejects a repeated
-/// `quantity`, and a missing or null one is an error rather than "no cap":
-/// an invalid snapshot changes nothing, while a silently dropped cap would
-/// let unlimited usage through. For the same reason an `amount` beside the
-/// quantity (a limit is one or the other) makes it invalid, not ignored.
+/// The object form of a snapshot limit: exactly one of `quantity` and
+/// `amount`. serde's derive rejects a repeated key, and a null one is an
+/// error rather than "no cap": an invalid snapshot changes nothing, while a
+/// silently dropped cap would let unlimited usage through.
 #[derive(Deserialize)]
 struct LimitObject<'a> {
-    #[serde(borrow)]
-    quantity: &'a RawValue,
+    #[serde(borrow, default)]
+    quantity: Option<&'a RawValue>,
     #[serde(borrow, default)]
     amount: Option<&'a RawValue>,
 }
 
-/// Parses a snapshot limit: a number, a decimal string, or
-/// `{"quantity": n}`; zero or more, at most 3 decimal places, below 10^12.
+/// Parses a snapshot's `softLimit` or `hardLimit`: a number or a decimal
+/// string (a quantity, as in version 1), `{"quantity": n}` (zero or more, at
+/// most 3 decimal places, below 10^12) or `{"amount": n}` (in the plan's
+/// currency: zero or more, at most 6 decimal places, below 10^15).
 ///
 /// `null` is an error here; callers treat it as an absent limit first.
-pub fn parse_limit(raw: &RawValue) -> Result<Decimal, String> {
-    let quantity = if raw.get().trim_start().starts_with('{') {
-        let object = serde_json::from_str::<LimitObject<'_>>(raw.get())
-            .map_err(|e| format!("must be a number or {{\"quantity\": n}}: {e}"))?;
-        if object.amount.is_some() {
-            return Err("must have a quantity or an amount, not both".to_owned());
-        }
-        object.quantity
-    } else {
-        raw
-    };
-    parse_bounded(quantity, Bounds { allow_zero: true })
+pub fn parse_limit(raw: &RawValue) -> Result<Limit, String> {
+    if !raw.get().trim_start().starts_with('{') {
+        return parse_quantity_limit(raw).map(Limit::Quantity);
+    }
+    let object = serde_json::from_str::<LimitObject<'_>>(raw.get())
+        .map_err(|e| format!("must be a number, {{\"quantity\": n}} or {{\"amount\": n}}: {e}"))?;
+    match (object.quantity, object.amount) {
+        (Some(quantity), None) => parse_quantity_limit(quantity).map(Limit::Quantity),
+        (None, Some(amount)) => parse_bounded(amount, AMOUNT)
+            .map(Limit::Amount)
+            .map_err(|e| format!("amount {e}")),
+        (Some(_), Some(_)) => Err("must have a quantity or an amount, not both".to_owned()),
+        (None, None) => Err("must have a quantity or an amount".to_owned()),
+    }
+}
+
+/// Parses a quantity limit (`trialLimit`, or the number in a limit): a
+/// number or a decimal string, zero or more, at most 3 decimal places,
+/// below 10^12.
+pub fn parse_quantity_limit(raw: &RawValue) -> Result<Decimal, String> {
+    if raw.get().trim_start().starts_with('{') {
+        return match parse_limit(raw)? {
+            Limit::Quantity(quantity) => Ok(quantity),
+            Limit::Amount(_) => Err("must be a quantity: this limit cannot be an amount".to_owned()),
+        };
+    }
+    parse_bounded(
+        raw,
+        Bounds {
+            allow_zero: true,
+            ..QUANTITY
+        },
+    )
+}
+
+/// Parses a bracket's `maxQuantity`: zero or more (the pricing checks that
+/// ends rise), at most 6 decimal places (an end may fall between two
+/// billable steps), below 10^12.
+pub fn parse_bracket_end(raw: &RawValue) -> Result<Decimal, String> {
+    parse_bounded(
+        raw,
+        Bounds {
+            allow_zero: true,
+            places: 6,
+            ..QUANTITY
+        },
+    )
+}
+
+/// Parses a price of a plan's pricing: a number or a decimal string, zero or
+/// more, at most 6 decimal places, below 10^9.
+pub fn parse_price(raw: &RawValue) -> Result<Decimal, String> {
+    parse_bounded(raw, PRICE)
 }
 
 #[cfg(test)]
@@ -323,7 +392,10 @@ mod tests {
     }
 
     fn limit(json: &str) -> Result<Decimal, String> {
-        parse_limit(&raw(json))
+        match parse_limit(&raw(json))? {
+            Limit::Quantity(quantity) => Ok(quantity),
+            Limit::Amount(amount) => Err(format!("an amount: {amount}")),
+        }
     }
 
     // --- parse_decimal_text ---
@@ -561,11 +633,46 @@ mod tests {
     }
 
     #[test]
-    fn rejects_a_limit_object_with_anything_beside_its_quantity() {
-        // An amount cap beside the quantity would otherwise be dropped.
+    fn rejects_a_limit_object_with_both_a_quantity_and_an_amount() {
+        // A limit is one or the other: either cap would otherwise be dropped.
         let error = limit("{\"quantity\": 100, \"amount\": 5}").unwrap_err();
-        assert!(error.contains("amount"), "{error}");
+        assert_eq!(error, "must have a quantity or an amount, not both");
         assert_eq!(limit("{\"quantity\": 100}").unwrap(), Decimal::from(100));
+    }
+
+    #[test]
+    fn reads_an_amount_limit_with_up_to_six_places() {
+        let amount = |json: &str| parse_limit(&raw(json));
+        assert_eq!(amount("{\"amount\": 250.5}"), Ok(Limit::Amount(dec("250.5"))));
+        assert_eq!(amount("{\"amount\": \"0.000001\"}"), Ok(Limit::Amount(dec("0.000001"))));
+        assert_eq!(amount("{\"amount\": 0}"), Ok(Limit::Amount(Decimal::ZERO)));
+        assert_eq!(
+            amount("{\"amount\": 0.0000001}"),
+            Err("amount must have at most 6 decimal places".into())
+        );
+        assert_eq!(amount("{\"amount\": -1}"), Err("amount must not be negative".into()));
+        assert_eq!(
+            amount("{\"amount\": 1e15}"),
+            Err("amount must be below 1000000000000000".into())
+        );
+        assert!(amount("{\"amount\": null}").is_err());
+        assert_eq!(amount("{}"), Err("must have a quantity or an amount".into()));
+    }
+
+    #[test]
+    fn a_quantity_limit_refuses_an_amount() {
+        let error = parse_quantity_limit(&raw("{\"amount\": 5}")).unwrap_err();
+        assert_eq!(error, "must be a quantity: this limit cannot be an amount");
+        assert_eq!(parse_quantity_limit(&raw("{\"quantity\": 5}")), Ok(dec("5")));
+        assert_eq!(parse_quantity_limit(&raw("7")), Ok(dec("7")));
+    }
+
+    #[test]
+    fn reads_prices_with_up_to_six_places_below_a_billion() {
+        assert_eq!(parse_price(&raw("0.000001")), Ok(dec("0.000001")));
+        assert_eq!(parse_price(&raw("\"0.25\"")), Ok(dec("0.25")));
+        assert_eq!(parse_price(&raw("1e9")), Err("must be below 1000000000".into()));
+        assert_eq!(parse_price(&raw("-0.5")), Err("must not be negative".into()));
     }
 
     #[test]

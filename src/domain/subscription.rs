@@ -10,16 +10,41 @@ use serde_json::value::RawValue;
 
 use super::event::{json_string, parse_timestamp, JsonObject};
 use super::ids::check_id;
-use super::quantity::{json_kind, parse_limit};
+use super::pricing::{Bracket, Formula, Pricing};
+use super::quantity::{json_kind, parse_bracket_end, parse_limit, parse_price, parse_quantity_limit};
+
+/// A soft or hard limit: a quantity, or an amount in the plan's currency
+/// (what the period's total quantity costs under its pricing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Quantity(Decimal),
+    Amount(Decimal),
+}
+
+impl Limit {
+    pub fn quantity(self) -> Option<Decimal> {
+        match self {
+            Self::Quantity(quantity) => Some(quantity),
+            Self::Amount(_) => None,
+        }
+    }
+
+    pub fn amount(self) -> Option<Decimal> {
+        match self {
+            Self::Quantity(_) => None,
+            Self::Amount(amount) => Some(amount),
+        }
+    }
+}
 
 /// A subscription's usage limits; `None` means no cap of that kind.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Limits {
-    /// Caps the accepted quantity of a period.
-    pub hard: Option<Decimal>,
-    /// Only raises an alert.
-    pub soft: Option<Decimal>,
-    /// Caps all usage before `trialEndTime`, across periods.
+    /// Caps what a period accepts.
+    pub hard: Option<Limit>,
+    /// Only raises alerts, at 75, 90 and 100 %.
+    pub soft: Option<Limit>,
+    /// Caps all usage before `trialEndTime`, across periods: a quantity.
     pub trial: Option<Decimal>,
 }
 
@@ -49,6 +74,8 @@ pub struct SubscriptionSnapshot {
     pub period: Option<ServicePeriodSpan>,
     pub trial_end_time: Option<DateTime<Utc>>,
     pub limits: Limits,
+    /// The plan's metered price; required by an amount limit.
+    pub pricing: Option<Pricing>,
 }
 
 /// Whether a subscription in `status` may take usage: `active` or `trial`.
@@ -74,6 +101,7 @@ mod fields {
     pub const HARD_LIMIT: &str = "hardLimit";
     pub const SOFT_LIMIT: &str = "softLimit";
     pub const TRIAL_LIMIT: &str = "trialLimit";
+    pub const PRICING: &str = "pricing";
 }
 
 /// Decodes a snapshot (not a tombstone: the caller handles a null value).
@@ -92,16 +120,33 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SubscriptionSnapshot, String> {
         .check(fields::TRIAL_END, optional_time(object.given(fields::TRIAL_END)))
         .flatten();
     let limits = decode_limits(object.given(fields::USAGE_LIMITS), &mut problems);
+    let pricing = problems.check(
+        fields::PRICING,
+        object.given(fields::PRICING).map(decode_pricing).transpose(),
+    );
+    if let (Some(limits), Some(None)) = (&limits, &pricing) {
+        for (name, limit) in [(fields::HARD_LIMIT, limits.hard), (fields::SOFT_LIMIT, limits.soft)] {
+            if let Some(Limit::Amount(_)) = limit {
+                problems.check::<()>(
+                    &format!("{}.{name}", fields::USAGE_LIMITS),
+                    Err(format!("is an amount, but the snapshot has no {}", fields::PRICING)),
+                );
+            }
+        }
+    }
 
-    match (id, status, version, period, limits, problems.into_error()) {
-        (Some(id), Some(status), Some(version), Some(period), Some(limits), None) => Ok(SubscriptionSnapshot {
-            id,
-            status,
-            version,
-            period,
-            trial_end_time,
-            limits,
-        }),
+    match (id, status, version, period, limits, pricing, problems.into_error()) {
+        (Some(id), Some(status), Some(version), Some(period), Some(limits), Some(pricing), None) => {
+            Ok(SubscriptionSnapshot {
+                id,
+                status,
+                version,
+                period,
+                trial_end_time,
+                limits,
+                pricing,
+            })
+        }
         (.., error) => Err(error.unwrap_or_else(|| "invalid snapshot".into())),
     }
 }
@@ -204,18 +249,91 @@ fn decode_limits(raw: Option<&RawValue>, problems: &mut Problems) -> Option<Limi
         fields::USAGE_LIMITS,
         JsonObject::parse(raw.get()).map_err(|_| format!("must be an object, got {}", json_kind(raw))),
     )?;
-    let mut limit = |name: &str| {
-        let result = object.given(name).map(parse_limit).transpose();
-        problems.check(&format!("{}.{name}", fields::USAGE_LIMITS), result)
-    };
-    let hard = limit(fields::HARD_LIMIT);
-    let soft = limit(fields::SOFT_LIMIT);
-    let trial = limit(fields::TRIAL_LIMIT);
+    let field = |name: &str| format!("{}.{name}", fields::USAGE_LIMITS);
+    let limit = |name: &str| object.given(name).map(parse_limit).transpose();
+    let hard = problems.check(&field(fields::HARD_LIMIT), limit(fields::HARD_LIMIT));
+    let soft = problems.check(&field(fields::SOFT_LIMIT), limit(fields::SOFT_LIMIT));
+    let trial = problems.check(
+        &field(fields::TRIAL_LIMIT),
+        object.given(fields::TRIAL_LIMIT).map(parse_quantity_limit).transpose(),
+    );
     Some(Limits {
         hard: hard?,
         soft: soft?,
         trial: trial?,
     })
+}
+
+/// Decodes a plan's `pricing` (the snapshot's member, or the copy stored
+/// with a period): `{"currency", "formula": "flat-rate", "price"}` or
+/// `{"currency", "formula": "tiered" | "volume" | "stairstep", "brackets":
+/// [{"maxQuantity", "price"}, ...]}`. The error names the field inside
+/// `pricing` (`brackets[1].price: must not be negative`).
+pub fn decode_pricing(raw: &RawValue) -> Result<Pricing, String> {
+    let object = JsonObject::parse(raw.get()).map_err(|_| format!("must be an object, got {}", json_kind(raw)))?;
+    let inside = |field: &str, message: String| format!("{field}: {message}");
+    let currency = object
+        .given("currency")
+        .ok_or_else(|| "is required".to_owned())
+        .and_then(json_string)
+        .map_err(|e| inside("currency", e))?;
+    let formula_name = object
+        .given("formula")
+        .ok_or_else(|| "is required".to_owned())
+        .and_then(json_string)
+        .map_err(|e| inside("formula", e))?;
+    let formula = match formula_name.as_str() {
+        "flat-rate" => {
+            let price = object
+                .given("price")
+                .ok_or_else(|| "is required for flat-rate pricing".to_owned())
+                .and_then(parse_price)
+                .map_err(|e| inside("price", e))?;
+            Formula::FlatRate { price }
+        }
+        "tiered" => Formula::Tiered(decode_brackets(&object)?),
+        "volume" => Formula::Volume(decode_brackets(&object)?),
+        "stairstep" => Formula::Stairstep(decode_brackets(&object)?),
+        other => {
+            return Err(inside(
+                "formula",
+                format!(
+                    "must be flat-rate, tiered, volume or stairstep, got {:?}",
+                    shorten(other)
+                ),
+            ))
+        }
+    };
+    Pricing::new(&currency, formula).map_err(|e| inside(&e.field, e.message))
+}
+
+/// The brackets of a tiered, volume or stairstep pricing.
+fn decode_brackets(object: &JsonObject<'_>) -> Result<Vec<Bracket>, String> {
+    let raw = object
+        .given("brackets")
+        .ok_or_else(|| "brackets: is required for this formula".to_owned())?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(raw.get()).map_err(|_| format!("brackets: must be an array, got {}", json_kind(raw)))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = |field: &str, message: String| format!("brackets[{i}].{field}: {message}");
+            let bracket = JsonObject::parse(item.get())
+                .map_err(|_| format!("brackets[{i}]: must be an object, got {}", json_kind(item)))?;
+            let price = bracket
+                .given("price")
+                .ok_or_else(|| "is required".to_owned())
+                .and_then(parse_price)
+                .map_err(|e| at("price", e))?;
+            let max_quantity = bracket
+                .given("maxQuantity")
+                .map(parse_bracket_end)
+                .transpose()
+                .map_err(|e| at("maxQuantity", e))?;
+            Ok(Bracket { max_quantity, price })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -272,10 +390,11 @@ mod tests {
                 }),
                 trial_end_time: None,
                 limits: Limits {
-                    hard: Some(dec("1000")),
-                    soft: Some(dec("750")),
+                    hard: Some(Limit::Quantity(dec("1000"))),
+                    soft: Some(Limit::Quantity(dec("750"))),
                     trial: Some(dec("100")),
                 },
+                pricing: None,
             }
         );
     }
@@ -491,7 +610,7 @@ mod tests {
             snapshot.limits,
             Limits {
                 hard: None,
-                soft: Some(dec("5")),
+                soft: Some(Limit::Quantity(dec("5"))),
                 trial: None,
             }
         );
@@ -507,8 +626,8 @@ mod tests {
         assert_eq!(
             snapshot.limits,
             Limits {
-                hard: Some(dec("0.1")),
-                soft: Some(dec("1.23")),
+                hard: Some(Limit::Quantity(dec("0.1"))),
+                soft: Some(Limit::Quantity(dec("1.23"))),
                 trial: Some(Decimal::ZERO),
             }
         );
@@ -541,5 +660,120 @@ mod tests {
     fn rejects_a_limit_object_without_a_quantity() {
         let error = error_with("usageLimits", Some(r#"{"hardLimit": {"quantity": null}}"#));
         assert!(error.starts_with("usageLimits.hardLimit: "), "{error}");
+    }
+
+    // --- pricing and amount limits (SPEC version 2) ---
+
+    const PRICED: &str = r#"{"id": "sub_7", "status": "active", "version": 1,
+        "usageLimits": {"hardLimit": {"amount": 60}, "softLimit": {"amount": "40.5"}, "trialLimit": 5},
+        "pricing": {"currency": "USD", "formula": "tiered",
+                    "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]}}"#;
+
+    #[test]
+    fn decodes_amount_limits_with_their_pricing() {
+        let snapshot = decode(PRICED).unwrap();
+        assert_eq!(snapshot.limits.hard, Some(Limit::Amount(dec("60"))));
+        assert_eq!(snapshot.limits.soft, Some(Limit::Amount(dec("40.5"))));
+        assert_eq!(snapshot.limits.trial, Some(dec("5")));
+        let pricing = snapshot.pricing.unwrap();
+        assert_eq!(pricing.currency(), "USD");
+        assert_eq!(
+            pricing.formula(),
+            &Formula::Tiered(vec![
+                Bracket {
+                    max_quantity: Some(dec("100")),
+                    price: dec("0.5")
+                },
+                Bracket {
+                    max_quantity: None,
+                    price: dec("0.4")
+                },
+            ])
+        );
+    }
+
+    #[test]
+    fn decodes_each_formula_and_reads_back_what_it_stores() {
+        for json in [
+            r#"{"currency": "EUR", "formula": "flat-rate", "price": 0.25}"#,
+            r#"{"currency": "USD", "formula": "volume", "brackets": [{"maxQuantity": 2.0005, "price": 3}, {"price": 1}]}"#,
+            r#"{"currency": "JPY", "formula": "stairstep", "brackets": [{"maxQuantity": null, "price": "100"}]}"#,
+        ] {
+            let raw = RawValue::from_string(json.to_owned()).unwrap();
+            let pricing = decode_pricing(&raw).unwrap();
+            let stored = RawValue::from_string(pricing.to_json()).unwrap();
+            assert_eq!(decode_pricing(&stored).unwrap(), pricing, "{json}");
+        }
+    }
+
+    #[test]
+    fn an_amount_limit_without_pricing_is_an_invalid_snapshot() {
+        let json = snapshot_with("usageLimits", Some(r#"{"hardLimit": {"amount": 10}}"#));
+        assert_eq!(
+            decode(&json).unwrap_err(),
+            "usageLimits.hardLimit: is an amount, but the snapshot has no pricing"
+        );
+    }
+
+    #[test]
+    fn the_trial_limit_cannot_be_an_amount() {
+        let json = snapshot_with("usageLimits", Some(r#"{"trialLimit": {"amount": 10}}"#));
+        assert_eq!(
+            decode(&json).unwrap_err(),
+            "usageLimits.trialLimit: must be a quantity: this limit cannot be an amount"
+        );
+    }
+
+    #[test]
+    fn an_invalid_pricing_is_an_invalid_snapshot_naming_the_field() {
+        for (pricing, error) in [
+            ("7", "pricing: must be an object, got a number"),
+            (
+                r#"{"formula": "flat-rate", "price": 1}"#,
+                "pricing: currency: is required",
+            ),
+            (
+                r#"{"currency": "USD", "formula": "per-seat", "price": 1}"#,
+                r#"pricing: formula: must be flat-rate, tiered, volume or stairstep, got "per-seat""#,
+            ),
+            (
+                r#"{"currency": "USD", "formula": "flat-rate"}"#,
+                "pricing: price: is required for flat-rate pricing",
+            ),
+            (
+                r#"{"currency": "USD", "formula": "flat-rate", "price": -1}"#,
+                "pricing: price: must not be negative",
+            ),
+            (
+                r#"{"currency": "USD", "formula": "tiered"}"#,
+                "pricing: brackets: is required for this formula",
+            ),
+            (
+                r#"{"currency": "USD", "formula": "tiered", "brackets": [{"maxQuantity": 10, "price": 1}, {"maxQuantity": 5, "price": 1}, {"price": 1}]}"#,
+                "pricing: brackets[1].maxQuantity: must be above 10, where the bracket before ends",
+            ),
+            (
+                r#"{"currency": "USD", "formula": "volume", "brackets": [{"maxQuantity": null, "price": 0.0000001}]}"#,
+                "pricing: brackets[0].price: must have at most 6 decimal places",
+            ),
+            (
+                r#"{"currency": "usd", "formula": "flat-rate", "price": 1}"#,
+                "pricing: currency: must be an ISO 4217 code of three capital letters",
+            ),
+        ] {
+            assert_eq!(error_with("pricing", Some(pricing)), error, "{pricing}");
+        }
+    }
+
+    #[test]
+    fn a_quantity_limit_needs_no_pricing_and_pricing_alone_is_fine() {
+        assert!(decode(SPEC_EXAMPLE).unwrap().pricing.is_none());
+        let json = snapshot_with(
+            "pricing",
+            Some(r#"{"currency": "USD", "formula": "flat-rate", "price": 0.25}"#),
+        );
+        let snapshot = decode(&json).unwrap();
+        assert_eq!(snapshot.limits.hard, Some(Limit::Quantity(dec("1000"))));
+        assert!(snapshot.pricing.is_some());
     }
 }

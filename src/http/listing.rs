@@ -137,7 +137,7 @@ impl ListQuery {
     }
 }
 
-fn invalid(name: &str, message: &str) -> FieldProblem {
+pub(super) fn invalid(name: &str, message: &str) -> FieldProblem {
     FieldProblem {
         field: name.to_owned(),
         code: crate::domain::ReasonCode::InvalidField.as_str(),

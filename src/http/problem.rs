@@ -13,13 +13,12 @@
 
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use rust_decimal::Decimal;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::domain::decision::LimitReport;
-use crate::domain::outcome::{serialize_decimal, LimitBlock};
+use crate::domain::outcome::{Exact, LimitBlock};
 use crate::domain::{ReasonCode, Rejection};
 
 /// Prefix of every problem `type`.
@@ -117,6 +116,17 @@ impl Problem {
             "usage_not_found",
             "Usage not found",
             format!("no usage has the id {id:?}"),
+        )
+    }
+
+    /// A subscription path that names no known subscription (a usage body
+    /// naming one is a 422, see [`status_of`]).
+    pub fn subscription_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ReasonCode::SubscriptionNotFound.as_str(),
+            title_of(ReasonCode::SubscriptionNotFound),
+            format!("no subscription has the id {id:?}"),
         )
     }
 
@@ -227,15 +237,6 @@ impl Problem {
     }
 }
 
-/// A quantity written as an exact JSON number.
-struct Exact(Decimal);
-
-impl Serialize for Exact {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        serialize_decimal(&self.0, s)
-    }
-}
-
 /// The problem document: the RFC 9457 members, then the extensions.
 impl Serialize for Problem {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -335,6 +336,7 @@ fn invalid_fields(rejection: &Rejection) -> Vec<FieldProblem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rust_decimal::Decimal;
 
     fn body_of(problem: &Problem) -> serde_json::Value {
         serde_json::to_value(problem).unwrap()
@@ -371,9 +373,10 @@ mod tests {
         let t = chrono::Utc::now();
         let limit = LimitReport {
             applied: crate::domain::decision::LimitKind::Hard,
-            limit: Decimal::new(10, 0),
+            limit: Some(Decimal::new(10, 0)),
             used: Decimal::new(7500, 3),
             available: Decimal::new(2500, 3),
+            amount: None,
             period_start: t,
             period_end: None,
         };
@@ -381,6 +384,29 @@ mod tests {
         let text = serde_json::to_string(&Problem::rejection(&rejection, Some(&limit))).unwrap();
         assert!(text.contains(r#""available":2.5"#), "{text}");
         assert!(text.contains(r#""applied":"hardLimit""#), "{text}");
+        assert!(
+            !text.contains("Amount"),
+            "no amount figures for a quantity limit: {text}"
+        );
+
+        let amount_limit = LimitReport {
+            limit: None,
+            amount: Some(crate::domain::decision::AmountFigures {
+                limit_amount: Decimal::new(5, 0),
+                used_amount: Decimal::new(375, 2),
+                currency: "EUR".to_owned(),
+            }),
+            ..limit
+        };
+        let body = body_of(&Problem::rejection(&rejection, Some(&amount_limit)));
+        let block = &body["limit"];
+        assert_eq!(block["limitAmount"], serde_json::json!(5));
+        assert_eq!(block["usedAmount"], serde_json::json!(3.75));
+        assert_eq!(block["currency"], "EUR");
+        assert!(
+            block.get("limit").is_none(),
+            "an amount limit has no quantity limit: {block}"
+        );
     }
 
     #[test]

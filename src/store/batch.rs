@@ -3,15 +3,19 @@
 //! or none of it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::{PgPool, Postgres, Transaction};
+use serde_json::value::RawValue;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::outbox::{append, OutboxRecord};
 use super::usages::{stored, UsageRow, USAGE_COLUMNS};
-use crate::domain::decision::{LimitKind, LimitReached, PeriodState, StoredUsage, SubscriptionState};
+use crate::domain::decision::{AlertStep, AmountFigures, LimitReached, PeriodState, StoredUsage, SubscriptionState};
+use crate::domain::pricing::Pricing;
+use crate::domain::subscription::{decode_pricing, Limit};
 
 /// The part of a partition a batch wants to decide: messages from
 /// `from_offset` (the consumer's position before the first one) up to
@@ -157,76 +161,23 @@ impl BatchTx {
         let mut sorted = ids.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        type SubRow = (String, String, bool, Option<DateTime<Utc>>, Option<Decimal>, Decimal);
-        let subs: Vec<SubRow> = sqlx::query_as(
-            "SELECT id, status, deleted, trial_end_time, trial_limit, trial_used FROM subscriptions
-             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
+        let subs: Vec<SubscriptionRow> = sqlx::query_as(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
         .bind(&sorted)
         .fetch_all(&mut *self.tx)
         .await
         .context("locking subscriptions")?;
         let mut states: HashMap<String, SubscriptionState> = subs
             .into_iter()
-            .map(|(id, status, deleted, trial_end_time, trial_limit, trial_used)| {
-                let state = SubscriptionState {
-                    id: id.clone(),
-                    status,
-                    deleted,
-                    periods: Vec::new(),
-                    trial_end_time,
-                    trial_limit,
-                    trial_used,
-                };
-                (id, state)
-            })
+            .map(|row| (row.id.clone(), SubscriptionState::from(row)))
             .collect();
-        type PeriodRow = (
-            Option<String>,
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-            Option<Decimal>,
-            Option<Decimal>,
-            Option<Decimal>,
-            Option<DateTime<Utc>>,
-            Option<Vec<String>>,
-            DateTime<Utc>,
-        );
-        // One row at least (the clock), whether or not there are periods.
-        let periods: Vec<PeriodRow> = sqlx::query_as(
-            "SELECT p.subscription_id, p.start_time, p.end_time, p.hard_limit, p.soft_limit, p.used, p.closed_time,
-                    p.alerted, clock.now
-             FROM (SELECT clock_timestamp() AS now) clock
-             LEFT JOIN service_periods p ON p.subscription_id = ANY($1)
-             ORDER BY p.subscription_id, p.start_time",
-        )
-        .bind(&sorted)
-        .fetch_all(&mut *self.tx)
-        .await
-        .context("loading service periods")?;
-        let mut database_now = None;
-        for (sub, start, end, hard_limit, soft_limit, used, closed_time, alerted, now) in periods {
-            database_now.get_or_insert(now);
-            let (Some(sub), Some(start), Some(used)) = (sub, start, used) else {
-                continue;
-            };
+        let (periods, database_now) = load_periods(&mut self.tx, &sorted).await?;
+        for (sub, period) in periods {
             if let Some(state) = states.get_mut(&sub) {
-                state.periods.push(PeriodState {
-                    start,
-                    end,
-                    hard_limit,
-                    soft_limit,
-                    used,
-                    closed_time,
-                    alerted: alerted
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|k| LimitKind::parse(k))
-                        .collect(),
-                });
+                state.periods.push(period);
             }
         }
-        let database_now = database_now.context("the periods statement returned no clock")?;
         Ok((states, database_now))
     }
 
@@ -389,15 +340,31 @@ impl BatchTx {
             return Ok(());
         }
         sqlx::query(
-            "INSERT INTO limit_alerts (subscription_id, period_start_time, kind, usage_id, limit_quantity, used)
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::numeric[], $6::numeric[])",
+            "INSERT INTO limit_alerts (subscription_id, period_start_time, kind, threshold, usage_id,
+                                       limit_quantity, used, limit_amount, used_amount, currency)
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::smallint[], $5::text[],
+                                  $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[], $10::text[])",
         )
         .bind(alerts.iter().map(|a| a.subscription_id.as_str()).collect::<Vec<_>>())
         .bind(alerts.iter().map(|a| a.period_start).collect::<Vec<_>>())
         .bind(alerts.iter().map(|a| a.reached.kind.as_str()).collect::<Vec<_>>())
+        .bind(
+            alerts
+                .iter()
+                .map(|a| i16::from(a.reached.threshold))
+                .collect::<Vec<_>>(),
+        )
         .bind(alerts.iter().map(|a| a.usage_id.as_str()).collect::<Vec<_>>())
         .bind(alerts.iter().map(|a| a.reached.limit).collect::<Vec<_>>())
         .bind(alerts.iter().map(|a| a.reached.used).collect::<Vec<_>>())
+        .bind(amounts(alerts, |f| Some(f.limit_amount)))
+        .bind(amounts(alerts, |f| Some(f.used_amount)))
+        .bind(
+            alerts
+                .iter()
+                .map(|a| a.reached.amount.as_ref().map(|f| f.currency.clone()))
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *self.tx)
         .await
         .context("recording limit alerts")?;
@@ -412,4 +379,128 @@ impl BatchTx {
     pub async fn commit(self) -> anyhow::Result<()> {
         self.tx.commit().await.context("committing batch")
     }
+}
+
+/// What a decision reads of a subscription's row.
+pub(super) const SUBSCRIPTION_COLUMNS: &str = "id, status, deleted, trial_end_time, trial_limit, trial_used";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct SubscriptionRow {
+    id: String,
+    status: String,
+    deleted: bool,
+    trial_end_time: Option<DateTime<Utc>>,
+    trial_limit: Option<Decimal>,
+    trial_used: Decimal,
+}
+
+/// The subscription without its periods (see [`load_periods`]).
+impl From<SubscriptionRow> for SubscriptionState {
+    fn from(row: SubscriptionRow) -> Self {
+        Self {
+            id: row.id,
+            status: row.status,
+            deleted: row.deleted,
+            periods: Vec::new(),
+            trial_end_time: row.trial_end_time,
+            trial_limit: row.trial_limit,
+            trial_used: row.trial_used,
+        }
+    }
+}
+
+/// The periods of these subscriptions, in start order per subscription,
+/// and the database's clock when the statement ran.
+pub(super) async fn load_periods(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> anyhow::Result<(Vec<(String, PeriodState)>, DateTime<Utc>)> {
+    // One row at least (the clock), whether or not there are periods.
+    let rows: Vec<PeriodRow> = sqlx::query_as(
+        "SELECT p.subscription_id, p.start_time, p.end_time, p.hard_limit, p.soft_limit,
+                p.hard_limit_amount, p.soft_limit_amount, p.pricing::text, p.used, p.closed_time,
+                p.alerted, clock.now
+         FROM (SELECT clock_timestamp() AS now) clock
+         LEFT JOIN service_periods p ON p.subscription_id = ANY($1)
+         ORDER BY p.subscription_id, p.start_time",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+    .context("loading service periods")?;
+    let database_now = rows
+        .first()
+        .map(|row| row.now)
+        .context("the periods statement returned no clock")?;
+    let mut periods = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(period) = period_state(row)? {
+            periods.push(period);
+        }
+    }
+    Ok((periods, database_now))
+}
+
+/// A row of the periods statement: a subscription's period, or none (the
+/// left join's row that only carries the clock).
+#[derive(sqlx::FromRow)]
+struct PeriodRow {
+    subscription_id: Option<String>,
+    start_time: Option<DateTime<Utc>>,
+    end_time: Option<DateTime<Utc>>,
+    hard_limit: Option<Decimal>,
+    soft_limit: Option<Decimal>,
+    hard_limit_amount: Option<Decimal>,
+    soft_limit_amount: Option<Decimal>,
+    pricing: Option<String>,
+    used: Option<Decimal>,
+    closed_time: Option<DateTime<Utc>>,
+    alerted: Option<Vec<String>>,
+    now: DateTime<Utc>,
+}
+
+/// The period a row holds, with its subscription's id.
+fn period_state(row: PeriodRow) -> anyhow::Result<Option<(String, PeriodState)>> {
+    let (Some(sub), Some(start), Some(used)) = (row.subscription_id, row.start_time, row.used) else {
+        return Ok(None);
+    };
+    let limit = |quantity: Option<Decimal>, amount: Option<Decimal>| {
+        quantity.map(Limit::Quantity).or(amount.map(Limit::Amount))
+    };
+    let pricing = row
+        .pricing
+        .map(|text| stored_pricing(&text))
+        .transpose()
+        .with_context(|| format!("reading the pricing of {sub}'s period starting {start:?}"))?;
+    let period = PeriodState {
+        start,
+        end: row.end_time,
+        hard_limit: limit(row.hard_limit, row.hard_limit_amount),
+        soft_limit: limit(row.soft_limit, row.soft_limit_amount),
+        pricing,
+        used,
+        closed_time: row.closed_time,
+        alerted: row
+            .alerted
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|step| AlertStep::parse(step))
+            .collect(),
+    };
+    Ok(Some((sub, period)))
+}
+
+/// A period's pricing as stored: the JSON that the snapshot was checked in.
+fn stored_pricing(text: &str) -> anyhow::Result<Arc<Pricing>> {
+    let raw = RawValue::from_string(text.to_owned()).context("stored pricing is not JSON")?;
+    let pricing = decode_pricing(&raw).map_err(|e| anyhow::anyhow!("stored pricing is invalid: {e}"))?;
+    Ok(Arc::new(pricing))
+}
+
+/// One amount figure of each alert (null where no amount limit applied).
+fn amounts(alerts: &[NewAlert], figure: fn(&AmountFigures) -> Option<Decimal>) -> Vec<Option<Decimal>> {
+    alerts
+        .iter()
+        .map(|a| a.reached.amount.as_ref().and_then(figure))
+        .collect()
 }

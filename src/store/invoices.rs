@@ -91,11 +91,13 @@ async fn apply_item(
     item: &InvoiceItem,
 ) -> anyhow::Result<ItemResult> {
     let period = sqlx::query(
-        "UPDATE service_periods SET closed_time = coalesce(closed_time, clock_timestamp())
+        "UPDATE service_periods SET closed_time = coalesce(closed_time, clock_timestamp()),
+                                    invoice_id = $3
          WHERE subscription_id = $1 AND start_time = $2",
     )
     .bind(&item.subscription_id)
     .bind(item.period_start)
+    .bind(&invoice.invoice_id)
     .execute(&mut *conn)
     .await
     .context("closing the invoiced period")?;

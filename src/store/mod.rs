@@ -7,6 +7,7 @@ mod errors;
 mod invoices;
 mod outbox;
 mod snapshots;
+mod subscriptions;
 mod usages;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ pub use outbox::{
     OutboxRecord, SourcePosition, StoredRecord,
 };
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
+pub use subscriptions::{read_subscription, SubscriptionRead};
 pub use usages::{delete_usage, get_usage, list_usages, outbox_backlog, ping, Deletion, UsageFilter};
 
 use crate::config::DatabaseSettings;

@@ -11,7 +11,7 @@ use super::control::{advance_positions, fresh_dead_letters, lock_positions, lock
 use super::control::{ControlMessage, StoredPositions};
 use super::outbox::{append, OutboxRecord};
 use crate::domain::decision::open_period_start;
-use crate::domain::subscription::SubscriptionSnapshot;
+use crate::domain::subscription::{Limit, SubscriptionSnapshot};
 
 /// One message of the subscriptions topic, decoded.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,7 +143,10 @@ async fn upsert(
         }
     }
     let limits = &s.limits;
-    match &s.period {
+    let pricing = s.pricing.as_ref().map(|p| p.to_json());
+    let quantity = |limit: Option<Limit>| limit.and_then(Limit::quantity);
+    let amount = |limit: Option<Limit>| limit.and_then(Limit::amount);
+    let (start, end) = match &s.period {
         Some(period) => {
             // A newer period cuts short every older one it overlaps from
             // the right, including the open-ended one.
@@ -156,42 +159,35 @@ async fn upsert(
             .execute(&mut *conn)
             .await
             .context("cutting earlier periods")?;
-            sqlx::query(
-                "INSERT INTO service_periods (subscription_id, start_time, end_time, hard_limit, soft_limit, trial_limit)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (subscription_id, start_time) DO UPDATE
-                 SET end_time = EXCLUDED.end_time, hard_limit = EXCLUDED.hard_limit,
-                     soft_limit = EXCLUDED.soft_limit, trial_limit = EXCLUDED.trial_limit",
-            )
-            .bind(&s.id)
-            .bind(period.start)
-            .bind(period.end)
-            .bind(limits.hard)
-            .bind(limits.soft)
-            .bind(limits.trial)
-            .execute(&mut *conn)
-            .await
-            .context("storing service period")?;
+            (period.start, Some(period.end))
         }
-        None => {
-            // The open-ended period ends where the first real period starts.
-            sqlx::query(
-                "INSERT INTO service_periods (subscription_id, start_time, end_time, hard_limit, soft_limit, trial_limit)
-                 VALUES ($1, $2, (SELECT min(start_time) FROM service_periods WHERE subscription_id = $1 AND start_time > $2),
-                         $3, $4, $5)
-                 ON CONFLICT (subscription_id, start_time) DO UPDATE
-                 SET hard_limit = EXCLUDED.hard_limit, soft_limit = EXCLUDED.soft_limit,
-                     trial_limit = EXCLUDED.trial_limit, end_time = EXCLUDED.end_time",
-            )
-            .bind(&s.id)
-            .bind(open_period_start())
-            .bind(limits.hard)
-            .bind(limits.soft)
-            .bind(limits.trial)
-            .execute(&mut *conn)
-            .await
-            .context("storing open-ended period")?;
-        }
-    }
+        None => (open_period_start(), None),
+    };
+    // The open-ended period (no end given) ends where the first real
+    // period starts.
+    sqlx::query(
+        "INSERT INTO service_periods (subscription_id, start_time, end_time, hard_limit, soft_limit, trial_limit,
+                                      hard_limit_amount, soft_limit_amount, pricing)
+         VALUES ($1, $2, coalesce($3, (SELECT min(start_time) FROM service_periods
+                                       WHERE subscription_id = $1 AND start_time > $2)),
+                 $4, $5, $6, $7, $8, $9::jsonb)
+         ON CONFLICT (subscription_id, start_time) DO UPDATE
+         SET end_time = EXCLUDED.end_time, hard_limit = EXCLUDED.hard_limit,
+             soft_limit = EXCLUDED.soft_limit, trial_limit = EXCLUDED.trial_limit,
+             hard_limit_amount = EXCLUDED.hard_limit_amount, soft_limit_amount = EXCLUDED.soft_limit_amount,
+             pricing = EXCLUDED.pricing",
+    )
+    .bind(&s.id)
+    .bind(start)
+    .bind(end)
+    .bind(quantity(limits.hard))
+    .bind(quantity(limits.soft))
+    .bind(limits.trial)
+    .bind(amount(limits.hard))
+    .bind(amount(limits.soft))
+    .bind(pricing)
+    .execute(&mut *conn)
+    .await
+    .context("storing service period")?;
     Ok(true)
 }

@@ -215,13 +215,8 @@ async fn period_closed(
         .await
         .context("reading the usage's period")?;
     let period = PeriodState {
-        start,
-        end,
-        hard_limit: None,
-        soft_limit: None,
-        used: Decimal::ZERO,
         closed_time,
-        alerted: Vec::new(),
+        ..PeriodState::new(start, end)
     };
     Ok(period.is_closed(database_now, grace))
 }

@@ -64,7 +64,7 @@ async fn the_trial_limit_caps_usage_before_the_trial_ends_across_periods() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn soft_hard_and_trial_alerts_fire_once_per_period_and_kind() {
+async fn soft_steps_and_trial_alerts_fire_once_per_period_lowest_first() {
     let env = TestEnv::start().await;
     let now = Utc::now();
     let mut sub = active_subscription("sub_al", Some("10"));
@@ -100,20 +100,39 @@ async fn soft_hard_and_trial_alerts_fire_once_per_period_and_kind() {
         ["created 5", "created 2", "created 0.5", "created 0.5", "rejected null"]
     );
 
-    let alerts = reader(&env, "usage-alerts").read(2, WAIT);
-    let kinds: Vec<&str> = alerts.iter().map(|a| a.value["type"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["soft-usage-limit-reached", "trial-usage-limit-reached"]);
-    let soft = &alerts[0].value;
+    // The soft limit of 6 steps at 4.5 (a1), then 5.4 and 6 (a2, lowest
+    // first); the trial limit fills with a4.
+    let alerts = reader(&env, "usage-alerts").read(4, WAIT);
+    let steps: Vec<String> = alerts
+        .iter()
+        .map(|a| {
+            format!(
+                "{} {} {}",
+                a.value["type"].as_str().unwrap(),
+                a.value["threshold"],
+                a.value["usageId"].as_str().unwrap()
+            )
+        })
+        .collect();
     assert_eq!(
-        (soft["limit"].clone(), soft["used"].clone(), soft["usageId"].clone()),
-        (json!(6), json!(7), json!("a2"))
+        steps,
+        [
+            "soft-usage-limit-reached 75 a1",
+            "soft-usage-limit-reached 90 a2",
+            "soft-usage-limit-reached 100 a2",
+            "trial-usage-limit-reached 100 a4"
+        ]
     );
+    let soft = &alerts[2].value;
+    assert_eq!((soft["limit"].clone(), soft["used"].clone()), (json!(6), json!(7)));
     assert_eq!(soft["subscriptionId"], "sub_al");
     assert!(soft["periodStartTime"].is_string() && soft["periodEndTime"].is_string());
-    assert_eq!(
-        alerts[1].value["usageId"], "a4",
-        "the partial usage that filled the trial limit"
+    assert!(
+        soft.get("limitAmount").is_none(),
+        "a quantity limit has no amounts: {soft}"
     );
+    let ids: std::collections::HashSet<&str> = alerts.iter().map(|a| a.value["alertId"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 4, "an alert id per step");
     assert_eq!(alerts[0].key.as_deref(), Some("sub_al"));
     assert!(alerts[0].headers.contains_key("outbox-seq"));
 
@@ -123,10 +142,10 @@ async fn soft_hard_and_trial_alerts_fire_once_per_period_and_kind() {
     env.results_reader().read(6, WAIT);
     assert_eq!(
         reader(&env, "usage-alerts").read_rest(Duration::from_secs(2)).len(),
-        2,
-        "no third alert"
+        4,
+        "no fifth alert"
     );
-    assert_eq!(env.scalar_i64("SELECT count(*) FROM limit_alerts").await, 2);
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM limit_alerts").await, 4);
     worker.shutdown().await.unwrap();
 }
 

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use test_kit::TestEnv;
-use usage_worker::domain::decision::{LimitKind, LimitReached, SubscriptionState};
+use usage_worker::domain::decision::{AlertStep, LimitKind, LimitReached, SubscriptionState};
 use usage_worker::domain::headers::Headers;
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
@@ -370,8 +370,10 @@ async fn an_alert_is_marked_on_its_period_and_stored_once() {
     apply(&env, &[snapshot(1, Some((start, "2026-12-01T00:00:00Z")), "10")]).await;
     let reached = |kind| LimitReached {
         kind,
-        limit: Decimal::from(10),
+        threshold: 100,
+        limit: Some(Decimal::from(10)),
         used: Decimal::from(10),
+        amount: None,
     };
     let alert = |kind| NewAlert {
         subscription_id: "sub_1".to_owned(),
@@ -391,7 +393,10 @@ async fn an_alert_is_marked_on_its_period_and_stored_once() {
     tx.commit().await.unwrap();
     let mut tx = BatchTx::begin(&env.pool).await.unwrap();
     let states = tx.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
-    assert_eq!(alerted(&states), vec![LimitKind::Soft, LimitKind::Hard]);
+    assert_eq!(
+        alerted(&states),
+        [LimitKind::Soft, LimitKind::Hard].map(AlertStep::full)
+    );
     let again = tx.insert_alerts(&[alert(LimitKind::Soft)]).await;
     assert!(again.is_err(), "a second soft alert of the period is refused");
     drop(tx);
@@ -403,7 +408,7 @@ async fn an_alert_is_marked_on_its_period_and_stored_once() {
         .unwrap();
     let mut tx = BatchTx::begin(&env.pool).await.unwrap();
     let states = tx.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
-    assert_eq!(alerted(&states), vec![LimitKind::Hard]);
+    assert_eq!(alerted(&states), [AlertStep::full(LimitKind::Hard)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
