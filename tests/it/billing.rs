@@ -419,3 +419,165 @@ async fn cloudevents_in_structured_and_binary_mode_are_decided_like_plain_events
     );
     worker.shutdown().await.unwrap();
 }
+
+/// SPEC's example pricing: 0.5 per unit up to 100, then 0.4.
+fn tiered_pricing() -> serde_json::Value {
+    json!({"currency": "USD", "formula": "tiered",
+           "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_amount_hard_limit_fits_clamps_and_refuses_by_what_the_usage_costs() {
+    let env = TestEnv::start().await;
+    let mut sub = active_subscription("sub_am", None);
+    sub["pricing"] = tiered_pricing();
+    sub["usageLimits"] = json!({"hardLimit": {"amount": 60}, "softLimit": {"amount": 40}});
+    env.subscription(sub);
+    let worker = env.worker().await;
+    for (id, quantity, partial) in [
+        ("m1", 60, false),
+        ("m2", 20, false),
+        ("m3", 50, false),
+        ("m4", 50, true),
+        ("m5", 1, true),
+    ] {
+        env.usage(
+            json!({"id": id, "subscriptionId": "sub_am", "quantity": quantity, "acceptPartialQuantity": partial}),
+        );
+    }
+    env.flush();
+    let outcomes = env.results_reader().read(5, WAIT);
+    let [m1, m2, m3, m4, m5] = [0, 1, 2, 3, 4].map(|i| &outcomes[i].value);
+
+    // 60 cost 30; the limit of 60 buys 125 in all: 65 more.
+    assert_eq!(m1["status"], "created", "{m1}");
+    assert_eq!(
+        m1["limit"],
+        json!({"applied": "hardLimit", "used": 60, "available": 65, "limitAmount": 60, "usedAmount": 30,
+               "currency": "USD", "periodStartTime": m1["limit"]["periodStartTime"],
+               "periodEndTime": m1["limit"]["periodEndTime"]})
+    );
+    assert_eq!(m2["limit"]["usedAmount"], json!(40));
+    // 130 would cost 62: refused whole, with what fits (45) and the amounts.
+    assert_eq!(m3["status"], "rejected", "{m3}");
+    assert_eq!(m3["error"]["code"], "usage_limit_exceeded");
+    assert_eq!(m3["error"]["available"], json!(45));
+    assert_eq!(
+        (
+            m3["error"]["limit"]["limitAmount"].clone(),
+            m3["error"]["limit"]["usedAmount"].clone(),
+            m3["error"]["limit"]["currency"].clone()
+        ),
+        (json!(60), json!(40), json!("USD"))
+    );
+    assert!(m3["error"]["limit"].get("limit").is_none(), "no quantity limit: {m3}");
+    // With acceptPartialQuantity, exactly the 45 that fit.
+    assert_eq!(
+        (m4["usage"]["quantity"].clone(), m4["partial"].clone()),
+        (json!(45), json!(true))
+    );
+    assert_eq!(m4["requestedQuantity"], json!(50));
+    assert_eq!(
+        (m4["limit"]["usedAmount"].clone(), m4["limit"]["available"].clone()),
+        (json!(60), json!(0))
+    );
+    assert_eq!(m5["error"]["code"], "usage_limit_exceeded", "{m5}");
+
+    // Soft steps at 30, 36 and 40, then the hard limit, with the amounts.
+    let alerts = reader(&env, "usage-alerts").read(4, WAIT);
+    let steps: Vec<(String, u64, String)> = alerts
+        .iter()
+        .map(|a| {
+            (
+                a.value["type"].as_str().unwrap().to_owned(),
+                a.value["threshold"].as_u64().unwrap(),
+                a.value["usageId"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let step =
+        |kind: &str, threshold, usage: &str| (format!("{kind}-usage-limit-reached"), threshold, usage.to_owned());
+    assert_eq!(
+        steps,
+        [
+            step("soft", 75, "m1"),
+            step("soft", 90, "m2"),
+            step("soft", 100, "m2"),
+            step("hard", 100, "m4")
+        ]
+    );
+    let hard = &alerts[3].value;
+    assert_eq!(
+        (
+            hard["limitAmount"].clone(),
+            hard["usedAmount"].clone(),
+            hard["currency"].clone(),
+            hard["used"].clone()
+        ),
+        (json!(60), json!(60), json!("USD"), json!(125))
+    );
+    assert!(hard.get("limit").is_none(), "{hard}");
+    assert_eq!(alerts[0].value["usedAmount"], json!(30));
+
+    // The database holds the exact total, the pricing and the steps.
+    let (used, pricing): (rust_decimal::Decimal, String) =
+        sqlx::query_as("SELECT used, pricing::text FROM service_periods WHERE subscription_id = 'sub_am'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(used, rust_decimal::Decimal::from(125));
+    assert!(pricing.contains("tiered"), "{pricing}");
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM limit_alerts WHERE subscription_id = 'sub_am'")
+            .await,
+        4
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_pricing_or_amount_limit_is_a_dead_lettered_snapshot_that_changes_nothing() {
+    let env = TestEnv::start().await;
+    let mut good = active_subscription("sub_p", Some("{\"quantity\": 5}"));
+    good["version"] = json!(1);
+    env.subscription(good);
+    let worker = env.worker().await;
+    // Newer versions, each invalid: the stored limit of 5 must stay.
+    let mut unpriced = active_subscription("sub_p", Some("{\"amount\": 100}"));
+    unpriced["version"] = json!(2);
+    let mut bad_brackets = active_subscription("sub_p", Some("{\"amount\": 100}"));
+    bad_brackets["version"] = json!(3);
+    bad_brackets["pricing"] = json!({"currency": "USD", "formula": "volume",
+        "brackets": [{"maxQuantity": 10, "price": 1}, {"maxQuantity": 10, "price": 0.5}, {"maxQuantity": null, "price": 0.1}]});
+    let mut both = active_subscription("sub_p", Some("{\"quantity\": 100, \"amount\": 100}"));
+    both["version"] = json!(4);
+    both["pricing"] = tiered_pricing();
+    for snapshot in [unpriced, bad_brackets, both] {
+        env.subscription(snapshot);
+    }
+    let letters = reader(&env, "usage-events-dlq").read(3, WAIT);
+    let details: Vec<&str> = letters.iter().map(|l| l.headers["dlq-detail"].as_str()).collect();
+    assert!(letters.iter().all(|l| l.headers["dlq-reason"] == "invalid_snapshot"));
+    assert!(
+        details[0].contains("usageLimits.hardLimit: is an amount, but the snapshot has no pricing"),
+        "{details:?}"
+    );
+    assert!(details[1].contains("pricing: brackets[1].maxQuantity"), "{details:?}");
+    assert!(
+        details[2].contains("usageLimits.hardLimit: must have a quantity or an amount, not both"),
+        "{details:?}"
+    );
+
+    // Nothing changed: the quantity limit of 5 still caps the period.
+    env.usage(json!({"id": "p1", "subscriptionId": "sub_p", "quantity": 6}));
+    env.flush();
+    let outcome = &env.results_reader().read(1, WAIT)[0].value;
+    assert_eq!(outcome["error"]["code"], "usage_limit_exceeded", "{outcome}");
+    assert_eq!(outcome["error"]["limit"]["limit"], json!(5));
+    let version: i64 = sqlx::query_scalar("SELECT version FROM subscriptions WHERE id = 'sub_p'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+    worker.shutdown().await.unwrap();
+}

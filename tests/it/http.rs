@@ -1247,3 +1247,162 @@ async fn the_serve_and_run_commands_serve_the_api_and_stop_cleanly_on_sigterm() 
     problem(unknown, 422, "subscription_not_found").await;
     assert_eq!(serve.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_usage_status_reads_its_callers_writes_with_amounts_and_limits() {
+    let env = TestEnv::start().await;
+    let mut priced = active_subscription("sub_st", None);
+    priced["pricing"] = json!({"currency": "EUR", "formula": "tiered",
+        "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]});
+    priced["usageLimits"] = json!({"hardLimit": {"amount": 60}, "softLimit": {"quantity": 100}, "trialLimit": 1000});
+    priced["trialEndTime"] = json!(days(-3));
+    // Whole seconds, so the invoice below can name the period by the times
+    // the status gives (written with milliseconds).
+    let whole = |days: i64| (Utc::now() + chrono::Duration::days(days)).format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    priced["currentPeriodStartTime"] = json!(whole(-10));
+    priced["currentPeriodEndTime"] = json!(whole(20));
+    subscribe(&env, priced).await;
+    let api = TestApi::serve(&env.settings()).await;
+    let status = |path: &'static str| {
+        let api = &api;
+        async move {
+            let response = api.get(path).await;
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            response.json::<Value>().await.unwrap()
+        }
+    };
+
+    let fresh = status("/subscriptions/sub_st/usage").await;
+    assert_eq!(fresh["subscriptionId"], "sub_st");
+    assert_eq!(
+        (
+            fresh["usedQuantity"].clone(),
+            fresh["usedAmount"].clone(),
+            fresh["currency"].clone()
+        ),
+        (json!(0), json!(0), json!("EUR"))
+    );
+    assert_eq!(fresh["available"], json!({"quantity": 125, "amount": 60}));
+    assert_eq!(
+        fresh["limits"],
+        json!({"hardLimit": {"amount": 60}, "softLimit": {"quantity": 100}, "trialLimit": 1000})
+    );
+    assert_eq!(fresh["period"]["closed"], json!(false));
+    assert_eq!(fresh["period"]["invoiceId"], Value::Null);
+    assert_eq!(fresh["trial"]["used"], json!(0), "{fresh}");
+
+    // What the caller just created is in the next read.
+    let created = api
+        .post(&json!({"id": "s1", "subscriptionId": "sub_st", "quantity": 110}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let after = status("/subscriptions/sub_st/usage").await;
+    assert_eq!(
+        (after["usedQuantity"].clone(), after["usedAmount"].clone()),
+        (json!(110), json!(54))
+    );
+    assert_eq!(after["available"], json!({"quantity": 15, "amount": 6}));
+    assert_eq!(
+        [
+            &after["isSoftLimitReached"],
+            &after["isHardLimitReached"],
+            &after["isTrialLimitReached"]
+        ],
+        [&json!(true), &json!(false), &json!(false)]
+    );
+
+    // An amount refusal over HTTP carries the amounts; a partial takes what fits.
+    let refused = problem(
+        api.post(&json!({"id": "s2", "subscriptionId": "sub_st", "quantity": 20}))
+            .await,
+        409,
+        "usage_limit_exceeded",
+    )
+    .await;
+    assert_eq!(refused["available"], json!(15));
+    assert_eq!(
+        (
+            refused["limit"]["limitAmount"].clone(),
+            refused["limit"]["usedAmount"].clone()
+        ),
+        (json!(60), json!(54))
+    );
+    let partial = api
+        .post(&json!({"id": "s3", "subscriptionId": "sub_st", "quantity": 20, "acceptPartialQuantity": true}))
+        .await;
+    assert_eq!(partial.status(), StatusCode::CREATED);
+    assert_eq!(partial.json::<Value>().await.unwrap()["quantity"], json!(15));
+    let full = status("/subscriptions/sub_st/usage").await;
+    assert_eq!(full["isHardLimitReached"], json!(true));
+    assert_eq!(full["available"], json!({"quantity": 0, "amount": 0}));
+
+    // An invoiced period is closed and names its invoice.
+    let invoice = json!({"type": "invoice-issued", "invoiceId": "inv_9", "issuedTime": Utc::now().to_rfc3339(),
+        "items": [{"invoiceItemId": "ii_9", "subscriptionId": "sub_st",
+                   "periodStartTime": full["period"]["startTime"], "periodEndTime": full["period"]["endTime"]}]});
+    let invoice = usage_worker::domain::invoice::decode_invoice_event(invoice.to_string().as_bytes()).unwrap();
+    store::apply_invoices(
+        &env.pool,
+        "test",
+        "invoice-events",
+        &[ControlMessage {
+            partition: 0,
+            offset: 0,
+            body: invoice,
+        }],
+        |_, _| None,
+        &[],
+        &[],
+    )
+    .await
+    .unwrap();
+    let invoiced = status("/subscriptions/sub_st/usage").await;
+    assert_eq!(
+        (
+            invoiced["period"]["closed"].clone(),
+            invoiced["period"]["invoiceId"].clone()
+        ),
+        (json!(true), json!("inv_9"))
+    );
+
+    // The errors: unknown subscription, no period at the instant, bad `at`.
+    problem(
+        api.get("/subscriptions/sub_nobody/usage").await,
+        404,
+        "subscription_not_found",
+    )
+    .await;
+    let before = url_encode(&days(-400));
+    let outside = api.get(&format!("/subscriptions/sub_st/usage?at={before}")).await;
+    problem(outside, 409, "no_service_period").await;
+    let bad = problem(
+        api.get("/subscriptions/sub_st/usage?at=yesterday").await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_eq!(invalid_fields(&bad), ["at"]);
+    let twice = format!("/subscriptions/sub_st/usage?at={before}&at={before}");
+    let repeated = problem(api.get(&twice).await, 422, "invalid_field").await;
+    assert_eq!(invalid_fields(&repeated), ["at"]);
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_usage_status_is_behind_the_bearer_token() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let mut settings = env.settings();
+    settings.http.bearer_token = Some(Secret::new("s3cret"));
+    let api = TestApi::serve(&settings).await;
+    problem(api.get("/subscriptions/sub_a/usage").await, 401, "unauthorized").await;
+    let allowed = api
+        .client
+        .get(api.url("/subscriptions/sub_a/usage"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), StatusCode::OK);
+    api.shutdown().await;
+}
