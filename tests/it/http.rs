@@ -1258,7 +1258,11 @@ async fn the_usage_status_reads_its_callers_writes_with_amounts_and_limits() {
     priced["trialEndTime"] = json!(days(-3));
     // Whole seconds, so the invoice below can name the period by the times
     // the status gives (written with milliseconds).
-    let whole = |days: i64| (Utc::now() + chrono::Duration::days(days)).format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let whole = |days: i64| {
+        (Utc::now() + chrono::Duration::days(days))
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
     priced["currentPeriodStartTime"] = json!(whole(-10));
     priced["currentPeriodEndTime"] = json!(whole(20));
     subscribe(&env, priced).await;

@@ -401,6 +401,33 @@ async fn an_alert_is_marked_on_its_period_and_stored_once() {
     assert!(again.is_err(), "a second soft alert of the period is refused");
     drop(tx);
 
+    // The soft limit's lower steps are alerts of their own, once each.
+    let step = |threshold| NewAlert {
+        reached: LimitReached {
+            threshold,
+            ..reached(LimitKind::Soft)
+        },
+        ..alert(LimitKind::Soft)
+    };
+    let mut tx = BatchTx::begin(&env.pool).await.unwrap();
+    tx.insert_alerts(&[step(75), step(90)]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = BatchTx::begin(&env.pool).await.unwrap();
+    let states = tx.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    let soft = |threshold| AlertStep {
+        kind: LimitKind::Soft,
+        threshold,
+    };
+    assert_eq!(
+        alerted(&states),
+        [soft(100), AlertStep::full(LimitKind::Hard), soft(75), soft(90)]
+    );
+    assert!(
+        tx.insert_alerts(&[step(75)]).await.is_err(),
+        "a second 75 % step is refused"
+    );
+    drop(tx);
+
     // An alert taken away by hand is taken off its period too.
     sqlx::query("DELETE FROM limit_alerts WHERE kind = 'soft'")
         .execute(&env.pool)

@@ -128,8 +128,15 @@ struct Alert {
     #[serde(rename = "type")]
     kind: String,
     subscription_id: String,
+    threshold: u8,
+    /// Absent for an amount limit, whose amounts the summary then carries.
+    #[serde(default)]
     limit: serde_json::Value,
     used: serde_json::Value,
+    #[serde(default)]
+    limit_amount: serde_json::Value,
+    #[serde(default)]
+    used_amount: serde_json::Value,
     usage_id: String,
 }
 
@@ -294,8 +301,8 @@ fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<boo
         Records::Alerts => {
             let a: Alert = serde_json::from_slice(payload).map_err(|e| format!("unreadable alert: {e}"))?;
             let summary = format!(
-                "{} {} limit {} used {} by {}",
-                a.kind, a.subscription_id, a.limit, a.used, a.usage_id
+                "{} {} at {} limit {} used {} amounts {}/{} by {}",
+                a.kind, a.subscription_id, a.threshold, a.limit, a.used, a.used_amount, a.limit_amount, a.usage_id
             );
             (Key::Alert(a.alert_id.clone()), a.alert_id, Some(summary))
         }
