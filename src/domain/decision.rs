@@ -393,11 +393,7 @@ pub fn decide(
                     rejection: Rejection::on_field(
                         ReasonCode::UsageLimitExceeded,
                         "quantity",
-                        format!(
-                            "quantity {requested} exceeds the {} available under {}",
-                            cap.available,
-                            cap.applied.field()
-                        ),
+                        refusal(cap, period, requested),
                     ),
                     limit: Some(cap.clone()),
                 };
@@ -430,6 +426,24 @@ pub fn decide(
         period_end: end,
         limit,
         alerts,
+    }
+}
+
+/// Why `cap` refused `requested`, in words.
+fn refusal(cap: &LimitReport, period: &PeriodState, requested: Decimal) -> String {
+    let limit = cap.applied.field();
+    match (&cap.amount, period.amount_with(requested)) {
+        (Some(figures), Some(total)) => format!(
+            "quantity {requested} would bring the period's amount to {total} {currency}, over the {limit} of \
+             {} {currency}; {} fits",
+            figures.limit_amount,
+            cap.available,
+            currency = figures.currency,
+        ),
+        _ => format!(
+            "quantity {requested} exceeds the {} available under {limit}",
+            cap.available
+        ),
     }
 }
 
@@ -550,7 +564,8 @@ fn amount_report(kind: LimitKind, limit: Decimal, period: &PeriodState) -> Limit
     let available = period
         .pricing
         .as_ref()
-        .map_or(Decimal::ZERO, |p| p.largest_fitting(period.used, max_quantity(), limit));
+        .map_or(Decimal::ZERO, |p| p.largest_fitting(period.used, max_quantity(), limit))
+        .normalize();
     LimitReport {
         applied: kind,
         limit: None,
@@ -1081,6 +1096,13 @@ mod tests {
 
         let refused = decide_now(&req("25.001", false), &mut s);
         assert_eq!(code(&refused), Some(ReasonCode::UsageLimitExceeded));
+        let Decision::Rejected { rejection, .. } = &refused else {
+            panic!()
+        };
+        assert_eq!(
+            rejection.message,
+            "quantity 25.001 would bring the period's amount to 60.0004 USD, over the hardLimit of 60 USD; 25 fits"
+        );
         assert_eq!(outcome_limit(&refused).available, d("25"));
         assert_eq!(s.periods[0].used, d("100"), "a refusal counts nothing");
 
