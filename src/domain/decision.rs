@@ -1039,19 +1039,8 @@ mod tests {
 
     use crate::domain::pricing::{Bracket, Formula};
 
-    /// SPEC's example brackets: 0.5 up to 100, then 0.4.
     fn priced(kind: fn(Vec<Bracket>) -> Formula) -> Arc<Pricing> {
-        let brackets = vec![
-            Bracket {
-                max_quantity: Some(d("100")),
-                price: d("0.5"),
-            },
-            Bracket {
-                max_quantity: None,
-                price: d("0.4"),
-            },
-        ];
-        Arc::new(Pricing::new("USD", kind(brackets)).unwrap())
+        Arc::new(crate::domain::pricing::tests::example(kind))
     }
 
     /// A subscription whose hard limit is `amount` under `pricing`.

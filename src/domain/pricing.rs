@@ -285,7 +285,7 @@ fn check_brackets(brackets: &[Bracket]) -> Result<(), PricingError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::str::FromStr;
 
     use proptest::prelude::*;
@@ -305,8 +305,9 @@ mod tests {
             .collect()
     }
 
-    /// The SPEC's example brackets: 0.5 up to 100, then 0.4.
-    fn example(kind: fn(Vec<Bracket>) -> Formula) -> Pricing {
+    /// The SPEC's example brackets: 0.5 up to 100, then 0.4, in USD; for
+    /// the decision's and the status's tests too.
+    pub(crate) fn example(kind: fn(Vec<Bracket>) -> Formula) -> Pricing {
         Pricing::new("USD", kind(brackets(&[(Some("100"), "0.5"), (None, "0.4")]))).unwrap()
     }
 

@@ -174,7 +174,7 @@ mod tests {
 
     use super::*;
     use crate::domain::decision::open_period_start;
-    use crate::domain::pricing::{Bracket, Formula, Pricing};
+    use crate::domain::pricing::{Formula, Pricing};
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
@@ -185,17 +185,7 @@ mod tests {
     }
 
     fn tiered() -> Arc<Pricing> {
-        let brackets = vec![
-            Bracket {
-                max_quantity: Some(d("100")),
-                price: d("0.5"),
-            },
-            Bracket {
-                max_quantity: None,
-                price: d("0.4"),
-            },
-        ];
-        Arc::new(Pricing::new("USD", Formula::Tiered(brackets)).unwrap())
+        Arc::new(crate::domain::pricing::tests::example(Formula::Tiered))
     }
 
     fn subscription() -> SubscriptionState {
