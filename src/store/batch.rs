@@ -3,7 +3,7 @@
 //! or none of it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -491,10 +491,30 @@ fn period_state(row: PeriodRow) -> anyhow::Result<Option<(String, PeriodState)>>
 }
 
 /// A period's pricing as stored: the JSON that the snapshot was checked in.
+/// Every batch loads the pricing of each period it touches, and a plan's
+/// pricing is shared by many subscriptions, so decoded pricings are kept by
+/// their text (a few thousand plans at most; the cache starts over when it
+/// holds more).
 fn stored_pricing(text: &str) -> anyhow::Result<Arc<Pricing>> {
+    const MOST: usize = 4096;
+    static DECODED: Mutex<Option<HashMap<String, Arc<Pricing>>>> = Mutex::new(None);
+    let cached = DECODED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .and_then(|decoded| decoded.get(text).cloned());
+    if let Some(pricing) = cached {
+        return Ok(pricing);
+    }
     let raw = RawValue::from_string(text.to_owned()).context("stored pricing is not JSON")?;
-    let pricing = decode_pricing(&raw).map_err(|e| anyhow::anyhow!("stored pricing is invalid: {e}"))?;
-    Ok(Arc::new(pricing))
+    let pricing = Arc::new(decode_pricing(&raw).map_err(|e| anyhow::anyhow!("stored pricing is invalid: {e}"))?);
+    let mut decoded = DECODED.lock().unwrap_or_else(PoisonError::into_inner);
+    let map = decoded.get_or_insert_with(HashMap::new);
+    if map.len() >= MOST {
+        map.clear();
+    }
+    map.insert(text.to_owned(), pricing.clone());
+    Ok(pricing)
 }
 
 /// One amount figure of each alert (null where no amount limit applied).
