@@ -171,10 +171,12 @@ pub fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-/// Counts and times every request by method, route template and status.
+/// Counts and times every request by method, route template and status,
+/// each from a closed set: this runs before authentication, so nothing a
+/// stranger sends may become a new series.
 async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -182,8 +184,28 @@ async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> R
         .to_owned();
     let response = next.run(request).await;
     api.metrics
-        .observe_http(method.as_str(), &route, response.status().as_u16(), started.elapsed());
+        .observe_http(method, &route, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// The method as a metric label: a standard method's name, or `other` for
+/// any extension token.
+fn method_label(method: &Method) -> &'static str {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ];
+    STANDARD
+        .iter()
+        .find(|standard| *standard == method)
+        .map_or("other", |standard| standard.as_str())
 }
 
 /// Binds the configured address; a taken port stops start-up, naming it.

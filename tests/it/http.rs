@@ -1410,3 +1410,33 @@ async fn the_usage_status_is_behind_the_bearer_token() {
     assert_eq!(allowed.status(), StatusCode::OK);
     api.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_metrics_label_only_known_methods_and_routes() {
+    let env = TestEnv::start().await;
+    let api = TestApi::serve(&env.settings()).await;
+    for (method, path) in [
+        ("FOOBAR", "/usages"),
+        ("X-SCAN-1", "/nowhere"),
+        ("X-SCAN-2", "/healthz"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = api.client.request(method, api.url(path)).send().await.unwrap();
+        assert!(response.status().is_client_error(), "{path}: {}", response.status());
+    }
+    let page = api.metrics().await;
+    let requests: Vec<&str> = page
+        .lines()
+        .filter(|line| line.starts_with("usage_worker_http_requests_total{"))
+        .collect();
+    assert!(!requests.is_empty(), "{page}");
+    for line in &requests {
+        assert!(!line.contains("FOOBAR") && !line.contains("X-SCAN"), "{line}");
+    }
+    assert!(
+        requests.iter().any(|line| line.contains(r#"method="other""#)),
+        "{requests:?}"
+    );
+    assert!(!page.contains("/nowhere"), "an unknown path is not a label");
+    api.shutdown().await;
+}
