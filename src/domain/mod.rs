@@ -5,6 +5,7 @@
 
 pub mod cloudevents;
 pub mod decision;
+pub mod digest;
 pub mod event;
 pub mod headers;
 pub mod ids;
