@@ -923,16 +923,59 @@ fn the_schemas_compile_are_portable_and_output_objects_are_closed() {
 fn every_example_in_the_documents_matches_its_schema() {
     let openapi = OpenApi::load();
     let mut examples = 0;
+    // Every example of a media type: `example`, and each `examples` entry's `value`.
+    let media_examples = |media: &Value| -> Vec<(String, Value)> {
+        let mut found: Vec<(String, Value)> = media
+            .get("example")
+            .map(|example| ("example".to_owned(), example.clone()))
+            .into_iter()
+            .collect();
+        for (name, example) in media.get("examples").and_then(Value::as_object).into_iter().flatten() {
+            let value = openapi.resolve(example).get("value");
+            found.push((
+                name.clone(),
+                value.unwrap_or_else(|| panic!("example {name} has no value")).clone(),
+            ));
+        }
+        found
+    };
     for (method, path) in openapi.operations() {
-        let operation = &openapi.doc["paths"][&path][method.to_lowercase()];
+        let item = &openapi.doc["paths"][&path];
+        let operation = &item[method.to_lowercase()];
+        let what = format!("{method} {path}");
+        let parameters = [&item["parameters"], &operation["parameters"]];
+        for parameter in parameters.into_iter().filter_map(Value::as_array).flatten() {
+            let parameter = openapi.resolve(parameter);
+            if let Some(example) = parameter.get("example") {
+                assert_valid(
+                    &compile(&parameter["schema"], OpenApi::FILE),
+                    example,
+                    &format!("the example of parameter {} of {what}", parameter["name"]),
+                );
+                examples += 1;
+            }
+        }
         if let Some(content) = operation.pointer("/requestBody/content").and_then(Value::as_object) {
             for media in content.values() {
-                if let Some(example) = media.get("example") {
+                for (name, example) in media_examples(media) {
                     assert_valid(
                         &compile(&media["schema"], OpenApi::FILE),
-                        example,
-                        &format!("the example of {method} {path}"),
+                        &example,
+                        &format!("the request {name} of {what}"),
                     );
+                    examples += 1;
+                }
+            }
+        }
+        for (status, response) in operation["responses"].as_object().unwrap() {
+            let response = openapi.resolve(response);
+            for (media_type, media) in response.get("content").and_then(Value::as_object).into_iter().flatten() {
+                for (name, example) in media_examples(media) {
+                    let what = format!("the {status} {name} of {what}");
+                    assert_valid(&compile(&media["schema"], OpenApi::FILE), &example, &what);
+                    if media_type == "application/problem+json" {
+                        openapi.check_problem(&example, status.parse().unwrap(), &what);
+                    }
                     examples += 1;
                 }
             }
@@ -1443,8 +1486,16 @@ async fn real_responses_and_records_match_the_documents() {
     sub_trial["trialEndTime"] = json!(days(5));
     sub_trial["usageLimits"]["trialLimit"] = json!("3");
     let sub_inv = active_subscription("sub_inv", None);
+    // Tiered pricing (0.5 up to 100, then 0.4) with limits in money: the
+    // soft limit of 40 steps at 30, 36 and 40 (60, 72 and 80 units), the
+    // hard limit of 60 fills at 125 units.
+    let mut sub_amount = active_subscription("sub_amount", Some(r#"{"amount": 60}"#));
+    sub_amount["usageLimits"]["softLimit"] = json!({"amount": "40"});
+    sub_amount["pricing"] = json!({"currency": "EUR", "formula": "tiered",
+        "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]});
     let snapshots = [
         sub_a,
+        sub_amount,
         sub_trial,
         sub_inv.clone(),
         active_subscription("sub_http", Some("10")),
@@ -1538,6 +1589,13 @@ async fn real_responses_and_records_match_the_documents() {
         json!({"id": "k1", "subscriptionId": "sub_a", "quantity": 4}),
         json!({"id": "k11", "subscriptionId": "sub_open", "quantity": 5, "usageTime": ""}),
         json!({"id": "inv-u1", "subscriptionId": "sub_inv", "quantity": 1, "invoiceId": "ignored"}),
+        // 64 units cost 32: the soft limit's 75 % step; 110 cost 54: its 90
+        // and 100 % steps; of 20 more, 15 fit (125 cost 60), the hard limit
+        // is reached, and 1 more is refused under it.
+        json!({"id": "m1", "subscriptionId": "sub_amount", "quantity": 64}),
+        json!({"id": "m2", "subscriptionId": "sub_amount", "quantity": 46}),
+        json!({"id": "m3", "subscriptionId": "sub_amount", "quantity": 20, "acceptPartialQuantity": true}),
+        json!({"id": "m4", "subscriptionId": "sub_amount", "quantity": 1}),
     ];
     for event in &plain {
         let wire = Wire {
@@ -1708,6 +1766,14 @@ async fn real_responses_and_records_match_the_documents() {
         &api.post_raw("application/json", vec![b' '; 70_000]).await,
     );
     check("POST", "/usages", &api.post_raw("text/plain", b"{}".to_vec()).await);
+    let keyed = api
+        .send(
+            api.request("POST", "/usages")
+                .header("idempotency-key", "k".repeat(256))
+                .json(&json!({"subscriptionId": "sub_http", "quantity": 1})),
+        )
+        .await;
+    assert_eq!(check("POST", "/usages", &keyed)["field"], "Idempotency-Key");
     let cut = api.post_cut_short().await;
     assert_eq!(cut.status, 400, "{cut:?}");
     check("POST", "/usages", &cut);
@@ -1717,6 +1783,61 @@ async fn real_responses_and_records_match_the_documents() {
     check("GET", "/usages", &query);
     check("GET", "/usages/{id}", &api.call("GET", "/usages/nope").await);
     check("DELETE", "/usages/{id}", &api.call("DELETE", "/usages/nope").await);
+
+    // The usage status: amounts and a reached amount limit, the open-ended
+    // period, a trial, an instant with an offset; then every error.
+    const STATUS: &str = "/subscriptions/{id}/usage";
+    env.wait_for_count("SELECT count(*) FROM usages WHERE subscription_id = 'sub_amount'", 3)
+        .await;
+    let amount = check("GET", STATUS, &api.call("GET", "/subscriptions/sub_amount/usage").await);
+    assert_eq!(
+        (&amount["usedQuantity"], &amount["usedAmount"], &amount["currency"]),
+        (&json!(125), &json!(60), &json!("EUR")),
+        "{amount}"
+    );
+    assert_eq!(amount["limits"]["hardLimit"], json!({"amount": 60}), "{amount}");
+    assert_eq!(amount["available"], json!({"quantity": 0, "amount": 0}), "{amount}");
+    assert_eq!(
+        (&amount["isSoftLimitReached"], &amount["isHardLimitReached"]),
+        (&json!(true), &json!(true)),
+        "{amount}"
+    );
+    let open = check("GET", STATUS, &api.call("GET", "/subscriptions/sub_open/usage").await);
+    assert_eq!(
+        (&open["period"]["startTime"], &open["period"]["endTime"]),
+        (&Value::Null, &Value::Null)
+    );
+    let trial = check("GET", STATUS, &api.call("GET", "/subscriptions/sub_trial/usage").await);
+    assert!(trial["trial"]["endTime"].is_string(), "{trial}");
+    let later = (Utc::now() + chrono::Duration::hours(1))
+        .with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap())
+        .to_rfc3339()
+        .replace('+', "%2B");
+    let at = check(
+        "GET",
+        STATUS,
+        &api.call("GET", &format!("/subscriptions/sub_http/usage?at={later}"))
+            .await,
+    );
+    assert_eq!(at["usedAmount"], Value::Null, "no pricing: {at}");
+    let unknown = api.call("GET", "/subscriptions/sub_nobody/usage").await;
+    assert_eq!(check("GET", STATUS, &unknown)["code"], "subscription_not_found");
+    let outside = api
+        .call("GET", "/subscriptions/sub_a/usage?at=2020-01-01T00:00:00Z")
+        .await;
+    assert_eq!(check("GET", STATUS, &outside)["code"], "no_service_period");
+    for query in [
+        "at=yesterday",
+        "at=2026-11-27T10:00:00",
+        "at=2026-11-27T10:00:00Z&at=2026-11-27T10:00:00Z",
+    ] {
+        let reply = api.call("GET", &format!("/subscriptions/sub_a/usage?{query}")).await;
+        assert_eq!(
+            check("GET", STATUS, &reply)["invalidFields"][0]["field"],
+            "at",
+            "{query}"
+        );
+    }
 
     // Without the token, and with a wrong one.
     let anonymous = TestApi {
@@ -1729,6 +1850,11 @@ async fn real_responses_and_records_match_the_documents() {
     check("GET", "/usages", &anonymous.call("GET", "/usages").await);
     check("GET", "/usages/{id}", &anonymous.call("GET", "/usages/h1").await);
     check("DELETE", "/usages/{id}", &anonymous.call("DELETE", "/usages/h1").await);
+    check(
+        "GET",
+        "/subscriptions/{id}/usage",
+        &anonymous.call("GET", "/subscriptions/sub_a/usage").await,
+    );
     let wrong = anonymous
         .send(anonymous.request("GET", "/usages").bearer_auth("guess"))
         .await;
@@ -1761,17 +1887,19 @@ async fn real_responses_and_records_match_the_documents() {
 
     // The database does not answer: 503 everywhere it is asked.
     let body = json!({"subscriptionId": "sub_http", "quantity": 1});
-    let (a, b, c, d, e) = tokio::join!(
+    let (a, b, c, d, e, f) = tokio::join!(
         dead.post(&body),
         dead.call("GET", "/usages"),
         dead.call("GET", "/usages/h1"),
         dead.call("DELETE", "/usages/h1"),
         dead.call("GET", "/readyz"),
+        dead.call("GET", "/subscriptions/sub_http/usage"),
     );
     check("POST", "/usages", &a);
     check("GET", "/usages", &b);
     check("GET", "/usages/{id}", &c);
     check("DELETE", "/usages/{id}", &d);
+    check("GET", "/subscriptions/{id}/usage", &f);
     let not_ready = check("GET", "/readyz", &e);
     assert_eq!(not_ready["code"], "not_ready");
 
@@ -1795,6 +1923,15 @@ async fn real_responses_and_records_match_the_documents() {
     assert_eq!(check("DELETE", "/usages/{id}", &invoiced)["code"], "usage_invoiced");
     let closed = api.post(&json!({"subscriptionId": "sub_inv", "quantity": 1})).await;
     assert_eq!(check("POST", "/usages", &closed)["code"], "period_closed");
+    let billed = check(
+        "GET",
+        "/subscriptions/{id}/usage",
+        &api.call("GET", "/subscriptions/sub_inv/usage").await,
+    );
+    assert_eq!(
+        billed["period"],
+        json!({"startTime": billed["period"]["startTime"], "endTime": billed["period"]["endTime"], "closed": true, "invoiceId": "inv_1"})
+    );
     env.usage(plain.iter().find(|e| e["id"] == "inv-u1").unwrap().clone());
     env.flush();
     outcomes += 1;
@@ -1841,17 +1978,74 @@ async fn real_responses_and_records_match_the_documents() {
             .any(|r| r.value["limit"]["periodStartTime"].is_null() && r.value["limit"].is_object()),
         "an open-ended period's limit"
     );
+    // Under the amount limit: the partial create that filled it, and the
+    // rejection after it, carry the money and no quantity limit.
+    let outcome_of = |id: &str| {
+        &results
+            .iter()
+            .find(|r| r.value["eventId"] == id)
+            .unwrap_or_else(|| panic!("no outcome for {id}"))
+            .value
+    };
+    let filled = outcome_of("m3");
+    assert_eq!(
+        (&filled["partial"], &filled["usage"]["quantity"]),
+        (&json!(true), &json!(15)),
+        "{filled}"
+    );
+    let refused = &outcome_of("m4")["error"]["limit"];
+    for block in [&filled["limit"], refused] {
+        assert_eq!(
+            (
+                &block["limitAmount"],
+                &block["usedAmount"],
+                &block["currency"],
+                &block["available"]
+            ),
+            (&json!(60), &json!(60), &json!("EUR"), &json!(0)),
+            "{block}"
+        );
+        assert!(block.get("limit").is_none(), "{block}");
+    }
 
-    let alerts = Reader::new(bootstrap, "usage-alerts", PARTITIONS).read(4, WAIT);
+    // Alerts: sub_a's soft steps and hard limit, sub_trial's trial limit,
+    // sub_open's hard limit, sub_amount's soft steps and amount hard limit.
+    let alert_reader = Reader::new(bootstrap, "usage-alerts", PARTITIONS);
+    let alerts = alert_reader.read(10, WAIT);
+    assert_eq!(
+        alert_reader.read_rest(Duration::from_secs(1)).len(),
+        0,
+        "more alerts than the steps reached"
+    );
     let mut types = BTreeSet::new();
+    let mut steps = BTreeSet::new();
     for record in &alerts {
         asyncapi.check_record("usage-alerts", record);
         assert_eq!(record.headers["alert-id"], record.value["alertId"].as_str().unwrap());
         assert_eq!(record.headers["type"], record.value["type"].as_str().unwrap());
         assert_eq!(record.key.as_deref(), record.value["subscriptionId"].as_str());
         types.insert(record.value["type"].as_str().unwrap().to_owned());
+        steps.insert(record.value["threshold"].as_u64().unwrap());
     }
     assert_eq!(types, schema_enum("alert.json", "/properties/type/enum"));
+    assert_eq!(steps, BTreeSet::from([75, 90, 100]));
+    let in_money: Vec<String> = alerts
+        .iter()
+        .filter(|r| r.value["subscriptionId"] == "sub_amount")
+        .map(|r| {
+            let a = &r.value;
+            format!("{} {} {} {}", a["type"], a["threshold"], a["usedAmount"], a["usageId"])
+        })
+        .collect();
+    assert_eq!(
+        in_money,
+        [
+            r#""soft-usage-limit-reached" 75 32 "m1""#,
+            r#""soft-usage-limit-reached" 90 54 "m2""#,
+            r#""soft-usage-limit-reached" 100 54 "m2""#,
+            r#""hard-usage-limit-reached" 100 60 "m3""#,
+        ]
+    );
 
     let letters = Reader::new(bootstrap, "usage-events-dlq", PARTITIONS).read(6, WAIT);
     let mut dlq_reasons = BTreeSet::new();
