@@ -5,7 +5,8 @@
 //! - Statically: the documents parse; every `$ref` resolves; every schema
 //!   compiles and means the same under draft-07 (AsyncAPI's schema dialect)
 //!   as under 2020-12; output schemas are closed (`additionalProperties:
-//!   false`); every example in the documents matches its schema; the routes
+//!   false`); every example in the documents matches its schema, and its
+//!   amounts and alert ids are what the worker computes; the routes
 //!   the router is built from are the documented paths and methods; every
 //!   metric the registry exports is charted in the Grafana dashboard and the dashboard
 //!   names no other; the monitoring services of docker-compose.yml, the
@@ -13,7 +14,8 @@
 //! - Live: a real worker with the HTTP API beside it (and an API whose
 //!   database does not answer) gets traffic that produces every documented
 //!   status of every operation, every outcome status and reason code, every
-//!   alert type and every dead-letter reason. Each response is validated
+//!   alert type and soft-limit step (with outcomes and alerts under an amount
+//!   limit) and every dead-letter reason. Each response is validated
 //!   against the operation's documented status, media type, headers and
 //!   schema; each record on usage-results, usage-alerts and
 //!   usage-events-dlq against its channel's key, headers and payload
@@ -1000,7 +1002,164 @@ fn every_example_in_the_documents_matches_its_schema() {
             }
         }
     }
-    assert!(examples >= 8, "only {examples} examples");
+    assert!(examples >= 25, "only {examples} examples");
+}
+
+/// The examples' money is the worker's arithmetic: every snapshot example
+/// decodes; an outcome, alert or usage status example that carries amounts
+/// names a subscription whose snapshot example has that pricing and those
+/// limits, and its amounts are what the pricing says the quantities cost;
+/// alert ids are the ones the worker derives.
+#[test]
+fn the_examples_amounts_and_alert_ids_are_what_the_worker_computes() {
+    use std::str::FromStr;
+
+    use rust_decimal::Decimal;
+    use usage_worker::domain::decision::{open_period_start, LimitKind, LimitReached};
+    use usage_worker::domain::outcome::Alert;
+    use usage_worker::domain::subscription::{decode_snapshot, Limit, SubscriptionSnapshot};
+
+    let asyncapi = AsyncApi::load();
+    let examples = |name: &str| -> Vec<Value> {
+        let message = &asyncapi.doc["components"]["messages"][name];
+        message["examples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no examples"))
+            .iter()
+            .map(|e| e["payload"].clone())
+            .collect()
+    };
+    let snapshots: HashMap<String, SubscriptionSnapshot> = examples("subscriptionSnapshot")
+        .iter()
+        .map(|payload| {
+            let snapshot = decode_snapshot(payload.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("the worker refuses the snapshot example {payload}: {e}"));
+            (snapshot.id.clone(), snapshot)
+        })
+        .collect();
+    assert!(
+        snapshots
+            .values()
+            .any(|s| s.pricing.is_some() && s.limits.hard.is_some_and(|l| l.amount().is_some())),
+        "a snapshot example with pricing and an amount hard limit"
+    );
+    let number =
+        |value: &Value| Decimal::from_str(&value.to_string()).unwrap_or_else(|_| panic!("not a number: {value}"));
+    let limit_of = |snapshot: &SubscriptionSnapshot, kind: &str| match kind {
+        "hardLimit" => snapshot.limits.hard,
+        "softLimit" => snapshot.limits.soft,
+        other => panic!("{other} is never an amount"),
+    };
+    // `block` carries usedAmount, limitAmount and currency for the `used`
+    // quantity under the `kind` limit of `subscription`'s snapshot example.
+    let mut checked = 0;
+    let mut amounts = |what: &str, subscription: &Value, kind: &str, used: &Value, block: &Value| {
+        let snapshot = &snapshots[subscription.as_str().unwrap()];
+        let pricing = snapshot
+            .pricing
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: its snapshot has no pricing"));
+        assert_eq!(block["currency"], pricing.currency(), "{what}");
+        assert_eq!(
+            number(&block["usedAmount"]),
+            pricing.amount(number(used)),
+            "{what}: usedAmount"
+        );
+        assert_eq!(
+            Some(Limit::Amount(number(&block["limitAmount"]))),
+            limit_of(snapshot, kind),
+            "{what}: limitAmount"
+        );
+        checked += 1;
+    };
+
+    for outcome in examples("outcome") {
+        for block in [&outcome["limit"], &outcome["error"]["limit"]] {
+            if block.get("currency").is_some() {
+                let what = format!("outcome {}", outcome["outcomeId"]);
+                amounts(
+                    &what,
+                    &outcome["subscriptionId"],
+                    block["applied"].as_str().unwrap(),
+                    &block["used"],
+                    block,
+                );
+            }
+        }
+    }
+    let mut thresholds = BTreeSet::new();
+    for alert in examples("alert") {
+        let kind = LimitKind::ALL
+            .into_iter()
+            .find(|k| k.alert_type() == alert["type"])
+            .unwrap_or_else(|| panic!("an alert type of no limit: {alert}"));
+        let what = format!("alert {}", alert["alertId"]);
+        if alert.get("currency").is_some() {
+            amounts(&what, &alert["subscriptionId"], kind.field(), &alert["used"], &alert);
+        }
+        let period_start = match alert["periodStartTime"].as_str() {
+            Some(start) => chrono::DateTime::parse_from_rfc3339(start).unwrap().to_utc(),
+            None => open_period_start(),
+        };
+        let reached = LimitReached {
+            kind,
+            threshold: u8::try_from(alert["threshold"].as_u64().unwrap()).unwrap(),
+            limit: None,
+            used: Decimal::ZERO,
+            amount: None,
+        };
+        let subscription = alert["subscriptionId"].as_str().unwrap();
+        let derived = Alert::new(subscription, period_start, None, &reached, "u", Utc::now()).alert_id;
+        assert_eq!(alert["alertId"], derived, "{what}: not the id the worker derives");
+        thresholds.insert((kind.field(), reached.threshold));
+    }
+    assert!(thresholds.contains(&("softLimit", 75)), "{thresholds:?}");
+
+    // The usage status examples of openapi.yaml.
+    let openapi = OpenApi::load();
+    let status = openapi
+        .doc
+        .pointer("/paths/~1subscriptions~1{id}~1usage/get/responses/200/content/application~1json/examples")
+        .and_then(Value::as_object)
+        .expect("usage status examples");
+    for (name, example) in status {
+        let body = &example["value"];
+        let Some(snapshot) = snapshots.get(body["subscriptionId"].as_str().unwrap()) else {
+            continue;
+        };
+        let what = format!("the usage status example {name}");
+        let shown = |limit: Option<Limit>| match limit {
+            None => Value::Null,
+            Some(Limit::Quantity(q)) => json!({ "quantity": serde_json::from_str::<Value>(&q.to_string()).unwrap() }),
+            Some(Limit::Amount(a)) => json!({ "amount": serde_json::from_str::<Value>(&a.to_string()).unwrap() }),
+        };
+        assert_eq!(body["limits"]["hardLimit"], shown(snapshot.limits.hard), "{what}");
+        assert_eq!(body["limits"]["softLimit"], shown(snapshot.limits.soft), "{what}");
+        match &snapshot.pricing {
+            Some(pricing) => {
+                assert_eq!(body["currency"], pricing.currency(), "{what}");
+                assert_eq!(
+                    number(&body["usedAmount"]),
+                    pricing.amount(number(&body["usedQuantity"])),
+                    "{what}"
+                );
+                if let Some(Limit::Amount(limit)) = snapshot.limits.hard {
+                    let used = number(&body["usedQuantity"]);
+                    let left = pricing.largest_fitting(used, Decimal::new(999_999_999_999_999, 3), limit);
+                    assert_eq!(
+                        number(&body["available"]["quantity"]),
+                        left,
+                        "{what}: available.quantity"
+                    );
+                    let amount = (limit - pricing.amount(used)).max(Decimal::ZERO);
+                    assert_eq!(number(&body["available"]["amount"]), amount, "{what}: available.amount");
+                }
+                checked += 1;
+            }
+            None => assert_eq!(body["currency"], Value::Null, "{what}"),
+        }
+    }
+    assert!(checked >= 6, "only {checked} examples with amounts");
 }
 
 /// Input schemas against the decoders the worker runs: where a schema can
