@@ -5,7 +5,8 @@
 //! - Statically: the documents parse; every `$ref` resolves; every schema
 //!   compiles and means the same under draft-07 (AsyncAPI's schema dialect)
 //!   as under 2020-12; output schemas are closed (`additionalProperties:
-//!   false`); every example in the documents matches its schema; the routes
+//!   false`); every example in the documents matches its schema, and its
+//!   amounts and alert ids are what the worker computes; the routes
 //!   the router is built from are the documented paths and methods; every
 //!   metric the registry exports is charted in the Grafana dashboard and the dashboard
 //!   names no other; the monitoring services of docker-compose.yml, the
@@ -13,7 +14,8 @@
 //! - Live: a real worker with the HTTP API beside it (and an API whose
 //!   database does not answer) gets traffic that produces every documented
 //!   status of every operation, every outcome status and reason code, every
-//!   alert type and every dead-letter reason. Each response is validated
+//!   alert type and soft-limit step (with outcomes and alerts under an amount
+//!   limit) and every dead-letter reason. Each response is validated
 //!   against the operation's documented status, media type, headers and
 //!   schema; each record on usage-results, usage-alerts and
 //!   usage-events-dlq against its channel's key, headers and payload
@@ -923,16 +925,59 @@ fn the_schemas_compile_are_portable_and_output_objects_are_closed() {
 fn every_example_in_the_documents_matches_its_schema() {
     let openapi = OpenApi::load();
     let mut examples = 0;
+    // Every example of a media type: `example`, and each `examples` entry's `value`.
+    let media_examples = |media: &Value| -> Vec<(String, Value)> {
+        let mut found: Vec<(String, Value)> = media
+            .get("example")
+            .map(|example| ("example".to_owned(), example.clone()))
+            .into_iter()
+            .collect();
+        for (name, example) in media.get("examples").and_then(Value::as_object).into_iter().flatten() {
+            let value = openapi.resolve(example).get("value");
+            found.push((
+                name.clone(),
+                value.unwrap_or_else(|| panic!("example {name} has no value")).clone(),
+            ));
+        }
+        found
+    };
     for (method, path) in openapi.operations() {
-        let operation = &openapi.doc["paths"][&path][method.to_lowercase()];
+        let item = &openapi.doc["paths"][&path];
+        let operation = &item[method.to_lowercase()];
+        let what = format!("{method} {path}");
+        let parameters = [&item["parameters"], &operation["parameters"]];
+        for parameter in parameters.into_iter().filter_map(Value::as_array).flatten() {
+            let parameter = openapi.resolve(parameter);
+            if let Some(example) = parameter.get("example") {
+                assert_valid(
+                    &compile(&parameter["schema"], OpenApi::FILE),
+                    example,
+                    &format!("the example of parameter {} of {what}", parameter["name"]),
+                );
+                examples += 1;
+            }
+        }
         if let Some(content) = operation.pointer("/requestBody/content").and_then(Value::as_object) {
             for media in content.values() {
-                if let Some(example) = media.get("example") {
+                for (name, example) in media_examples(media) {
                     assert_valid(
                         &compile(&media["schema"], OpenApi::FILE),
-                        example,
-                        &format!("the example of {method} {path}"),
+                        &example,
+                        &format!("the request {name} of {what}"),
                     );
+                    examples += 1;
+                }
+            }
+        }
+        for (status, response) in operation["responses"].as_object().unwrap() {
+            let response = openapi.resolve(response);
+            for (media_type, media) in response.get("content").and_then(Value::as_object).into_iter().flatten() {
+                for (name, example) in media_examples(media) {
+                    let what = format!("the {status} {name} of {what}");
+                    assert_valid(&compile(&media["schema"], OpenApi::FILE), &example, &what);
+                    if media_type == "application/problem+json" {
+                        openapi.check_problem(&example, status.parse().unwrap(), &what);
+                    }
                     examples += 1;
                 }
             }
@@ -957,7 +1002,164 @@ fn every_example_in_the_documents_matches_its_schema() {
             }
         }
     }
-    assert!(examples >= 8, "only {examples} examples");
+    assert!(examples >= 25, "only {examples} examples");
+}
+
+/// The examples' money is the worker's arithmetic: every snapshot example
+/// decodes; an outcome, alert or usage status example that carries amounts
+/// names a subscription whose snapshot example has that pricing and those
+/// limits, and its amounts are what the pricing says the quantities cost;
+/// alert ids are the ones the worker derives.
+#[test]
+fn the_examples_amounts_and_alert_ids_are_what_the_worker_computes() {
+    use std::str::FromStr;
+
+    use rust_decimal::Decimal;
+    use usage_worker::domain::decision::{open_period_start, LimitKind, LimitReached};
+    use usage_worker::domain::outcome::Alert;
+    use usage_worker::domain::subscription::{decode_snapshot, Limit, SubscriptionSnapshot};
+
+    let asyncapi = AsyncApi::load();
+    let examples = |name: &str| -> Vec<Value> {
+        let message = &asyncapi.doc["components"]["messages"][name];
+        message["examples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no examples"))
+            .iter()
+            .map(|e| e["payload"].clone())
+            .collect()
+    };
+    let snapshots: HashMap<String, SubscriptionSnapshot> = examples("subscriptionSnapshot")
+        .iter()
+        .map(|payload| {
+            let snapshot = decode_snapshot(payload.to_string().as_bytes())
+                .unwrap_or_else(|e| panic!("the worker refuses the snapshot example {payload}: {e}"));
+            (snapshot.id.clone(), snapshot)
+        })
+        .collect();
+    assert!(
+        snapshots
+            .values()
+            .any(|s| s.pricing.is_some() && s.limits.hard.is_some_and(|l| l.amount().is_some())),
+        "a snapshot example with pricing and an amount hard limit"
+    );
+    let number =
+        |value: &Value| Decimal::from_str(&value.to_string()).unwrap_or_else(|_| panic!("not a number: {value}"));
+    let limit_of = |snapshot: &SubscriptionSnapshot, kind: &str| match kind {
+        "hardLimit" => snapshot.limits.hard,
+        "softLimit" => snapshot.limits.soft,
+        other => panic!("{other} is never an amount"),
+    };
+    // `block` carries usedAmount, limitAmount and currency for the `used`
+    // quantity under the `kind` limit of `subscription`'s snapshot example.
+    let mut checked = 0;
+    let mut amounts = |what: &str, subscription: &Value, kind: &str, used: &Value, block: &Value| {
+        let snapshot = &snapshots[subscription.as_str().unwrap()];
+        let pricing = snapshot
+            .pricing
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: its snapshot has no pricing"));
+        assert_eq!(block["currency"], pricing.currency(), "{what}");
+        assert_eq!(
+            number(&block["usedAmount"]),
+            pricing.amount(number(used)),
+            "{what}: usedAmount"
+        );
+        assert_eq!(
+            Some(Limit::Amount(number(&block["limitAmount"]))),
+            limit_of(snapshot, kind),
+            "{what}: limitAmount"
+        );
+        checked += 1;
+    };
+
+    for outcome in examples("outcome") {
+        for block in [&outcome["limit"], &outcome["error"]["limit"]] {
+            if block.get("currency").is_some() {
+                let what = format!("outcome {}", outcome["outcomeId"]);
+                amounts(
+                    &what,
+                    &outcome["subscriptionId"],
+                    block["applied"].as_str().unwrap(),
+                    &block["used"],
+                    block,
+                );
+            }
+        }
+    }
+    let mut thresholds = BTreeSet::new();
+    for alert in examples("alert") {
+        let kind = LimitKind::ALL
+            .into_iter()
+            .find(|k| k.alert_type() == alert["type"])
+            .unwrap_or_else(|| panic!("an alert type of no limit: {alert}"));
+        let what = format!("alert {}", alert["alertId"]);
+        if alert.get("currency").is_some() {
+            amounts(&what, &alert["subscriptionId"], kind.field(), &alert["used"], &alert);
+        }
+        let period_start = match alert["periodStartTime"].as_str() {
+            Some(start) => chrono::DateTime::parse_from_rfc3339(start).unwrap().to_utc(),
+            None => open_period_start(),
+        };
+        let reached = LimitReached {
+            kind,
+            threshold: u8::try_from(alert["threshold"].as_u64().unwrap()).unwrap(),
+            limit: None,
+            used: Decimal::ZERO,
+            amount: None,
+        };
+        let subscription = alert["subscriptionId"].as_str().unwrap();
+        let derived = Alert::new(subscription, period_start, None, &reached, "u", Utc::now()).alert_id;
+        assert_eq!(alert["alertId"], derived, "{what}: not the id the worker derives");
+        thresholds.insert((kind.field(), reached.threshold));
+    }
+    assert!(thresholds.contains(&("softLimit", 75)), "{thresholds:?}");
+
+    // The usage status examples of openapi.yaml.
+    let openapi = OpenApi::load();
+    let status = openapi
+        .doc
+        .pointer("/paths/~1subscriptions~1{id}~1usage/get/responses/200/content/application~1json/examples")
+        .and_then(Value::as_object)
+        .expect("usage status examples");
+    for (name, example) in status {
+        let body = &example["value"];
+        let Some(snapshot) = snapshots.get(body["subscriptionId"].as_str().unwrap()) else {
+            continue;
+        };
+        let what = format!("the usage status example {name}");
+        let shown = |limit: Option<Limit>| match limit {
+            None => Value::Null,
+            Some(Limit::Quantity(q)) => json!({ "quantity": serde_json::from_str::<Value>(&q.to_string()).unwrap() }),
+            Some(Limit::Amount(a)) => json!({ "amount": serde_json::from_str::<Value>(&a.to_string()).unwrap() }),
+        };
+        assert_eq!(body["limits"]["hardLimit"], shown(snapshot.limits.hard), "{what}");
+        assert_eq!(body["limits"]["softLimit"], shown(snapshot.limits.soft), "{what}");
+        match &snapshot.pricing {
+            Some(pricing) => {
+                assert_eq!(body["currency"], pricing.currency(), "{what}");
+                assert_eq!(
+                    number(&body["usedAmount"]),
+                    pricing.amount(number(&body["usedQuantity"])),
+                    "{what}"
+                );
+                if let Some(Limit::Amount(limit)) = snapshot.limits.hard {
+                    let used = number(&body["usedQuantity"]);
+                    let left = pricing.largest_fitting(used, Decimal::new(999_999_999_999_999, 3), limit);
+                    assert_eq!(
+                        number(&body["available"]["quantity"]),
+                        left,
+                        "{what}: available.quantity"
+                    );
+                    let amount = (limit - pricing.amount(used)).max(Decimal::ZERO);
+                    assert_eq!(number(&body["available"]["amount"]), amount, "{what}: available.amount");
+                }
+                checked += 1;
+            }
+            None => assert_eq!(body["currency"], Value::Null, "{what}"),
+        }
+    }
+    assert!(checked >= 6, "only {checked} examples with amounts");
 }
 
 /// Input schemas against the decoders the worker runs: where a schema can
@@ -1092,13 +1294,139 @@ fn the_input_schemas_accept_and_refuse_what_the_decoders_do() {
         (r#"{"id": "s", "status": "active", "version": 1, "usageLimits": {"hardLimit": {"q": 1}}}"#.into(), false),
         (r#"{"id": "s", "status": "active", "version": 1, "trialEndTime": "soon"}"#.into(), false),
     ];
+    // Limits in their three forms, and the pricing an amount needs.
+    let priced = |limits: &str, pricing: &str| {
+        format!(r#"{{"id": "s", "status": "active", "version": 1, "usageLimits": {{{limits}}}, "pricing": {pricing}}}"#)
+    };
+    let flat = r#"{"currency": "USD", "formula": "flat-rate", "price": 0.25}"#;
+    let tiered = r#"{"currency": "EUR", "formula": "tiered", "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]}"#;
+    let with_brackets = |formula: &str, brackets: &str| {
+        priced(
+            "",
+            &format!(r#"{{"currency": "USD", "formula": "{formula}", "brackets": {brackets}}}"#),
+        )
+    };
+    let pricing_cases = [
+        (priced(r#""hardLimit": {"amount": 12.5}"#, flat), true),
+        (
+            priced(r#""hardLimit": {"amount": "60"}, "softLimit": {"amount": 0}"#, tiered),
+            true,
+        ),
+        (priced(r#""hardLimit": {"amount": 99999999999999.5}"#, flat), true),
+        (
+            priced(
+                r#""hardLimit": 10, "softLimit": {"quantity": 7.5}, "trialLimit": {"quantity": 3}"#,
+                flat,
+            ),
+            true,
+        ),
+        (priced(r#""hardLimit": {"quantity": 5, "amount": null}"#, "null"), true),
+        (
+            priced(r#""hardLimit": {"amount": 5, "quantity": null, "note": 1}"#, tiered),
+            true,
+        ),
+        (priced(r#""trialLimit": {"quantity": 3, "amount": null}"#, "null"), true),
+        (
+            priced(
+                "",
+                r#"{"currency": "USD", "formula": "flat-rate", "price": "0.000001", "brackets": "ignored"}"#,
+            ),
+            true,
+        ),
+        (
+            with_brackets("volume", r#"[{"maxQuantity": 2.0005, "price": 3}, {"price": 1}]"#),
+            true,
+        ),
+        (
+            with_brackets(
+                "stairstep",
+                r#"[{"maxQuantity": "10", "price": 0, "x": 1}, {"price": 999999999.999999}]"#,
+            ),
+            true,
+        ),
+        (
+            priced(
+                "",
+                r#"{"currency": "JPY", "formula": "tiered", "price": "ignored", "brackets": [{"price": 1}], "x": 1}"#,
+            ),
+            true,
+        ),
+        (priced(r#""hardLimit": {"amount": 5}"#, "null"), false),
+        (
+            r#"{"id": "s", "status": "active", "version": 1, "usageLimits": {"softLimit": {"amount": 5}}}"#.into(),
+            false,
+        ),
+        (priced(r#""hardLimit": {"quantity": 1, "amount": 1}"#, flat), false),
+        (priced(r#""hardLimit": {"quantity": null}"#, flat), false),
+        (priced(r#""hardLimit": {}"#, flat), false),
+        (priced(r#""trialLimit": {"amount": 5}"#, flat), false),
+        (priced(r#""hardLimit": {"amount": -1}"#, flat), false),
+        (priced(r#""hardLimit": {"amount": 1e15}"#, flat), false),
+        (priced(r#""hardLimit": {"amount": "lots"}"#, flat), false),
+        (priced("", r#""flat-rate""#), false),
+        (priced("", r#"{"formula": "flat-rate", "price": 1}"#), false),
+        (
+            priced("", r#"{"currency": "usd", "formula": "flat-rate", "price": 1}"#),
+            false,
+        ),
+        (
+            priced("", r#"{"currency": "USDX", "formula": "flat-rate", "price": 1}"#),
+            false,
+        ),
+        (priced("", r#"{"currency": "USD", "price": 1}"#), false),
+        (
+            priced("", r#"{"currency": "USD", "formula": "linear", "price": 1}"#),
+            false,
+        ),
+        (priced("", r#"{"currency": "USD", "formula": "flat-rate"}"#), false),
+        (
+            priced("", r#"{"currency": "USD", "formula": "flat-rate", "price": null}"#),
+            false,
+        ),
+        (
+            priced("", r#"{"currency": "USD", "formula": "flat-rate", "price": -0.5}"#),
+            false,
+        ),
+        (
+            priced("", r#"{"currency": "USD", "formula": "flat-rate", "price": 1e9}"#),
+            false,
+        ),
+        (
+            priced("", r#"{"currency": "USD", "formula": "tiered", "price": 1}"#),
+            false,
+        ),
+        (with_brackets("tiered", "null"), false),
+        (with_brackets("tiered", "[]"), false),
+        (with_brackets("volume", "[1]"), false),
+        (with_brackets("volume", r#"[{"maxQuantity": 5}, {"price": 1}]"#), false),
+        (
+            with_brackets("stairstep", r#"[{"maxQuantity": -5, "price": 1}, {"price": 1}]"#),
+            false,
+        ),
+        (
+            with_brackets("stairstep", r#"[{"maxQuantity": 1e12, "price": 1}, {"price": 1}]"#),
+            false,
+        ),
+    ];
+    let snapshot_cases: Vec<(String, bool)> = snapshot_cases.into_iter().chain(pricing_cases).collect();
     let snapshot_looser = [
         // An integer written with a fraction.
-        r#"{"id": "s", "status": "active", "version": 7.0}"#,
+        r#"{"id": "s", "status": "active", "version": 7.0}"#.to_owned(),
         // Both period ends or neither, and start before end.
-        r#"{"id": "s", "status": "active", "version": 1, "currentPeriodStartTime": "2026-11-01T00:00:00Z"}"#,
-        r#"{"id": "s", "status": "active", "version": 1, "currentPeriodStartTime": "2026-12-01T00:00:00Z", "currentPeriodEndTime": "2026-11-01T00:00:00Z"}"#,
-        r#"{"id": "s", "status": "active", "version": 1, "usageLimits": {"hardLimit": 0.0001}}"#,
+        r#"{"id": "s", "status": "active", "version": 1, "currentPeriodStartTime": "2026-11-01T00:00:00Z"}"#.to_owned(),
+        r#"{"id": "s", "status": "active", "version": 1, "currentPeriodStartTime": "2026-12-01T00:00:00Z", "currentPeriodEndTime": "2026-11-01T00:00:00Z"}"#.to_owned(),
+        r#"{"id": "s", "status": "active", "version": 1, "usageLimits": {"hardLimit": 0.0001}}"#.to_owned(),
+        // Decimal places of amounts, prices and bracket ends; a decimal
+        // string's value.
+        priced(r#""hardLimit": {"amount": 0.0000001}"#, flat),
+        priced(r#""hardLimit": {"amount": "-1"}"#, flat),
+        priced("", r#"{"currency": "USD", "formula": "flat-rate", "price": 0.0000001}"#),
+        with_brackets("tiered", r#"[{"maxQuantity": 1.0000001, "price": 1}, {"price": 1}]"#),
+        // Bracket ends rise from above 0, and only the last has none.
+        with_brackets("tiered", r#"[{"maxQuantity": 10, "price": 1}, {"maxQuantity": 5, "price": 1}, {"price": 1}]"#),
+        with_brackets("volume", r#"[{"maxQuantity": 0, "price": 1}, {"price": 1}]"#),
+        with_brackets("volume", r#"[{"maxQuantity": 10, "price": 1}]"#),
+        with_brackets("stairstep", r#"[{"price": 1}, {"price": 2}]"#),
     ];
     let item = |members: &str| {
         format!(
@@ -1159,8 +1487,8 @@ fn the_input_schemas_accept_and_refuse_what_the_decoders_do() {
     compare(
         "subscription-snapshot.json",
         &snapshot,
-        &owned(&snapshot_cases),
-        &snapshot_looser.map(str::to_owned),
+        &snapshot_cases,
+        &snapshot_looser,
     );
     compare("invoice-event.json", &invoice, &owned(&invoice_cases), &invoice_looser);
     assert!(
@@ -1317,8 +1645,16 @@ async fn real_responses_and_records_match_the_documents() {
     sub_trial["trialEndTime"] = json!(days(5));
     sub_trial["usageLimits"]["trialLimit"] = json!("3");
     let sub_inv = active_subscription("sub_inv", None);
+    // Tiered pricing (0.5 up to 100, then 0.4) with limits in money: the
+    // soft limit of 40 steps at 30, 36 and 40 (60, 72 and 80 units), the
+    // hard limit of 60 fills at 125 units.
+    let mut sub_amount = active_subscription("sub_amount", Some(r#"{"amount": 60}"#));
+    sub_amount["usageLimits"]["softLimit"] = json!({"amount": "40"});
+    sub_amount["pricing"] = json!({"currency": "EUR", "formula": "tiered",
+        "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]});
     let snapshots = [
         sub_a,
+        sub_amount,
         sub_trial,
         sub_inv.clone(),
         active_subscription("sub_http", Some("10")),
@@ -1412,6 +1748,13 @@ async fn real_responses_and_records_match_the_documents() {
         json!({"id": "k1", "subscriptionId": "sub_a", "quantity": 4}),
         json!({"id": "k11", "subscriptionId": "sub_open", "quantity": 5, "usageTime": ""}),
         json!({"id": "inv-u1", "subscriptionId": "sub_inv", "quantity": 1, "invoiceId": "ignored"}),
+        // 64 units cost 32: the soft limit's 75 % step; 110 cost 54: its 90
+        // and 100 % steps; of 20 more, 15 fit (125 cost 60), the hard limit
+        // is reached, and 1 more is refused under it.
+        json!({"id": "m1", "subscriptionId": "sub_amount", "quantity": 64}),
+        json!({"id": "m2", "subscriptionId": "sub_amount", "quantity": 46}),
+        json!({"id": "m3", "subscriptionId": "sub_amount", "quantity": 20, "acceptPartialQuantity": true}),
+        json!({"id": "m4", "subscriptionId": "sub_amount", "quantity": 1}),
     ];
     for event in &plain {
         let wire = Wire {
@@ -1582,6 +1925,14 @@ async fn real_responses_and_records_match_the_documents() {
         &api.post_raw("application/json", vec![b' '; 70_000]).await,
     );
     check("POST", "/usages", &api.post_raw("text/plain", b"{}".to_vec()).await);
+    let keyed = api
+        .send(
+            api.request("POST", "/usages")
+                .header("idempotency-key", "k".repeat(256))
+                .json(&json!({"subscriptionId": "sub_http", "quantity": 1})),
+        )
+        .await;
+    assert_eq!(check("POST", "/usages", &keyed)["field"], "Idempotency-Key");
     let cut = api.post_cut_short().await;
     assert_eq!(cut.status, 400, "{cut:?}");
     check("POST", "/usages", &cut);
@@ -1591,6 +1942,61 @@ async fn real_responses_and_records_match_the_documents() {
     check("GET", "/usages", &query);
     check("GET", "/usages/{id}", &api.call("GET", "/usages/nope").await);
     check("DELETE", "/usages/{id}", &api.call("DELETE", "/usages/nope").await);
+
+    // The usage status: amounts and a reached amount limit, the open-ended
+    // period, a trial, an instant with an offset; then every error.
+    const STATUS: &str = "/subscriptions/{id}/usage";
+    env.wait_for_count("SELECT count(*) FROM usages WHERE subscription_id = 'sub_amount'", 3)
+        .await;
+    let amount = check("GET", STATUS, &api.call("GET", "/subscriptions/sub_amount/usage").await);
+    assert_eq!(
+        (&amount["usedQuantity"], &amount["usedAmount"], &amount["currency"]),
+        (&json!(125), &json!(60), &json!("EUR")),
+        "{amount}"
+    );
+    assert_eq!(amount["limits"]["hardLimit"], json!({"amount": 60}), "{amount}");
+    assert_eq!(amount["available"], json!({"quantity": 0, "amount": 0}), "{amount}");
+    assert_eq!(
+        (&amount["isSoftLimitReached"], &amount["isHardLimitReached"]),
+        (&json!(true), &json!(true)),
+        "{amount}"
+    );
+    let open = check("GET", STATUS, &api.call("GET", "/subscriptions/sub_open/usage").await);
+    assert_eq!(
+        (&open["period"]["startTime"], &open["period"]["endTime"]),
+        (&Value::Null, &Value::Null)
+    );
+    let trial = check("GET", STATUS, &api.call("GET", "/subscriptions/sub_trial/usage").await);
+    assert!(trial["trial"]["endTime"].is_string(), "{trial}");
+    let later = (Utc::now() + chrono::Duration::hours(1))
+        .with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap())
+        .to_rfc3339()
+        .replace('+', "%2B");
+    let at = check(
+        "GET",
+        STATUS,
+        &api.call("GET", &format!("/subscriptions/sub_http/usage?at={later}"))
+            .await,
+    );
+    assert_eq!(at["usedAmount"], Value::Null, "no pricing: {at}");
+    let unknown = api.call("GET", "/subscriptions/sub_nobody/usage").await;
+    assert_eq!(check("GET", STATUS, &unknown)["code"], "subscription_not_found");
+    let outside = api
+        .call("GET", "/subscriptions/sub_a/usage?at=2020-01-01T00:00:00Z")
+        .await;
+    assert_eq!(check("GET", STATUS, &outside)["code"], "no_service_period");
+    for query in [
+        "at=yesterday",
+        "at=2026-11-27T10:00:00",
+        "at=2026-11-27T10:00:00Z&at=2026-11-27T10:00:00Z",
+    ] {
+        let reply = api.call("GET", &format!("/subscriptions/sub_a/usage?{query}")).await;
+        assert_eq!(
+            check("GET", STATUS, &reply)["invalidFields"][0]["field"],
+            "at",
+            "{query}"
+        );
+    }
 
     // Without the token, and with a wrong one.
     let anonymous = TestApi {
@@ -1603,6 +2009,11 @@ async fn real_responses_and_records_match_the_documents() {
     check("GET", "/usages", &anonymous.call("GET", "/usages").await);
     check("GET", "/usages/{id}", &anonymous.call("GET", "/usages/h1").await);
     check("DELETE", "/usages/{id}", &anonymous.call("DELETE", "/usages/h1").await);
+    check(
+        "GET",
+        "/subscriptions/{id}/usage",
+        &anonymous.call("GET", "/subscriptions/sub_a/usage").await,
+    );
     let wrong = anonymous
         .send(anonymous.request("GET", "/usages").bearer_auth("guess"))
         .await;
@@ -1635,17 +2046,19 @@ async fn real_responses_and_records_match_the_documents() {
 
     // The database does not answer: 503 everywhere it is asked.
     let body = json!({"subscriptionId": "sub_http", "quantity": 1});
-    let (a, b, c, d, e) = tokio::join!(
+    let (a, b, c, d, e, f) = tokio::join!(
         dead.post(&body),
         dead.call("GET", "/usages"),
         dead.call("GET", "/usages/h1"),
         dead.call("DELETE", "/usages/h1"),
         dead.call("GET", "/readyz"),
+        dead.call("GET", "/subscriptions/sub_http/usage"),
     );
     check("POST", "/usages", &a);
     check("GET", "/usages", &b);
     check("GET", "/usages/{id}", &c);
     check("DELETE", "/usages/{id}", &d);
+    check("GET", "/subscriptions/{id}/usage", &f);
     let not_ready = check("GET", "/readyz", &e);
     assert_eq!(not_ready["code"], "not_ready");
 
@@ -1669,6 +2082,15 @@ async fn real_responses_and_records_match_the_documents() {
     assert_eq!(check("DELETE", "/usages/{id}", &invoiced)["code"], "usage_invoiced");
     let closed = api.post(&json!({"subscriptionId": "sub_inv", "quantity": 1})).await;
     assert_eq!(check("POST", "/usages", &closed)["code"], "period_closed");
+    let billed = check(
+        "GET",
+        "/subscriptions/{id}/usage",
+        &api.call("GET", "/subscriptions/sub_inv/usage").await,
+    );
+    assert_eq!(
+        billed["period"],
+        json!({"startTime": billed["period"]["startTime"], "endTime": billed["period"]["endTime"], "closed": true, "invoiceId": "inv_1"})
+    );
     env.usage(plain.iter().find(|e| e["id"] == "inv-u1").unwrap().clone());
     env.flush();
     outcomes += 1;
@@ -1715,17 +2137,74 @@ async fn real_responses_and_records_match_the_documents() {
             .any(|r| r.value["limit"]["periodStartTime"].is_null() && r.value["limit"].is_object()),
         "an open-ended period's limit"
     );
+    // Under the amount limit: the partial create that filled it, and the
+    // rejection after it, carry the money and no quantity limit.
+    let outcome_of = |id: &str| {
+        &results
+            .iter()
+            .find(|r| r.value["eventId"] == id)
+            .unwrap_or_else(|| panic!("no outcome for {id}"))
+            .value
+    };
+    let filled = outcome_of("m3");
+    assert_eq!(
+        (&filled["partial"], &filled["usage"]["quantity"]),
+        (&json!(true), &json!(15)),
+        "{filled}"
+    );
+    let refused = &outcome_of("m4")["error"]["limit"];
+    for block in [&filled["limit"], refused] {
+        assert_eq!(
+            (
+                &block["limitAmount"],
+                &block["usedAmount"],
+                &block["currency"],
+                &block["available"]
+            ),
+            (&json!(60), &json!(60), &json!("EUR"), &json!(0)),
+            "{block}"
+        );
+        assert!(block.get("limit").is_none(), "{block}");
+    }
 
-    let alerts = Reader::new(bootstrap, "usage-alerts", PARTITIONS).read(4, WAIT);
+    // Alerts: sub_a's soft steps and hard limit, sub_trial's trial limit,
+    // sub_open's hard limit, sub_amount's soft steps and amount hard limit.
+    let alert_reader = Reader::new(bootstrap, "usage-alerts", PARTITIONS);
+    let alerts = alert_reader.read(10, WAIT);
+    assert_eq!(
+        alert_reader.read_rest(Duration::from_secs(1)).len(),
+        0,
+        "more alerts than the steps reached"
+    );
     let mut types = BTreeSet::new();
+    let mut steps = BTreeSet::new();
     for record in &alerts {
         asyncapi.check_record("usage-alerts", record);
         assert_eq!(record.headers["alert-id"], record.value["alertId"].as_str().unwrap());
         assert_eq!(record.headers["type"], record.value["type"].as_str().unwrap());
         assert_eq!(record.key.as_deref(), record.value["subscriptionId"].as_str());
         types.insert(record.value["type"].as_str().unwrap().to_owned());
+        steps.insert(record.value["threshold"].as_u64().unwrap());
     }
     assert_eq!(types, schema_enum("alert.json", "/properties/type/enum"));
+    assert_eq!(steps, BTreeSet::from([75, 90, 100]));
+    let in_money: Vec<String> = alerts
+        .iter()
+        .filter(|r| r.value["subscriptionId"] == "sub_amount")
+        .map(|r| {
+            let a = &r.value;
+            format!("{} {} {} {}", a["type"], a["threshold"], a["usedAmount"], a["usageId"])
+        })
+        .collect();
+    assert_eq!(
+        in_money,
+        [
+            r#""soft-usage-limit-reached" 75 32 "m1""#,
+            r#""soft-usage-limit-reached" 90 54 "m2""#,
+            r#""soft-usage-limit-reached" 100 54 "m2""#,
+            r#""hard-usage-limit-reached" 100 60 "m3""#,
+        ]
+    );
 
     let letters = Reader::new(bootstrap, "usage-events-dlq", PARTITIONS).read(6, WAIT);
     let mut dlq_reasons = BTreeSet::new();
