@@ -463,7 +463,13 @@ fn snapshots_in_one_batch(env: &TestEnv, ids: impl Iterator<Item = String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_right_behind_a_batch_of_snapshots_wait_for_all_of_them_on_tansu() {
     let env = TestEnv::start_on_tansu().await;
-    let worker = env.worker().await;
+    // Applying 2,500 snapshots can take longer than the tests' usual bound
+    // on a loaded machine; what this test checks is that the worker knows
+    // the real end to wait for (with the reported end of 1 it would not
+    // wait at all), not how fast it applies them.
+    let mut settings = env.settings();
+    settings.pipeline.snapshot_wait_ms = 30_000;
+    let worker = env.worker_with(settings).await;
     // One assignment, so that the events come while the worker is running.
     test_kit::wait_until("the worker to be assigned its partitions", || async {
         env.scalar_i64("SELECT count(*) FROM consumer_offsets WHERE topic = 'usage-events'")
