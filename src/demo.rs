@@ -19,7 +19,8 @@ use crate::{pipeline, store, telemetry};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// How many usage events to publish.
+    /// How many generated usage events to publish (the priced
+    /// subscription's short script comes on top).
     #[arg(long, default_value_t = 5000)]
     pub events: usize,
     /// Partitions of every topic.
@@ -43,6 +44,36 @@ pub fn init_logging(settings: &LogSettings, args: &DemoArgs) -> anyhow::Result<(
 }
 
 const SUBSCRIPTIONS: usize = 12;
+
+/// A subscription with a price and amount limits (SPEC version 2), fed a
+/// short script of its own beside the generated stream.
+const PRICED: &str = "sub_priced";
+/// Tiered: 0.5 each for the first 100, then 0.4 each.
+const PRICED_PRICING: &str = r#"{"currency": "USD", "formula": "tiered", "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]}"#;
+/// A hard limit of 60 USD (125 units) and a soft limit of 40 USD, whose
+/// 75, 90 and 100 % steps are 30, 36 and 40 USD (60, 72 and 80 units).
+const PRICED_LIMITS: &str = r#"{"hardLimit": {"amount": 60}, "softLimit": {"amount": 40}}"#;
+const PRICED_SUMMARY: &str = "tiered, 0.5 USD each up to 100, then 0.4; hard limit 60 USD, soft limit 40 USD";
+
+/// The priced subscription's events, in order: quantity and
+/// acceptPartialQuantity.
+const PRICED_SCRIPT: [(&str, bool); 7] = [
+    // 50 units cost 25 USD.
+    ("50", false),
+    // 62 cost 31 USD: the soft limit's 75 % step.
+    ("12", false),
+    // 74 cost 37 USD: its 90 % step.
+    ("12", false),
+    // 84 cost 42 USD: its 100 % step.
+    ("10", false),
+    // 129 would cost 61.6 USD: rejected, 41 available.
+    ("45", false),
+    // The same, accepting part: 41 accepted, 125 cost 60 USD, the hard
+    // limit is reached.
+    ("45", true),
+    // Nothing more fits.
+    ("1", false),
+];
 
 pub async fn run(mut settings: Settings, args: DemoArgs) -> anyhow::Result<()> {
     let kafka = EmbeddedKafka::start(1)?;
@@ -117,6 +148,7 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
         println!("{}", serde_json::to_string_pretty(alert).unwrap_or_default());
     }
     println!("dead letters on {}: {}", t.dead_letters, dead_letters.len());
+    print_priced(&outcomes, &alerts);
     pool.close().await;
     Ok(())
 }
@@ -134,7 +166,7 @@ fn send(
 
 /// A handful of subscriptions that exercise every rule: generous and tight
 /// hard limits, no limit, a paused one, one whose period closed long ago,
-/// and one that never named a period.
+/// one that never named a period, and one priced with amount limits.
 fn subscriptions() -> Vec<(String, String)> {
     let now = Utc::now();
     let start = (now - Span::days(10)).to_rfc3339();
@@ -174,13 +206,36 @@ fn subscriptions() -> Vec<(String, String)> {
             format!(r#"{{"id": "{id}", "status": "{status}", "version": 1, {period} "usageLimits": {limits}}}"#);
         subs.push((id, snapshot));
     }
+    let snapshot = format!(
+        r#"{{"id": "{PRICED}", "status": "active", "version": 1, "currentPeriodStartTime": "{start}", "currentPeriodEndTime": "{end}", "usageLimits": {PRICED_LIMITS}, "pricing": {PRICED_PRICING}}}"#
+    );
+    subs.push((PRICED.to_owned(), snapshot));
     subs
 }
 
-/// A deterministic mix of events: mostly valid, some partial, some over the
-/// limit, some invalid, some re-sent (duplicates), some for unknown
-/// subscriptions.
+/// A deterministic mix of `count` events: mostly valid, some partial, some
+/// over the limit, some invalid, some re-sent (duplicates), some for unknown
+/// subscriptions; and the priced subscription's script, spread through
+/// them in its order.
 fn events(count: usize) -> Vec<(String, String)> {
+    let mut events = generated_events(count);
+    let spacing = count / PRICED_SCRIPT.len() + 1;
+    // From the last, so that each insertion leaves the earlier places be.
+    for (k, (quantity, partial)) in PRICED_SCRIPT.iter().enumerate().rev() {
+        let payload = format!(
+            r#"{{"id": "{}", "subscriptionId": "{PRICED}", "quantity": {quantity}, "acceptPartialQuantity": {partial}}}"#,
+            priced_event_id(k)
+        );
+        events.insert((k * spacing).min(events.len()), (PRICED.to_owned(), payload));
+    }
+    events
+}
+
+fn priced_event_id(k: usize) -> String {
+    format!("priced_{}", k + 1)
+}
+
+fn generated_events(count: usize) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(count);
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
@@ -344,5 +399,82 @@ fn print_summary(outcomes: &[serde_json::Value], events: usize, elapsed: Duratio
         if let Some(sample) = samples.get(&key) {
             println!("{}", serde_json::to_string_pretty(sample).unwrap_or_default());
         }
+    }
+}
+
+/// The priced subscription's script, event by event, as its outcomes and
+/// alerts came back: quantities, and amounts in the plan's currency.
+fn print_priced(outcomes: &[serde_json::Value], alerts: &[serde_json::Value]) {
+    use serde_json::Value;
+    let text = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let money = |amount: &Value, currency: &Value| match (amount, currency) {
+        (Value::Null, _) => "-".to_owned(),
+        (amount, Value::String(currency)) => format!("{amount} {currency}"),
+        (amount, _) => amount.to_string(),
+    };
+    println!("\npriced subscription {PRICED} ({PRICED_SUMMARY}):");
+    println!(
+        "{:<10} {:>5} {:<7} {:<30} {:>8} {:>5} {:>11} {:>9}",
+        "event", "asked", "part ok", "outcome", "accepted", "used", "used amount", "available"
+    );
+    let mut partial_limit = None;
+    for (k, (quantity, partial)) in PRICED_SCRIPT.iter().enumerate() {
+        let id = priced_event_id(k);
+        // A re-sent event would come back as a duplicate; the first
+        // outcome is the decision.
+        let Some(outcome) = outcomes
+            .iter()
+            .find(|o| o["eventId"] == id.as_str() && o["status"] != "duplicate")
+        else {
+            println!("{id:<10} {quantity:>5}  no outcome read back");
+            continue;
+        };
+        let mut status = text(&outcome["status"]);
+        if outcome["partial"] == Value::Bool(true) {
+            status.push_str(" (partial)");
+            partial_limit = Some((id.clone(), &outcome["limit"]));
+        }
+        if let Value::String(code) = &outcome["error"]["code"] {
+            status = format!("{status} {code}");
+        }
+        // A creation reports the binding limit after it, a rejection the
+        // limit that refused it.
+        let limit = if outcome["limit"].is_null() {
+            &outcome["error"]["limit"]
+        } else {
+            &outcome["limit"]
+        };
+        println!(
+            "{:<10} {:>5} {:<7} {:<30} {:>8} {:>5} {:>11} {:>9}",
+            id,
+            quantity,
+            if *partial { "yes" } else { "no" },
+            status,
+            text(&outcome["usage"]["quantity"]),
+            text(&limit["used"]),
+            money(&limit["usedAmount"], &limit["currency"]),
+            text(&limit["available"]),
+        );
+    }
+    if let Some((id, limit)) = partial_limit {
+        println!("limit of {id}'s outcome: {limit}");
+    }
+    let mut raised: Vec<&Value> = alerts.iter().filter(|a| a["subscriptionId"] == PRICED).collect();
+    raised.sort_by_key(|a| (a["type"] != "soft-usage-limit-reached", a["threshold"].as_u64()));
+    println!("alerts of {PRICED}: {}", raised.len());
+    for alert in raised {
+        println!(
+            "  {:<25} {:>3} %  used {} of {} ({} units), by {}",
+            text(&alert["type"]),
+            text(&alert["threshold"]),
+            money(&alert["usedAmount"], &alert["currency"]),
+            money(&alert["limitAmount"], &alert["currency"]),
+            text(&alert["used"]),
+            text(&alert["usageId"]),
+        );
     }
 }

@@ -1,37 +1,48 @@
 //! Fuzzes the limit decision: a subscription (status, periods with hard and
-//! soft limits, a trial with its cap, what is already used and alerted) and
-//! a sequence of requests (with or without acceptPartialQuantity, repeats
-//! and altered repeats of earlier ids) decided in order, each created usage
-//! stored as the pipeline stores it.
+//! soft limits, each a quantity or an amount under the period's pricing, a
+//! trial with its cap, what is already used and alerted) and a sequence of
+//! requests (with or without acceptPartialQuantity, repeats and altered
+//! repeats of earlier ids) decided in order, each created usage stored as
+//! the pipeline stores it.
 //!
-//! Every step is checked against SPEC's "Decision" section, computed here
-//! from the state before the step: the reason of a rejection, the quantity
-//! of a creation (a clamp only with acceptPartialQuantity and exactly to
-//! what is available), the alerts (each kind once per period, when reached),
-//! and the state after it (only the chosen period and the trial count grow,
-//! by what was accepted; a duplicate or a rejection changes nothing). Over
-//! the run: no hard limit or trial cap is exceeded that was not exceeded
-//! before. And `decide` is deterministic: the same step on a copy of the
-//! state gives the same decision and the same state.
+//! Every step is checked against SPEC's "Decision" section and version 2's
+//! "Limits and amounts", computed here from the state before the step: the
+//! reason of a rejection, the quantity of a creation (a clamp only with
+//! acceptPartialQuantity, and exactly to the largest multiple of 0.001 that
+//! every limit lets through), the limit the outcome reports, the alerts
+//! (the soft limit at 75, 90 and 100 %, each step once per period, lowest
+//! first), and the state after it (only the chosen period and the trial
+//! count grow, by what was accepted; a duplicate or a rejection changes
+//! nothing). Amounts are computed here exactly, in integers, from the words
+//! of SPEC, not with the code's arithmetic. Over the run: no quantity hard
+//! limit or trial cap is exceeded that was not exceeded before, no created
+//! usage leaves a period's amount over an amount hard limit, and no alert
+//! step is raised twice in a period. And `decide` is deterministic: the
+//! same step on a copy of the state gives the same decision and state.
 
 #![no_main]
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use chrono::{DateTime, Duration, Utc};
 use libfuzzer_sys::fuzz_target;
 use rust_decimal::Decimal;
 use usage_worker::domain::decision::{
-    decide, open_period_start, Decision, LimitKind, LimitReached, LimitReport, PeriodState, StoredUsage,
-    SubscriptionState,
+    decide, max_quantity, open_period_start, AlertStep, Decision, LimitKind, LimitReached, LimitReport, PeriodState,
+    StoredUsage, SubscriptionState,
 };
 use usage_worker::domain::event::UsageRequest;
+use usage_worker::domain::pricing::{Bracket, Formula, Pricing};
+use usage_worker::domain::subscription::Limit;
 use usage_worker::domain::ReasonCode;
 
 const SUBSCRIPTION: &str = "sub_fuzz";
 const MAX_PERIODS: usize = 4;
 const MAX_REQUESTS: usize = 64;
+/// Brackets with an end; the last, open-ended one comes on top.
+const MAX_ENDED_BRACKETS: usize = 4;
 
 /// A quantity in thousandths: mostly small, so limits are reached often,
 /// sometimes anywhere below 10^12.
@@ -56,7 +67,140 @@ impl Milli {
     }
 }
 
+/// A price: at least 0, below 10^9, at most 6 decimal places.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum PriceSpec {
+    /// Whole cents, up to 655.35: the usual plan.
+    Cents(u16),
+    /// Millionths, below 4295.
+    Micro(u32),
+    /// Anywhere below 10^9.
+    Any(u64),
+}
+
+impl PriceSpec {
+    fn decimal(self) -> Decimal {
+        match self {
+            Self::Cents(n) => Decimal::new(i64::from(n), 2),
+            Self::Micro(n) => Decimal::new(i64::from(n), 6),
+            Self::Any(n) => Decimal::new((n % 1_000_000_000_000_000) as i64, 6),
+        }
+    }
+}
+
+/// How far a bracket's end is above the previous end: more than 0, at most
+/// 6 decimal places; often off the 0.001 grid of quantities.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum WidthSpec {
+    /// Whole thousandths: on the grid.
+    Milli(u16),
+    /// Thousandths and a half: half-way between two billable steps.
+    Half(u16),
+    /// Millionths.
+    Micro(u32),
+    /// Anywhere (ends stop below 10^12).
+    Any(u64),
+}
+
+impl WidthSpec {
+    fn decimal(self) -> Decimal {
+        match self {
+            Self::Milli(n) => Decimal::new(i64::from(n.max(1)), 3),
+            Self::Half(n) => Decimal::new(i64::from(n) * 10 + 5, 4),
+            Self::Micro(n) => Decimal::new(i64::from(n.max(1)), 6),
+            Self::Any(n) => Decimal::new((n % 1_000_000_000_000_000_000).max(1) as i64, 6),
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum FormulaKind {
+    FlatRate,
+    Tiered,
+    Volume,
+    Stairstep,
+}
+
 #[derive(Arbitrary, Debug)]
+struct PricingSpec {
+    kind: FormulaKind,
+    currency: u8,
+    /// The flat rate's price, or the open-ended last bracket's.
+    price: PriceSpec,
+    /// The brackets before the last: how far each ends above the one
+    /// before, and its price.
+    brackets: Vec<(WidthSpec, PriceSpec)>,
+}
+
+impl PricingSpec {
+    fn pricing(&self) -> Pricing {
+        let currency = ["USD", "EUR", "JPY"][usize::from(self.currency) % 3];
+        let mut brackets = Vec::new();
+        let mut end = Decimal::ZERO;
+        for (width, price) in self.brackets.iter().take(MAX_ENDED_BRACKETS) {
+            end += width.decimal();
+            // Bracket ends are quantities: below 10^12.
+            if end >= Decimal::from(1_000_000_000_000_i64) {
+                break;
+            }
+            brackets.push(Bracket {
+                max_quantity: Some(end),
+                price: price.decimal(),
+            });
+        }
+        brackets.push(Bracket {
+            max_quantity: None,
+            price: self.price.decimal(),
+        });
+        let formula = match self.kind {
+            FormulaKind::FlatRate => Formula::FlatRate {
+                price: self.price.decimal(),
+            },
+            FormulaKind::Tiered => Formula::Tiered(brackets),
+            FormulaKind::Volume => Formula::Volume(brackets),
+            FormulaKind::Stairstep => Formula::Stairstep(brackets),
+        };
+        Pricing::new(currency, formula).expect("the fuzzer builds valid pricing")
+    }
+}
+
+/// An amount limit: at least 0, below 10^15, at most 6 decimal places.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum AmountSpec {
+    Cents(u16),
+    Micro(u32),
+    Any(u64),
+}
+
+impl AmountSpec {
+    fn decimal(self) -> Decimal {
+        match self {
+            Self::Cents(n) => Decimal::new(i64::from(n), 2),
+            Self::Micro(n) => Decimal::new(i64::from(n), 6),
+            // u64 millionths stay below 1.9 × 10^13.
+            Self::Any(n) => Decimal::from_i128_with_scale(i128::from(n), 6),
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum LimitSpec {
+    Quantity(Milli),
+    Amount(AmountSpec),
+}
+
+impl LimitSpec {
+    /// An amount limit needs pricing (a snapshot with one and none is
+    /// invalid, and never stored): without, it is no cap.
+    fn limit(self, priced: bool) -> Option<Limit> {
+        match self {
+            Self::Quantity(q) => Some(Limit::Quantity(q.decimal())),
+            Self::Amount(a) => priced.then(|| Limit::Amount(a.decimal())),
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
 enum Status {
     Active,
     Trial,
@@ -69,12 +213,15 @@ struct PeriodSpec {
     /// Hours between the previous period's end and this one's start.
     gap_hours: u8,
     length_hours: u16,
-    hard: Option<Milli>,
-    soft: Option<Milli>,
+    hard: Option<LimitSpec>,
+    soft: Option<LimitSpec>,
+    pricing: Option<PricingSpec>,
     used: Milli,
     /// Closed early (an invoice) this many hours after its start.
     closed_after_hours: Option<u16>,
-    alerted: [bool; 3],
+    /// Steps already raised: soft at 75, 90 and 100 %, hard, trial. Any
+    /// set: version 1 raised the soft limit at 100 % only.
+    alerted: [bool; 5],
 }
 
 #[derive(Arbitrary, Debug)]
@@ -126,6 +273,29 @@ fn at(hour: u16) -> DateTime<Utc> {
     origin() + Duration::hours(i64::from(hour))
 }
 
+const STEPS: [AlertStep; 5] = [
+    AlertStep {
+        kind: LimitKind::Soft,
+        threshold: 75,
+    },
+    AlertStep {
+        kind: LimitKind::Soft,
+        threshold: 90,
+    },
+    AlertStep {
+        kind: LimitKind::Soft,
+        threshold: 100,
+    },
+    AlertStep {
+        kind: LimitKind::Hard,
+        threshold: 100,
+    },
+    AlertStep {
+        kind: LimitKind::Trial,
+        threshold: 100,
+    },
+];
+
 fn subscription(input: &Input) -> SubscriptionState {
     let mut periods = Vec::new();
     // Real periods start 100 hours into the timeline, so usage can fall
@@ -134,37 +304,28 @@ fn subscription(input: &Input) -> SubscriptionState {
     for spec in input.periods.iter().take(MAX_PERIODS) {
         start += Duration::hours(i64::from(spec.gap_hours));
         let end = start + Duration::hours(i64::from(spec.length_hours.max(1)));
-        let kinds = [LimitKind::Soft, LimitKind::Hard, LimitKind::Trial];
+        let pricing = spec.pricing.as_ref().map(|p| Arc::new(p.pricing()));
+        let priced = pricing.is_some();
         periods.push(PeriodState {
             start,
             end: Some(end),
-            hard_limit: spec.hard.map(Milli::decimal),
-            soft_limit: spec.soft.map(Milli::decimal),
+            hard_limit: spec.hard.and_then(|l| l.limit(priced)),
+            soft_limit: spec.soft.and_then(|l| l.limit(priced)),
+            pricing,
             used: spec.used.decimal(),
             closed_time: spec.closed_after_hours.map(|h| start + Duration::hours(i64::from(h))),
-            alerted: kinds
+            alerted: STEPS
                 .into_iter()
                 .zip(spec.alerted)
                 .filter(|(_, a)| *a)
-                .map(|(k, _)| k)
+                .map(|(step, _)| step)
                 .collect(),
         });
         start = end;
     }
     if input.open_period {
         let end = periods.first().map(|p| p.start);
-        periods.insert(
-            0,
-            PeriodState {
-                start: open_period_start(),
-                end,
-                hard_limit: None,
-                soft_limit: None,
-                used: Decimal::ZERO,
-                closed_time: None,
-                alerted: Vec::new(),
-            },
-        );
+        periods.insert(0, PeriodState::new(open_period_start(), end));
     }
     SubscriptionState {
         id: SUBSCRIPTION.into(),
@@ -220,29 +381,512 @@ fn milli(n: i64) -> Decimal {
     Decimal::new(n, 3)
 }
 
-/// What SPEC's step 5 says about a request at `usage_time` in period
-/// `index`: the cap that binds (the smallest availability; the hard limit
-/// on a tie), with the figures before the request.
-fn binding_cap(
-    sub: &SubscriptionState,
-    index: usize,
-    usage_time: DateTime<Utc>,
-) -> Option<(LimitKind, Decimal, Decimal)> {
-    let period = &sub.periods[index];
-    let hard = period.hard_limit.map(|l| (LimitKind::Hard, l, period.used));
-    let in_trial = sub.trial_end_time.is_some_and(|end| usage_time < end);
-    let trial = sub
-        .trial_limit
-        .filter(|_| in_trial)
-        .map(|l| (LimitKind::Trial, l, sub.trial_used));
-    let available = |(_, limit, used): &(LimitKind, Decimal, Decimal)| (*limit - *used).max(Decimal::ZERO);
-    match (hard, trial) {
-        (Some(h), Some(t)) => Some(if available(&t) < available(&h) { t } else { h }),
-        (h, t) => h.or(t),
+// ---- Exact money, independent of the code's arithmetic --------------------
+
+/// Quantities and prices in millionths, amounts in 10^-12, as `i128`:
+/// quantities below 10^12 and prices below 10^9 keep every product below
+/// 10^33, so nothing is ever rounded.
+fn micros(d: Decimal) -> i128 {
+    let d = d.normalize();
+    assert!(d.scale() <= 6, "{d}: more places than the fuzzer makes");
+    d.mantissa() * 10_i128.pow(6 - d.scale())
+}
+
+fn from_micros(m: i128) -> Decimal {
+    Decimal::from_i128_with_scale(m, 6).normalize()
+}
+
+/// An amount limit in 10^-12.
+fn amount_units(limit: Decimal) -> i128 {
+    micros(limit) * 1_000_000
+}
+
+/// An amount as the code wrote it, in 10^-12; `None` when it is not a whole
+/// number of them.
+fn written_amount(d: Decimal) -> Option<i128> {
+    let d = d.normalize();
+    let scale = d.scale();
+    (scale <= 12)
+        .then(|| d.mantissa().checked_mul(10_i128.pow(12 - scale)))
+        .flatten()
+}
+
+/// Whether an amount of `units` × 10^-12 can be written as a `Decimal`
+/// (a 96-bit mantissa): up to 28 or 29 significant digits.
+fn representable(units: i128) -> bool {
+    let mut mantissa = units;
+    let mut scale = 12;
+    while scale > 0 && mantissa % 10 == 0 {
+        mantissa /= 10;
+        scale -= 1;
+    }
+    mantissa.unsigned_abs() < 1_u128 << 96
+}
+
+/// An amount in an outcome or alert: as the code wrote it, or as SPEC
+/// computes it. They are equal when the code wrote the exact amount; where
+/// the exact amount has more significant digits than a `Decimal` holds
+/// (prices and quantities with many digits each, amounts far above any
+/// amount limit), the code's is rounded, and equal when within 10^-26 of
+/// it.
+#[derive(Debug, Clone, Copy)]
+enum Amount {
+    Written(Decimal),
+    Exact(i128),
+}
+
+impl PartialEq for Amount {
+    fn eq(&self, other: &Self) -> bool {
+        match (*self, *other) {
+            (Self::Written(a), Self::Written(b)) => a == b,
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Written(w), Self::Exact(e)) | (Self::Exact(e), Self::Written(w)) => match written_amount(w) {
+                Some(w) if w == e => true,
+                _ if representable(e) => false,
+                Some(w) => (w - e).abs() <= e.abs() / 10_i128.pow(26),
+                None => false,
+            },
+        }
     }
 }
 
-/// Alerted kinds in one order, so states compare whatever order they were raised in.
+impl Eq for Amount {}
+
+/// One bracket: up to and including `end` (millionths; `None`: no end), at
+/// `price` (millionths).
+struct RefBracket {
+    end: Option<i128>,
+    price: i128,
+}
+
+enum RefFormula {
+    Flat(i128),
+    Tiered(Vec<RefBracket>),
+    Volume(Vec<RefBracket>),
+    Stairstep(Vec<RefBracket>),
+}
+
+/// SPEC's pricing, read from the words: "Bracket i covers quantities above
+/// the previous bracket's maxQuantity up to and including its own."
+struct RefPricing {
+    formula: RefFormula,
+    currency: String,
+}
+
+impl RefPricing {
+    fn of(pricing: &Pricing) -> Self {
+        let brackets = |b: &[Bracket]| {
+            b.iter()
+                .map(|b| RefBracket {
+                    end: b.max_quantity.map(micros),
+                    price: micros(b.price),
+                })
+                .collect()
+        };
+        let formula = match pricing.formula() {
+            Formula::FlatRate { price } => RefFormula::Flat(micros(*price)),
+            Formula::Tiered(b) => RefFormula::Tiered(brackets(b)),
+            Formula::Volume(b) => RefFormula::Volume(brackets(b)),
+            Formula::Stairstep(b) => RefFormula::Stairstep(brackets(b)),
+        };
+        Self {
+            formula,
+            currency: pricing.currency().to_owned(),
+        }
+    }
+
+    fn brackets(&self) -> Option<&[RefBracket]> {
+        match &self.formula {
+            RefFormula::Flat(_) => None,
+            RefFormula::Tiered(b) | RefFormula::Volume(b) | RefFormula::Stairstep(b) => Some(b),
+        }
+    }
+
+    /// The bracket holding a total of `q` (> 0).
+    fn holding(brackets: &[RefBracket], q: i128) -> &RefBracket {
+        brackets
+            .iter()
+            .find(|b| b.end.is_none_or(|end| q <= end))
+            .expect("the last bracket has no end")
+    }
+
+    /// What a total quantity `q` (millionths) costs, in 10^-12.
+    fn amount(&self, q: i128) -> i128 {
+        if q <= 0 {
+            return 0;
+        }
+        match &self.formula {
+            RefFormula::Flat(price) => q * price,
+            RefFormula::Volume(b) => q * Self::holding(b, q).price,
+            RefFormula::Stairstep(b) => Self::holding(b, q).price * 1_000_000,
+            RefFormula::Tiered(b) => {
+                // Each bracket's units times its price.
+                let mut total = 0;
+                let mut previous = 0;
+                for bracket in b {
+                    let top = bracket.end.map_or(q, |end| end.min(q));
+                    if top > previous {
+                        total += (top - previous) * bracket.price;
+                    }
+                    match bracket.end {
+                        Some(end) if end < q => previous = end,
+                        _ => break,
+                    }
+                }
+                total
+            }
+        }
+    }
+
+    /// The largest multiple of 0.001 (millionths, multiple of 1000), at
+    /// most `most`, whose addition to `used` costs at most `limit`; 0 when
+    /// none does. Inside one bracket the amount never falls as the total
+    /// grows (prices are not negative), so per bracket, from the highest,
+    /// the steps that fit are the bracket's lowest ones: a bisection finds
+    /// the last. No division, nothing shared with the code's solution.
+    fn largest_fitting(&self, used: i128, most: i128, limit: i128) -> i128 {
+        let steps = most.div_euclid(1000);
+        let at = |k: i128| self.amount(used + k * 1000);
+        let ranges: Vec<(i128, Option<i128>)> = match self.brackets() {
+            None => vec![(0, None)],
+            Some(brackets) => {
+                let mut previous = 0;
+                brackets
+                    .iter()
+                    .map(|b| {
+                        let range = (previous, b.end);
+                        previous = b.end.unwrap_or(previous);
+                        range
+                    })
+                    .collect()
+            }
+        };
+        for (above, up_to) in ranges.into_iter().rev() {
+            // The steps k ≥ 1 with above < used + 1000 k ≤ up_to, k ≤ steps.
+            let first = if above < used {
+                1
+            } else {
+                (above - used).div_euclid(1000) + 1
+            };
+            let last = match up_to {
+                None => steps,
+                Some(end) if end < used => continue,
+                Some(end) => ((end - used).div_euclid(1000)).min(steps),
+            };
+            if first > last || at(first) > limit {
+                continue;
+            }
+            let (mut fits, mut over) = (first, last + 1);
+            while over - fits > 1 {
+                let mid = fits + (over - fits) / 2;
+                if at(mid) <= limit {
+                    fits = mid;
+                } else {
+                    over = mid;
+                }
+            }
+            return fits * 1000;
+        }
+        0
+    }
+
+    /// The same by trying every step, to check the bisection on small
+    /// ranges.
+    fn largest_fitting_by_trial(&self, used: i128, most: i128, limit: i128) -> i128 {
+        (1..=most.div_euclid(1000))
+            .rev()
+            .find(|k| self.amount(used + k * 1000) <= limit)
+            .map_or(0, |k| k * 1000)
+    }
+
+    fn checked_largest_fitting(&self, used: i128, most: i128, limit: i128) -> i128 {
+        let found = self.largest_fitting(used, most, limit);
+        if most <= 200_000 {
+            assert_eq!(
+                found,
+                self.largest_fitting_by_trial(used, most, limit),
+                "the fuzzer's own bisection"
+            );
+        }
+        found
+    }
+}
+
+// ---- SPEC's step 5, computed from the state before the step ---------------
+
+/// A limit that caps a usage: the hard limit of the period, or (in the
+/// trial) the trial limit.
+#[derive(Debug, Clone, Copy)]
+struct Cap {
+    kind: LimitKind,
+    limit: Limit,
+}
+
+fn caps(sub: &SubscriptionState, index: usize, in_trial: bool) -> Vec<Cap> {
+    let period = &sub.periods[index];
+    let hard = period.hard_limit.map(|limit| Cap {
+        kind: LimitKind::Hard,
+        limit,
+    });
+    let trial = sub.trial_limit.filter(|_| in_trial).map(|limit| Cap {
+        kind: LimitKind::Trial,
+        limit: Limit::Quantity(limit),
+    });
+    hard.into_iter().chain(trial).collect()
+}
+
+fn ref_pricing(period: &PeriodState) -> RefPricing {
+    RefPricing::of(period.pricing.as_deref().expect("an amount limit comes with pricing"))
+}
+
+fn cap_used(cap: &Cap, sub: &SubscriptionState, index: usize) -> Decimal {
+    match cap.kind {
+        LimitKind::Trial => sub.trial_used,
+        _ => sub.periods[index].used,
+    }
+}
+
+/// What the cap leaves available: `max(0, limit − used)` for a quantity;
+/// for an amount, the largest quantity (at most the largest a usage can
+/// carry) whose total still fits.
+fn available(cap: &Cap, sub: &SubscriptionState, index: usize) -> Decimal {
+    let used = cap_used(cap, sub, index);
+    match cap.limit {
+        Limit::Quantity(limit) => (limit - used).max(Decimal::ZERO),
+        Limit::Amount(limit) => from_micros(ref_pricing(&sub.periods[index]).checked_largest_fitting(
+            micros(used),
+            micros(max_quantity()),
+            amount_units(limit),
+        )),
+    }
+}
+
+/// Whether a usage of `quantity` fits under the cap: within what is
+/// available for a quantity, `amount(used + quantity) ≤ limit` for an
+/// amount.
+fn fits(cap: &Cap, sub: &SubscriptionState, index: usize, quantity: Decimal) -> bool {
+    match cap.limit {
+        Limit::Quantity(_) => quantity <= available(cap, sub, index),
+        Limit::Amount(limit) => {
+            let pricing = ref_pricing(&sub.periods[index]);
+            pricing.amount(micros(sub.periods[index].used + quantity)) <= amount_units(limit)
+        }
+    }
+}
+
+/// A limit report in comparable form: the amount written by the code is
+/// read exactly (`None` where it is not a whole number of 10^-12).
+#[derive(Debug, PartialEq, Eq)]
+struct Figures {
+    applied: LimitKind,
+    limit: Option<Decimal>,
+    used: Decimal,
+    available: Decimal,
+    /// Limit amount, used amount, currency.
+    amount: Option<(Decimal, Amount, String)>,
+    period: (DateTime<Utc>, Option<DateTime<Utc>>),
+}
+
+impl Figures {
+    fn of(r: &LimitReport) -> Self {
+        Self {
+            applied: r.applied,
+            limit: r.limit,
+            used: r.used,
+            available: r.available,
+            amount: r
+                .amount
+                .as_ref()
+                .map(|a| (a.limit_amount, Amount::Written(a.used_amount), a.currency.clone())),
+            period: (r.period_start, r.period_end),
+        }
+    }
+
+    /// What SPEC says the outcome reports for `cap` in state `sub`.
+    fn expected(cap: &Cap, sub: &SubscriptionState, index: usize) -> Self {
+        let period = &sub.periods[index];
+        let amount = cap.limit.amount().map(|limit| {
+            let pricing = ref_pricing(period);
+            (
+                limit,
+                Amount::Exact(pricing.amount(micros(period.used))),
+                pricing.currency,
+            )
+        });
+        Self {
+            applied: cap.kind,
+            limit: cap.limit.quantity(),
+            used: cap_used(cap, sub, index),
+            available: available(cap, sub, index),
+            amount,
+            period: (period.start, period.end),
+        }
+    }
+}
+
+/// What step 5 decides.
+#[derive(Debug)]
+enum Step5 {
+    /// Created with this quantity (the request's, or a clamp).
+    Created(Decimal),
+    Refused,
+}
+
+/// SPEC version 2, "several limits at once": a report of x fits when x is
+/// within every quantity cap and amount(used + x) within every amount cap;
+/// else, with acceptPartialQuantity, the largest multiple of 0.001 that
+/// fits every cap, if at least 0.001. With the binding cap: of those that
+/// refuse the request, the one that leaves least; when all let it through,
+/// the one that leaves least (the hard limit on a tie).
+fn step5(req: &UsageRequest, sub: &SubscriptionState, index: usize, in_trial: bool) -> (Step5, Option<Cap>) {
+    let caps = caps(sub, index, in_trial);
+    let least = |candidates: Vec<Cap>| {
+        let mut best: Option<(Cap, Decimal)> = None;
+        for cap in candidates {
+            let a = available(&cap, sub, index);
+            if best.is_none_or(|(_, b)| a < b) {
+                best = Some((cap, a));
+            }
+        }
+        best.map(|(cap, _)| cap)
+    };
+    let refusing: Vec<Cap> = caps
+        .iter()
+        .copied()
+        .filter(|cap| !fits(cap, sub, index, req.quantity))
+        .collect();
+    if refusing.is_empty() {
+        return (Step5::Created(req.quantity), least(caps));
+    }
+    let binding = least(refusing);
+    if !req.accept_partial {
+        return (Step5::Refused, binding);
+    }
+    let mut most = micros(req.quantity);
+    for cap in &caps {
+        if let Limit::Quantity(_) = cap.limit {
+            most = most.min(micros(available(cap, sub, index)));
+        }
+    }
+    let period = &sub.periods[index];
+    for cap in &caps {
+        if let Limit::Amount(limit) = cap.limit {
+            most = ref_pricing(period).checked_largest_fitting(micros(period.used), most, amount_units(limit));
+        }
+    }
+    // Thousandths: the quantity caps' availabilities have 3 places at most.
+    let most = most - most.rem_euclid(1000);
+    if most >= 1000 {
+        (Step5::Created(from_micros(most)), binding)
+    } else {
+        (Step5::Refused, binding)
+    }
+}
+
+/// Whether the period already raised the step or a higher one of its kind
+/// (each step once per period, lowest first; a period whose soft limit was
+/// alerted at 100 % by version 1 raises no lower step after).
+fn raised(period: &PeriodState, step: AlertStep) -> bool {
+    period
+        .alerted
+        .iter()
+        .any(|a| a.kind == step.kind && a.threshold >= step.threshold)
+}
+
+/// An alert in comparable form, like [`Figures`].
+#[derive(Debug, PartialEq, Eq)]
+struct AlertFigures {
+    kind: LimitKind,
+    threshold: u8,
+    limit: Option<Decimal>,
+    used: Decimal,
+    amount: Option<(Decimal, Amount, String)>,
+}
+
+impl AlertFigures {
+    fn of(a: &LimitReached) -> Self {
+        Self {
+            kind: a.kind,
+            threshold: a.threshold,
+            limit: a.limit,
+            used: a.used,
+            amount: a
+                .amount
+                .as_ref()
+                .map(|f| (f.limit_amount, Amount::Written(f.used_amount), f.currency.clone())),
+        }
+    }
+}
+
+/// Step 6 after a creation: the steps reached in `after` (period `index`)
+/// that `before` had not raised, soft 75, 90, 100 %, hard, trial.
+fn expected_alerts(
+    before: &SubscriptionState,
+    after: &SubscriptionState,
+    index: usize,
+    in_trial: bool,
+) -> Vec<AlertFigures> {
+    let period = &after.periods[index];
+    let used = period.used;
+    let used_amount = period
+        .pricing
+        .as_ref()
+        .map(|_| ref_pricing(period).amount(micros(used)));
+    let mut want = Vec::new();
+    let mut raise = |kind, threshold, limit: Limit, used: Decimal| {
+        let step = AlertStep { kind, threshold };
+        if raised(&before.periods[index], step) {
+            return;
+        }
+        want.push(AlertFigures {
+            kind,
+            threshold,
+            limit: limit.quantity(),
+            used,
+            amount: limit.amount().map(|l| {
+                (
+                    l,
+                    Amount::Exact(used_amount.expect("an amount limit comes with pricing")),
+                    ref_pricing(period).currency,
+                )
+            }),
+        });
+    };
+    if let Some(limit) = period.soft_limit {
+        for threshold in AlertStep::SOFT_THRESHOLDS {
+            let percent = i128::from(threshold);
+            // used ≥ limit × threshold / 100, compared exactly.
+            let reached = match limit {
+                Limit::Quantity(l) => micros(used) * 100 >= micros(l) * percent,
+                Limit::Amount(l) => used_amount.expect("priced") * 100 >= amount_units(l) * percent,
+            };
+            if reached {
+                raise(LimitKind::Soft, threshold, limit, used);
+            }
+        }
+    }
+    if let Some(limit) = period.hard_limit {
+        let reached = match limit {
+            Limit::Quantity(l) => used >= l,
+            // Reached when not even 0.001 more fits.
+            Limit::Amount(l) => {
+                ref_pricing(period).checked_largest_fitting(micros(used), micros(max_quantity()), amount_units(l)) == 0
+            }
+        };
+        if reached {
+            raise(LimitKind::Hard, 100, limit, used);
+        }
+    }
+    if let (true, Some(limit)) = (in_trial, after.trial_limit) {
+        if after.trial_used >= limit {
+            raise(LimitKind::Trial, 100, Limit::Quantity(limit), after.trial_used);
+        }
+    }
+    want
+}
+
+/// Alerted steps in one order, so states compare whatever order they were
+/// raised in.
 fn sorted_alerts(mut sub: SubscriptionState) -> SubscriptionState {
     for p in &mut sub.periods {
         p.alerted.sort();
@@ -252,11 +896,18 @@ fn sorted_alerts(mut sub: SubscriptionState) -> SubscriptionState {
 
 fuzz_target!(|input: Input| {
     let initial = subscription(&input);
+    if std::env::var_os("FUZZ_DECIDE_PRINT").is_some() {
+        // To read a failing input: the subscription it builds, then the
+        // request specs.
+        eprintln!("{initial:#?}\n{:#?}", input.requests);
+    }
     let mut sub = initial.clone();
     let now = at(input.now_hour);
     let grace = Duration::hours(i64::from(input.grace_hours));
     let mut stored: HashMap<String, StoredUsage> = HashMap::new();
     let mut earlier: Vec<UsageRequest> = Vec::new();
+    // Every alert step raised during the run, per period start.
+    let mut raised_in_run: Vec<(DateTime<Utc>, AlertStep)> = Vec::new();
 
     for spec in input.requests.iter().take(MAX_REQUESTS) {
         let Some(req) = request(spec, &earlier) else { continue };
@@ -288,8 +939,8 @@ fuzz_target!(|input: Input| {
         assert_eq!(again, decision, "deterministic decision");
         assert_eq!(copy, sub, "deterministic state");
 
-        let expected_rejection = expected_rejection(&req, usage_time, existing.as_ref(), known, &before, now, grace);
-        match (&decision, expected_rejection) {
+        let expected = expected_rejection(&req, usage_time, existing.as_ref(), known, &before, now, grace);
+        match (&decision, expected) {
             (Decision::Duplicate { original }, Expected::Duplicate) => {
                 assert_eq!(Some(original), existing.as_ref());
                 assert_eq!(sub, before, "a duplicate changes nothing");
@@ -299,42 +950,47 @@ fuzz_target!(|input: Input| {
                 assert_eq!(sub, before, "a rejection changes nothing");
                 assert_eq!(limit.is_some(), code == ReasonCode::UsageLimitExceeded);
             }
-            (Decision::Created { .. }, Expected::Decide(index)) => {
-                check_created(&req, usage_time, &decision, index, &before, &sub);
-                let Decision::Created { quantity, .. } = decision else {
-                    unreachable!()
-                };
-                stored.insert(
-                    id.clone(),
-                    StoredUsage {
-                        id,
-                        subscription_id: req.subscription_id.clone(),
-                        quantity,
-                        requested_quantity: req.quantity,
-                        accept_partial: req.accept_partial,
-                        usage_time,
-                        invoice_id: None,
-                        invoice_item_id: None,
-                        created_time: now,
-                        updated_time: now,
-                    },
-                );
-            }
-            (Decision::Rejected { rejection, limit }, Expected::Decide(index)) => {
-                assert_eq!(rejection.code, ReasonCode::UsageLimitExceeded, "{req:?} {decision:?}");
-                assert_eq!(rejection.field, Some("quantity"));
-                assert_eq!(sub, before, "a rejection changes nothing");
-                let (kind, cap, used) = binding_cap(&before, index, usage_time).expect("a limit rejected it");
-                let available = (cap - used).max(Decimal::ZERO);
-                assert!(
-                    req.quantity > available && !(req.accept_partial && available >= milli(1)),
-                    "rejected only when over what is available and no clamp is allowed: {req:?} {decision:?}"
-                );
-                let limit = limit.as_ref().expect("the outcome says which limit");
-                assert_eq!(
-                    (limit.applied, limit.limit, limit.used, limit.available),
-                    (kind, cap, used, available)
-                );
+            (_, Expected::Decide(index)) => {
+                let in_trial = before.trial_end_time.is_some_and(|end| usage_time < end);
+                let (step, binding) = step5(&req, &before, index, in_trial);
+                match (&decision, step) {
+                    (Decision::Created { quantity, alerts, .. }, Step5::Created(want)) => {
+                        check_created(
+                            &req, usage_time, &decision, want, binding, index, in_trial, &before, &sub,
+                        );
+                        let period_start = before.periods[index].start;
+                        raised_in_run.extend(alerts.iter().map(|a| (period_start, a.step())));
+                        stored.insert(
+                            id.clone(),
+                            StoredUsage {
+                                id,
+                                subscription_id: req.subscription_id.clone(),
+                                quantity: *quantity,
+                                requested_quantity: req.quantity,
+                                accept_partial: req.accept_partial,
+                                usage_time,
+                                invoice_id: None,
+                                invoice_item_id: None,
+                                created_time: now,
+                                updated_time: now,
+                            },
+                        );
+                    }
+                    (Decision::Rejected { rejection, limit }, Step5::Refused) => {
+                        assert_eq!(rejection.code, ReasonCode::UsageLimitExceeded, "{req:?} {decision:?}");
+                        assert_eq!(rejection.field, Some("quantity"));
+                        assert_eq!(sub, before, "a rejection changes nothing");
+                        let binding = binding.expect("a limit refused it");
+                        let limit = limit.as_ref().expect("the outcome says which limit");
+                        assert_eq!(
+                            Figures::of(limit),
+                            Figures::expected(&binding, &before, index),
+                            "a refusal reports the binding limit: {req:?} in {:?}",
+                            before.periods[index]
+                        );
+                    }
+                    (decision, step) => panic!("{req:?}: decided {decision:?}, SPEC says {step:?} under {binding:?}"),
+                }
             }
             (decision, expected) => panic!("{req:?}: decided {decision:?}, SPEC says {expected:?}"),
         }
@@ -342,20 +998,32 @@ fuzz_target!(|input: Input| {
 
     // Over the whole run.
     for (first, last) in initial.periods.iter().zip(&sub.periods) {
-        if let Some(hard) = last.hard_limit {
+        if let Some(Limit::Quantity(hard)) = last.hard_limit {
             if first.used <= hard {
                 assert!(last.used <= hard, "a period never exceeds its hard limit: {last:?}");
             }
         }
         assert!(last.used >= first.used);
-        let mut kinds = last.alerted.clone();
-        kinds.sort();
-        kinds.dedup();
+        let mut steps = last.alerted.clone();
+        steps.sort();
+        steps.dedup();
         assert_eq!(
-            kinds.len(),
+            steps.len(),
             last.alerted.len(),
-            "each alert at most once per period: {last:?}"
+            "each alert step at most once per period: {last:?}"
         );
+        let mut in_run: Vec<AlertStep> = raised_in_run
+            .iter()
+            .filter(|(start, _)| *start == first.start)
+            .map(|(_, step)| *step)
+            .collect();
+        let count = in_run.len();
+        in_run.sort();
+        in_run.dedup();
+        assert_eq!(in_run.len(), count, "a step raised twice in one period: {in_run:?}");
+        for step in in_run {
+            assert!(!raised(first, step), "{step:?} raised again in {first:?}");
+        }
     }
     if let Some(limit) = sub.trial_limit {
         if initial.trial_used <= limit {
@@ -418,11 +1086,15 @@ fn expected_rejection(
 }
 
 /// Step 5's creation and step 6's alerts, and the state they leave.
+#[allow(clippy::too_many_arguments)]
 fn check_created(
     req: &UsageRequest,
     usage_time: DateTime<Utc>,
     decision: &Decision,
+    want_quantity: Decimal,
+    binding: Option<Cap>,
     index: usize,
+    in_trial: bool,
     before: &SubscriptionState,
     after: &SubscriptionState,
 ) {
@@ -439,87 +1111,69 @@ fn check_created(
     else {
         unreachable!()
     };
-    let binding = binding_cap(before, index, usage_time);
-    let available = binding.map(|(_, cap, used)| (cap - used).max(Decimal::ZERO));
-
     assert_eq!(*requested_quantity, req.quantity);
-    assert!(*quantity <= req.quantity, "accepted quantity <= requested");
-    match available {
-        Some(a) if req.quantity > a => {
-            assert!(
-                req.accept_partial && a >= milli(1),
-                "clamped only when allowed: {decision:?}"
-            );
-            assert_eq!(*quantity, a, "a clamp takes exactly what is available");
-            assert!(*partial);
-        }
-        _ => {
-            assert_eq!(*quantity, req.quantity, "created in full when it fits");
-            assert!(!partial);
-        }
-    }
+    assert_eq!(
+        *quantity, want_quantity,
+        "created in full when it fits, else the largest fitting multiple of 0.001: {req:?}"
+    );
+    assert!(*quantity <= req.quantity, "a partial never exceeds the request");
+    assert_eq!(*partial, *quantity != req.quantity);
+    assert!(!*partial || req.accept_partial, "clamped only when allowed");
     assert!(*quantity >= milli(1));
+    assert!(quantity.normalize().scale() <= 3, "whole thousandths");
     assert_eq!(*decided_time, usage_time);
     let period = &before.periods[index];
     assert_eq!((*period_start, *period_end), (period.start, period.end));
 
     // The state after: the period and (in the trial) the trial count grow
-    // by what was accepted, alerted kinds grow by the alerts; nothing else.
-    let in_trial = before.trial_end_time.is_some_and(|end| usage_time < end);
+    // by what was accepted, alerted steps grow by the alerts; nothing else.
     let mut expected = before.clone();
     expected.periods[index].used += *quantity;
     if in_trial {
         expected.trial_used += *quantity;
     }
-    let used = expected.periods[index].used;
-    let trial_used = expected.trial_used;
 
-    let mut want_alerts = Vec::new();
-    for (kind, limit, total, applies) in [
-        (LimitKind::Soft, period.soft_limit, used, true),
-        (LimitKind::Hard, period.hard_limit, used, true),
-        (LimitKind::Trial, before.trial_limit, trial_used, in_trial),
-    ] {
-        if let Some(limit) = limit.filter(|l| applies && total >= *l && !period.alerted.contains(&kind)) {
-            want_alerts.push(LimitReached {
-                kind,
-                limit,
-                used: total,
-            });
-            expected.periods[index].alerted.push(kind);
-        }
-    }
-    let mut got_alerts = alerts.clone();
-    got_alerts.sort_by_key(|a| a.kind);
-    want_alerts.sort_by_key(|a| a.kind);
-    assert_eq!(got_alerts, want_alerts, "alerts once per period and kind, when reached");
+    let want_alerts = expected_alerts(before, &expected, index, in_trial);
+    let soft: Vec<u8> = alerts
+        .iter()
+        .filter(|a| a.kind == LimitKind::Soft)
+        .map(|a| a.threshold)
+        .collect();
+    assert!(soft.is_sorted(), "soft steps lowest first: {soft:?}");
+    let mut got: Vec<AlertFigures> = alerts.iter().map(AlertFigures::of).collect();
+    got.sort_by_key(|a| (a.kind, a.threshold));
+    let mut want = want_alerts;
+    want.sort_by_key(|a| (a.kind, a.threshold));
+    assert_eq!(got, want, "alerts once per period and step, when reached");
+    expected.periods[index]
+        .alerted
+        .extend(alerts.iter().map(LimitReached::step));
     assert_eq!(
         sorted_alerts(after.clone()),
-        sorted_alerts(expected),
+        sorted_alerts(expected.clone()),
         "only what was accepted is counted"
     );
 
-    for (cap, total) in [
-        (period.hard_limit, used),
-        (before.trial_limit.filter(|_| in_trial), trial_used),
-    ] {
-        if let Some(cap) = cap {
-            assert!(total <= cap, "a creation never passes a cap: {total} > {cap}");
+    // No cap is passed by a creation.
+    let used_after = expected.periods[index].used;
+    match period.hard_limit {
+        Some(Limit::Quantity(cap)) => assert!(used_after <= cap, "past the hard limit: {used_after} > {cap}"),
+        Some(Limit::Amount(cap)) => {
+            let spent = ref_pricing(period).amount(micros(used_after));
+            assert!(
+                spent <= amount_units(cap),
+                "a created usage never takes the amount past the hard limit: {spent}e-12 > {cap}"
+            );
         }
+        None => {}
     }
-    let want = binding.map(|(kind, cap, _)| {
-        let total = if kind == LimitKind::Trial { trial_used } else { used };
-        LimitReport {
-            applied: kind,
-            limit: cap,
-            used: total,
-            available: (cap - total).max(Decimal::ZERO),
-            period_start: period.start,
-            period_end: period.end,
-        }
-    });
+    if let (true, Some(cap)) = (in_trial, before.trial_limit) {
+        assert!(expected.trial_used <= cap, "past the trial limit");
+    }
     assert_eq!(
-        *limit, want,
-        "the outcome reports the cap that applied, after the usage"
+        limit.as_ref().map(Figures::of),
+        binding.map(|cap| Figures::expected(&cap, &expected, index)),
+        "the outcome reports the cap that applied, after the usage: {req:?} in {:?}",
+        after.periods[index]
     );
 }

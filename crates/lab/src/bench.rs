@@ -18,13 +18,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::producer::Producer;
+use rust_decimal::Decimal;
+use serde_json::value::RawValue;
 
 use test_kit::process::{self, WorkerProcess, WorkerSpec};
 use usage_worker::config::{Settings, TopicSettings};
+use usage_worker::domain::subscription::decode_pricing;
 use usage_worker::embedded::{EmbeddedKafka, ScratchDatabase};
 use usage_worker::store;
 
-use crate::load::{self, Generator, LoadProducer};
+use crate::load::{self, Generator, LimitMode, LoadProducer};
 use crate::local;
 use crate::progress::Progress;
 use crate::results::{self, Check, Records, ResultReader};
@@ -57,6 +60,22 @@ pub struct BenchArgs {
     /// as USAGE_WORKER__PIPELINE__BATCH_SIZE=5000).
     #[arg(long = "worker-env")]
     pub worker_env: Vec<String>,
+    /// Half the subscriptions get tiered pricing with amount hard and soft
+    /// limits instead of quantity ones, each costing exactly what its
+    /// quantity limit would, so the decisions (and the share of partials
+    /// and rejections) are those of the default run.
+    #[arg(long)]
+    pub amount_limits: bool,
+}
+
+impl BenchArgs {
+    fn limit_mode(&self) -> LimitMode {
+        if self.amount_limits {
+            LimitMode::Amount
+        } else {
+            LimitMode::Quantity
+        }
+    }
 }
 
 /// How many events may be ahead of their outcomes.
@@ -98,6 +117,7 @@ async fn measure(
         "bench: mock Kafka at {}, database {database}",
         kafka.bootstrap_servers()
     );
+    eprintln!("bench: {} limits", args.limit_mode().name());
     let mut bench = Bench::set_up(settings, args, kafka, database_url)?;
     let main = bench.throughput_and_latency(&pool, database).await?;
     let baseline = bench.baseline(&pool).await?;
@@ -146,7 +166,7 @@ impl Bench {
     ) -> anyhow::Result<Self> {
         let t = &settings.topics;
         let producer = load::producer(kafka.bootstrap_servers(), &[])?;
-        load::publish_subscriptions(&producer, &t.subscriptions, args.subscriptions, 10)?;
+        load::publish_subscriptions(&producer, &t.subscriptions, args.subscriptions, 10, args.limit_mode())?;
         producer.flush(Duration::from_secs(30))?;
 
         let log = std::env::temp_dir().join("usage-worker-bench.log");
@@ -332,7 +352,7 @@ impl Bench {
 }
 
 /// Exactly one outcome per input offset, a decision stored for each, and
-/// no period over its hard limit.
+/// no period over its hard limit, a quantity or an amount.
 struct ExactlyOnce {
     check: Check,
     decided: i64,
@@ -356,9 +376,10 @@ impl ExactlyOnce {
         .bind(&topics.usage_results)
         .fetch_one(pool)
         .await?;
-        let over_limit: i64 = sqlx::query_scalar("SELECT count(*) FROM service_periods WHERE used > hard_limit")
+        let over_quantity: i64 = sqlx::query_scalar("SELECT count(*) FROM service_periods WHERE used > hard_limit")
             .fetch_one(pool)
             .await?;
+        let over_limit = over_quantity + over_amount_limit(pool).await?;
         Ok(Self {
             check,
             decided,
@@ -379,6 +400,26 @@ impl ExactlyOnce {
         }
         Ok(())
     }
+}
+
+/// Periods whose usage costs more than their amount hard limit, under the
+/// pricing stored with them, computed by the worker's pricing module.
+async fn over_amount_limit(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
+    let rows: Vec<(Decimal, Decimal, String)> = sqlx::query_as(
+        "SELECT used, hard_limit_amount, pricing::text FROM service_periods WHERE hard_limit_amount IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading the periods with an amount hard limit")?;
+    let mut over = 0;
+    for (used, limit, pricing) in rows {
+        let raw = RawValue::from_string(pricing).context("a stored pricing is not JSON")?;
+        let pricing = decode_pricing(&raw).map_err(|e| anyhow::anyhow!("a stored pricing is invalid: {e}"))?;
+        if pricing.amount(used) > limit {
+            over += 1;
+        }
+    }
+    Ok(over)
 }
 
 struct Phase {
@@ -483,6 +524,7 @@ impl CpuSnapshot {
 }
 
 struct Report {
+    limit_mode: LimitMode,
     events: u64,
     events_per_sec: f64,
     baseline_events_per_sec: f64,
@@ -495,6 +537,7 @@ struct Report {
 impl Report {
     fn new(args: &BenchArgs, main: &MainPhases, baseline: &Phase) -> Self {
         Self {
+            limit_mode: args.limit_mode(),
             events: args.events,
             events_per_sec: main.throughput.events_per_sec,
             baseline_events_per_sec: baseline.events_per_sec,
@@ -507,6 +550,7 @@ impl Report {
 
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
+            "limit_mode": self.limit_mode.name(),
             "events": self.events,
             "events_per_sec": self.events_per_sec.round(),
             "baseline_events_per_sec": self.baseline_events_per_sec.round(),
@@ -538,6 +582,14 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
     );
     println!("partitions           {}", args.partitions);
     println!("subscriptions        {}", args.subscriptions);
+    println!(
+        "limits               {}",
+        match report.limit_mode {
+            LimitMode::Quantity => "quantity (hard and soft limits are quantities)",
+            LimitMode::Amount =>
+                "amount (half the subscriptions priced, tiered, with amount hard and soft limits; --amount-limits)",
+        }
+    );
     for (i, (partitions, rss)) in assignments.iter().zip(rss).enumerate() {
         println!("worker {i}             partitions {partitions}, peak RSS {rss:.1} MiB");
     }
@@ -606,6 +658,54 @@ mod tests {
         assert_eq!(used.bench, Duration::from_millis(30));
         assert_eq!(used.postgres, Duration::from_millis(5 + 40 + 7));
         assert!(used.postgres_complete);
+    }
+
+    fn args(argv: &[&str]) -> BenchArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let argv = std::iter::once("bench").chain(argv.iter().copied());
+        <Cli as clap::Parser>::parse_from(argv).bench
+    }
+
+    #[test]
+    fn quantity_limits_are_the_default_and_amount_limits_an_option() {
+        assert_eq!(args(&[]).limit_mode(), LimitMode::Quantity);
+        assert_eq!(args(&["--amount-limits"]).limit_mode(), LimitMode::Amount);
+    }
+
+    #[test]
+    fn the_json_says_which_limits_ran_beside_the_figures() {
+        let report = Report {
+            limit_mode: LimitMode::Amount,
+            events: 3000,
+            events_per_sec: 1234.4,
+            baseline_events_per_sec: 99.6,
+            speedup: 12.34,
+            p50_ms: 5.04,
+            p99_ms: 20.06,
+            rss_mib: 80.04,
+        };
+        assert_eq!(
+            report.json(),
+            serde_json::json!({
+                "limit_mode": "amount",
+                "events": 3000,
+                "events_per_sec": 1234.0,
+                "baseline_events_per_sec": 100.0,
+                "speedup": 12.3,
+                "p50_ms": 5.0,
+                "p99_ms": 20.1,
+                "rss_mib": 80.0,
+            })
+        );
+        let quantity = Report {
+            limit_mode: LimitMode::Quantity,
+            ..report
+        };
+        assert_eq!(quantity.json()["limit_mode"], "quantity");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use usage_worker::config::{Settings, TopicSettings};
 use usage_worker::embedded::ScratchDatabase;
 use usage_worker::store;
 
-use crate::load::{self, Generator, LoadProducer};
+use crate::load::{self, Generator, LimitMode, LoadProducer};
 use crate::local;
 use crate::progress::Progress;
 use crate::results::{self, Check, Key, Records, ResultReader};
@@ -410,7 +410,13 @@ impl World {
                 ("log_level", "3"),
             ],
         )?;
-        load::publish_subscriptions(&producer, &topics[0].subscriptions, args.subscriptions, 5)?;
+        load::publish_subscriptions(
+            &producer,
+            &topics[0].subscriptions,
+            args.subscriptions,
+            5,
+            LimitMode::Quantity,
+        )?;
         producer.flush(Duration::from_secs(30))?;
         let readers = Readers::start(bootstrap, &topics, args.partitions)?;
         let clean = start_clean_worker(args, bootstrap, &databases, &topics[1], work_dir)?;

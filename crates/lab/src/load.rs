@@ -1,12 +1,16 @@
-//! A deterministic load: subscription snapshots with hard and soft limits,
-//! and a stream of usage events keyed by subscription.
+//! A deterministic load: subscription snapshots with hard and soft limits
+//! (quantities, or for half of them amounts under a tiered pricing), and a
+//! stream of usage events keyed by subscription.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
+use rust_decimal::Decimal;
+use serde_json::value::RawValue;
 use usage_worker::config::Partitioner;
+use usage_worker::domain::subscription::decode_pricing;
 use usage_worker::kafka::producer::send_with_retry;
 
 pub type LoadProducer = ThreadedProducer<DefaultProducerContext>;
@@ -41,20 +45,87 @@ pub fn send(
     Ok(())
 }
 
-/// Active subscriptions `sub_0`..: one in `small_every` has a hard limit of
-/// 200, small enough to be reached; the others 1,000,000. Each has a soft
-/// limit at three quarters of its hard limit.
-pub fn publish_subscriptions(producer: &LoadProducer, topic: &str, count: u64, small_every: u64) -> anyhow::Result<()> {
+/// How the subscriptions' limits are set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    /// Every hard and soft limit a quantity (the default load).
+    Quantity,
+    /// Half the subscriptions priced (see [`PRICING`]), with amount hard and
+    /// soft limits that cost exactly what their quantity limits would.
+    Amount,
+}
+
+impl LimitMode {
+    /// The name in the bench's report and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quantity => "quantity",
+            Self::Amount => "amount",
+        }
+    }
+}
+
+/// The priced subscriptions' plan: tiered, 0.5 USD each for the first 100,
+/// then 0.4 USD each. Every price is above 0, so the amount rises with the
+/// total: an amount limit set to the amount of a quantity limit lets
+/// through exactly what that quantity limit does.
+pub const PRICING: &str = r#"{"currency": "USD", "formula": "tiered", "brackets": [{"maxQuantity": 100, "price": 0.5}, {"maxQuantity": null, "price": 0.4}]}"#;
+
+/// What a total quantity costs under [`PRICING`], computed by the worker's
+/// own pricing module.
+pub fn priced_amount(quantity: Decimal) -> Decimal {
+    let raw = RawValue::from_string(PRICING.to_owned()).expect("PRICING is JSON");
+    decode_pricing(&raw).expect("PRICING is valid").amount(quantity)
+}
+
+/// Active subscriptions `sub_0`.., as (key, snapshot): one in
+/// `small_every` has a hard limit of 200, small enough to be reached; the
+/// others 1,000,000. Each has a soft limit at three quarters of its hard
+/// limit. With [`LimitMode::Amount`], the subscriptions in every other block
+/// of `small_every` (so half the small ones and half the large ones) are
+/// priced and have those limits as amounts: the amount of 200 (90 USD) or of
+/// 1,000,000, and of three quarters of it. The decisions are the same as
+/// with quantity limits; only how they are computed differs.
+pub fn subscription_snapshots(count: u64, small_every: u64, mode: LimitMode) -> Vec<(String, String)> {
     let now = Utc::now();
     let start = (now - chrono::Duration::days(10)).to_rfc3339();
     let end = (now + chrono::Duration::days(20)).to_rfc3339();
-    for i in 0..count {
-        let limit = if i % small_every == 0 { 200 } else { 1_000_000 };
-        let snapshot = format!(
-            r#"{{"id": "sub_{i}", "status": "active", "version": 1, "currentPeriodStartTime": "{start}", "currentPeriodEndTime": "{end}", "usageLimits": {{"hardLimit": {limit}, "softLimit": {}}}}}"#,
-            limit * 3 / 4
-        );
-        send(producer, topic, None, &format!("sub_{i}"), &snapshot)?;
+    (0..count)
+        .map(|i| {
+            let hard: u64 = if i % small_every == 0 { 200 } else { 1_000_000 };
+            let soft = hard * 3 / 4;
+            let priced = mode == LimitMode::Amount && (i / small_every) % 2 == 1;
+            let (limits, pricing) = if priced {
+                let amount = |q: u64| priced_amount(Decimal::from(q)).normalize();
+                (
+                    format!(
+                        r#"{{"hardLimit": {{"amount": {}}}, "softLimit": {{"amount": {}}}}}"#,
+                        amount(hard),
+                        amount(soft)
+                    ),
+                    format!(r#", "pricing": {PRICING}"#),
+                )
+            } else {
+                (format!(r#"{{"hardLimit": {hard}, "softLimit": {soft}}}"#), String::new())
+            };
+            let snapshot = format!(
+                r#"{{"id": "sub_{i}", "status": "active", "version": 1, "currentPeriodStartTime": "{start}", "currentPeriodEndTime": "{end}", "usageLimits": {limits}{pricing}}}"#
+            );
+            (format!("sub_{i}"), snapshot)
+        })
+        .collect()
+}
+
+/// Publishes [`subscription_snapshots`].
+pub fn publish_subscriptions(
+    producer: &LoadProducer,
+    topic: &str,
+    count: u64,
+    small_every: u64,
+    mode: LimitMode,
+) -> anyhow::Result<()> {
+    for (key, snapshot) in subscription_snapshots(count, small_every, mode) {
+        send(producer, topic, None, &key, &snapshot)?;
     }
     Ok(())
 }
@@ -144,6 +215,7 @@ pub fn partition_of(key: &str, partitions: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use usage_worker::domain::subscription::{decode_snapshot, Limit};
 
     #[test]
     fn the_stream_is_deterministic_and_mixed() {
@@ -166,6 +238,94 @@ mod tests {
         assert!(events
             .iter()
             .all(|(key, payload)| payload.contains(&format!(r#""subscriptionId": "{key}""#))));
+    }
+
+    #[test]
+    fn the_quantity_mode_keeps_the_default_load() {
+        let snapshots = subscription_snapshots(20, 10, LimitMode::Quantity);
+        assert_eq!(snapshots.len(), 20);
+        for (i, (key, json)) in snapshots.iter().enumerate() {
+            let snapshot = decode_snapshot(json.as_bytes()).unwrap();
+            assert_eq!(
+                (key.as_str(), snapshot.id.as_str()),
+                (format!("sub_{i}").as_str(), key.as_str())
+            );
+            let hard = if i % 10 == 0 { 200 } else { 1_000_000 };
+            assert_eq!(snapshot.limits.hard, Some(Limit::Quantity(Decimal::from(hard))));
+            assert_eq!(snapshot.limits.soft, Some(Limit::Quantity(Decimal::from(hard * 3 / 4))));
+            assert_eq!(snapshot.pricing, None);
+        }
+    }
+
+    #[test]
+    fn the_amount_mode_prices_half_the_small_and_half_the_large_subscriptions() {
+        let snapshots = subscription_snapshots(40, 10, LimitMode::Amount);
+        let mut priced = [0, 0];
+        for (i, (_, json)) in snapshots.iter().enumerate() {
+            let snapshot = decode_snapshot(json.as_bytes()).expect("a valid snapshot");
+            let small = i % 10 == 0;
+            let hard = if small { 200 } else { 1_000_000 };
+            match snapshot.limits.hard {
+                Some(Limit::Amount(amount)) => {
+                    priced[usize::from(small)] += 1;
+                    assert!(snapshot.pricing.is_some());
+                    assert_eq!(amount, priced_amount(Decimal::from(hard)));
+                    assert_eq!(
+                        snapshot.limits.soft,
+                        Some(Limit::Amount(priced_amount(Decimal::from(hard * 3 / 4))))
+                    );
+                }
+                other => {
+                    assert_eq!(other, Some(Limit::Quantity(Decimal::from(hard))));
+                    assert_eq!(snapshot.pricing, None);
+                }
+            }
+        }
+        assert_eq!(priced, [18, 2], "half the large ones and half the small ones");
+        // 100 at 0.5, then 100 at 0.4.
+        assert_eq!(priced_amount(Decimal::from(200)), Decimal::from(90));
+    }
+
+    /// Why the two modes' figures compare: under the bench's pricing an
+    /// amount limit set to amount(Q) accepts, clamps and refuses exactly as
+    /// a quantity limit of Q does.
+    #[test]
+    fn an_amount_limit_of_amount_q_decides_as_a_quantity_limit_of_q() {
+        let raw = RawValue::from_string(PRICING.to_owned()).unwrap();
+        let pricing = decode_pricing(&raw).unwrap();
+        let milli = |n: i64| Decimal::new(n, 3);
+        for q in [200, 1_000_000] {
+            let q = Decimal::from(q);
+            let limit = pricing.amount(q);
+            for used in [
+                0,
+                1,
+                99_999,
+                100_000,
+                100_001,
+                150_000,
+                199_999,
+                200_000,
+                999_999_999,
+                1_000_000_000,
+            ] {
+                let used = milli(used);
+                for x in [1, 500, 1_000, 9_999, 100_001, 1_000_000_000] {
+                    let x = milli(x);
+                    let available = (q - used).max(Decimal::ZERO);
+                    assert_eq!(
+                        pricing.amount(used + x) <= limit,
+                        x <= available,
+                        "fits: used {used}, x {x}, Q {q}"
+                    );
+                    assert_eq!(
+                        pricing.largest_fitting(used, x, limit),
+                        x.min(available),
+                        "clamp: used {used}, x {x}, Q {q}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
