@@ -11,6 +11,12 @@
 //! - volume: `q ×` the price of the bracket holding *q* (the total can fall
 //!   when *q* reaches a cheaper bracket);
 //! - stairstep: the price of the bracket holding *q*, a total (0 for *q* = 0).
+//!
+//! Exact while an amount has at most the 28 significant digits a `Decimal`
+//! holds (any amount below 10^19 with its 9 decimal places); past that,
+//! `rust_decimal` rounds the last places. Inside a bracket the amount is
+//! measured from the bracket's start, so no intermediate term is larger than
+//! the amounts themselves.
 
 use rust_decimal::Decimal;
 
@@ -63,19 +69,21 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> PricingError
     }
 }
 
-/// Where the amount is `fixed + per_unit × q`: the quantities above `above`
-/// up to and including `up_to`.
+/// Where the amount is `at_start + per_unit × (q − above)`: the quantities
+/// above `above` up to and including `up_to`. Measured from the segment's
+/// start, the terms stay as small as the amounts themselves (a form like
+/// `fixed + per_unit × q` cancels large products and loses digits).
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     above: Decimal,
     up_to: Option<Decimal>,
-    fixed: Decimal,
+    at_start: Decimal,
     per_unit: Decimal,
 }
 
 impl Segment {
     fn amount(&self, quantity: Decimal) -> Decimal {
-        self.fixed + self.per_unit * quantity
+        self.at_start + self.per_unit * (quantity - self.above)
     }
 }
 
@@ -157,15 +165,19 @@ impl Pricing {
                 continue;
             }
             let estimate = if segment.per_unit.is_zero() {
-                if segment.fixed > limit {
+                if segment.at_start > limit {
                     continue;
                 }
                 cap
             } else {
-                (limit - segment.fixed)
+                (limit - segment.at_start)
                     .checked_div(segment.per_unit)
+                    .and_then(|units| segment.above.checked_add(units))
                     .map_or(cap, |at_limit| at_limit.min(cap))
             };
+            // Inside the segment, so that what follows works on quantities
+            // of the segment's own size.
+            let estimate = estimate.max(low);
             if let Some(quantity) = highest_fitting_in(segment, used, (low, cap), estimate, limit) {
                 return quantity - used;
             }
@@ -193,26 +205,27 @@ impl Pricing {
             Formula::FlatRate { price } => vec![Segment {
                 above: Decimal::ZERO,
                 up_to: None,
-                fixed: Decimal::ZERO,
+                at_start: Decimal::ZERO,
                 per_unit: *price,
             }],
             // The amount at the bracket's start, then its price per unit.
             Formula::Tiered(brackets) => per_bracket(brackets, &|above, before, b| Segment {
                 above,
                 up_to: b.max_quantity,
-                fixed: before - b.price * above,
+                at_start: before,
                 per_unit: b.price,
             }),
+            // Every unit at the bracket's price: `price × q`, from its start.
             Formula::Volume(brackets) => per_bracket(brackets, &|above, _, b| Segment {
                 above,
                 up_to: b.max_quantity,
-                fixed: Decimal::ZERO,
+                at_start: b.price * above,
                 per_unit: b.price,
             }),
             Formula::Stairstep(brackets) => per_bracket(brackets, &|above, _, b| Segment {
                 above,
                 up_to: b.max_quantity,
-                fixed: b.price,
+                at_start: b.price,
                 per_unit: Decimal::ZERO,
             }),
         }
@@ -383,6 +396,58 @@ pub(crate) mod tests {
             stairstep.largest_fitting(Decimal::ZERO, dec("50"), dec("0.45")),
             Decimal::ZERO
         );
+    }
+
+    #[test]
+    fn a_cheap_bracket_after_a_dear_one_is_solved_without_overflow() {
+        // Found by fuzzing: the cheap bracket meets the limit near −10^26
+        // units when measured from zero, past what a step count can hold.
+        let tiered = Pricing::new(
+            "USD",
+            Formula::Tiered(brackets(&[(Some("100000000000"), "999999999"), (None, "0.000001")])),
+        )
+        .unwrap();
+        assert_eq!(
+            tiered.largest_fitting(Decimal::ZERO, dec("5"), dec("60")),
+            Decimal::ZERO
+        );
+        assert_eq!(
+            tiered.largest_fitting(Decimal::ZERO, dec("5"), dec("2999999997")),
+            dec("3")
+        );
+        // Past the dear bracket, where the totals still have at most the
+        // 28 digits a decimal holds.
+        let tiered = Pricing::new(
+            "USD",
+            Formula::Tiered(brackets(&[(Some("100000000000"), "99999"), (None, "0.000001")])),
+        )
+        .unwrap();
+        let used = dec("100000000000");
+        assert_eq!(tiered.amount(used), dec("9999900000000000"));
+        assert_eq!(
+            tiered.largest_fitting(used, dec("10"), dec("9999900000000000.000005")),
+            dec("5")
+        );
+    }
+
+    #[test]
+    fn tiered_amounts_keep_every_digit_past_large_bracket_starts() {
+        // Found by fuzzing: measured from zero, `price × start` had more
+        // digits than a decimal holds and the rounding survived.
+        let tiered = Pricing::new(
+            "USD",
+            Formula::Tiered(brackets(&[
+                (Some("412750543133.524417"), "0"),
+                (Some("412750543133.525417"), "141.35"),
+                (Some("412750543547.660417"), "203969541.024683"),
+                (None, "0"),
+            ])),
+        )
+        .unwrap();
+        // 0.001 units at 141.35, then 14.000583 units at 203969541.024683.
+        let q = dec("412750543147.526");
+        let exact = dec("0.14135") + dec("14.000583") * dec("203969541.024683");
+        assert_eq!(tiered.amount(q), exact);
     }
 
     #[test]
