@@ -411,8 +411,10 @@ fn written_amount(d: Decimal) -> Option<i128> {
         .flatten()
 }
 
-/// Whether an amount of `units` × 10^-12 can be written as a `Decimal`
-/// (a 96-bit mantissa): up to 28 or 29 significant digits.
+/// Whether an amount of `units` × 10^-12 is within what `pricing.rs`
+/// promises to compute exactly: at most 28 significant digits. (A `Decimal`
+/// can hold some 29-digit values, but its arithmetic rounds products to
+/// fit, so a 29-digit amount may come out rounded in its last place.)
 fn representable(units: i128) -> bool {
     let mut mantissa = units;
     let mut scale = 12;
@@ -420,7 +422,7 @@ fn representable(units: i128) -> bool {
         mantissa /= 10;
         scale -= 1;
     }
-    mantissa.unsigned_abs() < 1_u128 << 96
+    mantissa.unsigned_abs() < 10_u128.pow(28)
 }
 
 /// An amount in an outcome or alert: as the code wrote it, or as SPEC
