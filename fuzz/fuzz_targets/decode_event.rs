@@ -24,8 +24,8 @@ use libfuzzer_sys::fuzz_target;
 use rust_decimal::Decimal;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use usage_worker::domain::cloudevents::decode_usage_message;
-use usage_worker::domain::headers::Headers;
 use usage_worker::domain::event::{decode_usage_event, DecodeContext, UsageRequest};
+use usage_worker::domain::headers::Headers;
 use usage_worker::domain::outcome::UsageBody;
 use usage_worker::domain::{ReasonCode, Rejection};
 
