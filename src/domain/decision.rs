@@ -407,16 +407,14 @@ pub fn decide(
     if in_trial {
         sub.trial_used += quantity;
     }
-    let alerts = reached(sub, index, in_trial);
+    // The caps after this usage: the binding one's figures for the outcome,
+    // and whether the hard limit is reached.
+    let after = limit_caps(sub, index, in_trial);
+    let alerts = reached(sub, index, in_trial, &after);
     let period = &mut sub.periods[index];
     period.alerted.extend(alerts.iter().map(LimitReached::step));
     let (start, end) = (period.start, period.end);
-    // The binding limit's figures after this usage.
-    let limit = binding.and_then(|cap| {
-        limit_caps(sub, index, in_trial)
-            .into_iter()
-            .find(|c| c.applied == cap.applied)
-    });
+    let limit = binding.and_then(|cap| after.into_iter().find(|c| c.applied == cap.applied));
     Decision::Created {
         quantity,
         requested_quantity: requested,
@@ -496,8 +494,9 @@ fn largest_fitting(caps: &[LimitReport], period: &PeriodState, requested: Decima
 
 /// The alert steps that the period's usage (and the trial's) has reached
 /// and not raised yet, lowest first: the soft limit's 75, 90 and 100 %,
-/// the hard limit, the trial limit.
-fn reached(sub: &SubscriptionState, index: usize, in_trial: bool) -> Vec<LimitReached> {
+/// the hard limit, the trial limit. `caps` are the period's caps as they
+/// are now.
+fn reached(sub: &SubscriptionState, index: usize, in_trial: bool, caps: &[LimitReport]) -> Vec<LimitReached> {
     let period = &sub.periods[index];
     let mut reached = Vec::new();
     let mut raise = |kind, threshold, limit: Limit, used| {
@@ -530,7 +529,9 @@ fn reached(sub: &SubscriptionState, index: usize, in_trial: bool) -> Vec<LimitRe
         let full = match limit {
             Limit::Quantity(value) => period.used >= value,
             // Reached when not even 0.001 more fits.
-            Limit::Amount(value) => amount_report(LimitKind::Hard, value, period).available.is_zero(),
+            Limit::Amount(_) => caps
+                .iter()
+                .any(|cap| cap.applied == LimitKind::Hard && cap.available.is_zero()),
         };
         if full {
             raise(LimitKind::Hard, 100, limit, period.used);
