@@ -13,9 +13,7 @@ ALTER TABLE usages
     -- The quantity the latest amendment asked for (null until amended): a
     -- repeated amendment is recognised by it. `requested_quantity` stays the
     -- original report's, which is what a re-sent report is compared with.
-    ADD COLUMN last_requested_quantity numeric,
-    -- The HTTP caller that reported it; null for Kafka.
-    ADD COLUMN created_by text;
+    ADD COLUMN last_requested_quantity numeric;
 
 CREATE TABLE usage_corrections (
     seq               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -43,7 +43,7 @@ pub enum TransactionKind {
     /// `POST /usages`.
     HttpCreate,
     /// `DELETE /usages/{id}`.
-    HttpDelete,
+    HttpCorrect,
 }
 
 impl TransactionKind {
@@ -51,7 +51,7 @@ impl TransactionKind {
         match self {
             Self::Batch => "batch",
             Self::HttpCreate => "http_create",
-            Self::HttpDelete => "http_delete",
+            Self::HttpCorrect => "http_correct",
         }
     }
 }
@@ -328,14 +328,14 @@ mod tests {
                 (OutcomeStatus::Rejected, Some(ReasonCode::UsageLimitExceeded)),
             ],
         );
-        metrics.record_decision(DecisionSource::Http, OutcomeStatus::Deleted, None);
+        metrics.record_decision(DecisionSource::Http, OutcomeStatus::Voided, None);
         let text = metrics.render();
         assert!(
             text.contains(r#"usage_worker_messages_decided_total{reason="",source="kafka",status="created"} 1"#),
             "{text}"
         );
         assert!(text.contains(r#"reason="usage_limit_exceeded",source="kafka",status="rejected"} 1"#));
-        assert!(text.contains(r#"source="http",status="deleted"} 1"#));
+        assert!(text.contains(r#"source="http",status="voided"} 1"#));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 
 use serde_json::value::RawValue;
 
-use super::event::{decode_usage_event, decode_usage_object, json_string, DecodeContext, JsonObject, UsageRequest};
+use super::correction::{decode_command, read_action, Action, UsageCommand};
+use super::event::{json_string, DecodeContext, JsonObject};
 use super::headers::Headers;
 use super::{ReasonCode, Rejection};
 
@@ -39,24 +40,42 @@ pub fn framing(headers: &Headers) -> Framing {
     }
 }
 
-/// Decodes a usage message in any of the three framings.
-pub fn decode_usage_message(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
+/// Decodes a usage message (a report or a correction) in any of the three
+/// framings.
+pub fn decode_usage_message(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<UsageCommand, Rejection> {
     if body.len() > ctx.max_payload_bytes {
-        // Same answer as plain JSON: too large, not parsed.
-        return decode_usage_event(body, ctx);
+        return Err(too_large(body.len(), ctx));
     }
     match framing(headers) {
-        Framing::Plain => decode_usage_event(body, ctx),
+        Framing::Plain => decode_command(&JsonObject::from_slice(body)?, ctx),
         Framing::Structured => decode_structured(body, ctx),
         Framing::Binary => decode_binary(headers, body, ctx),
     }
+}
+
+/// Too large to read, in any framing.
+pub fn too_large(bytes: usize, ctx: &DecodeContext) -> Rejection {
+    Rejection::new(
+        ReasonCode::PayloadTooLarge,
+        format!(
+            "payload is {bytes} bytes, over the limit of {} bytes",
+            ctx.max_payload_bytes
+        ),
+    )
+}
+
+/// A CloudEvent's `id` and `time` stand in for a report's missing `id` and
+/// `usageTime`. A correction names the usage it corrects in its own `id`,
+/// never the event's.
+fn is_report(object: &JsonObject<'_>) -> bool {
+    read_action(object) == Ok(Action::Report)
 }
 
 fn malformed(message: impl Into<String>) -> Rejection {
     Rejection::new(ReasonCode::MalformedPayload, message)
 }
 
-fn decode_structured(body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
+fn decode_structured(body: &[u8], ctx: &DecodeContext) -> Result<UsageCommand, Rejection> {
     let envelope = JsonObject::from_slice(body)?;
     let attribute = |name: &str| -> Result<Option<String>, Rejection> {
         envelope
@@ -74,13 +93,15 @@ fn decode_structured(body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, R
         .given("data")
         .ok_or_else(|| malformed("CloudEvent has no data"))?;
     let mut object = JsonObject::parse(data.get()).map_err(|e| malformed(format!("CloudEvent data: {e}")))?;
-    if let Some(id) = envelope.given("id") {
-        object.set_default("id", id);
+    if is_report(&object) {
+        if let Some(id) = envelope.given("id") {
+            object.set_default("id", id);
+        }
+        if let Some(time) = envelope.given("time") {
+            object.set_default("usageTime", time);
+        }
     }
-    if let Some(time) = envelope.given("time") {
-        object.set_default("usageTime", time);
-    }
-    decode_usage_object(&object, ctx)
+    decode_command(&object, ctx)
 }
 
 /// The value of the first header named `name`, in any case: CloudEvents
@@ -92,7 +113,7 @@ fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v)
 }
 
-fn decode_binary(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<UsageRequest, Rejection> {
+fn decode_binary(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<UsageCommand, Rejection> {
     let attribute = |name: &str| -> Result<Option<String>, Rejection> {
         header(headers, name)
             .map(|v| {
@@ -116,13 +137,15 @@ fn decode_binary(headers: &Headers, body: &[u8], ctx: &DecodeContext) -> Result<
     let time_raw =
         time.map(|v| RawValue::from_string(serde_json::to_string(&v).expect("string")).expect("JSON string"));
     let mut object = JsonObject::from_slice(body)?;
-    if let Some(id) = &id_raw {
-        object.set_default("id", id);
+    if is_report(&object) {
+        if let Some(id) = &id_raw {
+            object.set_default("id", id);
+        }
+        if let Some(time) = &time_raw {
+            object.set_default("usageTime", time);
+        }
     }
-    if let Some(time) = &time_raw {
-        object.set_default("usageTime", time);
-    }
-    decode_usage_object(&object, ctx)
+    decode_command(&object, ctx)
 }
 
 fn check_attributes(
@@ -151,6 +174,7 @@ fn check_attributes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::event::UsageRequest;
     use chrono::{DateTime, Utc};
 
     fn ctx() -> DecodeContext {
@@ -166,7 +190,34 @@ mod tests {
     const CT: (&str, &[u8]) = ("content-type", b"application/cloudevents+json; charset=utf-8");
 
     fn structured(json: &str) -> Result<UsageRequest, Rejection> {
-        decode_usage_message(&[CT].into_iter().collect(), json.as_bytes(), &ctx())
+        report(decode_usage_message(
+            &[CT].into_iter().collect(),
+            json.as_bytes(),
+            &ctx(),
+        ))
+    }
+
+    fn report(command: Result<UsageCommand, Rejection>) -> Result<UsageRequest, Rejection> {
+        command.map(|command| match command {
+            UsageCommand::Report(request) => request,
+            UsageCommand::Correct(correction) => panic!("a correction: {correction:?}"),
+        })
+    }
+
+    #[test]
+    fn a_correction_names_its_usage_in_data_never_by_the_event_id() {
+        let correction = |json: &str| decode_usage_message(&[CT].into_iter().collect(), json.as_bytes(), &ctx());
+        let voided = correction(
+            r#"{"specversion": "1.0", "id": "ce-1", "source": "/meter", "type": "usage",
+            "data": {"action": "void", "id": "usg_1", "subscriptionId": "sub_1"}}"#,
+        );
+        assert!(matches!(voided, Ok(UsageCommand::Correct(c)) if c.id == "usg_1"));
+        let err = correction(
+            r#"{"specversion": "1.0", "id": "ce-1", "source": "/meter", "type": "usage",
+            "data": {"action": "void", "subscriptionId": "sub_1"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!((err.code, err.field), (ReasonCode::MissingField, Some("id")));
     }
 
     #[test]
@@ -231,7 +282,12 @@ mod tests {
             ("ce_time", "2026-11-27T11:30:00+01:00"),
         ];
         let headers: Headers = all.into_iter().collect();
-        let r = decode_usage_message(&headers, br#"{"subscriptionId": "sub_1", "quantity": "1.5"}"#, &ctx()).unwrap();
+        let r = report(decode_usage_message(
+            &headers,
+            br#"{"subscriptionId": "sub_1", "quantity": "1.5"}"#,
+            &ctx(),
+        ))
+        .unwrap();
         assert_eq!(r.id.as_deref(), Some("ce-7"));
         assert_eq!(r.usage_time.unwrap().to_rfc3339(), "2026-11-27T10:30:00+00:00");
         let first_three: Headers = all[..3].iter().copied().collect();
@@ -245,11 +301,11 @@ mod tests {
         let json: Headers = [("content-type", "application/json")].into_iter().collect();
         assert_eq!(framing(&json), Framing::Plain);
         assert_eq!(framing(&Headers::new()), Framing::Plain);
-        let r = decode_usage_message(
+        let r = report(decode_usage_message(
             &Headers::new(),
             br#"{"subscriptionId": "sub_1", "quantity": 1}"#,
             &ctx(),
-        )
+        ))
         .unwrap();
         assert_eq!(r.id, None);
     }

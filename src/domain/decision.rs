@@ -10,8 +10,11 @@ use rust_decimal::Decimal;
 
 use super::event::UsageRequest;
 use super::pricing::{Pricing, STEP};
+
+mod correction;
 use super::subscription::Limit;
 use super::{ReasonCode, Rejection};
+pub use correction::decide_correction;
 
 /// Start of the open-ended period of a subscription that never named one.
 /// A real timestamp (0001-01-01T00:00:00Z, within PostgreSQL's range) so that
@@ -217,6 +220,21 @@ pub struct StoredUsage {
     pub invoice_item_id: Option<String>,
     pub created_time: DateTime<Utc>,
     pub updated_time: DateTime<Utc>,
+    /// The start of the period that counts it.
+    pub period_start: DateTime<Utc>,
+    /// The quantity the latest amendment asked for; `None` until amended.
+    pub last_requested_quantity: Option<Decimal>,
+    /// Set once it is voided: it no longer counts, and its id stays taken.
+    pub voided: Option<Voided>,
+}
+
+/// How a usage was voided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Voided {
+    pub time: DateTime<Utc>,
+    pub reason: Option<String>,
+    /// The HTTP caller's name, or `kafka`.
+    pub by: String,
 }
 
 impl StoredUsage {
@@ -300,6 +318,21 @@ pub enum Decision {
         /// For `usage_limit_exceeded`: what was available and which limit.
         limit: Option<LimitReport>,
     },
+    /// A correction voided the usage; `usage` is the voided usage, with the
+    /// quantity it had.
+    Voided { usage: StoredUsage },
+    /// A correction gave the usage a new quantity; `usage` is the usage as
+    /// amended.
+    Amended {
+        previous_quantity: Decimal,
+        /// What the amendment asked for (`usage.quantity` unless clamped).
+        requested_quantity: Decimal,
+        partial: bool,
+        usage: StoredUsage,
+        limit: Option<LimitReport>,
+        /// Limits a raise reached whose alert the period had not raised.
+        alerts: Vec<LimitReached>,
+    },
 }
 
 /// Decides one request. `database_now` is PostgreSQL's clock, read under the
@@ -327,6 +360,13 @@ pub fn decide(
     };
 
     if let Some(original) = existing {
+        if original.voided.is_some() {
+            return reject(
+                ReasonCode::UsageVoided,
+                Some("id"),
+                format!("usage {} was voided; its id is not used again", original.id),
+            );
+        }
         return if original.same_request(req) {
             Decision::Duplicate {
                 original: original.clone(),
@@ -900,6 +940,9 @@ mod tests {
             invoice_item_id: None,
             created_time: now(),
             updated_time: now(),
+            period_start: t("2026-11-01T00:00:00Z"),
+            last_requested_quantity: None,
+            voided: None,
         }
     }
 

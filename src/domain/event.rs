@@ -379,7 +379,7 @@ pub fn decode_usage_object(object: &JsonObject<'_>, ctx: &DecodeContext) -> Resu
     }
 }
 
-fn problem(field: &'static str, code: ReasonCode, message: impl fmt::Display) -> InvalidField {
+pub(super) fn problem(field: &'static str, code: ReasonCode, message: impl fmt::Display) -> InvalidField {
     InvalidField {
         field,
         code,
@@ -387,22 +387,22 @@ fn problem(field: &'static str, code: ReasonCode, message: impl fmt::Display) ->
     }
 }
 
-fn invalid(field: &'static str, message: impl fmt::Display) -> InvalidField {
+pub(super) fn invalid(field: &'static str, message: impl fmt::Display) -> InvalidField {
     problem(field, ReasonCode::InvalidField, message)
 }
 
-fn missing(field: &'static str) -> InvalidField {
+pub(super) fn missing(field: &'static str) -> InvalidField {
     problem(field, ReasonCode::MissingField, "is required")
 }
 
 /// A string field held to the shared id rules.
-fn decode_id_string(field: &'static str, raw: &RawValue) -> Result<String, InvalidField> {
+pub(super) fn decode_id_string(field: &'static str, raw: &RawValue) -> Result<String, InvalidField> {
     let value = json_string(raw).map_err(|message| invalid(field, message))?;
     check_id(&value).map_err(|message| invalid(field, message))?;
     Ok(value)
 }
 
-fn decode_id(raw: Option<&RawValue>) -> Result<Option<String>, InvalidField> {
+pub(super) fn decode_id(raw: Option<&RawValue>) -> Result<Option<String>, InvalidField> {
     let Some(raw) = raw else { return Ok(None) };
     let id = decode_id_string(fields::ID, raw)?;
     if id.starts_with(DERIVED_ID_PREFIX) {
@@ -414,12 +414,12 @@ fn decode_id(raw: Option<&RawValue>) -> Result<Option<String>, InvalidField> {
     Ok(Some(id))
 }
 
-fn decode_subscription_id(raw: Option<&RawValue>) -> Result<String, InvalidField> {
+pub(super) fn decode_subscription_id(raw: Option<&RawValue>) -> Result<String, InvalidField> {
     let raw = raw.ok_or_else(|| missing(fields::SUBSCRIPTION_ID))?;
     decode_id_string(fields::SUBSCRIPTION_ID, raw)
 }
 
-fn decode_quantity(raw: Option<&RawValue>) -> Result<Decimal, InvalidField> {
+pub(super) fn decode_quantity(raw: Option<&RawValue>) -> Result<Decimal, InvalidField> {
     let raw = raw.ok_or_else(|| missing(fields::QUANTITY))?;
     parse_quantity(raw).map_err(|message| invalid(fields::QUANTITY, message))
 }
@@ -447,7 +447,7 @@ fn decode_usage_time(raw: Option<&RawValue>, ctx: &DecodeContext) -> Result<Opti
     Ok(Some(time))
 }
 
-fn decode_accept_partial(raw: Option<&RawValue>) -> Result<bool, InvalidField> {
+pub(super) fn decode_accept_partial(raw: Option<&RawValue>) -> Result<bool, InvalidField> {
     let field = fields::ACCEPT_PARTIAL_QUANTITY;
     let Some(raw) = raw else { return Ok(false) };
     match raw.get() {

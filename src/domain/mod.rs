@@ -4,6 +4,7 @@
 //! is tested here.
 
 pub mod cloudevents;
+pub mod correction;
 pub mod decision;
 pub mod digest;
 pub mod event;

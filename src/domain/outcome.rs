@@ -124,7 +124,10 @@ pub enum OutcomeStatus {
     Created,
     Duplicate,
     Rejected,
-    Deleted,
+    /// A correction voided the usage (version 1's `deleted` is gone: a
+    /// usage is never deleted).
+    Voided,
+    Amended,
 }
 
 impl OutcomeStatus {
@@ -133,7 +136,8 @@ impl OutcomeStatus {
             Self::Created => "created",
             Self::Duplicate => "duplicate",
             Self::Rejected => "rejected",
-            Self::Deleted => "deleted",
+            Self::Voided => "voided",
+            Self::Amended => "amended",
         }
     }
 }
@@ -176,6 +180,13 @@ pub struct UsageBody {
     pub created_time: DateTime<Utc>,
     #[serde(serialize_with = "serialize_time")]
     pub updated_time: DateTime<Utc>,
+    /// Present on a voided usage only, with `voidReason` and `voidedBy`.
+    #[serde(serialize_with = "serialize_opt_time", skip_serializing_if = "Option::is_none")]
+    pub voided_time: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub void_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voided_by: Option<String>,
     #[serde(rename = "_links")]
     pub links: Vec<Link>,
 }
@@ -201,6 +212,9 @@ impl UsageBody {
             invoice_item_id: None,
             created_time: created,
             updated_time: created,
+            voided_time: None,
+            void_reason: None,
+            voided_by: None,
             links,
         }
     }
@@ -213,6 +227,9 @@ impl From<&StoredUsage> for UsageBody {
             invoice_id: usage.invoice_id.clone(),
             invoice_item_id: usage.invoice_item_id.clone(),
             updated_time: usage.updated_time,
+            voided_time: usage.voided.as_ref().map(|v| v.time),
+            void_reason: usage.voided.as_ref().and_then(|v| v.reason.clone()),
+            voided_by: usage.voided.as_ref().map(|v| v.by.clone()),
             ..UsageBody::new(
                 usage.id.clone(),
                 usage.subscription_id.clone(),
@@ -305,6 +322,9 @@ pub struct Outcome {
     pub partial: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "serialize_opt_decimal")]
     pub requested_quantity: Option<Decimal>,
+    /// An amendment's: the usage's quantity before it.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "serialize_opt_decimal")]
+    pub previous_quantity: Option<Decimal>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscription_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -346,6 +366,7 @@ impl Outcome {
             status: OutcomeStatus::Rejected,
             partial: None,
             requested_quantity: None,
+            previous_quantity: None,
             subscription_id,
             usage: None,
             limit: None,
@@ -385,6 +406,7 @@ impl Outcome {
                 status: OutcomeStatus::Created,
                 partial: Some(*partial),
                 requested_quantity: Some(*requested_quantity),
+                previous_quantity: None,
                 subscription_id: Some(subscription_id.to_owned()),
                 usage: Some(UsageBody::new(
                     event_id,
@@ -399,6 +421,28 @@ impl Outcome {
                 processed_time: now,
             },
             Decision::Duplicate { original } => Self::duplicate(outcome_id, original, source, now),
+            Decision::Voided { usage } => Self::voided(outcome_id, usage, source, now),
+            Decision::Amended {
+                previous_quantity,
+                requested_quantity,
+                partial,
+                usage,
+                limit,
+                ..
+            } => Self {
+                outcome_id,
+                event_id: usage.id.clone(),
+                status: OutcomeStatus::Amended,
+                partial: Some(*partial),
+                requested_quantity: Some(*requested_quantity),
+                previous_quantity: Some(*previous_quantity),
+                subscription_id: Some(usage.subscription_id.clone()),
+                usage: Some(UsageBody::from(usage)),
+                limit: limit.as_ref().map(LimitBlock::from),
+                error: None,
+                source,
+                processed_time: now,
+            },
             Decision::Rejected { rejection, limit } => Self::from_rejection(
                 outcome_id,
                 event_id,
@@ -418,6 +462,7 @@ impl Outcome {
             status: OutcomeStatus::Duplicate,
             partial: Some(original.quantity != original.requested_quantity),
             requested_quantity: Some(original.requested_quantity),
+            previous_quantity: None,
             subscription_id: Some(original.subscription_id.clone()),
             usage: Some(UsageBody::from(original)),
             limit: None,
@@ -427,15 +472,16 @@ impl Outcome {
         }
     }
 
-    /// The outcome of a usage deleted through the HTTP API: it carries the
-    /// usage as it was, so invoicing can take its quantity back out.
-    pub fn deleted(outcome_id: String, usage: &StoredUsage, source: Source, now: DateTime<Utc>) -> Self {
+    /// The outcome of a void: it carries the usage with the quantity it
+    /// had, so invoicing can take that back out.
+    pub fn voided(outcome_id: String, usage: &StoredUsage, source: Source, now: DateTime<Utc>) -> Self {
         Self {
             outcome_id,
             event_id: usage.id.clone(),
-            status: OutcomeStatus::Deleted,
+            status: OutcomeStatus::Voided,
             partial: None,
             requested_quantity: None,
+            previous_quantity: None,
             subscription_id: Some(usage.subscription_id.clone()),
             usage: Some(UsageBody::from(usage)),
             limit: None,
@@ -562,7 +608,7 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_outcome_carries_the_usage_as_it_was() {
+    fn a_voided_outcome_carries_the_usage_with_the_quantity_it_had() {
         let t = DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
@@ -577,10 +623,20 @@ mod tests {
             invoice_item_id: None,
             created_time: t,
             updated_time: t,
+            period_start: t,
+            last_requested_quantity: None,
+            voided: Some(crate::domain::decision::Voided {
+                time: t,
+                reason: Some("meter fault".into()),
+                by: "ops".into(),
+            }),
         };
-        let outcome = Outcome::deleted("oc_x".into(), &usage, Source::Http { http: true }, t);
+        let outcome = Outcome::voided("oc_x".into(), &usage, Source::Http { http: true }, t);
         let json: serde_json::Value = serde_json::to_value(&outcome).unwrap();
-        assert_eq!(json["status"], "deleted");
+        assert_eq!(json["status"], "voided");
+        assert_eq!(json["usage"]["voidedTime"], "2026-11-27T10:00:00.000Z");
+        assert_eq!(json["usage"]["voidReason"], "meter fault");
+        assert_eq!(json["usage"]["voidedBy"], "ops");
         assert_eq!(json["eventId"], "usg_1");
         assert_eq!(json["usage"]["quantity"], 3);
         assert_eq!(json["source"], serde_json::json!({"http": true}));

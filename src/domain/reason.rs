@@ -18,6 +18,17 @@ pub enum ReasonCode {
     NoServicePeriod,
     PeriodClosed,
     UsageLimitExceeded,
+    /// A correction names a usage that was never stored.
+    UsageNotFound,
+    /// A correction names a usage of another subscription.
+    SubscriptionMismatch,
+    /// The usage was voided: it cannot be amended, and its id is never
+    /// reported again.
+    UsageVoided,
+    /// An invoice counted the usage: it cannot be corrected.
+    UsageInvoiced,
+    /// An amendment's `previousQuantity` is not the usage's quantity.
+    AmendConflict,
     /// The database refused the message itself (a data error about this one
     /// message, by SQLSTATE), after validation let it through.
     Unprocessable,
@@ -37,6 +48,11 @@ impl ReasonCode {
             Self::NoServicePeriod => "no_service_period",
             Self::PeriodClosed => "period_closed",
             Self::UsageLimitExceeded => "usage_limit_exceeded",
+            Self::UsageNotFound => "usage_not_found",
+            Self::SubscriptionMismatch => "subscription_mismatch",
+            Self::UsageVoided => "usage_voided",
+            Self::UsageInvoiced => "usage_invoiced",
+            Self::AmendConflict => "amend_conflict",
             Self::Unprocessable => "unprocessable",
         }
     }

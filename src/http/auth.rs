@@ -33,6 +33,16 @@ pub enum Caller {
     Named(String),
 }
 
+impl Caller {
+    /// The name recorded on what the caller changes (voids, amendments).
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Anonymous => "anonymous",
+            Self::Named(name) => name,
+        }
+    }
+}
+
 /// Lets the request through when authentication is off or the token
 /// matches, with its [`Caller`]; answers 401 otherwise.
 pub async fn require_bearer(State(api): State<Arc<Api>>, mut request: Request, next: Next) -> Response {

@@ -2,6 +2,7 @@
 //!
 //! Parameters: `subscriptionId`, `usageTimeFrom` (inclusive) and
 //! `usageTimeTo` (exclusive), RFC 3339 with an offset like `usageTime`;
+//! `status` (`active`, the default: usages that count; `voided`; `all`);
 //! `limit` (0..=1000, default 100) and `offset` (default 0). Unknown
 //! parameters are ignored, like unknown body fields. Pages are in
 //! `usageTime` order, then id.
@@ -14,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use super::problem::FieldProblem;
 use crate::domain::event::parse_timestamp;
 use crate::domain::ids::check_id;
-use crate::store::UsageFilter;
+use crate::store::{StatusFilter, UsageFilter};
 
 pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 1000;
@@ -25,6 +26,7 @@ pub mod params {
     pub const USAGE_TIME_TO: &str = "usageTimeTo";
     pub const LIMIT: &str = "limit";
     pub const OFFSET: &str = "offset";
+    pub const STATUS: &str = "status";
 }
 
 /// A listing request, validated.
@@ -58,6 +60,7 @@ impl ListQuery {
         let to = take(params::USAGE_TIME_TO);
         let limit = take(params::LIMIT);
         let offset = take(params::OFFSET);
+        let status = take(params::STATUS);
 
         let subscription_id = subscription_id.and_then(|id| match check_id(&id) {
             Ok(()) => Some(id),
@@ -82,6 +85,14 @@ impl ListQuery {
                 problems.push(invalid(params::USAGE_TIME_TO, "must be after usageTimeFrom"));
             }
         }
+        let status = match status.as_deref().map(StatusFilter::parse) {
+            None => StatusFilter::default(),
+            Some(Some(status)) => status,
+            Some(None) => {
+                problems.push(invalid(params::STATUS, "must be active, voided or all"));
+                StatusFilter::default()
+            }
+        };
         let limit = number(params::LIMIT, limit, DEFAULT_LIMIT, MAX_LIMIT, &mut problems);
         let offset = number(params::OFFSET, offset, 0, i64::MAX, &mut problems);
         if !problems.is_empty() {
@@ -92,6 +103,7 @@ impl ListQuery {
                 subscription_id,
                 usage_time_from,
                 usage_time_to,
+                status,
             },
             limit,
             offset,
@@ -188,6 +200,25 @@ mod tests {
             "2026-11-30T23:00:00+00:00"
         );
         assert_eq!((q.limit, q.offset), (5, 10));
+        assert_eq!(q.filter.status, StatusFilter::Active);
+    }
+
+    #[test]
+    fn status_chooses_what_voids_hide() {
+        for (given, status) in [
+            ("status=active", StatusFilter::Active),
+            ("status=voided", StatusFilter::Voided),
+            ("status=all", StatusFilter::All),
+        ] {
+            assert_eq!(ListQuery::parse(Some(given)).unwrap().filter.status, status);
+        }
+        for wrong in ["status=deleted", "status=", "status=all&status=all"] {
+            assert_eq!(
+                fields(&ListQuery::parse(Some(wrong)).unwrap_err()),
+                ["status"],
+                "{wrong}"
+            );
+        }
     }
 
     #[test]

@@ -130,29 +130,6 @@ impl Problem {
         )
     }
 
-    pub fn usage_invoiced(id: &str, invoice_id: &str) -> Self {
-        Self::new(
-            StatusCode::CONFLICT,
-            "usage_invoiced",
-            "The usage is invoiced",
-            format!("usage {id:?} was billed on invoice {invoice_id:?} and can no longer be deleted"),
-        )
-        .with("invoiceId", invoice_id)
-    }
-
-    /// A delete in a closed period: the invoice computed after the close
-    /// counts the usage, so it stays.
-    pub fn period_closed_for_delete(id: &str) -> Self {
-        Self::new(
-            StatusCode::CONFLICT,
-            ReasonCode::PeriodClosed.as_str(),
-            title_of(ReasonCode::PeriodClosed),
-            format!(
-                "the service period of usage {id:?} is closed: its invoice counts it, so it can no longer be deleted"
-            ),
-        )
-    }
-
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -283,7 +260,12 @@ fn status_of(code: ReasonCode) -> StatusCode {
         | ReasonCode::SubscriptionNotFound
         | ReasonCode::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
         ReasonCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ReasonCode::IdempotencyConflict
+        ReasonCode::UsageNotFound => StatusCode::NOT_FOUND,
+        ReasonCode::SubscriptionMismatch
+        | ReasonCode::UsageVoided
+        | ReasonCode::UsageInvoiced
+        | ReasonCode::AmendConflict
+        | ReasonCode::IdempotencyConflict
         | ReasonCode::SubscriptionNotActive
         | ReasonCode::NoServicePeriod
         | ReasonCode::PeriodClosed
@@ -305,6 +287,11 @@ fn title_of(code: ReasonCode) -> &'static str {
         ReasonCode::PeriodClosed => "The service period is closed",
         ReasonCode::UsageLimitExceeded => "Usage limit exceeded",
         ReasonCode::Unprocessable => "The database refused the request's data",
+        ReasonCode::UsageNotFound => "Usage not found",
+        ReasonCode::SubscriptionMismatch => "The usage belongs to another subscription",
+        ReasonCode::UsageVoided => "The usage is voided",
+        ReasonCode::UsageInvoiced => "The usage is invoiced",
+        ReasonCode::AmendConflict => "The usage's quantity is not the one the amendment expects",
     }
 }
 

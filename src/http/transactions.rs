@@ -1,4 +1,5 @@
-//! The transactions behind `POST /usages` and `DELETE /usages/{id}`.
+//! The transactions behind `POST /usages`, `PUT /usages/{id}` and
+//! `DELETE /usages/{id}`.
 //!
 //! A create gets the same decision as a Kafka message, in one PostgreSQL
 //! transaction, through the same path as the pipeline
@@ -9,22 +10,24 @@
 //! subscription at the same time, under the limit: whoever holds it sees
 //! every usage committed before it.
 //!
-//! Only creates and deletes publish outcomes: a duplicate or a rejected
-//! request changes nothing, and its answer goes back to the caller alone.
+//! Only creates, voids and amendments publish outcomes: a duplicate, an
+//! unchanged correction or a rejected request changes nothing, and its
+//! answer goes back to the caller alone.
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
 use super::{new_outcome_id, Api};
+use crate::domain::correction::Correction;
 use crate::domain::decision::{Decision, LimitReport, StoredUsage};
 use crate::domain::event::UsageRequest;
-use crate::domain::outcome::{Outcome, Source, UsageBody};
+use crate::domain::outcome::{Source, UsageBody};
 use crate::domain::Rejection;
 use crate::kafka::record_size::PRODUCER_MAX_MESSAGE_BYTES;
 use crate::metrics::TransactionKind;
 use crate::pipeline::stage::{decide_and_stage, Decided, LockedState, Report, ReportRequest, StageContext};
-use crate::store::{self, BatchTx, Deletion, OutboxRecord};
+use crate::store::{self, BatchTx};
 
 /// How often a create that lost a race (the same new id inserted
 /// concurrently for another subscription, a deadlock) is tried again.
@@ -119,13 +122,7 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
         key: None,
         dead_letter: None,
     };
-    let ctx = StageContext {
-        results_topic: &api.config.results_topic,
-        alerts_topic: &api.config.alerts_topic,
-        grace: api.config.grace,
-        max_record_bytes: PRODUCER_MAX_MESSAGE_BYTES,
-    };
-    let staged = decide_and_stage(&ctx, &mut state, [report], now)?;
+    let staged = decide_and_stage(&stage_context(api), &mut state, [report], now)?;
     let Some(Decided { decision, outcome }) = staged.decided.into_iter().next() else {
         unreachable!("one report, one decision");
     };
@@ -135,6 +132,7 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
         Some(Decision::Duplicate { original }) => return Ok(CreateAnswer::Duplicate(UsageBody::from(&original))),
         Some(Decision::Rejected { rejection, limit }) => return Ok(CreateAnswer::Rejected { rejection, limit }),
         Some(Decision::Created { .. }) | None => {}
+        Some(Decision::Voided { .. } | Decision::Amended { .. }) => unreachable!("a report corrects nothing"),
     }
     let collided = tx.insert_usages(&staged.writes.usages).await?;
     if !collided.is_empty() {
@@ -148,30 +146,109 @@ async fn try_create(api: &Api, request: &UsageRequest, id: &str, now: DateTime<U
     Ok(CreateAnswer::Created(usage))
 }
 
-/// Deletes a usage no invoice counted, gives its quantity back and stores
-/// its `deleted` outcome, in one transaction (see [`store::delete_usage`]).
-pub async fn delete_usage(api: &Api, id: &str, now: DateTime<Utc>) -> anyhow::Result<Deletion> {
-    let started = Instant::now();
-    let deletion = store::delete_usage(&api.pool, id, api.config.grace, |usage| {
-        Ok(vec![deleted_record(api, usage, now)?])
-    })
-    .await?;
-    if matches!(deletion, Deletion::Deleted(_)) {
-        api.metrics
-            .observe_transaction(TransactionKind::HttpDelete, started.elapsed());
-    }
-    Ok(deletion)
+/// What a decided correction is answered.
+#[derive(Debug)]
+pub enum CorrectAnswer {
+    /// Voided now; the outcome is in the outbox.
+    Voided,
+    /// Amended now; the outcome is in the outbox.
+    Amended(UsageBody),
+    /// Nothing to change (a void of a voided usage, an amendment to the
+    /// quantity it has or last asked for): nothing published.
+    Unchanged(UsageBody),
+    /// Refused: nothing changed, nothing published. `usage` is the usage as
+    /// it was read, when there is one.
+    Rejected {
+        rejection: Rejection,
+        limit: Option<LimitReport>,
+        usage: Option<Box<StoredUsage>>,
+    },
 }
 
-/// The outbox record of a usage deleted through the API.
-fn deleted_record(api: &Api, usage: &StoredUsage, now: DateTime<Utc>) -> anyhow::Result<OutboxRecord> {
-    let outcome = Outcome::deleted(new_outcome_id(), usage, Source::Http { http: true }, now);
-    Ok(OutboxRecord {
-        topic: api.config.results_topic.clone(),
-        partition: api.partition_of(&usage.subscription_id),
-        key: Some(usage.subscription_id.clone().into_bytes()),
-        payload: serde_json::to_vec(&outcome)?,
-        headers: outcome.headers(),
-        source: None,
-    })
+/// Decides and stores a void or an amendment by `caller` under the
+/// subscription's lock, through the same path as a correction read from
+/// Kafka, with its outcome in the outbox.
+pub async fn correct_usage(
+    api: &Api,
+    correction: &Correction,
+    caller: &str,
+    now: DateTime<Utc>,
+) -> Result<CorrectAnswer, CreateFailure> {
+    let mut attempt = 1;
+    loop {
+        match try_correct(api, correction, caller, now).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) if store::classify(&e) == store::FailureKind::Permanent => return Err(CreateFailure::Refused(e)),
+            Err(e) if attempt < RACE_ATTEMPTS && lost_a_race(&e) => {
+                tracing::debug!(
+                    error = format!("{e:#}"),
+                    attempt,
+                    "correction lost a race; trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(CreateFailure::Unavailable(e)),
+        }
+    }
+}
+
+async fn try_correct(
+    api: &Api,
+    correction: &Correction,
+    caller: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<CorrectAnswer> {
+    let started = Instant::now();
+    let sub_id = &correction.subscription_id;
+    let mut tx = BatchTx::begin(&api.pool).await?;
+    let (subscriptions, database_now) = tx.lock_subscriptions_at(std::slice::from_ref(sub_id)).await?;
+    let usages = tx.stored_usages(std::slice::from_ref(&correction.id)).await?;
+    let before = usages.get(&correction.id).cloned();
+    let mut state = LockedState {
+        subscriptions,
+        usages,
+        database_now,
+    };
+    let report = Report {
+        event_id: correction.id.clone(),
+        outcome_id: new_outcome_id(),
+        request: ReportRequest::Correction { correction, by: caller },
+        source: Source::Http { http: true },
+        input: None,
+        partition: api.partition_of(sub_id),
+        key: None,
+        dead_letter: None,
+    };
+    let staged = decide_and_stage(&stage_context(api), &mut state, [report], now)?;
+    let Some(Decided { decision, .. }) = staged.decided.first() else {
+        unreachable!("one correction, one decision");
+    };
+    let answer = match decision {
+        Some(Decision::Voided { .. }) => CorrectAnswer::Voided,
+        Some(Decision::Amended { usage, .. }) => CorrectAnswer::Amended(UsageBody::from(usage)),
+        Some(Decision::Duplicate { original }) => return Ok(CorrectAnswer::Unchanged(UsageBody::from(original))),
+        Some(Decision::Rejected { rejection, limit }) => {
+            return Ok(CorrectAnswer::Rejected {
+                rejection: rejection.clone(),
+                limit: limit.clone(),
+                usage: before.map(Box::new),
+            })
+        }
+        Some(Decision::Created { .. }) | None => unreachable!("a correction creates nothing"),
+    };
+    tx.write_staged(&staged.writes).await?;
+    tx.commit().await?;
+    api.metrics
+        .observe_transaction(TransactionKind::HttpCorrect, started.elapsed());
+    Ok(answer)
+}
+
+fn stage_context(api: &Api) -> StageContext<'_> {
+    StageContext {
+        results_topic: &api.config.results_topic,
+        alerts_topic: &api.config.alerts_topic,
+        grace: api.config.grace,
+        max_record_bytes: PRODUCER_MAX_MESSAGE_BYTES,
+    }
 }

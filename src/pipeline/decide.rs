@@ -7,7 +7,8 @@ use sqlx::PgPool;
 
 use super::dead_letter::{dead_letter_record, RawMessage};
 use super::stage::{decide_and_stage, LockedState, Report, ReportRequest, StageContext, Staged};
-use crate::domain::event::{Identity, UsageRequest};
+use crate::domain::correction::UsageCommand;
+use crate::domain::event::Identity;
 use crate::domain::outcome::{derived_event_id, kafka_outcome_id, OutcomeStatus, Source};
 use crate::domain::{ReasonCode, Rejection};
 use crate::kafka::consumer::OffsetRange;
@@ -22,7 +23,7 @@ pub struct DecodedMessage {
     pub key: Option<Vec<u8>>,
     /// The time of the request: the message timestamp, else processing time.
     pub request_time: DateTime<Utc>,
-    pub request: Result<UsageRequest, Rejection>,
+    pub request: Result<UsageCommand, Rejection>,
     /// For a rejected message: its own valid `id` and `subscriptionId`, if any.
     pub identity: Identity,
     /// Set for input that could not be decoded at all: it is also copied to
@@ -31,13 +32,15 @@ pub struct DecodedMessage {
 }
 
 impl DecodedMessage {
-    /// The idempotency key: the request's `id`, else one derived from the
-    /// message's coordinates.
+    /// The usage the message is about: a report's `id` (its idempotency
+    /// key), else one derived from the message's coordinates; the usage a
+    /// correction names.
     pub fn event_id(&self, topic: &str) -> String {
-        match (&self.request, &self.identity.id) {
-            (Ok(UsageRequest { id: Some(id), .. }), _) | (Err(_), Some(id)) => id.clone(),
-            _ => derived_event_id(topic, self.partition, self.offset),
-        }
+        let named = match &self.request {
+            Ok(command) => command.usage_id(),
+            Err(_) => self.identity.id.as_deref(),
+        };
+        named.map_or_else(|| derived_event_id(topic, self.partition, self.offset), str::to_owned)
     }
 }
 
@@ -212,7 +215,7 @@ async fn decide_and_insert(
     let sub_ids: Vec<String> = todo
         .iter()
         .filter_map(|m| m.request.as_ref().ok())
-        .map(|r| r.subscription_id.clone())
+        .map(|command| command.subscription_id().to_owned())
         .collect();
     let ids: Vec<String> = todo.iter().map(|m| m.event_id(&ctx.input_topic)).collect();
     let mut attempt = 0;
@@ -251,6 +254,9 @@ async fn decide_and_insert(
     }
 }
 
+/// Who a correction read from Kafka was made by, in the usage's history.
+pub const KAFKA_CALLER: &str = "kafka";
+
 /// A message as a report to decide: its usage, or its rejection (its own,
 /// or `forced`), with a dead-letter copy of input that could not be decoded.
 fn report<'m>(
@@ -260,12 +266,16 @@ fn report<'m>(
     forced: Option<&Rejection>,
 ) -> Report<'m> {
     let request = match (&message.request, forced) {
-        (Ok(request), None) => ReportRequest::Usage {
+        (Ok(UsageCommand::Report(request)), None) => ReportRequest::Usage {
             request,
             usage_time: request.effective_usage_time(message.request_time),
         },
-        (Ok(request), Some(rejection)) => ReportRequest::Rejected {
-            subscription_id: Some(request.subscription_id.clone()),
+        (Ok(UsageCommand::Correct(correction)), None) => ReportRequest::Correction {
+            correction,
+            by: KAFKA_CALLER,
+        },
+        (Ok(command), Some(rejection)) => ReportRequest::Rejected {
+            subscription_id: Some(command.subscription_id().to_owned()),
             rejection: rejection.clone(),
         },
         (Err(rejection), _) => ReportRequest::Rejected {

@@ -1,21 +1,23 @@
-//! Deciding usage reports and staging what they write: the one path a Kafka
-//! batch (`decide.rs`) and an HTTP create (`src/http/transactions.rs`) take.
-//! Given the locked subscriptions and the usages stored under the reports'
-//! ids, each report is decided in order (each decision sees the ones before
-//! it), and its usage, `used`, `trial_used`, alerts and outcome record are
-//! added to one [`StagedWrites`], which the store then writes in the same
-//! transaction. Nothing here touches the database.
+//! Deciding usage reports and corrections and staging what they write: the
+//! one path a Kafka batch (`decide.rs`) and an HTTP request
+//! (`src/http/transactions.rs`) take. Given the locked subscriptions and the
+//! usages stored under the reports' ids, each report is decided in order
+//! (each decision sees the ones before it), and its usage or correction,
+//! `used`, `trial_used`, alerts and outcome record are added to one
+//! [`StagedWrites`], which the store then writes in the same transaction.
+//! Nothing here touches the database.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::domain::decision::{decide, Decision, StoredUsage, SubscriptionState};
+use crate::domain::correction::{Correction, CorrectionAction};
+use crate::domain::decision::{decide, decide_correction, Decision, LimitReached, StoredUsage, SubscriptionState};
 use crate::domain::event::UsageRequest;
 use crate::domain::outcome::{Alert, Outcome, Source};
 use crate::domain::Rejection;
 use crate::kafka::record_size::outbox_record_size;
-use crate::store::{NewAlert, NewUsage, OutboxRecord, SourcePosition, StagedWrites};
+use crate::store::{CorrectionKind, NewAlert, NewUsage, OutboxRecord, SourcePosition, StagedWrites, UsageCorrection};
 
 /// What stays fixed while staging.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,9 @@ pub enum ReportRequest<'a> {
         request: &'a UsageRequest,
         usage_time: DateTime<Utc>,
     },
+    /// A void or an amendment of the stored usage the correction names, by
+    /// `by` (the HTTP caller's name, or `kafka`).
+    Correction { correction: &'a Correction, by: &'a str },
     /// A report rejected without deciding: it could not be decoded, or the
     /// database refused its batch.
     Rejected {
@@ -149,6 +154,27 @@ impl Staged {
                 }
                 let outcome =
                     Outcome::from_decision(outcome_id, event_id, &request.subscription_id, &decision, source, now);
+                (Some(decision), outcome)
+            }
+            ReportRequest::Correction { correction, by } => {
+                let decision = decide_correction(
+                    correction,
+                    by,
+                    state.usages.get(&correction.id),
+                    state.subscriptions.get_mut(&correction.subscription_id),
+                    state.database_now,
+                    ctx.grace,
+                    now,
+                );
+                self.stage_correction(ctx, state, correction, by, &decision, partition, now)?;
+                let outcome = Outcome::from_decision(
+                    outcome_id,
+                    correction.id.clone(),
+                    &correction.subscription_id,
+                    &decision,
+                    source,
+                    now,
+                );
                 (Some(decision), outcome)
             }
             ReportRequest::Rejected {
@@ -234,8 +260,82 @@ impl Staged {
         // A later report with the same id is a duplicate of this one.
         state.usages.insert(event_id.to_owned(), usage.as_stored());
         self.writes.usages.push(usage);
+        self.stage_alerts(ctx, sub, (*period_start, *period_end), alerts, event_id, partition, now)
+    }
+
+    /// Stages what a void or an amendment changes: the usage and its
+    /// history, `used` (and `trial_used`), and the alerts a raise reached.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_correction(
+        &mut self,
+        ctx: &StageContext<'_>,
+        state: &mut LockedState,
+        correction: &Correction,
+        by: &str,
+        decision: &Decision,
+        partition: i32,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let (usage, kind, previous_quantity, requested_quantity, alerts) = match decision {
+            Decision::Voided { usage } => (usage, CorrectionKind::Voided, usage.quantity, None, &[][..]),
+            Decision::Amended {
+                usage,
+                previous_quantity,
+                requested_quantity,
+                alerts,
+                ..
+            } => (
+                usage,
+                CorrectionKind::Amended,
+                *previous_quantity,
+                Some(*requested_quantity),
+                &alerts[..],
+            ),
+            _ => return Ok(()),
+        };
+        let sub = &state.subscriptions[&correction.subscription_id];
+        let period = sub
+            .periods
+            .iter()
+            .find(|p| p.start == usage.period_start)
+            .expect("a correction is decided in its usage's period");
+        self.writes.used.insert((sub.id.clone(), period.start), period.used);
+        if sub.trial_end_time.is_some() {
+            self.writes.trial_used.insert(sub.id.clone(), sub.trial_used);
+        }
+        let reason = match &correction.action {
+            CorrectionAction::Void { reason } => reason.clone(),
+            CorrectionAction::Amend(_) => None,
+        };
+        self.writes.corrections.push(UsageCorrection {
+            usage: usage.clone(),
+            action: kind,
+            previous_quantity,
+            requested_quantity,
+            by: by.to_owned(),
+            reason,
+            time: now,
+        });
+        let span = (period.start, period.end);
+        state.usages.insert(usage.id.clone(), usage.clone());
+        let sub = &state.subscriptions[&correction.subscription_id];
+        self.stage_alerts(ctx, sub, span, alerts, &correction.id, partition, now)
+    }
+
+    /// Stages the alert records and rows of the steps a usage reached.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_alerts(
+        &mut self,
+        ctx: &StageContext<'_>,
+        sub: &SubscriptionState,
+        (period_start, period_end): (DateTime<Utc>, Option<DateTime<Utc>>),
+        alerts: &[LimitReached],
+        usage_id: &str,
+        partition: i32,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
         for reached in alerts {
-            let alert = Alert::new(&sub.id, *period_start, *period_end, reached, event_id, now);
+            let alert = Alert::new(&sub.id, period_start, period_end, reached, usage_id, now);
             self.writes.outbox.push(OutboxRecord {
                 topic: ctx.alerts_topic.to_owned(),
                 partition,
@@ -247,8 +347,8 @@ impl Staged {
             });
             self.writes.alerts.push(NewAlert {
                 subscription_id: sub.id.clone(),
-                period_start: *period_start,
-                usage_id: event_id.to_owned(),
+                period_start,
+                usage_id: usage_id.to_owned(),
                 reached: reached.clone(),
             });
         }

@@ -13,7 +13,9 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::outbox::{append, OutboxRecord};
 use super::usages::{stored, UsageRow, USAGE_COLUMNS};
-use crate::domain::decision::{AlertStep, AmountFigures, LimitReached, PeriodState, StoredUsage, SubscriptionState};
+use crate::domain::decision::{
+    AlertStep, AmountFigures, LimitReached, PeriodState, StoredUsage, SubscriptionState, Voided,
+};
 use crate::domain::pricing::Pricing;
 use crate::domain::subscription::{decode_pricing, Limit};
 
@@ -52,6 +54,36 @@ pub struct NewAlert {
     pub reached: LimitReached,
 }
 
+/// A correction to record: the usage as it is after it, and the history
+/// entry.
+#[derive(Debug, Clone)]
+pub struct UsageCorrection {
+    pub usage: StoredUsage,
+    pub action: CorrectionKind,
+    pub previous_quantity: Decimal,
+    /// What an amendment asked for.
+    pub requested_quantity: Option<Decimal>,
+    pub by: String,
+    pub reason: Option<String>,
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorrectionKind {
+    Amended,
+    Voided,
+}
+
+impl CorrectionKind {
+    /// The stored spelling, which is also the history's `action`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Amended => "amended",
+            Self::Voided => "voided",
+        }
+    }
+}
+
 /// What deciding stages for one transaction: the usages created, the new
 /// `used` of each touched period (by subscription id and period start) and
 /// `trial_used` of each touched subscription in a trial, the alerts raised
@@ -59,6 +91,9 @@ pub struct NewAlert {
 #[derive(Debug, Default)]
 pub struct StagedWrites {
     pub usages: Vec<NewUsage>,
+    /// Corrections of stored usages (or of usages created earlier in the
+    /// same transaction), in the order they were decided.
+    pub corrections: Vec<UsageCorrection>,
     pub used: HashMap<(String, DateTime<Utc>), Decimal>,
     pub trial_used: HashMap<String, Decimal>,
     pub alerts: Vec<NewAlert>,
@@ -79,6 +114,9 @@ impl NewUsage {
             invoice_item_id: None,
             created_time: self.created_time,
             updated_time: self.created_time,
+            period_start: self.period_start,
+            last_requested_quantity: None,
+            voided: None,
         }
     }
 }
@@ -289,10 +327,75 @@ impl BatchTx {
     /// [`Self::insert_usages`]): `used`, `trial_used`, alerts, then the
     /// outbox records. Returns the records' sequence numbers, in order.
     pub async fn write_staged(&mut self, writes: &StagedWrites) -> anyhow::Result<Vec<i64>> {
+        self.write_corrections(&writes.corrections).await?;
         self.update_used(&writes.used).await?;
         self.update_trial_used(&writes.trial_used).await?;
         self.insert_alerts(&writes.alerts).await?;
         self.append_outbox(&writes.outbox).await
+    }
+
+    /// Brings each corrected usage to its state after its last correction,
+    /// and appends every correction to the usage's history, in order.
+    async fn write_corrections(&mut self, corrections: &[UsageCorrection]) -> anyhow::Result<()> {
+        if corrections.is_empty() {
+            return Ok(());
+        }
+        // One row per usage (an UPDATE … FROM with two rows for one target
+        // would apply either): the state after its last correction.
+        let mut last: HashMap<&str, &StoredUsage> = HashMap::new();
+        for correction in corrections {
+            last.insert(&correction.usage.id, &correction.usage);
+        }
+        let mut usages: Vec<&StoredUsage> = last.into_values().collect();
+        usages.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let voided =
+            |f: fn(&Voided) -> Option<String>| usages.iter().map(|u| u.voided.as_ref().and_then(f)).collect::<Vec<_>>();
+        sqlx::query(
+            "UPDATE usages u SET quantity = c.quantity, last_requested_quantity = c.last_requested,
+                    voided_time = c.voided_time, void_reason = c.void_reason, voided_by = c.voided_by,
+                    updated_time = c.updated_time
+             FROM UNNEST($1::text[], $2::numeric[], $3::numeric[], $4::timestamptz[], $5::text[], $6::text[],
+                         $7::timestamptz[])
+                  AS c(id, quantity, last_requested, voided_time, void_reason, voided_by, updated_time)
+             WHERE u.id = c.id",
+        )
+        .bind(usages.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.quantity).collect::<Vec<_>>())
+        .bind(usages.iter().map(|u| u.last_requested_quantity).collect::<Vec<_>>())
+        .bind(
+            usages
+                .iter()
+                .map(|u| u.voided.as_ref().map(|v| v.time))
+                .collect::<Vec<_>>(),
+        )
+        .bind(voided(|v| v.reason.clone()))
+        .bind(voided(|v| Some(v.by.clone())))
+        .bind(usages.iter().map(|u| u.updated_time).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await
+        .context("correcting usages")?;
+        sqlx::query(
+            "INSERT INTO usage_corrections (usage_id, time, action, quantity, previous_quantity,
+                                            requested_quantity, by, reason)
+             SELECT usage_id, time, action, quantity, previous_quantity, requested_quantity, by, reason
+             FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::numeric[], $5::numeric[], $6::numeric[],
+                         $7::text[], $8::text[])
+                  WITH ORDINALITY AS c(usage_id, time, action, quantity, previous_quantity, requested_quantity,
+                                       by, reason, n)
+             ORDER BY n",
+        )
+        .bind(corrections.iter().map(|c| c.usage.id.as_str()).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.time).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.action.as_str()).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.usage.quantity).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.previous_quantity).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.requested_quantity).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.by.as_str()).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|c| c.reason.as_deref()).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await
+        .context("recording usage corrections")?;
+        Ok(())
     }
 
     /// Writes the new `used` of each touched period.

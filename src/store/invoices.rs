@@ -106,7 +106,7 @@ async fn apply_item(
     }
     let stamped = sqlx::query(
         "UPDATE usages SET invoice_id = $3, invoice_item_id = $4, updated_time = now()
-         WHERE subscription_id = $1 AND period_start_time = $2
+         WHERE subscription_id = $1 AND period_start_time = $2 AND voided_time IS NULL
            AND (invoice_id IS DISTINCT FROM $3 OR invoice_item_id IS DISTINCT FROM $4)",
     )
     .bind(&item.subscription_id)

@@ -18,7 +18,7 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{BatchTx, NewAlert, NewUsage, OffsetClaim, StagedWrites};
+pub use batch::{BatchTx, CorrectionKind, NewAlert, NewUsage, OffsetClaim, StagedWrites, UsageCorrection};
 pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};
@@ -28,7 +28,10 @@ pub use outbox::{
 };
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
 pub use subscriptions::{read_subscription, SubscriptionRead};
-pub use usages::{delete_usage, get_usage, list_usages, outbox_backlog, ping, Deletion, UsageFilter};
+pub use usages::{
+    get_usage, list_usages, outbox_backlog, ping, usage_history, usage_subscription, CorrectionRecord, StatusFilter,
+    UsageFilter, UsageHistory,
+};
 
 use crate::config::DatabaseSettings;
 

@@ -1,18 +1,18 @@
-//! The queries behind the HTTP API: read one usage, list usages, delete one
-//! (giving its quantity back to its period), and the figures `/readyz` and
-//! the metrics read. Creating a usage goes through [`super::BatchTx`], the
-//! same transaction the Kafka path uses.
+//! The queries behind the HTTP API: read one usage, its history, list
+//! usages, and the figures `/readyz` and the metrics read. Creating and
+//! correcting a usage go through [`super::BatchTx`], the same transaction
+//! the Kafka path uses.
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use sqlx::{PgPool, Postgres, QueryBuilder};
 
-use super::outbox::{append, OutboxRecord};
-use crate::domain::decision::{PeriodState, StoredUsage};
+use crate::domain::decision::{StoredUsage, Voided};
 
 pub(super) const USAGE_COLUMNS: &str = "id, subscription_id, quantity, requested_quantity, accept_partial, usage_time,
-     invoice_id, invoice_item_id, created_time, updated_time";
+     invoice_id, invoice_item_id, created_time, updated_time, period_start_time, last_requested_quantity,
+     voided_time, void_reason, voided_by";
 
 /// A `usages` row as read by `USAGE_COLUMNS`.
 #[derive(sqlx::FromRow)]
@@ -27,6 +27,11 @@ pub(super) struct UsageRow {
     invoice_item_id: Option<String>,
     created_time: DateTime<Utc>,
     updated_time: DateTime<Utc>,
+    period_start_time: DateTime<Utc>,
+    last_requested_quantity: Option<Decimal>,
+    voided_time: Option<DateTime<Utc>>,
+    void_reason: Option<String>,
+    voided_by: Option<String>,
 }
 
 pub(super) fn stored(r: UsageRow) -> StoredUsage {
@@ -41,6 +46,13 @@ pub(super) fn stored(r: UsageRow) -> StoredUsage {
         invoice_item_id: r.invoice_item_id,
         created_time: r.created_time,
         updated_time: r.updated_time,
+        period_start: r.period_start_time,
+        last_requested_quantity: r.last_requested_quantity,
+        voided: r.voided_time.map(|time| Voided {
+            time,
+            reason: r.void_reason,
+            by: r.voided_by.unwrap_or_else(|| "unknown".to_owned()),
+        }),
     }
 }
 
@@ -61,13 +73,39 @@ pub struct UsageFilter {
     pub usage_time_from: Option<DateTime<Utc>>,
     /// Exclusive, like a period's end.
     pub usage_time_to: Option<DateTime<Utc>>,
+    pub status: StatusFilter,
+}
+
+/// `?status=`: which usages a listing shows by whether they were voided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Those that count (not voided): the default.
+    #[default]
+    Active,
+    Voided,
+    All,
+}
+
+impl StatusFilter {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "active" => Some(Self::Active),
+            "voided" => Some(Self::Voided),
+            "all" => Some(Self::All),
+            _ => None,
+        }
+    }
 }
 
 impl UsageFilter {
     /// Appends the `WHERE` clause. Built per request rather than written as
     /// `($1 IS NULL OR ...)`, so PostgreSQL can use the subscription index.
     fn push_where(&self, query: &mut QueryBuilder<'_, Postgres>) {
-        query.push(" WHERE true");
+        query.push(match self.status {
+            StatusFilter::Active => " WHERE voided_time IS NULL",
+            StatusFilter::Voided => " WHERE voided_time IS NOT NULL",
+            StatusFilter::All => " WHERE true",
+        });
         if let Some(id) = &self.subscription_id {
             query.push(" AND subscription_id = ").push_bind(id.clone());
         }
@@ -105,152 +143,75 @@ pub async fn list_usages(
     Ok((rows.into_iter().map(stored).collect(), total))
 }
 
-/// What became of a delete request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Deletion {
-    NotFound,
-    /// An invoice counted it: it stays.
-    Invoiced(StoredUsage),
-    /// Its period is closed (by the database's clock, or by an invoice not
-    /// yet applied to it): what the period billed must not change.
-    PeriodClosed(StoredUsage),
-    Deleted(StoredUsage),
-}
-
-/// Deletes a usage that no invoice has stamped, gives its quantity back to
-/// its period (and to the trial, when it counted there), and stores the
-/// outbox records `records_for` makes for it, in one transaction.
-///
-/// The subscription's row is locked first, as every transaction that
-/// changes `used` or stamps invoices does: so a concurrent create sees the
-/// freed quantity only once the delete committed, and an invoice cannot
-/// stamp the usage halfway through.
-pub async fn delete_usage(
-    pool: &PgPool,
-    id: &str,
-    grace: chrono::Duration,
-    records_for: impl Fn(&StoredUsage) -> anyhow::Result<Vec<OutboxRecord>>,
-) -> anyhow::Result<Deletion> {
-    // The usage's subscription is read before its lock is taken; should the
-    // id be deleted and created again for another subscription in between,
-    // the next round locks the right one.
-    for _ in 0..3 {
-        let mut tx = pool.begin().await.context("beginning delete transaction")?;
-        let Some(subscription_id) = usage_subscription(&mut tx, id).await? else {
-            return Ok(Deletion::NotFound);
-        };
-        let trial_end = lock_subscription(&mut tx, &subscription_id).await?;
-        let Some((usage, period_start)) = lock_usage(&mut tx, id).await? else {
-            return Ok(Deletion::NotFound);
-        };
-        if usage.subscription_id != subscription_id {
-            continue;
-        }
-        if usage.invoice_id.is_some() {
-            return Ok(Deletion::Invoiced(usage));
-        }
-        if period_closed(&mut tx, &usage.subscription_id, period_start, grace).await? {
-            return Ok(Deletion::PeriodClosed(usage));
-        }
-        remove(&mut tx, &usage, period_start, trial_end).await?;
-        append(&mut tx, &records_for(&usage)?).await?;
-        tx.commit().await.context("committing a usage deletion")?;
-        return Ok(Deletion::Deleted(usage));
-    }
-    anyhow::bail!("usage {id:?} kept changing subscription while being deleted")
-}
-
-async fn usage_subscription(conn: &mut PgConnection, id: &str) -> anyhow::Result<Option<String>> {
+/// The subscription a usage belongs to, voided or not: what a correction
+/// that names only the usage (`DELETE /usages/{id}`) must lock. A usage's
+/// subscription never changes and its row is never deleted, so this can be
+/// read before the lock is taken.
+pub async fn usage_subscription(pool: &PgPool, id: &str) -> anyhow::Result<Option<String>> {
     sqlx::query_scalar("SELECT subscription_id FROM usages WHERE id = $1")
         .bind(id)
-        .fetch_optional(conn)
+        .fetch_optional(pool)
         .await
         .context("finding the usage's subscription")
 }
 
-/// Locks the subscription row and returns its trial end.
-async fn lock_subscription(conn: &mut PgConnection, id: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
-    let trial_end: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT trial_end_time FROM subscriptions WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(conn)
-            .await
-            .context("locking the usage's subscription")?;
-    Ok(trial_end.flatten())
+/// One correction of a usage, as `usage_corrections` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CorrectionRecord {
+    pub time: DateTime<Utc>,
+    /// `amended` or `voided`.
+    pub action: String,
+    pub quantity: Decimal,
+    pub previous_quantity: Decimal,
+    pub by: String,
+    pub reason: Option<String>,
 }
 
-async fn lock_usage(conn: &mut PgConnection, id: &str) -> anyhow::Result<Option<(StoredUsage, DateTime<Utc>)>> {
+/// A usage, voided or not, with its corrections in the order they were
+/// made.
+#[derive(Debug, Clone)]
+pub struct UsageHistory {
+    pub usage: StoredUsage,
+    /// Read from `usage-events` (else created through the HTTP API).
+    pub reported_over_kafka: bool,
+    pub corrections: Vec<CorrectionRecord>,
+}
+
+/// A usage's history, read in one snapshot.
+pub async fn usage_history(pool: &PgPool, id: &str) -> anyhow::Result<Option<UsageHistory>> {
+    let mut tx = pool.begin().await.context("beginning a history read")?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .context("beginning a history read")?;
     #[derive(sqlx::FromRow)]
-    struct LockedRow {
+    struct Row {
         #[sqlx(flatten)]
         usage: UsageRow,
-        period_start_time: DateTime<Utc>,
+        over_kafka: bool,
     }
-    let row: Option<LockedRow> = sqlx::query_as(&format!(
-        "SELECT {USAGE_COLUMNS}, period_start_time FROM usages WHERE id = $1 FOR UPDATE"
+    let row: Option<Row> = sqlx::query_as(&format!(
+        "SELECT {USAGE_COLUMNS}, source_partition IS NOT NULL AS over_kafka FROM usages WHERE id = $1"
     ))
     .bind(id)
-    .fetch_optional(conn)
+    .fetch_optional(&mut *tx)
     .await
-    .context("locking the usage")?;
-    Ok(row.map(|r| (stored(r.usage), r.period_start_time)))
-}
-
-/// Whether the period is closed by PostgreSQL's clock, read under the
-/// subscription's lock (the same rule a decision applies).
-async fn period_closed(
-    conn: &mut PgConnection,
-    subscription_id: &str,
-    start: DateTime<Utc>,
-    grace: chrono::Duration,
-) -> anyhow::Result<bool> {
-    let (end, closed_time, database_now): (Option<DateTime<Utc>>, Option<DateTime<Utc>>, DateTime<Utc>) =
-        sqlx::query_as(
-            "SELECT end_time, closed_time, clock_timestamp() FROM service_periods
-             WHERE subscription_id = $1 AND start_time = $2",
-        )
-        .bind(subscription_id)
-        .bind(start)
-        .fetch_one(&mut *conn)
-        .await
-        .context("reading the usage's period")?;
-    let period = PeriodState {
-        closed_time,
-        ..PeriodState::new(start, end)
-    };
-    Ok(period.is_closed(database_now, grace))
-}
-
-/// Deletes the row and subtracts its quantity where it was counted. Trial
-/// usage is re-derived from the usages whenever the trial end moves, so
-/// "counted in the trial" is `usageTime` before the trial end as it is now.
-async fn remove(
-    conn: &mut PgConnection,
-    usage: &StoredUsage,
-    period_start: DateTime<Utc>,
-    trial_end: Option<DateTime<Utc>>,
-) -> anyhow::Result<()> {
-    sqlx::query("DELETE FROM usages WHERE id = $1")
-        .bind(&usage.id)
-        .execute(&mut *conn)
-        .await
-        .context("deleting the usage")?;
-    sqlx::query("UPDATE service_periods SET used = used - $3 WHERE subscription_id = $1 AND start_time = $2")
-        .bind(&usage.subscription_id)
-        .bind(period_start)
-        .bind(usage.quantity)
-        .execute(&mut *conn)
-        .await
-        .context("giving the quantity back to its period")?;
-    if trial_end.is_some_and(|end| usage.usage_time < end) {
-        sqlx::query("UPDATE subscriptions SET trial_used = trial_used - $2 WHERE id = $1")
-            .bind(&usage.subscription_id)
-            .bind(usage.quantity)
-            .execute(&mut *conn)
-            .await
-            .context("giving the quantity back to the trial")?;
-    }
-    Ok(())
+    .context("reading a usage")?;
+    let Some(row) = row else { return Ok(None) };
+    let corrections: Vec<CorrectionRecord> = sqlx::query_as(
+        "SELECT time, action, quantity, previous_quantity, by, reason FROM usage_corrections
+         WHERE usage_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await
+    .context("reading a usage's corrections")?;
+    tx.commit().await.context("ending a history read")?;
+    Ok(Some(UsageHistory {
+        usage: stored(row.usage),
+        reported_over_kafka: row.over_kafka,
+        corrections,
+    }))
 }
 
 /// Whether the database answers at all.

@@ -80,6 +80,7 @@ mod deciding {
     use chrono::{DateTime, Utc};
     use rust_decimal::Decimal;
     use test_kit::{active_subscription, wait_until, TestEnv};
+    use usage_worker::domain::correction::UsageCommand;
     use usage_worker::domain::event::{Identity, UsageRequest};
     use usage_worker::domain::outcome::OutcomeStatus;
     use usage_worker::domain::subscription::decode_snapshot;
@@ -137,13 +138,13 @@ mod deciding {
             timestamp: Some(now),
             key: Some(subscription.as_bytes().to_vec()),
             request_time: now,
-            request: Ok(UsageRequest {
+            request: Ok(UsageCommand::Report(UsageRequest {
                 id: Some(id.into()),
                 subscription_id: subscription.into(),
                 quantity: Decimal::ONE,
                 usage_time: usage_time.map(t),
                 accept_partial: false,
-            }),
+            })),
             identity: Identity {
                 id: Some(id.into()),
                 subscription_id: Some(subscription.into()),

@@ -121,6 +121,8 @@ struct ModelUsage {
     usage_time: DateTime<Utc>,
     period_start: DateTime<Utc>,
     invoiced: bool,
+    /// Voided through `DELETE`: the row and the id stay.
+    voided: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -251,7 +253,7 @@ impl Model {
         };
         period.invoiced = true;
         for usage in self.usages.values_mut() {
-            if usage.sub == sub_id && usage.period_start == period_start {
+            if usage.sub == sub_id && usage.period_start == period_start && !usage.voided {
                 usage.invoiced = true;
             }
         }
@@ -264,6 +266,9 @@ impl Model {
 
     fn report(&mut self, r: &Report, request_time: DateTime<Utc>, now: DateTime<Utc>) -> Expected {
         if let Some(stored) = self.usages.get(&r.id) {
+            if stored.voided {
+                return Expected::Rejected("usage_voided");
+            }
             let same = stored.sub == r.sub
                 && stored.requested == r.quantity
                 && stored.partial == r.partial
@@ -323,14 +328,15 @@ impl Model {
                 usage_time,
                 period_start: start,
                 invoiced: false,
+                voided: false,
             },
         );
         Expected::Created(quantity)
     }
 
-    /// The HTTP status a delete answers.
+    /// The HTTP status a delete (a void) answers.
     fn delete(&mut self, id: &str, now: DateTime<Utc>) -> u16 {
-        let Some(usage) = self.usages.get(id) else {
+        let Some(usage) = self.usages.get(id).filter(|u| !u.voided) else {
             return 404;
         };
         if usage.invoiced {
@@ -345,7 +351,7 @@ impl Model {
         if sub.trial_end.is_some_and(|end| usage.usage_time < end) {
             sub.trial_used -= usage.quantity;
         }
-        self.usages.remove(id);
+        self.usages.get_mut(id).expect("found above").voided = true;
         204
     }
 }
@@ -575,15 +581,15 @@ async fn check_final_state(env: &TestEnv, model: &Model, seed: u64) {
     }
     expected.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     assert_eq!(periods, expected, "seed {seed}: periods");
-    let usages: Vec<(String, Decimal, bool)> =
-        sqlx::query_as("SELECT id, quantity, invoice_id IS NOT NULL FROM usages ORDER BY id")
+    let usages: Vec<(String, Decimal, bool, bool)> =
+        sqlx::query_as("SELECT id, quantity, invoice_id IS NOT NULL, voided_time IS NOT NULL FROM usages ORDER BY id")
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    let mut expected: Vec<(String, Decimal, bool)> = model
+    let mut expected: Vec<(String, Decimal, bool, bool)> = model
         .usages
         .iter()
-        .map(|(id, u)| (id.clone(), u.quantity, u.invoiced))
+        .map(|(id, u)| (id.clone(), u.quantity, u.invoiced, u.voided))
         .collect();
     expected.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(usages, expected, "seed {seed}: usages");
@@ -772,7 +778,7 @@ async fn run_seed(seed: u64, rounds: usize) {
             actual.is_empty(),
             "seed {seed} round {round}: outcomes nobody sent: {actual:?}"
         );
-        // HTTP creates and deletes, each answered before the next.
+        // HTTP creates and deletes (voids), each answered before the next.
         for _ in 0..run.rng.below(4) {
             let now = Utc::now();
             if run.rng.chance(40) && !run.model.usages.is_empty() {

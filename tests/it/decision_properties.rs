@@ -204,6 +204,9 @@ fn run(s: &Setup, requests: &[Request]) -> (Vec<Decision>, SubscriptionState) {
                     invoice_item_id: None,
                     created_time: now,
                     updated_time: now,
+                    period_start: now,
+                    last_requested_quantity: None,
+                    voided: None,
                 },
             );
         }
@@ -255,6 +258,7 @@ proptest! {
                     let first = seen_created.get(&r.id).expect("a conflict follows a created usage");
                     prop_assert_ne!(*first, (r.quantity, r.partial, r.hour));
                 }
+                Decision::Voided { .. } | Decision::Amended { .. } => prop_assert!(false, "a report corrects nothing"),
                 _ if seen_created.contains_key(&r.id) => prop_assert!(false, "an existing id must be a duplicate or a conflict"),
                 Decision::Created { quantity, partial, alerts: raised, .. } => {
                     if fits {

@@ -445,19 +445,33 @@ impl TestApi {
     }
 
     async fn post_raw(&self, content_type: &str, body: Vec<u8>) -> Reply {
+        self.send_raw("POST", "/usages", content_type, body).await
+    }
+
+    async fn send_raw(&self, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> Reply {
         self.send(
-            self.request("POST", "/usages")
+            self.request(method, path)
                 .header("content-type", content_type)
                 .body(body),
         )
         .await
     }
 
+    async fn put(&self, id: &str, body: &Value) -> Reply {
+        self.send(self.request("PUT", &format!("/usages/{id}")).json(body))
+            .await
+    }
+
     /// A POST whose connection ends before the announced body did.
     async fn post_cut_short(&self) -> Reply {
+        self.cut_short("POST", "/usages").await
+    }
+
+    /// A request whose connection ends before the announced body did.
+    async fn cut_short(&self, method: &str, path: &str) -> Reply {
         let mut stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
         let request = format!(
-            "POST /usages HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\n\
              Content-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{{\"subscri",
             self.addr
         );
@@ -1755,6 +1769,15 @@ async fn real_responses_and_records_match_the_documents() {
         json!({"id": "m2", "subscriptionId": "sub_amount", "quantity": 46}),
         json!({"id": "m3", "subscriptionId": "sub_amount", "quantity": 20, "acceptPartialQuantity": true}),
         json!({"id": "m4", "subscriptionId": "sub_amount", "quantity": 1}),
+        // Corrections, in sub_a's partition after the reports they correct:
+        // a conflict, an amendment, a void, a repeated void (duplicate),
+        // an amendment of the voided usage, a void of an unknown id.
+        json!({"action": "amend", "id": "k1", "subscriptionId": "sub_a", "quantity": 2, "previousQuantity": 7}),
+        json!({"action": "amend", "id": "k2", "subscriptionId": "sub_a", "quantity": 1, "previousQuantity": 2}),
+        json!({"action": "void", "id": "k2", "subscriptionId": "sub_a", "reason": "duplicate meter"}),
+        json!({"action": "void", "id": "k2", "subscriptionId": "sub_a"}),
+        json!({"action": "amend", "id": "k2", "subscriptionId": "sub_a", "quantity": 5}),
+        json!({"action": "void", "id": "nobody", "subscriptionId": "sub_a"}),
     ];
     for event in &plain {
         let wire = Wire {
@@ -1893,10 +1916,113 @@ async fn real_responses_and_records_match_the_documents() {
     let page = api.call("GET", "/usages?subscriptionId=sub_http&limit=1").await;
     assert!(page.header("link").is_some());
     check("GET", "/usages", &page);
-    let deleted = api.call("DELETE", &format!("/usages/{made_id}")).await;
-    check("DELETE", "/usages/{id}", &deleted);
-    assert_eq!(deleted.status, 204);
+    let voided = api
+        .call("DELETE", &format!("/usages/{made_id}?reason=meter%20fault"))
+        .await;
+    check("DELETE", "/usages/{id}", &voided);
+    assert_eq!(voided.status, 204);
     outcomes += 1;
+    let listed = check("GET", "/usages", &api.call("GET", "/usages?status=voided").await);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["voidReason"] == "meter fault"),
+        "{listed}"
+    );
+    check(
+        "GET",
+        "/usages/{id}",
+        &api.call("GET", &format!("/usages/{made_id}")).await,
+    );
+    check(
+        "DELETE",
+        "/usages/{id}",
+        &api.call("DELETE", &format!("/usages/{made_id}")).await,
+    );
+    let long_reason = format!("/usages/h1?reason={}", "x".repeat(501));
+    assert_eq!(
+        check("DELETE", "/usages/{id}", &api.call("DELETE", &long_reason).await)["invalidFields"][0]["field"],
+        "reason"
+    );
+
+    // PUT: a free id is created, a stored usage amended, or left as it is.
+    const USAGE: &str = "/usages/{id}";
+    let put = api
+        .put("p1", &json!({"subscriptionId": "sub_http", "quantity": 1}))
+        .await;
+    assert_eq!(
+        (check("PUT", USAGE, &put)["id"].clone(), put.status),
+        (json!("p1"), 201)
+    );
+    let put = api
+        .put("p1", &json!({"subscriptionId": "sub_http", "quantity": 2}))
+        .await;
+    assert_eq!(
+        (check("PUT", USAGE, &put)["quantity"].clone(), put.status),
+        (json!(2), 200)
+    );
+    let put = api
+        .put("p1", &json!({"subscriptionId": "sub_http", "quantity": 2}))
+        .await;
+    assert_eq!(put.status, 200, "unchanged");
+    check("PUT", USAGE, &put);
+    outcomes += 2;
+    for (id, body, code) in [
+        (
+            "p1",
+            json!({"subscriptionId": "sub_a", "quantity": 1}),
+            "subscription_mismatch",
+        ),
+        (
+            "p1",
+            json!({"subscriptionId": "sub_http", "quantity": 50}),
+            "usage_limit_exceeded",
+        ),
+        (
+            made_id.as_str(),
+            json!({"subscriptionId": "sub_http", "quantity": 1}),
+            "usage_voided",
+        ),
+        (
+            "p1",
+            json!({"id": "p2", "subscriptionId": "sub_http", "quantity": 1}),
+            "invalid_field",
+        ),
+        (
+            "p1",
+            json!({"action": "void", "id": "p1", "subscriptionId": "sub_http"}),
+            "invalid_field",
+        ),
+    ] {
+        let reply = api.put(id, &body).await;
+        assert_eq!(check("PUT", USAGE, &reply)["code"], code, "{body}");
+    }
+    check(
+        "PUT",
+        USAGE,
+        &api.send_raw("PUT", "/usages/p1", "text/plain", b"{}".to_vec()).await,
+    );
+    check(
+        "PUT",
+        USAGE,
+        &api.send_raw("PUT", "/usages/p1", "application/json", vec![b' '; 70_000])
+            .await,
+    );
+    let cut = api.cut_short("PUT", "/usages/p1").await;
+    assert_eq!(cut.status, 400, "{cut:?}");
+    check("PUT", USAGE, &cut);
+    const HISTORY: &str = "/usages/{id}/history";
+    let history = check("GET", HISTORY, &api.call("GET", "/usages/p1/history").await);
+    assert_eq!(history.as_array().unwrap().len(), 2, "{history}");
+    let history = check(
+        "GET",
+        HISTORY,
+        &api.call("GET", &format!("/usages/{made_id}/history")).await,
+    );
+    assert_eq!(history[1]["reason"], "meter fault", "{history}");
+    check("GET", HISTORY, &api.call("GET", "/usages/nope/history").await);
 
     let posts = [
         json!({"id": "h3", "subscriptionId": "sub_http", "quantity": 20}),
@@ -2009,6 +2135,12 @@ async fn real_responses_and_records_match_the_documents() {
     check("GET", "/usages", &anonymous.call("GET", "/usages").await);
     check("GET", "/usages/{id}", &anonymous.call("GET", "/usages/h1").await);
     check("DELETE", "/usages/{id}", &anonymous.call("DELETE", "/usages/h1").await);
+    check("PUT", "/usages/{id}", &anonymous.put("h1", &json!({})).await);
+    check(
+        "GET",
+        "/usages/{id}/history",
+        &anonymous.call("GET", "/usages/h1/history").await,
+    );
     check(
         "GET",
         "/subscriptions/{id}/usage",
@@ -2054,6 +2186,9 @@ async fn real_responses_and_records_match_the_documents() {
         dead.call("GET", "/readyz"),
         dead.call("GET", "/subscriptions/sub_http/usage"),
     );
+    let (g, h) = tokio::join!(dead.put("h1", &body), dead.call("GET", "/usages/h1/history"));
+    check("PUT", "/usages/{id}", &g);
+    check("GET", "/usages/{id}/history", &h);
     check("POST", "/usages", &a);
     check("GET", "/usages", &b);
     check("GET", "/usages/{id}", &c);
@@ -2092,8 +2227,22 @@ async fn real_responses_and_records_match_the_documents() {
         json!({"startTime": billed["period"]["startTime"], "endTime": billed["period"]["endTime"], "closed": true, "invoiceId": "inv_1"})
     );
     env.usage(plain.iter().find(|e| e["id"] == "inv-u1").unwrap().clone());
+    // Corrections that need what came before on other partitions: an
+    // invoiced usage, and a usage of another subscription.
+    for correction in [
+        json!({"action": "void", "id": "inv-u1", "subscriptionId": "sub_inv"}),
+        json!({"action": "void", "id": "k1", "subscriptionId": "sub_inv"}),
+    ] {
+        let wire = Wire {
+            key: Some("sub_inv"),
+            headers: json!({}),
+            payload: correction.clone(),
+        };
+        asyncapi.assert_matches("usage-events", "usageEvent", &wire);
+        env.usage(correction);
+    }
     env.flush();
-    outcomes += 1;
+    outcomes += 3;
 
     // --- Records: every one on the output topics matches its channel.
     let bootstrap = env.kafka.bootstrap_servers();
@@ -2230,7 +2379,7 @@ async fn real_responses_and_records_match_the_documents() {
             "usage_worker_consumer_lag{",
             "usage_worker_outbox_backlog{",
             "usage_worker_db_pool_connections{",
-            "usage_worker_transaction_duration_seconds_count{kind=\"http_delete\"}",
+            "usage_worker_transaction_duration_seconds_count{kind=\"http_correct\"}",
         ],
     )
     .await;

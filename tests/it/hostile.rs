@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 use test_kit::process::{WorkerProcess, WorkerSpec};
 use test_kit::{TestEnv, PARTITIONS};
 use usage_worker::domain::cloudevents::decode_usage_message;
+use usage_worker::domain::correction::UsageCommand;
 use usage_worker::domain::event::DecodeContext;
 use usage_worker::embedded::TopicReader;
 
@@ -74,6 +75,11 @@ fn check_decoding(case: &Case) -> Result<(), String> {
     let started = Instant::now();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| decode_usage_message(&headers, case.body(), &ctx())))
         .map_err(|p| format!("panicked: {}", panic_message(p)))?;
+    let result = match result {
+        Ok(UsageCommand::Report(request)) => Ok(request),
+        Ok(UsageCommand::Correct(correction)) => return Err(format!("decoded as a correction: {correction:?}")),
+        Err(rejection) => Err(rejection),
+    };
     let took = started.elapsed();
     if took > DECODE_BUDGET {
         return Err(format!("took {took:?}"));

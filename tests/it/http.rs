@@ -87,8 +87,21 @@ impl TestApi {
     }
 
     async fn delete(&self, id: &str) -> reqwest::Response {
+        self.delete_with(id, "").await
+    }
+
+    async fn delete_with(&self, id: &str, query: &str) -> reqwest::Response {
         self.client
-            .delete(self.url(&format!("/usages/{id}")))
+            .delete(self.url(&format!("/usages/{id}{query}")))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn put(&self, id: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .put(self.url(&format!("/usages/{id}")))
+            .json(body)
             .send()
             .await
             .unwrap()
@@ -581,7 +594,7 @@ async fn concurrent_creates_never_exceed_the_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_delete_frees_its_quantity_and_its_id() {
+async fn a_delete_voids_the_usage_frees_its_quantity_and_keeps_its_id() {
     let env = TestEnv::start().await;
     subscribe(&env, active_subscription("sub_a", Some("10"))).await;
     subscribe(
@@ -606,15 +619,15 @@ async fn a_delete_frees_its_quantity_and_its_id() {
     )
     .await;
 
-    let deleted = api.delete("u1").await;
-    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    assert!(deleted.bytes().await.unwrap().is_empty());
+    let voided = api.delete_with("u1", "?reason=meter%20fault").await;
+    assert_eq!(voided.status(), StatusCode::NO_CONTENT);
+    assert!(voided.bytes().await.unwrap().is_empty());
     assert_eq!(used(&env, "sub_a").await, Decimal::ZERO);
     problem(api.delete("u1").await, 404, "usage_not_found").await;
     problem(api.get("/usages/u1").await, 404, "usage_not_found").await;
 
-    // The quantity is free again, and so is the id: a new usage, not a
-    // duplicate of the deleted one.
+    // The quantity is free again; the id is not: it stays taken by the
+    // voided usage, whose row keeps who voided it and why.
     let u2 = api
         .post(&json!({"id": "u2", "subscriptionId": "sub_a", "quantity": 1}))
         .await;
@@ -622,14 +635,38 @@ async fn a_delete_frees_its_quantity_and_its_id() {
     let again = api
         .post(&json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 9}))
         .await;
-    assert_eq!(again.status(), StatusCode::CREATED);
-    assert_eq!(used(&env, "sub_a").await, Decimal::TEN);
+    let body = problem(again, 409, "usage_voided").await;
+    assert_eq!(body["field"], "id");
+    assert_eq!(used(&env, "sub_a").await, Decimal::ONE);
+    let listed: Vec<Value> = api.get("/usages?status=voided").await.json().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (&listed[0]["id"], &listed[0]["voidReason"], &listed[0]["voidedBy"]),
+        (&json!("u1"), &json!("meter fault"), &json!("anonymous"))
+    );
+    assert!(listed[0]["voidedTime"].is_string());
+    let active: Vec<Value> = api.get("/usages").await.json().await.unwrap();
+    assert_eq!(
+        active.iter().map(|u| u["id"].clone()).collect::<Vec<_>>(),
+        [json!("u2")]
+    );
+    let all: Vec<Value> = api.get("/usages?status=all").await.json().await.unwrap();
+    assert_eq!(all.len(), 2);
+    let history: Value = api.get("/usages/u1/history").await.json().await.unwrap();
+    assert_eq!(history[0]["action"], "reported");
+    assert_eq!(history[0]["quantity"], 10);
+    assert_eq!(history[0]["by"], "http");
+    assert_eq!(history[1]["action"], "voided");
+    assert_eq!(history[1]["by"], "anonymous");
+    assert_eq!(history[1]["reason"], "meter fault");
+    assert_eq!(history.as_array().unwrap().len(), 2);
 
-    // The deleted outcome carries the usage as it was.
+    // The voided outcome carries the usage with the quantity it had.
     let records = outbox(&env, "usage-results").await;
     let statuses: Vec<&str> = records.iter().map(|r| r.2["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["created", "deleted", "created", "created"]);
-    assert_eq!(records[1].2["usage"], created);
+    assert_eq!(statuses, ["created", "voided", "created"]);
+    assert_eq!(records[1].2["usage"]["quantity"], created["quantity"]);
+    assert_eq!(records[1].2["usage"]["voidReason"], "meter fault");
     assert_eq!(records[1].2["eventId"], "u1");
     assert_ne!(records[0].2["outcomeId"], records[1].2["outcomeId"]);
 
@@ -655,6 +692,152 @@ async fn a_delete_frees_its_quantity_and_its_id() {
         .post(&json!({"id": "t2", "subscriptionId": "sub_trial", "quantity": 1}))
         .await;
     assert_eq!(t2.status(), StatusCode::CREATED);
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn put_creates_a_free_id_and_amends_a_stored_usage_against_the_limits() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    subscribe(&env, active_subscription("sub_b", None)).await;
+    let api = TestApi::serve(&env.settings()).await;
+
+    // A free id: created exactly as POST would (201, Location).
+    let created = api.put("p1", &json!({"subscriptionId": "sub_a", "quantity": 4})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    assert_eq!(created.headers()["location"], "/usages/p1");
+    let created: Value = created.json().await.unwrap();
+    let usage_time = created["usageTime"].clone();
+    assert_eq!(
+        api.post(&json!({"id": "p2", "subscriptionId": "sub_a", "quantity": 3}))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+
+    // A stored usage: the body's quantity replaces the stored one.
+    let amended = api.put("p1", &json!({"subscriptionId": "sub_a", "quantity": 6})).await;
+    assert_eq!(amended.status(), StatusCode::OK);
+    let amended: Value = amended.json().await.unwrap();
+    assert_eq!(
+        (amended["id"].clone(), amended["quantity"].clone()),
+        (json!("p1"), json!(6))
+    );
+    assert_eq!(amended["usageTime"], usage_time);
+    assert_eq!(used(&env, "sub_a").await, Decimal::from(9));
+    // Nothing differs: 200, unchanged, nothing published.
+    let same = api
+        .put(
+            "p1",
+            &json!({"id": "p1", "subscriptionId": "sub_a", "quantity": 6, "usageTime": usage_time}),
+        )
+        .await;
+    assert_eq!(same.status(), StatusCode::OK);
+    assert_eq!(same.json::<Value>().await.unwrap()["quantity"], 6);
+
+    // Over the hard limit: refused, or clamped with acceptPartialQuantity.
+    let body = problem(
+        api.put("p1", &json!({"subscriptionId": "sub_a", "quantity": 8})).await,
+        409,
+        "usage_limit_exceeded",
+    )
+    .await;
+    assert_eq!(body["available"], 7, "what p1 can be amended to");
+    let clamped = api
+        .put(
+            "p1",
+            &json!({"subscriptionId": "sub_a", "quantity": 8, "acceptPartialQuantity": true}),
+        )
+        .await;
+    assert_eq!(clamped.status(), StatusCode::OK);
+    assert_eq!(clamped.json::<Value>().await.unwrap()["quantity"], 7);
+    assert_eq!(used(&env, "sub_a").await, Decimal::TEN);
+    // The quantity it was last asked for is "nothing differs" too.
+    assert_eq!(
+        api.put(
+            "p1",
+            &json!({"subscriptionId": "sub_a", "quantity": 8, "acceptPartialQuantity": true})
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+
+    // What cannot change, and what must match.
+    let body = problem(
+        api.put("p1", &json!({"id": "other", "subscriptionId": "sub_a", "quantity": 1}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_eq!(body["field"], "id");
+    let body = problem(
+        api.put(
+            "p1",
+            &json!({"subscriptionId": "sub_a", "quantity": 1, "usageTime": days(-1)}),
+        )
+        .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_eq!(body["field"], "usageTime");
+    problem(
+        api.put("p1", &json!({"subscriptionId": "sub_b", "quantity": 1})).await,
+        409,
+        "subscription_mismatch",
+    )
+    .await;
+    let wrong_type = api
+        .client
+        .put(api.url("/usages/p1"))
+        .header("content-type", "text/plain")
+        .body(r#"{"subscriptionId": "sub_a", "quantity": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // A voided id cannot be amended or created again.
+    assert_eq!(api.delete("p2").await.status(), StatusCode::NO_CONTENT);
+    problem(
+        api.put("p2", &json!({"subscriptionId": "sub_a", "quantity": 1})).await,
+        409,
+        "usage_voided",
+    )
+    .await;
+
+    // One outcome per change, in order; the history has every amendment.
+    let records = outbox(&env, "usage-results").await;
+    let statuses: Vec<&str> = records.iter().map(|r| r.2["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["created", "created", "amended", "amended", "voided"]);
+    assert_eq!(records[2].2["previousQuantity"], 4);
+    assert_eq!(records[3].2["previousQuantity"], 6);
+    assert_eq!(records[3].2["partial"], true);
+    let history: Value = api.get("/usages/p1/history").await.json().await.unwrap();
+    let entries: Vec<(Value, Value, Value)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].clone(),
+                e["quantity"].clone(),
+                e["previousQuantity"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (json!("reported"), json!(4), Value::Null),
+            (json!("amended"), json!(6), json!(4)),
+            (json!("amended"), json!(7), json!(6)),
+        ]
+    );
+    assert_eq!(history[1]["by"], "anonymous");
+    problem(api.get("/usages/nope/history").await, 404, "usage_not_found").await;
     api.shutdown().await;
 }
 
@@ -940,7 +1123,7 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
     let http: Vec<_> = records.iter().filter(|r| r.value["source"]["http"] == true).collect();
     assert_eq!(http.len(), 2, "{records:#?}");
     let statuses: Vec<&str> = http.iter().map(|r| r.value["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["created", "deleted"]);
+    assert_eq!(statuses, ["created", "voided"]);
     for record in &http {
         assert_eq!(
             record.partition,
@@ -974,10 +1157,10 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
         "usage_worker_event_to_outcome_seconds_count",
         r#"usage_worker_transaction_duration_seconds_count{kind="batch"}"#,
         r#"usage_worker_transaction_duration_seconds_count{kind="http_create"}"#,
-        r#"usage_worker_transaction_duration_seconds_count{kind="http_delete"}"#,
+        r#"usage_worker_transaction_duration_seconds_count{kind="http_correct"}"#,
         r#"usage_worker_messages_decided_total{reason="",source="kafka",status="created"}"#,
         r#"usage_worker_messages_decided_total{reason="",source="http",status="created"}"#,
-        r#"usage_worker_messages_decided_total{reason="",source="http",status="deleted"}"#,
+        r#"usage_worker_messages_decided_total{reason="",source="http",status="voided"}"#,
         r#"usage_worker_http_requests_total{method="POST",route="/usages",status="201"}"#,
         r#"usage_worker_http_requests_total{method="DELETE",route="/usages/{id}",status="204"}"#,
     ] {

@@ -6,6 +6,7 @@ mod billing;
 mod cli;
 mod concurrency;
 mod control_plane;
+mod corrections;
 mod crash;
 mod decision_properties;
 mod documents;
