@@ -18,7 +18,7 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{BatchTx, NewAlert, NewUsage, OffsetClaim, StagedWrites};
+pub use batch::{BatchTx, NewAlert, NewUsage, OffsetClaim, Savepoint, StagedWrites};
 pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};
