@@ -216,6 +216,9 @@ pub struct HttpSettings {
     pub addr: String,
     /// Larger request bodies are refused with 413, unread.
     pub max_body_bytes: usize,
+    /// The same for `POST /usage-batches`, whose body holds up to 1,000
+    /// usage bodies (each still held to `max_body_bytes`).
+    pub max_batch_bytes: usize,
     /// When set, `/usages` requires `Authorization: Bearer <token>`. Read
     /// from `HTTP_BEARER_TOKEN` or `USAGE_WORKER__HTTP__BEARER_TOKEN`.
     pub bearer_token: Option<Secret>,
@@ -494,6 +497,9 @@ impl HttpSettings {
         if self.max_body_bytes == 0 {
             bail!("invalid setting http.max_body_bytes: must be greater than 0");
         }
+        if self.max_batch_bytes == 0 {
+            bail!("invalid setting http.max_batch_bytes: must be greater than 0");
+        }
         if self.ready_max_outbox_backlog <= 0 {
             bail!("invalid setting http.ready_max_outbox_backlog: must be greater than 0");
         }
@@ -619,15 +625,18 @@ mod tests {
         assert!(s.http.enabled);
         assert_eq!(s.http.addr, "0.0.0.0:8080");
         assert_eq!(s.http.bearer_token, None);
+        assert_eq!(s.http.max_batch_bytes, 4 * 1024 * 1024);
         let s = Settings::load_from(&env(&[
             ("HTTP_ADDR", "127.0.0.1:9000"),
             ("HTTP_BEARER_TOKEN", "t0ken"),
             ("USAGE_WORKER__HTTP__MAX_BODY_BYTES", "1024"),
+            ("USAGE_WORKER__HTTP__MAX_BATCH_BYTES", "2048"),
         ]))
         .unwrap();
         assert_eq!(s.http.socket_addr().unwrap().port(), 9000);
         assert_eq!(s.http.bearer_token, Some(Secret::new("t0ken")));
         assert_eq!(s.http.max_body_bytes, 1024);
+        assert_eq!(s.http.max_batch_bytes, 2048);
         let s = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__BEARER_TOKEN", "other")])).unwrap();
         assert_eq!(s.http.bearer_token.unwrap().expose(), "other");
     }
@@ -638,6 +647,8 @@ mod tests {
         assert!(format!("{err:#}").contains("HTTP_ADDR"), "{err:#}");
         let err = Settings::load_from(&env(&[("HTTP_BEARER_TOKEN", " ")])).unwrap_err();
         assert!(format!("{err:#}").contains("http.bearer_token"), "{err:#}");
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__MAX_BATCH_BYTES", "0")])).unwrap_err();
+        assert!(format!("{err:#}").contains("http.max_batch_bytes"), "{err:#}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum TransactionKind {
     HttpCreate,
     /// `DELETE /usages/{id}`.
     HttpCorrect,
+    /// `POST /usage-batches`.
+    HttpBatch,
 }
 
 impl TransactionKind {
@@ -52,6 +54,7 @@ impl TransactionKind {
             Self::Batch => "batch",
             Self::HttpCreate => "http_create",
             Self::HttpCorrect => "http_correct",
+            Self::HttpBatch => "http_batch",
         }
     }
 }
@@ -120,7 +123,7 @@ impl Metrics {
         let transaction_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "transaction_duration_seconds",
-                "Duration of committed deciding transactions, by kind (batch, http_create, http_delete)",
+                "Duration of committed deciding transactions, by kind (batch, http_create, http_delete, http_batch)",
             )
             .buckets(SECONDS_BUCKETS.to_vec()),
             &["kind"],

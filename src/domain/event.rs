@@ -87,6 +87,18 @@ impl<'a> JsonObject<'a> {
     /// Reads text that must be JSON holding one object, with no key repeated
     /// in it or in anything nested in it.
     pub fn parse(text: &'a str) -> Result<Self, MalformedJson> {
+        Self::parse_checking(text, KeyCheck::EveryObject)
+    }
+
+    /// Reads text that must be JSON holding one object whose own keys are
+    /// unique; a key repeated deeper is left to whoever reads that member on
+    /// its own. `POST /usage-batches` reads its body so: a usage body that
+    /// repeats a key is that body's `malformed_payload`, not the batch's.
+    pub fn parse_outer(text: &'a str) -> Result<Self, MalformedJson> {
+        Self::parse_checking(text, KeyCheck::OuterObject)
+    }
+
+    fn parse_checking(text: &'a str, check: KeyCheck) -> Result<Self, MalformedJson> {
         // Capturing members as `RawValue` validates the whole document
         // without recursion and without interpreting numbers.
         let members = match serde_json::from_str::<BTreeMap<String, &'a RawValue>>(text) {
@@ -98,7 +110,7 @@ impl<'a> JsonObject<'a> {
                 })
             }
         };
-        check_unique_keys(text)?;
+        check_unique_keys(text, check)?;
         Ok(Self { members })
     }
 
@@ -141,19 +153,27 @@ pub(crate) fn json_string(raw: &RawValue) -> Result<String, String> {
     serde_json::from_str(raw.get()).map_err(|_| "must not contain an unpaired surrogate escape".to_owned())
 }
 
+/// Which objects of a document [`check_unique_keys`] holds to unique keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyCheck {
+    EveryObject,
+    /// The outermost object only.
+    OuterObject,
+}
+
 /// What one open bracket of [`check_unique_keys`] has seen so far.
 enum Frame {
     Object { keys: HashSet<String> },
     Array,
 }
 
-/// Finds a key repeated within any one object, at any depth, and nesting
-/// deeper than [`MAX_NESTING_DEPTH`].
+/// Finds a key repeated within any one object (at any depth, or in the
+/// outermost object only), and nesting deeper than [`MAX_NESTING_DEPTH`].
 ///
 /// `text` must already be valid JSON: then every `"` outside a string opens
 /// one, a string ends at the first unescaped `"`, and a string is a key
 /// exactly when it follows `{` or a `,` inside an object.
-fn check_unique_keys(text: &str) -> Result<(), MalformedJson> {
+fn check_unique_keys(text: &str, check: KeyCheck) -> Result<(), MalformedJson> {
     let bytes = text.as_bytes();
     let mut stack: Vec<Frame> = Vec::new();
     let mut expect_key = false;
@@ -179,14 +199,17 @@ fn check_unique_keys(text: &str) -> Result<(), MalformedJson> {
             b'"' => {
                 let end = string_end(bytes, i);
                 if expect_key {
-                    let token = &text[i..end];
-                    let key: String = serde_json::from_str(token).map_err(|e| MalformedJson::NotJson(e.to_string()))?;
-                    if let Some(Frame::Object { keys }) = stack.last_mut() {
-                        if let Some(key) = keys.replace(key) {
-                            return Err(MalformedJson::DuplicateKey(key));
+                    expect_key = false;
+                    if check == KeyCheck::EveryObject || stack.len() == 1 {
+                        let token = &text[i..end];
+                        let key: String =
+                            serde_json::from_str(token).map_err(|e| MalformedJson::NotJson(e.to_string()))?;
+                        if let Some(Frame::Object { keys }) = stack.last_mut() {
+                            if let Some(key) = keys.replace(key) {
+                                return Err(MalformedJson::DuplicateKey(key));
+                            }
                         }
                     }
-                    expect_key = false;
                 }
                 i = end;
                 continue;
@@ -757,6 +780,26 @@ mod tests {
         );
         assert_eq!(rej.code, ReasonCode::MalformedPayload);
         assert!(rej.message.contains("\"href\""), "{}", rej.message);
+    }
+
+    #[test]
+    fn an_outer_reading_checks_only_the_outermost_keys() {
+        let inner_repeat =
+            r#"{"usages": [{"quantity": 1, "quantity": 2}, {"a": {"b": 1, "b": 2}}], "x": "\"usages\""}"#;
+        let outer = JsonObject::parse_outer(inner_repeat).unwrap();
+        assert!(outer.get("usages").is_some());
+        assert!(matches!(
+            JsonObject::parse(inner_repeat),
+            Err(MalformedJson::DuplicateKey(key)) if key == "quantity"
+        ));
+        let outer_repeat = r#"{"usages": [], "z": {"usages": 1}, "usages": []}"#;
+        assert!(matches!(
+            JsonObject::parse_outer(outer_repeat),
+            Err(MalformedJson::DuplicateKey(key)) if key == "usages"
+        ));
+        let deep = format!(r#"{{"usages": {}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(JsonObject::parse_outer(&deep).unwrap_err(), MalformedJson::TooDeep);
+        assert_eq!(JsonObject::parse_outer("[1]").unwrap_err(), MalformedJson::NotAnObject);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! `idempotency_conflict` when its body differs. The key is scoped to the
 //! caller, so two callers cannot claim each other's usages by choosing the
 //! same key. A body with an `id` needs no key: the header is then ignored.
+//!
+//! `POST /usage-batches` takes one key for all its bodies: the body at
+//! index *i* without an `id` gets the id derived from `<key>:<i>`
+//! ([`IdempotencyKey::for_index`]), so a retried batch lands on the same ids.
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -61,6 +65,12 @@ impl IdempotencyKey {
         Ok(Self(text.to_owned()))
     }
 
+    /// The key of the body at `index` of a batch sent with this key:
+    /// `<key>:<index>`. Only hashed, so it may be longer than a key sent.
+    pub fn for_index(&self, index: usize) -> Self {
+        Self(format!("{}:{index}", self.0))
+    }
+
     /// The usage id for this key sent by `caller`: `usg_` + the first 24
     /// lowercase hex digits of SHA-256 of the key, or of `<name>:<key>` for
     /// a named caller.
@@ -97,6 +107,29 @@ mod tests {
         assert_eq!(named, format!("usg_{expected}"));
         assert_ne!(named, key.usage_id(&Caller::Anonymous));
         assert_eq!(named.len(), 28);
+    }
+
+    #[test]
+    fn a_batch_body_gets_the_id_of_key_colon_index() {
+        let key = IdempotencyKey::parse(b"batch-7").unwrap();
+        let anonymous = key.for_index(3).usage_id(&Caller::Anonymous);
+        let expected: String = Sha256::digest(b"batch-7:3")
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(anonymous, format!("usg_{expected}"));
+        let named = key.for_index(3).usage_id(&Caller::Named("billing".into()));
+        let expected: String = Sha256::digest(b"billing:batch-7:3")
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(named, format!("usg_{expected}"));
+        assert_ne!(anonymous, key.for_index(4).usage_id(&Caller::Anonymous));
+        // The longest key still derives an id.
+        let longest = IdempotencyKey::parse("k".repeat(255).as_bytes()).unwrap();
+        assert_eq!(longest.for_index(999).usage_id(&Caller::Anonymous).len(), 28);
     }
 
     #[test]

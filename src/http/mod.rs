@@ -3,13 +3,14 @@
 //! and deletes reach `usage-results` through the same outbox. Next to the
 //! worker (`usage-worker run`) or alone (`usage-worker serve`).
 //!
-//! Routes ([`routes`]): `/usages`, `/usages/{id}` and
+//! Routes ([`routes`]): `/usages`, `/usages/{id}`, `/usage-batches` and
 //! `/subscriptions/{id}/usage` behind the optional bearer token; `/healthz`,
 //! `/readyz` and `/metrics` open.
 //!
 //! Errors are RFC 9457 problem details ([`problem`]).
 
 mod auth;
+mod batches;
 mod health;
 mod idempotency;
 pub mod listing;
@@ -42,6 +43,8 @@ use problem::Problem;
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+    /// The body limit of `POST /usage-batches`.
+    pub max_batch_bytes: usize,
     pub bearer_token: Option<Secret>,
     /// How far after the request a `usageTime` may lie.
     pub max_future: chrono::Duration,
@@ -62,6 +65,7 @@ impl ApiConfig {
     pub fn from_settings(settings: &Settings, partitions: i32, requires_assignment: bool) -> Self {
         Self {
             max_body_bytes: settings.http.max_body_bytes,
+            max_batch_bytes: settings.http.max_batch_bytes,
             bearer_token: settings.http.bearer_token.clone(),
             max_future: settings.pipeline.max_future(),
             grace: settings.pipeline.period_grace(),
@@ -109,11 +113,21 @@ pub enum Access {
     Open,
 }
 
+/// Which limit a route reads its request body under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLimit {
+    /// `http.max_body_bytes`: one usage body.
+    Usage,
+    /// `http.max_batch_bytes`: `POST /usage-batches`.
+    Batch,
+}
+
 /// One route of the API: a method on a path template.
 pub struct Route {
     pub method: Method,
     pub path: &'static str,
     pub access: Access,
+    pub body_limit: BodyLimit,
     handler: MethodRouter<Arc<Api>>,
 }
 
@@ -128,8 +142,14 @@ impl Route {
             method,
             path,
             access,
+            body_limit: BodyLimit::Usage,
             handler: on(filter, handler),
         }
+    }
+
+    fn with_body_limit(mut self, body_limit: BodyLimit) -> Self {
+        self.body_limit = body_limit;
+        self
     }
 }
 
@@ -144,6 +164,7 @@ pub fn routes() -> Vec<Route> {
         Route::new(Method::PUT, "/usages/{id}", Token, usages::put),
         Route::new(Method::DELETE, "/usages/{id}", Token, usages::delete),
         Route::new(Method::GET, "/usages/{id}/history", Token, usages::history),
+        Route::new(Method::POST, "/usage-batches", Token, batches::create).with_body_limit(BodyLimit::Batch),
         Route::new(Method::GET, "/subscriptions/{id}/usage", Token, subscriptions::usage),
         Route::new(Method::GET, "/healthz", Open, health::healthz),
         Route::new(Method::GET, "/readyz", Open, health::readyz),
@@ -152,15 +173,20 @@ pub fn routes() -> Vec<Route> {
 }
 
 pub fn router(api: Arc<Api>) -> Router {
-    let (guarded, open) =
-        routes()
-            .into_iter()
-            .fold((Router::new(), Router::new()), |(guarded, open), route| {
-                match route.access {
-                    Access::Token => (guarded.route(route.path, route.handler), open),
-                    Access::Open => (guarded, open.route(route.path, route.handler)),
-                }
-            });
+    let (guarded, open) = routes()
+        .into_iter()
+        .fold((Router::new(), Router::new()), |(guarded, open), route| {
+            // A route's own limit is the inner layer, so it wins over
+            // the router's default below.
+            let handler = match route.body_limit {
+                BodyLimit::Usage => route.handler,
+                BodyLimit::Batch => route.handler.layer(DefaultBodyLimit::max(api.config.max_batch_bytes)),
+            };
+            match route.access {
+                Access::Token => (guarded.route(route.path, handler), open),
+                Access::Open => (guarded, open.route(route.path, handler)),
+            }
+        });
     let guarded = guarded
         .layer(DefaultBodyLimit::max(api.config.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(api.clone(), auth::require_bearer));

@@ -31,7 +31,7 @@ use crate::store::{self, BatchTx};
 
 /// How often a create that lost a race (the same new id inserted
 /// concurrently for another subscription, a deadlock) is tried again.
-const RACE_ATTEMPTS: u32 = 3;
+pub(super) const RACE_ATTEMPTS: u32 = 3;
 
 /// What a decided create request is answered.
 #[derive(Debug)]
@@ -83,12 +83,12 @@ pub async fn create_usage(
 /// subscription, or by the Kafka path) after this one looked it up.
 #[derive(Debug, thiserror::Error)]
 #[error("usage id {0:?} was inserted concurrently")]
-struct IdTaken(String);
+pub(super) struct IdTaken(pub(super) String);
 
 /// A conflict with a concurrent transaction rather than an outage: the id
 /// taken meanwhile, a unique violation, a serialization failure or a
 /// deadlock. The next attempt sees what the other transaction committed.
-fn lost_a_race(error: &anyhow::Error) -> bool {
+pub(super) fn lost_a_race(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause.is::<IdTaken>()
             || match cause.downcast_ref::<sqlx::Error>() {

@@ -349,17 +349,17 @@ fn history_entries(history: &UsageHistory) -> Vec<HistoryEntry<'_>> {
 
 /// The time of the request, at the precision PostgreSQL stores, so that
 /// what a create returns and what a later read returns are the same.
-fn request_time() -> DateTime<Utc> {
+pub(super) fn request_time() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-fn new_usage_id() -> String {
+pub(super) fn new_usage_id() -> String {
     format!("usg_{}", uuid::Uuid::new_v4().simple())
 }
 
 /// `application/json` bodies only (parameters such as `charset` aside); a
 /// request without a `Content-Type` is read as JSON.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return true;
     };

@@ -100,6 +100,18 @@ pub struct StagedWrites {
     pub outbox: Vec<OutboxRecord>,
 }
 
+impl StagedWrites {
+    /// Adds what `later` staged, decided after what is here: its `used` and
+    /// `trial_used` (running totals) replace the ones here.
+    pub fn append(&mut self, later: StagedWrites) {
+        self.usages.extend(later.usages);
+        self.used.extend(later.used);
+        self.trial_used.extend(later.trial_used);
+        self.alerts.extend(later.alerts);
+        self.outbox.extend(later.outbox);
+    }
+}
+
 impl NewUsage {
     /// The usage as it reads once stored, before any invoice counts it.
     pub fn as_stored(&self) -> StoredUsage {
@@ -124,6 +136,11 @@ impl NewUsage {
 pub struct BatchTx {
     tx: Transaction<'static, Postgres>,
 }
+
+/// The name of a savepoint: an SQL identifier fixed in the code, never
+/// built from input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Savepoint(pub &'static str);
 
 /// The unique violation of a usage id another transaction inserted.
 fn is_usage_id_taken(error: &sqlx::Error) -> bool {
@@ -477,6 +494,34 @@ impl BatchTx {
     /// Stores the records; returns their sequence numbers, in order.
     pub async fn append_outbox(&mut self, records: &[OutboxRecord]) -> anyhow::Result<Vec<i64>> {
         append(&mut self.tx, records).await
+    }
+
+    /// Marks a point the transaction can go back to ([`Self::rollback_to`])
+    /// without losing the locks taken before it.
+    pub async fn savepoint(&mut self, name: Savepoint) -> anyhow::Result<()> {
+        sqlx::query(&format!("SAVEPOINT {}", name.0))
+            .execute(&mut *self.tx)
+            .await
+            .with_context(|| format!("setting savepoint {}", name.0))?;
+        Ok(())
+    }
+
+    /// Takes back what was written since the savepoint (which stays set).
+    pub async fn rollback_to(&mut self, name: Savepoint) -> anyhow::Result<()> {
+        sqlx::query(&format!("ROLLBACK TO SAVEPOINT {}", name.0))
+            .execute(&mut *self.tx)
+            .await
+            .with_context(|| format!("rolling back to savepoint {}", name.0))?;
+        Ok(())
+    }
+
+    /// Keeps what was written since the savepoint, and forgets it.
+    pub async fn release(&mut self, name: Savepoint) -> anyhow::Result<()> {
+        sqlx::query(&format!("RELEASE SAVEPOINT {}", name.0))
+            .execute(&mut *self.tx)
+            .await
+            .with_context(|| format!("releasing savepoint {}", name.0))?;
+        Ok(())
     }
 
     pub async fn commit(self) -> anyhow::Result<()> {

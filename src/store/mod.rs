@@ -18,7 +18,7 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{BatchTx, CorrectionKind, NewAlert, NewUsage, OffsetClaim, StagedWrites, UsageCorrection};
+pub use batch::{BatchTx, CorrectionKind, NewAlert, NewUsage, OffsetClaim, Savepoint, StagedWrites, UsageCorrection};
 pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};

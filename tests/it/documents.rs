@@ -462,9 +462,18 @@ impl TestApi {
             .await
     }
 
-    /// A POST whose connection ends before the announced body did.
-    async fn post_cut_short(&self) -> Reply {
-        self.cut_short("POST", "/usages").await
+    /// A batch of usage bodies.
+    async fn post_batch(&self, usages: &[Value]) -> Reply {
+        self.send(
+            self.request("POST", "/usage-batches")
+                .json(&json!({ "usages": usages })),
+        )
+        .await
+    }
+
+    /// A POST to `path` whose connection ends before the announced body did.
+    async fn post_cut_short(&self, path: &str) -> Reply {
+        self.cut_short("POST", path).await
     }
 
     /// A request whose connection ends before the announced body did.
@@ -1672,6 +1681,7 @@ async fn real_responses_and_records_match_the_documents() {
         sub_trial,
         sub_inv.clone(),
         active_subscription("sub_http", Some("10")),
+        active_subscription("sub_batch", Some("10")),
         json!({"id": "sub_open", "status": "active", "version": 1, "usageLimits": {"hardLimit": 5}}),
         json!({"id": "sub_paused", "status": "paused", "version": 1,
                "currentPeriodStartTime": days(-1), "currentPeriodEndTime": days(1)}),
@@ -2059,9 +2069,57 @@ async fn real_responses_and_records_match_the_documents() {
         )
         .await;
     assert_eq!(check("POST", "/usages", &keyed)["field"], "Idempotency-Key");
-    let cut = api.post_cut_short().await;
+    let cut = api.post_cut_short("/usages").await;
     assert_eq!(cut.status, 400, "{cut:?}");
     check("POST", "/usages", &cut);
+
+    // A batch: every result of POST /usages in one answer, and the batch's
+    // own refusals.
+    let batch = api
+        .post_batch(&[
+            json!({"id": "b1", "subscriptionId": "sub_batch", "quantity": 2}),
+            json!({"id": "b1", "subscriptionId": "sub_batch", "quantity": "2.0"}),
+            json!({"id": "b2", "subscriptionId": "sub_batch", "quantity": 20}),
+            json!({"id": "b3", "subscriptionId": "sub_nobody", "quantity": 1}),
+            json!({"quantity": 1}),
+            json!([1]),
+            json!({"subscriptionId": "sub_batch", "quantity": 1, "x": "a".repeat(70_000)}),
+        ])
+        .await;
+    let answered = check("POST", "/usage-batches", &batch);
+    let statuses: Vec<u64> = answered["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [201, 200, 409, 422, 422, 422, 413]);
+    outcomes += 1;
+    let empty = api.post_batch(&[]).await;
+    assert_eq!(check("POST", "/usage-batches", &empty)["field"], "usages");
+    check(
+        "POST",
+        "/usage-batches",
+        &api.send(
+            api.request("POST", "/usage-batches")
+                .header("content-type", "application/json")
+                .body(vec![b' '; 4 * 1024 * 1024 + 1]),
+        )
+        .await,
+    );
+    check(
+        "POST",
+        "/usage-batches",
+        &api.send(
+            api.request("POST", "/usage-batches")
+                .header("content-type", "text/plain")
+                .body("{}"),
+        )
+        .await,
+    );
+    let cut = api.post_cut_short("/usage-batches").await;
+    assert_eq!(cut.status, 400, "{cut:?}");
+    check("POST", "/usage-batches", &cut);
     let query = api
         .call("GET", "/usages?limit=5000&offset=-1&usageTimeFrom=yesterday")
         .await;
@@ -2132,6 +2190,7 @@ async fn real_responses_and_records_match_the_documents() {
         server: None,
     };
     check("POST", "/usages", &anonymous.post(&json!({})).await);
+    check("POST", "/usage-batches", &anonymous.post_batch(&[json!({})]).await);
     check("GET", "/usages", &anonymous.call("GET", "/usages").await);
     check("GET", "/usages/{id}", &anonymous.call("GET", "/usages/h1").await);
     check("DELETE", "/usages/{id}", &anonymous.call("DELETE", "/usages/h1").await);
@@ -2178,18 +2237,20 @@ async fn real_responses_and_records_match_the_documents() {
 
     // The database does not answer: 503 everywhere it is asked.
     let body = json!({"subscriptionId": "sub_http", "quantity": 1});
-    let (a, b, c, d, e, f) = tokio::join!(
+    let (a, b, c, d, e, f, g) = tokio::join!(
         dead.post(&body),
         dead.call("GET", "/usages"),
         dead.call("GET", "/usages/h1"),
         dead.call("DELETE", "/usages/h1"),
         dead.call("GET", "/readyz"),
         dead.call("GET", "/subscriptions/sub_http/usage"),
+        dead.post_batch(std::slice::from_ref(&body)),
     );
-    let (g, h) = tokio::join!(dead.put("h1", &body), dead.call("GET", "/usages/h1/history"));
-    check("PUT", "/usages/{id}", &g);
-    check("GET", "/usages/{id}/history", &h);
+    let (put, history) = tokio::join!(dead.put("h1", &body), dead.call("GET", "/usages/h1/history"));
+    check("PUT", "/usages/{id}", &put);
+    check("GET", "/usages/{id}/history", &history);
     check("POST", "/usages", &a);
+    check("POST", "/usage-batches", &g);
     check("GET", "/usages", &b);
     check("GET", "/usages/{id}", &c);
     check("DELETE", "/usages/{id}", &d);

@@ -2,6 +2,7 @@
 //! a world of its own (`test_kit::TestEnv`: a database and a Kafka cluster,
 //! both gone when it ends).
 
+mod batches;
 mod billing;
 mod cli;
 mod concurrency;
