@@ -206,7 +206,7 @@ async fn period_closed(
 ) -> anyhow::Result<bool> {
     let (end, closed_time, database_now): (Option<DateTime<Utc>>, Option<DateTime<Utc>>, DateTime<Utc>) =
         sqlx::query_as(
-            "SELECT end_time, closed_time, clock_timestamp() FROM service_periods
+            "SELECT end_time, coalesce(closed_time, record_closed_time), clock_timestamp() FROM service_periods
              WHERE subscription_id = $1 AND start_time = $2",
         )
         .bind(subscription_id)

@@ -12,6 +12,7 @@ mod documents;
 mod faults;
 mod hostile;
 mod http;
+mod periods;
 mod pipeline;
 mod store;
 mod tls;
