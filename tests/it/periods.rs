@@ -208,7 +208,11 @@ async fn a_period_that_closes_by_time_gives_one_record_with_its_totals_and_diges
     );
     assert_eq!(metric(&worker.counts.metrics, closed_series()), 1);
 
-    // Nothing lands in it after its record summed it.
+    // Nothing lands in it after its record summed it, not even when a later
+    // snapshot moves its end into the future.
+    let mut moved = snapshot("sub_p", 2, Some((start, end + chrono::Duration::days(30))));
+    moved["pricing"] = json!({"currency": "USD", "formula": "flat-rate", "price": 0.25});
+    env.subscription(moved);
     env.usage(json!({"id": "p4", "subscriptionId": "sub_p", "quantity": 1, "usageTime": usage_time}));
     env.flush();
     assert_eq!(results.read(1, WAIT)[0].value["error"]["code"], "period_closed");
@@ -574,4 +578,60 @@ async fn concurrent_sweeps_close_each_due_period_once_in_bounded_rounds() {
         .await
         .unwrap();
     assert_eq!(total, Decimal::from(DUE as i64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_sweep_is_counted_and_retried_and_closes_the_period_once_it_can() {
+    let env = TestEnv::start().await;
+    // The database refuses to mark periods closed (a transient failure,
+    // SQLSTATE 40001) while `refuse_closing` has a row.
+    sqlx::raw_sql(
+        "CREATE TABLE refuse_closing (since timestamptz);
+         INSERT INTO refuse_closing VALUES (now());
+         CREATE FUNCTION refuse_closing() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF EXISTS (SELECT 1 FROM refuse_closing) THEN
+             RAISE EXCEPTION 'not now' USING ERRCODE = '40001';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_closing BEFORE UPDATE OF closed_by ON service_periods
+           FOR EACH ROW WHEN (NEW.closed_by IS NOT NULL) EXECUTE FUNCTION refuse_closing();",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let now = now_s();
+    let past = (now - chrono::Duration::days(40), now - chrono::Duration::days(10));
+    subscribe(&env, 0, snapshot("sub_f", 1, Some(past))).await;
+    past_usage(&env, "f1", "sub_f", past.0, "3", false).await;
+    let worker = env.worker().await;
+    let errors = r#"usage_worker_period_sweep_errors_total"#;
+    test_kit::wait_until("failed sweep rounds", || async {
+        metric(&worker.counts.metrics, errors) >= 3
+    })
+    .await;
+    let periods = reader(&env, "usage-periods");
+    assert!(
+        periods.read_rest(Duration::from_secs(1)).is_empty(),
+        "nothing while it fails"
+    );
+    assert_eq!(
+        env.scalar_i64("SELECT count(*) FROM service_periods WHERE closed_by IS NOT NULL")
+            .await,
+        0
+    );
+
+    sqlx::query("DELETE FROM refuse_closing")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let record = &periods.read(1, WAIT)[0].value;
+    assert_eq!(
+        (&record["subscriptionId"], &record["usageCount"], &record["quantity"]),
+        (&json!("sub_f"), &json!(1), &json!(3))
+    );
+    assert!(periods.read_rest(Duration::from_secs(3)).is_empty(), "once");
+    assert_eq!(metric(&worker.counts.metrics, closed_series()), 1);
+    worker.shutdown().await.unwrap();
 }
