@@ -163,12 +163,14 @@ pub struct TopicSettings {
     pub usage_results: String,
     pub usage_alerts: String,
     pub dead_letters: String,
+    /// Closed periods, for invoicing.
+    pub usage_periods: String,
 }
 
 impl TopicSettings {
     /// Every topic the worker reads or writes.
-    pub fn all(&self) -> [&str; 6] {
-        let [results, alerts, dlq] = self.outputs();
+    pub fn all(&self) -> [&str; 7] {
+        let [results, alerts, dlq, periods] = self.outputs();
         [
             &self.usage_events,
             &self.subscriptions,
@@ -176,12 +178,18 @@ impl TopicSettings {
             results,
             alerts,
             dlq,
+            periods,
         ]
     }
 
     /// The topics the worker publishes, each with `usage_events`' partition count.
-    pub fn outputs(&self) -> [&str; 3] {
-        [&self.usage_results, &self.usage_alerts, &self.dead_letters]
+    pub fn outputs(&self) -> [&str; 4] {
+        [
+            &self.usage_results,
+            &self.usage_alerts,
+            &self.dead_letters,
+            &self.usage_periods,
+        ]
     }
 }
 
@@ -199,6 +207,9 @@ pub struct PipelineSettings {
     pub max_payload_bytes: usize,
     pub max_future_usage_time_secs: i64,
     pub period_grace_secs: i64,
+    /// How often every worker looks for periods whose end plus grace has
+    /// passed, to close them and publish their records (at most 10 s).
+    pub period_sweep_secs: u64,
     pub snapshot_wait_ms: u64,
     pub shutdown_timeout_ms: u64,
     pub retry_initial_backoff_ms: u64,
@@ -410,6 +421,7 @@ impl Settings {
             ("topics.usage_results", &self.topics.usage_results),
             ("topics.usage_alerts", &self.topics.usage_alerts),
             ("topics.dead_letters", &self.topics.dead_letters),
+            ("topics.usage_periods", &self.topics.usage_periods),
         ] {
             if topic.is_empty()
                 || topic.len() > 249
@@ -425,8 +437,8 @@ impl Settings {
         // Each lane holds a connection for its transaction; the relay holds
         // two during a round (its fence and its reads), and each of the two
         // control readers one while it applies. (The HTTP API has a pool of
-        // its own; the assignment hook and the metrics sampler borrow one
-        // briefly.)
+        // its own; the assignment hook, the metrics sampler and the period
+        // sweep borrow one briefly.)
         if p.lanes + 4 > self.database.max_connections as usize {
             bail!(
                 "invalid setting pipeline.lanes: {} lanes need database.max_connections of at least {}",
@@ -445,6 +457,13 @@ impl Settings {
         }
         if p.period_grace_secs < 0 {
             bail!("invalid setting pipeline.period_grace_secs: must not be negative");
+        }
+        // SPEC: closing by time runs at least every 10 s.
+        if !(1..=10).contains(&p.period_sweep_secs) {
+            bail!(
+                "invalid setting pipeline.period_sweep_secs: must be 1 to 10 seconds, got {}",
+                p.period_sweep_secs
+            );
         }
         self.http.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
@@ -534,6 +553,9 @@ impl PipelineSettings {
     pub fn period_grace(&self) -> chrono::Duration {
         chrono::Duration::seconds(self.period_grace_secs)
     }
+    pub fn period_sweep(&self) -> Duration {
+        Duration::from_secs(self.period_sweep_secs)
+    }
 }
 
 /// Replaces the password of a URL, for logs and errors.
@@ -605,6 +627,27 @@ mod tests {
         );
         let s = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "4")])).unwrap();
         assert_eq!(s.pipeline.lanes, 4);
+    }
+
+    #[test]
+    fn the_period_sweep_runs_at_least_every_ten_seconds() {
+        let s = Settings::load_from(&[]).unwrap();
+        assert_eq!(s.pipeline.period_sweep(), Duration::from_secs(5));
+        assert_eq!(s.topics.usage_periods, "usage-periods");
+        assert!(s.topics.outputs().contains(&"usage-periods"));
+        for bad in ["11", "0"] {
+            let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__PERIOD_SWEEP_SECS", bad)])).unwrap_err();
+            assert!(format!("{err:#}").contains("pipeline.period_sweep_secs"), "{err:#}");
+        }
+        let s = Settings::load_from(&env(&[
+            ("USAGE_WORKER__PIPELINE__PERIOD_SWEEP_SECS", "10"),
+            ("USAGE_WORKER__TOPICS__USAGE_PERIODS", "billing.periods"),
+        ]))
+        .unwrap();
+        assert_eq!(s.pipeline.period_sweep_secs, 10);
+        assert_eq!(s.topics.usage_periods, "billing.periods");
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__TOPICS__USAGE_PERIODS", "no spaces")])).unwrap_err();
+        assert!(format!("{err:#}").contains("topics.usage_periods"), "{err:#}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use prometheus::{
 };
 
 use crate::domain::outcome::OutcomeStatus;
+use crate::domain::period_record::PeriodRecordKind;
 use crate::domain::ReasonCode;
 
 /// Where a decision came from: the `source` label of `decided`.
@@ -79,6 +80,8 @@ pub struct Metrics {
     stopped_partitions: IntCounterVec,
     http_requests: IntCounterVec,
     http_request_seconds: HistogramVec,
+    period_records: IntCounterVec,
+    period_sweep_errors: IntCounter,
     /// The partitions of `usage-events` held now; `None` before the first
     /// assignment and while a rebalance has taken them away (for `/readyz`).
     assignment: Mutex<Option<Vec<i32>>>,
@@ -186,8 +189,23 @@ impl Metrics {
             .buckets(SECONDS_BUCKETS.to_vec()),
             &["method", "route"],
         )?;
+        let period_records = IntCounterVec::new(
+            Opts::new(
+                "period_records_total",
+                "Period records committed to the outbox for usage-periods, by type (usage-period-closed, usage-period-invoiced)",
+            ),
+            &["type"],
+        )?;
+        // Both series from the start: a scraper sees 0, not nothing.
+        for kind in PeriodRecordKind::ALL {
+            period_records.with_label_values(&[kind.as_str()]);
+        }
+        let period_sweep_errors = IntCounter::new(
+            "period_sweep_errors_total",
+            "Period sweep rounds that failed (and were tried again)",
+        )?;
         let mut names = Vec::new();
-        let collectors: [Box<dyn Collector>; 13] = [
+        let collectors: [Box<dyn Collector>; 15] = [
             Box::new(consumed.clone()),
             Box::new(decided.clone()),
             Box::new(batch_size.clone()),
@@ -201,6 +219,8 @@ impl Metrics {
             Box::new(stopped_partitions.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_request_seconds.clone()),
+            Box::new(period_records.clone()),
+            Box::new(period_sweep_errors.clone()),
         ];
         for collector in collectors {
             names.extend(collector.desc().iter().map(|d| format!("{NAMESPACE}_{}", d.fq_name)));
@@ -222,6 +242,8 @@ impl Metrics {
             stopped_partitions,
             http_requests,
             http_request_seconds,
+            period_records,
+            period_sweep_errors,
             assignment: Mutex::new(None),
         })
     }
@@ -307,6 +329,16 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// A period record committed to the outbox (by the sweep or an invoice).
+    pub fn period_record_staged(&self, kind: PeriodRecordKind) {
+        self.period_records.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// A period sweep round failed; it is tried again.
+    pub fn period_sweep_failed(&self) {
+        self.period_sweep_errors.inc();
+    }
+
     /// Everything, in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -354,6 +386,24 @@ mod tests {
             text.contains(r#"usage_worker_event_to_outcome_seconds_bucket{le="2.5"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn period_records_are_counted_by_type_from_zero() {
+        let metrics = Metrics::default();
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"usage_worker_period_records_total{type="usage-period-invoiced"} 0"#),
+            "{text}"
+        );
+        metrics.period_record_staged(PeriodRecordKind::Closed);
+        metrics.period_sweep_failed();
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"usage_worker_period_records_total{type="usage-period-closed"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("usage_worker_period_sweep_errors_total 1"), "{text}");
     }
 
     #[test]

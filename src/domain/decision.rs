@@ -127,7 +127,8 @@ pub struct PeriodState {
     /// limit is only stored with one.
     pub pricing: Option<Arc<Pricing>>,
     pub used: Decimal,
-    /// Set when the period was closed early (an invoice was issued for it).
+    /// Set when the period was closed early (an invoice was issued for it),
+    /// or when its closing record was written (see `period_record`).
     pub closed_time: Option<DateTime<Utc>>,
     /// Alerts this period already raised.
     pub alerted: Vec<AlertStep>,

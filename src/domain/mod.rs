@@ -12,6 +12,7 @@ pub mod headers;
 pub mod ids;
 pub mod invoice;
 pub mod outcome;
+pub mod period_record;
 pub mod pricing;
 pub mod quantity;
 pub mod reason;

@@ -3,8 +3,9 @@
 //! and deletes reach `usage-results` through the same outbox. Next to the
 //! worker (`usage-worker run`) or alone (`usage-worker serve`).
 //!
-//! Routes ([`routes`]): `/usages`, `/usages/{id}`, `/usage-batches` and
-//! `/subscriptions/{id}/usage` behind the optional bearer token; `/healthz`,
+//! Routes ([`routes`]): `/usages`, `/usages/{id}`, `/usages/{id}/history`,
+//! `/usage-batches`, `/subscriptions/{id}/usage` and
+//! `/subscriptions/{id}/periods` behind the optional bearer token; `/healthz`,
 //! `/readyz` and `/metrics` open.
 //!
 //! Errors are RFC 9457 problem details ([`problem`]).
@@ -166,6 +167,12 @@ pub fn routes() -> Vec<Route> {
         Route::new(Method::GET, "/usages/{id}/history", Token, usages::history),
         Route::new(Method::POST, "/usage-batches", Token, batches::create).with_body_limit(BodyLimit::Batch),
         Route::new(Method::GET, "/subscriptions/{id}/usage", Token, subscriptions::usage),
+        Route::new(
+            Method::GET,
+            "/subscriptions/{id}/periods",
+            Token,
+            subscriptions::periods,
+        ),
         Route::new(Method::GET, "/healthz", Open, health::healthz),
         Route::new(Method::GET, "/readyz", Open, health::readyz),
         Route::new(Method::GET, "/metrics", Open, health::metrics),

@@ -1,6 +1,7 @@
 //! `GET /subscriptions/{id}/usage`: the usage status of a subscription's
 //! period (SPEC version 2), read as committed, so a caller of `POST
-//! /usages` reads its own writes.
+//! /usages` reads its own writes. `GET /subscriptions/{id}/periods`: its
+//! periods with their state and totals.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use super::Api;
 use crate::domain::event::parse_timestamp;
 use crate::domain::status::usage_status;
 use crate::domain::{ReasonCode, Rejection};
-use crate::store::read_subscription;
+use crate::store::{read_periods, read_subscription};
 
 /// The instant whose period is asked for: `?at=`, RFC 3339 with an offset.
 const AT: &str = "at";
@@ -46,6 +47,23 @@ pub async fn usage(
         Problem::rejection(&rejection, None)
     })?;
     Ok(Json(status).into_response())
+}
+
+/// `GET /subscriptions/{id}/periods`: 200 with every period of the
+/// subscription in start order, each with its state (`open`, `closed`,
+/// `invoiced`, by the database's clock as for a decision), how and when it
+/// closed, and its totals and digest as committed (for an open period, so
+/// far); 404 `subscription_not_found`.
+pub async fn periods(
+    State(api): State<Arc<Api>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let Path(id) = id.map_err(|_| Problem::not_found())?;
+    let list = read_periods(&api.pool, &id, api.config.grace)
+        .await
+        .map_err(|e| Problem::unavailable(&e))?
+        .ok_or_else(|| Problem::subscription_not_found(&id))?;
+    Ok(Json(list).into_response())
 }
 
 /// The `at` parameter, if given once and valid.

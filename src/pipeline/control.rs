@@ -20,6 +20,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::dead_letter::{dead_letter_record, RawMessage};
+use super::periods::PeriodOutput;
 use crate::domain::invoice::{decode_invoice_event, InvoiceIssued};
 use crate::domain::subscription::decode_snapshot;
 use crate::retry::Backoff;
@@ -102,6 +103,8 @@ pub struct ControlReader {
     pub dead_letter_partitions: i32,
     pub max_dead_letter_bytes: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where the records of the periods invoices close or bill go.
+    pub periods: PeriodOutput,
 }
 
 impl ControlReader {
@@ -380,6 +383,7 @@ impl ControlReader {
                     let reason = results.iter().find_map(|r| match r {
                         ItemResult::UnknownSubscription => Some("unknown_subscription"),
                         ItemResult::UnknownPeriod => Some("unknown_period"),
+                        ItemResult::AlreadyInvoiced => Some("period_already_invoiced"),
                         ItemResult::Applied(_) => None,
                     })?;
                     unmatched += 1;
@@ -392,12 +396,16 @@ impl ControlReader {
                     &self.group,
                     &self.topic,
                     &pending.invoices,
+                    &self.periods.closing(),
                     dead_letters_for,
                     &pending.invalid,
                     positions,
                 )
                 .await?;
                 dead_lettered += unmatched;
+                for kind in &applied.period_records {
+                    self.metrics.period_record_staged(*kind);
+                }
                 applied.positions
             }
         };

@@ -1,11 +1,13 @@
 //! The services of a worker process, and `run`, which wires them: the
 //! worker (usage events -> decide -> commit: [`worker`]), the outbox relay
 //! that publishes what was committed ([`relay`]), the readers of the control
-//! topics ([`control`]), and the gauges' sampler ([`sampler`]).
+//! topics ([`control`]), the sweep that closes periods ([`periods`]), and
+//! the gauges' sampler ([`sampler`]).
 
 pub mod control;
 pub mod dead_letter;
 pub mod decide;
+pub mod periods;
 pub mod relay;
 pub mod sampler;
 pub mod stage;
@@ -28,6 +30,7 @@ use crate::config::Settings;
 use crate::kafka::{self, consumer};
 use control::{AppliedTopic, ControlKind, ControlReader, Progress};
 use decide::DecideContext;
+use periods::{PeriodOutput, PeriodSweep};
 use relay::Relay;
 pub use worker::DecisionCounts;
 use worker::{Ownership, UsageInput, Worker};
@@ -46,6 +49,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let topics = check_topics(&settings).await?;
     let relay = RelayService::start(&settings, &pool)?;
+    let sweep = SweepService::start(&settings, &pool, &topics, &relay.relay, &counts);
     let stop_threads = Arc::new(AtomicBool::new(false));
     let controls = start_control_readers(&settings, &pool, &topics, &counts, &stop_threads).await?;
     let worker = Arc::new(Worker {
@@ -64,11 +68,15 @@ pub async fn run(
         // in the outbox); the consumer leaves the group, and its revocation
         // is still answered, after the worker has returned.
         stop_threads.store(true, Ordering::Relaxed);
+        let _ = sweep.stop.send(true);
         let _ = relay.stop.send(true);
         tokio::spawn(async move { input.leave().await });
         return Err(e);
     }
     let deadline = tokio::time::Instant::now() + settings.pipeline.shutdown_timeout();
+    // The sweep stops first: what its last round committed goes out with
+    // the rest.
+    sweep.finish(deadline).await;
     shut_down(input, relay, controls.threads, &stop_threads, deadline).await
 }
 
@@ -159,6 +167,50 @@ impl RelayService {
     }
 }
 
+/// Where period records go.
+fn period_output(settings: &Settings, partitions: i32) -> PeriodOutput {
+    PeriodOutput {
+        topic: settings.topics.usage_periods.clone(),
+        partitions,
+        partitioner: settings.kafka.partitioner,
+        grace: settings.pipeline.period_grace(),
+    }
+}
+
+/// The period sweep's task.
+struct SweepService {
+    stop: watch::Sender<bool>,
+    task: TaskHandle<()>,
+}
+
+impl SweepService {
+    fn start(settings: &Settings, pool: &PgPool, topics: &Topics, relay: &Arc<Relay>, counts: &DecisionCounts) -> Self {
+        let sweep = PeriodSweep {
+            pool: pool.clone(),
+            closing: period_output(settings, topics.output_partitions).closing(),
+            interval: settings.pipeline.period_sweep(),
+            retry_max: Duration::from_millis(settings.pipeline.retry_max_backoff_ms),
+            metrics: counts.metrics.clone(),
+            relay: relay.clone(),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(sweep.run(stopped));
+        Self { stop, task }
+    }
+
+    /// Stops the sweep and waits for a round in flight (until `deadline`).
+    async fn finish(self, deadline: tokio::time::Instant) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            // Dropping its transaction rolls the round back; a later sweep
+            // closes those periods.
+            task.abort();
+            tracing::warn!("the period sweep did not stop in time; its round was rolled back");
+        }
+    }
+}
+
 /// The control topics' reader threads, and how far each topic is applied.
 struct ControlReaders {
     threads: Vec<JoinHandle<()>>,
@@ -190,6 +242,7 @@ async fn start_control_readers(
             dead_letter_partitions: topics.output_partitions,
             max_dead_letter_bytes: MAX_DEAD_LETTER_BYTES,
             metrics: counts.metrics.clone(),
+            periods: period_output(settings, topics.output_partitions),
         };
         let config = kafka::control_reader_config(k, topic);
         readers

@@ -563,11 +563,13 @@ pub(super) async fn load_periods(
     conn: &mut PgConnection,
     ids: &[String],
 ) -> anyhow::Result<(Vec<(String, PeriodState)>, DateTime<Utc>)> {
-    // One row at least (the clock), whether or not there are periods.
+    // One row at least (the clock), whether or not there are periods. A
+    // period with its closing record stays closed whatever a later snapshot
+    // says of its end: the record summed it.
     let rows: Vec<PeriodRow> = sqlx::query_as(
         "SELECT p.subscription_id, p.start_time, p.end_time, p.hard_limit, p.soft_limit,
-                p.hard_limit_amount, p.soft_limit_amount, p.pricing::text, p.used, p.closed_time,
-                p.alerted, clock.now
+                p.hard_limit_amount, p.soft_limit_amount, p.pricing::text, p.used,
+                coalesce(p.closed_time, p.record_closed_time) AS closed_time, p.alerted, clock.now
          FROM (SELECT clock_timestamp() AS now) clock
          LEFT JOIN service_periods p ON p.subscription_id = ANY($1)
          ORDER BY p.subscription_id, p.start_time",
@@ -643,7 +645,7 @@ fn period_state(row: PeriodRow) -> anyhow::Result<Option<(String, PeriodState)>>
 /// pricing is shared by many subscriptions, so decoded pricings are kept by
 /// their text (a few thousand plans at most; the cache starts over when it
 /// holds more).
-fn stored_pricing(text: &str) -> anyhow::Result<Arc<Pricing>> {
+pub(super) fn stored_pricing(text: &str) -> anyhow::Result<Arc<Pricing>> {
     const MOST: usize = 4096;
     static DECODED: Mutex<Option<HashMap<String, Arc<Pricing>>>> = Mutex::new(None);
     let cached = DECODED

@@ -1,5 +1,6 @@
-//! Applying issued invoices: close the billed periods and stamp their usages.
-//! Each message once, in offset order per partition (see `control`).
+//! Applying issued invoices: close the billed periods, stamp their usages,
+//! and stage the period records that says (see `periods`). Each message
+//! once, in offset order per partition (see `control`).
 
 use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
@@ -7,7 +8,9 @@ use sqlx::{PgConnection, PgPool};
 use super::control::{advance_positions, fresh_dead_letters, lock_positions, lock_subscription_rows, not_yet_applied};
 use super::control::{ControlMessage, StoredPositions};
 use super::outbox::{append, OutboxRecord};
+use super::periods::{invoice_period, InvoicedPeriod, PeriodClosing};
 use crate::domain::invoice::{InvoiceIssued, InvoiceItem};
+use crate::domain::period_record::PeriodRecordKind;
 
 /// What became of one invoice item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +20,8 @@ pub enum ItemResult {
     Applied(u64),
     UnknownSubscription,
     UnknownPeriod,
+    /// Another invoice billed the period already: nothing changed.
+    AlreadyInvoiced,
 }
 
 /// What an application of invoice messages did.
@@ -28,17 +33,21 @@ pub struct InvoicesApplied {
     pub already_applied: usize,
     /// The stored positions after this application.
     pub positions: StoredPositions,
+    /// The period records staged, by type.
+    pub period_records: Vec<PeriodRecordKind>,
 }
 
 /// Applies the invoices no reader of the group applied yet, in order, stores
 /// the dead letters produced for them, and moves the stored positions
 /// forward, in one transaction. `dead_letters_for` is asked for the copy to
-/// store given an invoice's item results.
+/// store given an invoice's item results; `closing` makes the period records.
+#[allow(clippy::too_many_arguments)]
 pub async fn apply_invoices(
     pool: &PgPool,
     group: &str,
     topic: &str,
     invoices: &[ControlMessage<InvoiceIssued>],
+    closing: &PeriodClosing,
     mut dead_letters_for: impl FnMut(&ControlMessage<InvoiceIssued>, &[ItemResult]) -> Option<OutboxRecord>,
     invalid: &[OutboxRecord],
     positions: &[(i32, i64)],
@@ -62,11 +71,12 @@ pub async fn apply_invoices(
         .collect();
     let known = lock_subscription_rows(&mut tx, &ids).await?;
     let mut dead_letters = fresh_dead_letters(invalid, topic, &stored);
+    let mut period_records = Vec::new();
     for message in todo {
         let mut item_results = Vec::with_capacity(message.body.items.len());
         for item in &message.body.items {
             let result = if known.contains_key(&item.subscription_id) {
-                apply_item(&mut tx, &message.body, item).await?
+                apply_item(&mut tx, closing, &message.body, item, &mut period_records).await?
             } else {
                 ItemResult::UnknownSubscription
             };
@@ -79,6 +89,10 @@ pub async fn apply_invoices(
     // invoices' were gathered apart, and the stored batches of one source
     // partition must not overlap.
     dead_letters.sort_by_key(|r| r.source.as_ref().map(|s| (s.partition, s.offset)));
+    // One append for all: it locks the outbox partitions in one order,
+    // whatever order the items named them in.
+    applied.period_records = period_records.iter().map(|r| r.0).collect();
+    dead_letters.extend(period_records.into_iter().map(|r| r.1));
     append(&mut tx, &dead_letters).await?;
     applied.positions = advance_positions(&mut tx, group, topic, positions).await?;
     tx.commit().await.context("committing invoices")?;
@@ -87,23 +101,25 @@ pub async fn apply_invoices(
 
 async fn apply_item(
     conn: &mut PgConnection,
+    closing: &PeriodClosing,
     invoice: &InvoiceIssued,
     item: &InvoiceItem,
+    period_records: &mut Vec<(PeriodRecordKind, OutboxRecord)>,
 ) -> anyhow::Result<ItemResult> {
-    let period = sqlx::query(
-        "UPDATE service_periods SET closed_time = coalesce(closed_time, clock_timestamp()),
-                                    invoice_id = $3
-         WHERE subscription_id = $1 AND start_time = $2",
+    let records = match invoice_period(
+        conn,
+        closing,
+        &item.subscription_id,
+        item.period_start,
+        &invoice.invoice_id,
     )
-    .bind(&item.subscription_id)
-    .bind(item.period_start)
-    .bind(&invoice.invoice_id)
-    .execute(&mut *conn)
-    .await
-    .context("closing the invoiced period")?;
-    if period.rows_affected() == 0 {
-        return Ok(ItemResult::UnknownPeriod);
-    }
+    .await?
+    {
+        InvoicedPeriod::Unknown => return Ok(ItemResult::UnknownPeriod),
+        InvoicedPeriod::BilledByAnother => return Ok(ItemResult::AlreadyInvoiced),
+        InvoicedPeriod::Billed(records) => records,
+    };
+    period_records.extend(records);
     let stamped = sqlx::query(
         "UPDATE usages SET invoice_id = $3, invoice_item_id = $4, updated_time = now()
          WHERE subscription_id = $1 AND period_start_time = $2 AND voided_time IS NULL

@@ -6,6 +6,7 @@ mod control;
 mod errors;
 mod invoices;
 mod outbox;
+mod periods;
 mod snapshots;
 mod subscriptions;
 mod usages;
@@ -26,6 +27,7 @@ pub use outbox::{
     claim_partition, delete_expired, lock_claimed, mark_published, mark_published_many, pending_many, published_seq,
     OutboxRecord, SourcePosition, StoredRecord,
 };
+pub use periods::{close_due_periods, read_periods, PeriodClosing, SweepRound};
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
 pub use subscriptions::{read_subscription, SubscriptionRead};
 pub use usages::{

@@ -1138,6 +1138,42 @@ fn the_examples_amounts_and_alert_ids_are_what_the_worker_computes() {
     }
     assert!(thresholds.contains(&("softLimit", 75)), "{thresholds:?}");
 
+    // Period records: the amount is what the quantity costs under the
+    // snapshot example's pricing; the record id is the one the worker derives.
+    use usage_worker::domain::period_record::{period_record_id, PeriodRecordKind};
+    for example in asyncapi.doc["components"]["messages"]["usagePeriod"]["examples"]
+        .as_array()
+        .expect("usagePeriod examples")
+    {
+        let record = &example["payload"];
+        let subscription = record["subscriptionId"].as_str().unwrap();
+        let what = format!("period record {} of {subscription}", record["type"]);
+        match &snapshots[subscription].pricing {
+            Some(pricing) => {
+                assert_eq!(record["currency"], pricing.currency(), "{what}");
+                assert_eq!(
+                    number(&record["amount"]),
+                    pricing.amount(number(&record["quantity"])),
+                    "{what}: amount"
+                );
+                checked += 1;
+            }
+            None => assert_eq!((&record["amount"], &record["currency"]), (&Value::Null, &Value::Null)),
+        }
+        let kind = PeriodRecordKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == record["type"])
+            .unwrap_or_else(|| panic!("{what}: no such type"));
+        let start = chrono::DateTime::parse_from_rfc3339(record["periodStartTime"].as_str().unwrap())
+            .unwrap()
+            .to_utc();
+        assert_eq!(
+            example["headers"]["record-id"],
+            period_record_id(subscription, start, kind),
+            "{what}: not the id the worker derives"
+        );
+    }
+
     // The usage status examples of openapi.yaml.
     let openapi = OpenApi::load();
     let status = openapi
@@ -1182,7 +1218,7 @@ fn the_examples_amounts_and_alert_ids_are_what_the_worker_computes() {
             None => assert_eq!(body["currency"], Value::Null, "{what}"),
         }
     }
-    assert!(checked >= 6, "only {checked} examples with amounts");
+    assert!(checked >= 8, "only {checked} examples with amounts");
 }
 
 /// Input schemas against the decoders the worker runs: where a schema can
@@ -1668,6 +1704,8 @@ async fn real_responses_and_records_match_the_documents() {
     sub_trial["trialEndTime"] = json!(days(5));
     sub_trial["usageLimits"]["trialLimit"] = json!("3");
     let sub_inv = active_subscription("sub_inv", None);
+    // Ended a month ago: the sweep closes it, and an invoice bills it after.
+    let old_period = (days(-60), days(-30));
     // Tiered pricing (0.5 up to 100, then 0.4) with limits in money: the
     // soft limit of 40 steps at 30, 36 and 40 (60, 72 and 80 units), the
     // hard limit of 60 fills at 125 units.
@@ -1686,7 +1724,7 @@ async fn real_responses_and_records_match_the_documents() {
         json!({"id": "sub_paused", "status": "paused", "version": 1,
                "currentPeriodStartTime": days(-1), "currentPeriodEndTime": days(1)}),
         json!({"id": "sub_old", "status": "active", "version": 1, "trialEndTime": null, "usageLimits": null,
-               "currentPeriodStartTime": days(-60), "currentPeriodEndTime": days(-30)}),
+               "currentPeriodStartTime": old_period.0, "currentPeriodEndTime": old_period.1}),
     ];
     for snapshot in &snapshots {
         let wire = Wire {
@@ -2205,6 +2243,11 @@ async fn real_responses_and_records_match_the_documents() {
         "/subscriptions/{id}/usage",
         &anonymous.call("GET", "/subscriptions/sub_a/usage").await,
     );
+    check(
+        "GET",
+        "/subscriptions/{id}/periods",
+        &anonymous.call("GET", "/subscriptions/sub_a/periods").await,
+    );
     let wrong = anonymous
         .send(anonymous.request("GET", "/usages").bearer_auth("guess"))
         .await;
@@ -2237,7 +2280,7 @@ async fn real_responses_and_records_match_the_documents() {
 
     // The database does not answer: 503 everywhere it is asked.
     let body = json!({"subscriptionId": "sub_http", "quantity": 1});
-    let (a, b, c, d, e, f, g) = tokio::join!(
+    let (a, b, c, d, e, f, g, periods) = tokio::join!(
         dead.post(&body),
         dead.call("GET", "/usages"),
         dead.call("GET", "/usages/h1"),
@@ -2245,6 +2288,7 @@ async fn real_responses_and_records_match_the_documents() {
         dead.call("GET", "/readyz"),
         dead.call("GET", "/subscriptions/sub_http/usage"),
         dead.post_batch(std::slice::from_ref(&body)),
+        dead.call("GET", "/subscriptions/sub_http/periods"),
     );
     let (put, history) = tokio::join!(dead.put("h1", &body), dead.call("GET", "/usages/h1/history"));
     check("PUT", "/usages/{id}", &put);
@@ -2255,6 +2299,7 @@ async fn real_responses_and_records_match_the_documents() {
     check("GET", "/usages/{id}", &c);
     check("DELETE", "/usages/{id}", &d);
     check("GET", "/subscriptions/{id}/usage", &f);
+    check("GET", "/subscriptions/{id}/periods", &periods);
     let not_ready = check("GET", "/readyz", &e);
     assert_eq!(not_ready["code"], "not_ready");
 
@@ -2304,6 +2349,49 @@ async fn real_responses_and_records_match_the_documents() {
     }
     env.flush();
     outcomes += 3;
+
+    // --- Periods: sub_inv's closed by its invoice; a second invoice for it
+    //     is refused; sub_old's closed by time, then billed.
+    let second = invoice("inv_2", "sub_inv", &start, &end);
+    asyncapi.assert_matches(
+        "invoice-events",
+        "invoiceIssued",
+        &Wire {
+            key: Some("sub_inv"),
+            headers: json!({}),
+            payload: second.clone(),
+        },
+    );
+    env.send("invoice-events", Some("sub_inv"), Some(second.to_string().as_bytes()));
+    let old_invoice = invoice("inv_old", "sub_old", &json!(old_period.0), &json!(old_period.1));
+    env.send(
+        "invoice-events",
+        Some("sub_old"),
+        Some(old_invoice.to_string().as_bytes()),
+    );
+    env.flush();
+    const PERIODS: &str = "/subscriptions/{id}/periods";
+    let listed = check("GET", PERIODS, &api.call("GET", "/subscriptions/sub_inv/periods").await);
+    assert_eq!(
+        (&listed["periods"][0]["state"], &listed["periods"][0]["closedBy"]),
+        (&json!("invoiced"), &json!("invoice")),
+        "{listed}"
+    );
+    let open_periods = check(
+        "GET",
+        PERIODS,
+        &api.call("GET", "/subscriptions/sub_amount/periods").await,
+    );
+    assert_eq!(
+        (
+            &open_periods["periods"][0]["state"],
+            &open_periods["periods"][0]["amount"]
+        ),
+        (&json!("open"), &json!(60)),
+        "{open_periods}"
+    );
+    let unknown = api.call("GET", "/subscriptions/sub_nobody/periods").await;
+    assert_eq!(check("GET", PERIODS, &unknown)["code"], "subscription_not_found");
 
     // --- Records: every one on the output topics matches its channel.
     let bootstrap = env.kafka.bootstrap_servers();
@@ -2416,7 +2504,7 @@ async fn real_responses_and_records_match_the_documents() {
         ]
     );
 
-    let letters = Reader::new(bootstrap, "usage-events-dlq", PARTITIONS).read(6, WAIT);
+    let letters = Reader::new(bootstrap, "usage-events-dlq", PARTITIONS).read(7, WAIT);
     let mut dlq_reasons = BTreeSet::new();
     for record in &letters {
         asyncapi.check_record("usage-events-dlq", record);
@@ -2427,6 +2515,40 @@ async fn real_responses_and_records_match_the_documents() {
         schema_enum("dead-letter-headers.json", "/properties/dlq-reason/enum")
     );
     let junk = letters.iter().find(|r| r.key.as_deref() == Some("junk")).unwrap();
+
+    // sub_old: closed by time, then invoiced; sub_inv: closed by its invoice.
+    let period_reader = Reader::new(bootstrap, "usage-periods", PARTITIONS);
+    let period_records = period_reader.read(3, WAIT);
+    assert_eq!(
+        period_reader.read_rest(Duration::from_secs(1)).len(),
+        0,
+        "one record per period and event"
+    );
+    let mut kinds = BTreeSet::new();
+    let mut seen_periods = BTreeSet::new();
+    for record in &period_records {
+        asyncapi.check_record("usage-periods", record);
+        let body = &record.value;
+        assert_eq!(record.headers["type"], body["type"].as_str().unwrap());
+        assert_eq!(record.key.as_deref(), body["subscriptionId"].as_str());
+        kinds.insert(body["type"].as_str().unwrap().to_owned());
+        seen_periods.insert(format!(
+            "{} {} {} {}",
+            body["subscriptionId"].as_str().unwrap(),
+            body["type"].as_str().unwrap(),
+            body["closedBy"].as_str().unwrap(),
+            body["invoiceId"]
+        ));
+    }
+    assert_eq!(kinds, schema_enum("usage-period.json", "/properties/type/enum"));
+    assert_eq!(
+        seen_periods,
+        strings(&[
+            "sub_inv usage-period-closed invoice \"inv_1\"",
+            "sub_old usage-period-closed grace null",
+            "sub_old usage-period-invoiced grace \"inv_old\"",
+        ])
+    );
     assert_eq!(
         (junk.headers["trace"].as_str(), junk.payload.as_slice()),
         ("t-1", &b"{{ not json"[..])

@@ -1537,6 +1537,7 @@ async fn the_usage_status_reads_its_callers_writes_with_amounts_and_limits() {
             offset: 0,
             body: invoice,
         }],
+        &test_kit::period_closing(),
         |_, _| None,
         &[],
         &[],

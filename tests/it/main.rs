@@ -14,6 +14,7 @@ mod documents;
 mod faults;
 mod hostile;
 mod http;
+mod periods;
 mod pipeline;
 mod store;
 mod tls;

@@ -297,6 +297,7 @@ fn start_clean_worker(
         .set("USAGE_WORKER__TOPICS__USAGE_RESULTS", &clean_topics.usage_results)
         .set("USAGE_WORKER__TOPICS__USAGE_ALERTS", &clean_topics.usage_alerts)
         .set("USAGE_WORKER__TOPICS__DEAD_LETTERS", &clean_topics.dead_letters)
+        .set("USAGE_WORKER__TOPICS__USAGE_PERIODS", &clean_topics.usage_periods)
         .set("USAGE_WORKER__HTTP__ENABLED", "false")
         .spawn()
 }
@@ -497,6 +498,7 @@ async fn start_cluster(
         usage_results: format!("clean-{}", topics.usage_results),
         usage_alerts: format!("clean-{}", topics.usage_alerts),
         dead_letters: format!("clean-{}", topics.dead_letters),
+        usage_periods: format!("clean-{}", topics.usage_periods),
         ..topics.clone()
     };
     kafka.create_topics(&clean_topics.outputs(), args.partitions).await?;

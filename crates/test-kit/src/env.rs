@@ -25,13 +25,14 @@ pub const PARTITIONS: i32 = 4;
 
 /// Every topic the worker reads or writes. The mock cluster does not
 /// implement CreateTopics, so the harness creates them all.
-pub const TOPICS: [&str; 6] = [
+pub const TOPICS: [&str; 7] = [
     "usage-events",
     "subscriptions",
     "invoice-events",
     "usage-results",
     "usage-alerts",
     "usage-events-dlq",
+    "usage-periods",
 ];
 
 /// The server the tests' databases are made on: `DATABASE_URL`, or the
@@ -343,4 +344,17 @@ impl Drop for ApiServer {
             task.abort();
         }
     }
+}
+
+/// What the store needs to close periods, as a worker of the `test`
+/// profile has it: a grace of an hour, records on `usage-periods` of
+/// [`PARTITIONS`] partitions.
+pub fn period_closing() -> usage_worker::store::PeriodClosing {
+    usage_worker::pipeline::periods::PeriodOutput {
+        topic: "usage-periods".into(),
+        partitions: PARTITIONS,
+        partitioner: usage_worker::config::Partitioner::Murmur2,
+        grace: chrono::Duration::hours(1),
+    }
+    .closing()
 }

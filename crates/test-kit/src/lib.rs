@@ -19,6 +19,6 @@ pub mod tansu;
 pub mod topics;
 
 pub use cluster::{BrokerKind, Cluster};
-pub use env::{active_subscription, wait_until, ApiServer, TestEnv, Worker, PARTITIONS, TOPICS};
+pub use env::{active_subscription, period_closing, wait_until, ApiServer, TestEnv, Worker, PARTITIONS, TOPICS};
 pub use rng::Rng;
 pub use topics::{Reader, Record};
