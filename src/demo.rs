@@ -115,7 +115,9 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
         .set("bootstrap.servers", kafka.bootstrap_servers())
         .set("linger.ms", "5")
         .create()?;
-    for (id, snapshot) in subscriptions() {
+    let now = Utc::now();
+    let period = ((now - Span::days(10)).to_rfc3339(), (now + Span::days(20)).to_rfc3339());
+    for (id, snapshot) in subscriptions(&period) {
         send(&producer, &t.subscriptions, &id, &snapshot)?;
     }
 
@@ -137,8 +139,12 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
         }
     };
     let elapsed = started.elapsed();
+    // An invoice closes INVOICED's period once its usage is decided; the
+    // sweep closes sub_1's, which ended a month ago.
+    let records = close_periods(settings, &producer, &period, args.partitions).await;
     let _ = stop_tx.send(());
     worker.await.context("worker task")??;
+    let records = records?;
 
     print_summary(&outcomes, events.len(), elapsed);
     let alerts = tokio::task::block_in_place(|| read_all(settings, &t.usage_alerts, args.partitions))?;
@@ -149,6 +155,7 @@ async fn show(settings: &Settings, args: &DemoArgs, kafka: &EmbeddedKafka, datab
     }
     println!("dead letters on {}: {}", t.dead_letters, dead_letters.len());
     print_priced(&outcomes, &alerts);
+    print_periods(&records, &outcomes);
     pool.close().await;
     Ok(())
 }
@@ -164,13 +171,119 @@ fn send(
     Ok(())
 }
 
+/// The subscription whose current period an invoice closes at the end.
+const INVOICED: &str = "sub_4";
+
+/// Publishes an invoice for INVOICED's current `period` and reads
+/// `usage-periods` until both closed periods have their record: INVOICED's
+/// (closed by the invoice) and sub_1's (closed by the sweep: it ended a
+/// month ago).
+async fn close_periods(
+    settings: &Settings,
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    (start, end): &(String, String),
+    partitions: i32,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let invoice = serde_json::json!({
+        "type": "invoice-issued", "invoiceId": "inv_demo", "issuedTime": Utc::now().to_rfc3339(),
+        "items": [{"invoiceItemId": "inv_demo-1", "subscriptionId": INVOICED,
+                   "periodStartTime": start, "periodEndTime": end}]
+    });
+    send(
+        producer,
+        &settings.topics.invoice_events,
+        INVOICED,
+        &invoice.to_string(),
+    )?;
+    let reader = TopicReader::open(
+        &settings.kafka.bootstrap_servers,
+        &settings.topics.usage_periods,
+        partitions,
+    )?;
+    let started = Instant::now();
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for the closed periods' records ({} of 2)",
+            records.len()
+        );
+        let polled =
+            tokio::task::block_in_place(|| reader.next(Duration::from_millis(100))).context("reading usage-periods")?;
+        if let Some(message) = polled {
+            records.push(json_payload(&message));
+        }
+    }
+    Ok(records)
+}
+
+/// The closed periods' records, each digest recomputed from the outcomes
+/// read back: the latest quantity of every usage of the period that was
+/// not voided.
+fn print_periods(records: &[serde_json::Value], outcomes: &[serde_json::Value]) {
+    use rust_decimal::Decimal;
+    println!(
+        "
+closed periods on usage-periods: {}",
+        records.len()
+    );
+    println!(
+        "{:<12} {:<10} {:<9} {:>6} {:>10} {:>6}  digest (checked against the outcomes)",
+        "subscription", "closed by", "invoice", "usages", "quantity", "voided"
+    );
+    for record in records {
+        let sub = record["subscriptionId"].as_str().unwrap_or_default();
+        let start = record["periodStartTime"].as_str().unwrap_or_default();
+        let mut latest: BTreeMap<&str, Option<Decimal>> = BTreeMap::new();
+        for outcome in outcomes.iter().filter(|o| o["subscriptionId"] == sub) {
+            let in_period = outcome["usage"]["usageTime"]
+                .as_str()
+                .is_some_and(|t| t >= start && record["periodEndTime"].as_str().is_none_or(|end| t < end));
+            let (Some(id), true) = (outcome["usage"]["id"].as_str(), in_period) else {
+                continue;
+            };
+            let quantity = outcome["usage"]["quantity"].to_string().parse::<Decimal>().ok();
+            match outcome["status"].as_str() {
+                Some("created" | "amended") => {
+                    latest.insert(id, quantity);
+                }
+                Some("voided") => {
+                    latest.insert(id, None);
+                }
+                _ => {}
+            }
+        }
+        let counted = latest.iter().filter_map(|(id, q)| q.map(|q| (*id, q)));
+        let digest = crate::domain::digest::period_digest(counted);
+        let checked = if record["digest"] == digest.as_str() {
+            "matches"
+        } else {
+            "DIFFERS"
+        };
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".to_owned(),
+            other => other.to_string(),
+        };
+        println!(
+            "{:<12} {:<10} {:<9} {:>6} {:>10} {:>6}  {} ({checked})",
+            sub,
+            text(&record["closedBy"]),
+            text(&record["invoiceId"]),
+            text(&record["usageCount"]),
+            text(&record["quantity"]),
+            text(&record["voidedCount"]),
+            text(&record["digest"]),
+        );
+    }
+}
+
 /// A handful of subscriptions that exercise every rule: generous and tight
 /// hard limits, no limit, a paused one, one whose period closed long ago,
-/// one that never named a period, and one priced with amount limits.
-fn subscriptions() -> Vec<(String, String)> {
+/// one that never named a period, and one priced with amount limits. All
+/// but those share `period`.
+fn subscriptions((start, end): &(String, String)) -> Vec<(String, String)> {
     let now = Utc::now();
-    let start = (now - Span::days(10)).to_rfc3339();
-    let end = (now + Span::days(20)).to_rfc3339();
     let mut subs = Vec::new();
     for i in 0..SUBSCRIPTIONS {
         let id = format!("sub_{i}");
@@ -266,6 +379,23 @@ fn generated_events(count: usize) -> Vec<(String, String)> {
                 // An earlier id with a different quantity: a conflict.
                 let j = (r >> 32) as usize % i;
                 format!(r#"{{"id": "evt_{j}", "subscriptionId": "{sub}", "quantity": 0.001}}"#)
+            }
+            96 | 97 if i > 0 => {
+                // A correction of an earlier event, keyed like it so that it
+                // comes after it: voided or amended, or rejected when that
+                // event was not stored (usage_not_found) or was voided.
+                let j = (r >> 32) as usize % i;
+                let (key, _) = out[j].clone();
+                let payload = if (r >> 20) % 100 == 96 {
+                    format!(r#"{{"action": "void", "id": "evt_{j}", "subscriptionId": "{key}", "reason": "demo"}}"#)
+                } else {
+                    format!(
+                        r#"{{"action": "amend", "id": "evt_{j}", "subscriptionId": "{key}", "quantity": {}, "acceptPartialQuantity": true}}"#,
+                        1 + (r >> 40) % 4
+                    )
+                };
+                out.push((key, payload));
+                continue;
             }
             95 => {
                 // Usage inside sub_1's period that closed a month ago.
@@ -395,6 +525,8 @@ fn print_summary(outcomes: &[serde_json::Value], events: usize, elapsed: Duratio
         ("duplicate".to_owned(), String::new()),
         ("rejected".to_owned(), "usage_limit_exceeded".to_owned()),
         ("rejected".to_owned(), "invalid_field".to_owned()),
+        ("voided".to_owned(), String::new()),
+        ("amended".to_owned(), String::new()),
     ] {
         if let Some(sample) = samples.get(&key) {
             println!("{}", serde_json::to_string_pretty(sample).unwrap_or_default());
