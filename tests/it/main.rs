@@ -7,6 +7,7 @@ mod billing;
 mod cli;
 mod concurrency;
 mod control_plane;
+mod correction_properties;
 mod corrections;
 mod crash;
 mod decision_properties;
