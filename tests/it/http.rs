@@ -799,8 +799,16 @@ async fn put_creates_a_free_id_and_amends_a_stored_usage_against_the_limits() {
         .unwrap();
     assert_eq!(wrong_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
+    // The usage status follows every correction at once.
+    let used_now = || async {
+        let status: Value = api.get("/subscriptions/sub_a/usage").await.json().await.unwrap();
+        status["usedQuantity"].clone()
+    };
+    assert_eq!(used_now().await, json!(10));
+
     // A voided id cannot be amended or created again.
     assert_eq!(api.delete("p2").await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(used_now().await, json!(7));
     problem(
         api.put("p2", &json!({"subscriptionId": "sub_a", "quantity": 1})).await,
         409,
