@@ -428,13 +428,27 @@ pub(super) fn decode_id_string(field: &'static str, raw: &RawValue) -> Result<St
 pub(super) fn decode_id(raw: Option<&RawValue>) -> Result<Option<String>, InvalidField> {
     let Some(raw) = raw else { return Ok(None) };
     let id = decode_id_string(fields::ID, raw)?;
+    check_new_id_prefix(&id)?;
+    Ok(Some(id))
+}
+
+/// The id of a new usage given apart from a body (`PUT /usages/{id}`'s
+/// path): the id rules and the reserved prefix, as for a body's `id`.
+pub fn check_new_usage_id(id: &str) -> Result<(), Rejection> {
+    check_id(id)
+        .map_err(|message| invalid(fields::ID, message))
+        .and_then(|()| check_new_id_prefix(id))
+        .map_err(|problem| Rejection::from_fields(vec![problem]).expect("one problem"))
+}
+
+fn check_new_id_prefix(id: &str) -> Result<(), InvalidField> {
     if id.starts_with(DERIVED_ID_PREFIX) {
         return Err(invalid(
             fields::ID,
             format_args!("must not start with \"{DERIVED_ID_PREFIX}\" (reserved for ids the worker derives)"),
         ));
     }
-    Ok(Some(id))
+    Ok(())
 }
 
 pub(super) fn decode_subscription_id(raw: Option<&RawValue>) -> Result<String, InvalidField> {

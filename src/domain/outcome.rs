@@ -460,7 +460,9 @@ impl Outcome {
             outcome_id,
             event_id: original.id.clone(),
             status: OutcomeStatus::Duplicate,
-            partial: Some(original.quantity != original.requested_quantity),
+            // Whether the usage holds less than it was last asked for (by
+            // its report, or by its last amendment).
+            partial: Some(original.quantity != original.last_requested_quantity.unwrap_or(original.requested_quantity)),
             requested_quantity: Some(original.requested_quantity),
             previous_quantity: None,
             subscription_id: Some(original.subscription_id.clone()),

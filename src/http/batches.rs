@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -72,7 +72,7 @@ pub async fn create(
 ) -> Result<Response, Problem> {
     // Unlike `POST /usages` (which reads a body without a Content-Type as
     // JSON), a batch needs the header: SPEC's rule for request bodies.
-    if !headers.contains_key(header::CONTENT_TYPE) || !is_json(&headers) {
+    if !is_json(&headers) {
         return Err(Problem::unsupported_media_type());
     }
     let body = body.map_err(|rejection| body_problem(&api, rejection))?;

@@ -24,7 +24,8 @@ use super::transactions::{correct_usage, create_usage, CorrectAnswer, CreateAnsw
 use super::Api;
 use crate::domain::correction::{check_reason, decode_report_body, Amendment, Correction, CorrectionAction};
 use crate::domain::decision::{LimitReport, StoredUsage};
-use crate::domain::event::{DecodeContext, UsageRequest};
+use crate::domain::event::{check_new_usage_id, DecodeContext, UsageRequest};
+use crate::domain::ids::check_id;
 use crate::domain::outcome::{
     format_time, serialize_decimal, serialize_opt_decimal, serialize_time, usage_path, OutcomeStatus, UsageBody,
 };
@@ -192,6 +193,10 @@ pub async fn put(
         max_payload_bytes: api.config.max_body_bytes,
     };
     let request = decode_report_body(&body, &ctx).map_err(|rejection| rejected(&api, &rejection, None))?;
+    if let Err(message) = check_id(&id) {
+        let rejection = Rejection::on_field(ReasonCode::InvalidField, "id", format!("id {message}"));
+        return Err(rejected(&api, &rejection, None));
+    }
     if request.id.as_ref().is_some_and(|given| *given != id) {
         let rejection = Rejection::on_field(
             ReasonCode::InvalidField,
@@ -206,6 +211,9 @@ pub async fn put(
         .await
         .map_err(|e| Problem::unavailable(&e))?;
     let Some(stored) = stored else {
+        // A new usage: msg_ is the worker's own prefix, for Kafka events
+        // without an id (an existing msg_ usage can be amended).
+        check_new_usage_id(&id).map_err(|rejection| rejected(&api, &rejection, None))?;
         let request = UsageRequest {
             id: Some(id.clone()),
             ..request
@@ -358,10 +366,11 @@ pub(super) fn new_usage_id() -> String {
 }
 
 /// `application/json` bodies only (parameters such as `charset` aside); a
-/// request without a `Content-Type` is read as JSON.
+/// request without a `Content-Type` is refused too (SPEC: 415 also when the
+/// header is missing).
 pub(super) fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return true;
+        return false;
     };
     let Ok(value) = value.to_str() else { return false };
     let essence = value.split(';').next().unwrap_or_default().trim();

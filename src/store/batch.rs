@@ -105,6 +105,7 @@ impl StagedWrites {
     /// `trial_used` (running totals) replace the ones here.
     pub fn append(&mut self, later: StagedWrites) {
         self.usages.extend(later.usages);
+        self.corrections.extend(later.corrections);
         self.used.extend(later.used);
         self.trial_used.extend(later.trial_used);
         self.alerts.extend(later.alerts);

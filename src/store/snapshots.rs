@@ -132,7 +132,7 @@ async fn upsert(
             sqlx::query(
                 "UPDATE subscriptions SET trial_used = (
                      SELECT coalesce(sum(u.quantity), 0) FROM usages u
-                     WHERE u.subscription_id = $1 AND u.usage_time < $2)
+                     WHERE u.subscription_id = $1 AND u.usage_time < $2 AND u.voided_time IS NULL)
                  WHERE id = $1",
             )
             .bind(&s.id)

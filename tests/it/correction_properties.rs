@@ -156,7 +156,7 @@ impl Model {
                 if u.voided {
                     return Expected::Rejected(ReasonCode::UsageVoided);
                 }
-                if quantity == u.quantity || u.last_requested == Some(quantity) {
+                if quantity == u.quantity || u.last_requested.unwrap_or(u.requested) == quantity {
                     return Expected::Duplicate;
                 }
                 if previous.is_some_and(|p| p != u.quantity) {

@@ -512,6 +512,17 @@ async fn every_rejection_has_its_status_and_problem_body() {
     .await;
     let text = api.post_raw("text/plain", b"{}".to_vec()).await;
     problem(text, 415, "unsupported_media_type").await;
+    // A body without a Content-Type is refused too, whatever it holds.
+    for (method, path) in [(reqwest::Method::POST, "/usages"), (reqwest::Method::PUT, "/usages/u9")] {
+        let untyped = api
+            .client
+            .request(method, api.url(path))
+            .body(r#"{"subscriptionId": "sub_a", "quantity": 1}"#)
+            .send()
+            .await
+            .unwrap();
+        problem(untyped, 415, "unsupported_media_type").await;
+    }
     let charset = api
         .post_raw(
             "Application/JSON; charset=utf-8",
@@ -799,6 +810,16 @@ async fn put_creates_a_free_id_and_amends_a_stored_usage_against_the_limits() {
         .unwrap();
     assert_eq!(wrong_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
+    // The path's id is held to the id rules; msg_ is the worker's own.
+    for id in ["msg_1", &"x".repeat(51)] {
+        let body = problem(
+            api.put(id, &json!({"subscriptionId": "sub_b", "quantity": 1})).await,
+            422,
+            "invalid_field",
+        )
+        .await;
+        assert_eq!(body["field"], "id", "{id}");
+    }
     // The usage status follows every correction at once.
     let used_now = || async {
         let status: Value = api.get("/subscriptions/sub_a/usage").await.json().await.unwrap();
@@ -815,11 +836,24 @@ async fn put_creates_a_free_id_and_amends_a_stored_usage_against_the_limits() {
         "usage_voided",
     )
     .await;
+    // A PUT that created a clamped usage, sent again: unchanged, although
+    // the quantity it asked for is more than the usage holds.
+    let clamp = json!({"subscriptionId": "sub_a", "quantity": 5, "acceptPartialQuantity": true});
+    let clamped = api.put("p3", &clamp).await;
+    assert_eq!(clamped.status(), StatusCode::CREATED);
+    assert_eq!(clamped.json::<Value>().await.unwrap()["quantity"], 3);
+    let again = api.put("p3", &clamp).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.json::<Value>().await.unwrap()["quantity"], 3);
+    assert_eq!(used(&env, "sub_a").await, Decimal::TEN);
 
     // One outcome per change, in order; the history has every amendment.
     let records = outbox(&env, "usage-results").await;
     let statuses: Vec<&str> = records.iter().map(|r| r.2["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["created", "created", "amended", "amended", "voided"]);
+    assert_eq!(
+        statuses,
+        ["created", "created", "amended", "amended", "voided", "created"]
+    );
     assert_eq!(records[2].2["previousQuantity"], 4);
     assert_eq!(records[3].2["previousQuantity"], 6);
     assert_eq!(records[3].2["partial"], true);

@@ -312,6 +312,42 @@ async fn a_moved_trial_end_counts_usage_committed_while_the_snapshot_waited_for_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_trial_end_does_not_count_voided_usage_again() {
+    let env = TestEnv::start().await;
+    apply(&env, &[trial_snapshot(1, "2026-11-20T00:00:00Z")]).await;
+    let usage = |id: &str, quantity: i64| NewUsage {
+        id: id.into(),
+        subscription_id: "sub_1".into(),
+        quantity: Decimal::from(quantity),
+        requested_quantity: Decimal::from(quantity),
+        accept_partial: false,
+        usage_time: t("2026-11-10T00:00:00Z"),
+        period_start: t("2026-11-01T00:00:00Z"),
+        created_time: t("2026-11-10T00:00:00Z"),
+        source_partition: None,
+        source_offset: None,
+    };
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    batch.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    assert!(batch
+        .insert_usages(&[usage("u1", 6), usage("u2", 3)])
+        .await
+        .unwrap()
+        .is_empty());
+    batch.commit().await.unwrap();
+    sqlx::query("UPDATE usages SET voided_time = now(), voided_by = 'kafka' WHERE id = 'u1'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    apply(&env, &[trial_snapshot(2, "2026-11-25T00:00:00Z")]).await;
+    let trial_used: Decimal = sqlx::query_scalar("SELECT trial_used FROM subscriptions WHERE id = 'sub_1'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(trial_used, Decimal::from(3), "the voided usage counts nowhere");
+}
+
 fn dead_letter(source: (&str, i32, i64)) -> OutboxRecord {
     OutboxRecord {
         topic: "usage-events-dlq".into(),

@@ -4,7 +4,8 @@
 //! The checks run in SPEC's order: `usage_not_found`,
 //! `subscription_mismatch`, `usage_voided` (a void of a voided usage is a
 //! duplicate instead), `usage_invoiced`, `period_closed`, `amend_conflict`,
-//! then the limits. A void gives its quantity back to its period (and to
+//! then the limits; an amendment that changes nothing is a duplicate
+//! before any of the checks after `usage_voided`. A void gives its quantity back to its period (and to
 //! the trial, when it counted there). An amendment gives the usage's own
 //! quantity back first and is then decided like a report of the new
 //! quantity at the usage's time.
@@ -18,9 +19,11 @@
 //!   the largest quantity that fits, but never below the usage's quantity:
 //!   when not even 0.001 more fits, it is rejected `usage_limit_exceeded`.
 //! - An amendment that asks for the usage's quantity, or for the quantity
-//!   it was last amended to, changes nothing: `duplicate`, carrying the
-//!   usage. That comes before `amend_conflict`, so a re-sent amendment is
-//!   a duplicate rather than a conflict.
+//!   it was last asked for (by its last amendment, else by its report),
+//!   changes nothing: `duplicate`, carrying the usage. That comes right
+//!   after `usage_voided`, before `usage_invoiced`, `period_closed` and
+//!   `amend_conflict`: what changes nothing is never refused, so a re-sent
+//!   amendment or a retried PUT is a duplicate rather than a conflict.
 //! - Only a raise raises alerts. Each step stays raised for its period, so
 //!   a correction that lowers and then raises usage never raises one twice.
 
@@ -80,6 +83,13 @@ pub fn decide_correction(
             ),
         };
     }
+    if let CorrectionAction::Amend(amendment) = &correction.action {
+        if unchanged(usage, amendment) {
+            return Decision::Duplicate {
+                original: usage.clone(),
+            };
+        }
+    }
     if let Some(invoice) = &usage.invoice_id {
         return reject(
             ReasonCode::UsageInvoiced,
@@ -122,6 +132,15 @@ pub fn decide_correction(
     }
 }
 
+/// "Nothing differs": the amendment asks for the quantity the usage has, or
+/// for the one it was last asked for (by its last amendment, else by its
+/// report), so that a re-sent amendment, or a retried PUT of a clamped
+/// create, changes nothing.
+fn unchanged(usage: &StoredUsage, amendment: &Amendment) -> bool {
+    let last_asked = usage.last_requested_quantity.unwrap_or(usage.requested_quantity);
+    amendment.quantity == usage.quantity || amendment.quantity == last_asked
+}
+
 /// Takes `quantity` of `usage` out of its period's count (and the trial's).
 fn give_back(sub: &mut SubscriptionState, index: usize, usage: &StoredUsage, quantity: Decimal) {
     sub.periods[index].used -= quantity;
@@ -143,11 +162,6 @@ fn amend(
 ) -> Decision {
     let current = usage.quantity;
     let requested = amendment.quantity;
-    if requested == current || usage.last_requested_quantity == Some(requested) {
-        return Decision::Duplicate {
-            original: usage.clone(),
-        };
-    }
     if let Some(previous) = amendment.previous_quantity.filter(|p| *p != current) {
         return Decision::Rejected {
             rejection: Rejection::on_field(
@@ -496,6 +510,33 @@ mod tests {
             Some(ReasonCode::AmendConflict)
         );
         assert_eq!(s.periods[0].used, d("8"));
+    }
+
+    #[test]
+    fn a_retried_put_of_a_clamped_create_changes_nothing_even_once_billed() {
+        let mut s = sub(Some("5"), "5");
+        let clamped = StoredUsage {
+            requested_quantity: d("10"),
+            accept_partial: true,
+            ..usage("5")
+        };
+        assert!(matches!(
+            decide(&amend_to("10", true, None), Some(&clamped), &mut s),
+            Decision::Duplicate { .. }
+        ));
+        let billed = StoredUsage {
+            invoice_id: Some("inv_1".into()),
+            ..clamped
+        };
+        assert!(matches!(
+            decide(&amend_to("5", false, None), Some(&billed), &mut s),
+            Decision::Duplicate { .. }
+        ));
+        assert_eq!(
+            code(&decide(&amend_to("4", false, None), Some(&billed), &mut s)),
+            Some(ReasonCode::UsageInvoiced)
+        );
+        assert_eq!(s.periods[0].used, d("5"));
     }
 
     #[test]
