@@ -355,7 +355,10 @@ struct Readers {
 impl Readers {
     fn start(bootstrap: &str, topics: &[TopicSettings; 2], partitions: i32) -> anyhow::Result<Self> {
         let outcomes = |topic: &str| {
-            let records = Records::Outcomes { keep_decisions: true };
+            let records = Records::Outcomes {
+                keep_decisions: true,
+                ledger: None,
+            };
             ResultReader::start(bootstrap, topic, partitions, records).map(Arc::new)
         };
         let alerts = |topic: &str| ResultReader::start(bootstrap, topic, partitions, Records::Alerts);
