@@ -83,7 +83,6 @@ pub struct LedgerUsage {
 }
 
 /// A period's totals as its `usage-periods` record states them.
-#[allow(dead_code)] // The chaos run's, from the next commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Totals {
     pub usage_count: u64,
@@ -229,12 +228,10 @@ impl Ledger {
         }
     }
 
-    #[allow(dead_code)] // The chaos run's, from the next commit.
     pub fn usage(&self, id: &str) -> Option<&LedgerUsage> {
         self.usages.get(id)
     }
 
-    #[allow(dead_code)] // The chaos run's, from the next commit.
     pub fn usage_ids(&self) -> impl Iterator<Item = &String> {
         self.usages.keys()
     }
@@ -242,7 +239,6 @@ impl Ledger {
     /// The totals of the subscription's usages whose `usageTime` is in
     /// [start, end) (no start: from the beginning), and how many of them
     /// the worker counted in a period that starts elsewhere.
-    #[allow(dead_code)] // The chaos run's, from the next commit.
     pub fn period_totals(
         &self,
         subscription_id: &str,
@@ -282,7 +278,6 @@ impl Ledger {
 
 /// `sha256:` + hex SHA-256 over the lines `<id>:<quantity>\n`, sorted by id
 /// in byte order, quantities in plain decimal without trailing zeros.
-#[allow(dead_code)] // The chaos run's, from the next commit.
 pub fn digest<'a>(usages: impl IntoIterator<Item = (&'a str, Decimal)>) -> String {
     let mut lines: Vec<(&str, Decimal)> = usages.into_iter().collect();
     lines.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));

@@ -208,8 +208,8 @@ impl Generator {
     /// by the subscription like its reports (so each is ordered after the
     /// report it names): of them about 30 % voids and 30 % amendments of
     /// reports sent earlier for that subscription (half the amendments
-    /// with `previousQuantity`, the quantity that report asked for, a third
-    /// with `acceptPartialQuantity`, some large enough to meet a small
+    /// with `previousQuantity`, mostly the quantity that report asked for,
+    /// some stale, a third with `acceptPartialQuantity`, some large enough to meet a small
     /// limit), 10 % naming an id never sent (`usage_not_found`), 5 %
     /// naming another subscription's usage while keyed by that usage's
     /// own subscription (`subscription_mismatch`, after the usage on its
@@ -376,18 +376,23 @@ fn void(id: &str, key: &str, sub: &str, c: u64) -> (String, String) {
 
 /// An amendment of `id` (reported with `asked`) to a new quantity: mostly
 /// a few units, one in eight large enough (50 to 150) to meet a small hard
-/// limit; half with `previousQuantity` = `asked`, a third with
-/// `acceptPartialQuantity`.
+/// limit; half with `previousQuantity` (`asked`, or for a quarter of them
+/// `asked` + 1, which is stale), a third with `acceptPartialQuantity`.
 fn amend(id: &str, sub: &str, asked: &str, c: u64) -> (String, String) {
     let quantity = if (c >> 52).is_multiple_of(8) {
         format!("{}.{:03}", 50 + (c >> 24) % 101, (c >> 34) % 1000)
     } else {
         format!("{}.{:03}", 1 + (c >> 24) % 9, (c >> 34) % 1000)
     };
-    let previous = if (c >> 56).is_multiple_of(2) {
-        format!(r#", "previousQuantity": {asked}"#)
-    } else {
+    let previous = if !(c >> 56).is_multiple_of(2) {
         String::new()
+    } else if (c >> 60).is_multiple_of(4) {
+        // A stale previousQuantity: amend_conflict, unless the usage got
+        // there by an earlier amendment.
+        let stale = asked.parse::<Decimal>().unwrap_or_default() + Decimal::ONE;
+        format!(r#", "previousQuantity": {stale}"#)
+    } else {
+        format!(r#", "previousQuantity": {asked}"#)
     };
     let partial = if (c >> 58).is_multiple_of(3) {
         r#", "acceptPartialQuantity": true"#
@@ -523,7 +528,7 @@ mod tests {
         let mut reported: HashMap<String, (String, String)> = HashMap::new();
         let mut seen_corrections: HashSet<&(String, String)> = HashSet::new();
         let (mut voids, mut amends, mut unknown, mut mismatched, mut resent, mut right_after) = (0, 0, 0, 0, 0, 0);
-        let (mut with_previous, mut with_partial, mut large) = (0, 0, 0);
+        let (mut with_previous, mut stale, mut with_partial, mut large) = (0, 0, 0, 0);
         for (n, event) in events.iter().enumerate() {
             let (key, payload) = event;
             let id = field(payload, "id").unwrap().to_owned();
@@ -558,8 +563,14 @@ mod tests {
                         mismatched += 1;
                     }
                     if let Some(previous) = field(payload, "previousQuantity") {
-                        assert_eq!(previous, asked);
-                        with_previous += 1;
+                        let asked: Decimal = asked.parse().unwrap();
+                        let previous: Decimal = previous.parse().unwrap();
+                        if previous == asked {
+                            with_previous += 1;
+                        } else {
+                            assert_eq!(previous, asked + Decimal::ONE);
+                            stale += 1;
+                        }
                     }
                     if n > 0 && field(&events[n - 1].1, "id") == Some(id.as_str()) {
                         right_after += 1;
@@ -588,7 +599,8 @@ mod tests {
             ("of another subscription", mismatched, 20..90),
             ("sent again", resent, 50..170),
             ("right after their report", right_after, 100..250),
-            ("with previousQuantity", with_previous, 100..300),
+            ("with previousQuantity", with_previous, 80..250),
+            ("with a stale previousQuantity", stale, 15..90),
             ("accepting partial", with_partial, 80..300),
             ("large amendments", large, 20..120),
         ] {

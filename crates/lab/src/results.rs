@@ -44,7 +44,6 @@ pub enum Records {
     /// `usage-periods` records, keyed by type, subscription and period
     /// start (so a second record of a period counts as a duplicate, whatever
     /// its record id), kept whole.
-    #[allow(dead_code)] // The chaos run's, from the next commit.
     Periods,
 }
 
@@ -264,7 +263,6 @@ struct PeriodBody {
     digest: String,
 }
 
-#[allow(dead_code)] // The chaos run's, from the next commit.
 impl PeriodRecord {
     fn parse(payload: &[u8]) -> Result<Self, String> {
         let b: PeriodBody = serde_json::from_slice(payload).map_err(|e| format!("unreadable period record: {e}"))?;
@@ -407,7 +405,6 @@ impl ResultReader {
 
     /// The period records read (first copies), by type, subscription and
     /// period start.
-    #[allow(dead_code)] // The chaos run's, from the next commit.
     pub fn period_records(&self) -> HashMap<Key, PeriodRecord> {
         self.state.lock().unwrap().periods.clone()
     }
