@@ -567,3 +567,63 @@ pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> anyhow:
     let ends = ends.ends(&[(topic, partitions)], Duration::from_secs(60))?;
     Ok((0..partitions).map(|p| ends[0][&p]).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    /// An amendment's outcome as the worker writes it (SPEC: a
+    /// correction's eventId is the usage's; previousQuantity on top).
+    const AMENDED: &str = r#"{"outcomeId": "oc_1", "eventId": "b7", "status": "amended", "partial": false,
+        "requestedQuantity": 999999999999.999, "previousQuantity": 0.1,
+        "subscriptionId": "sub_1",
+        "usage": {"id": "b7", "subscriptionId": "sub_1", "quantity": 999999999999.999,
+                  "usageTime": "2026-12-06T10:00:00.123Z", "invoiceId": null, "invoiceItemId": null,
+                  "createdTime": "2026-12-06T10:00:00.200Z", "updatedTime": "2026-12-06T10:01:00.000Z",
+                  "_links": [{"href": "/usages/b7", "rel": "self"}]},
+        "limit": {"applied": "hardLimit", "limit": 1000000000000, "used": 999999999999.999, "available": 0.001,
+                  "periodStartTime": "2026-12-01T00:00:00.000Z", "periodEndTime": null},
+        "source": {"topic": "usage-events", "partition": 3, "offset": 17, "timestamp": "2026-12-06T10:01:00.000Z"},
+        "processedTime": "2026-12-06T10:01:00.010Z"}"#;
+
+    #[test]
+    fn a_correction_is_read_exactly_and_summarised_with_its_quantities() {
+        let o: Outcome = serde_json::from_str(AMENDED).unwrap();
+        assert_eq!((o.source.partition, o.source.offset), (3, 17));
+        let seen = o.seen().unwrap();
+        assert_eq!(seen.status, Status::Amended);
+        // Beyond what a double holds: read from the text.
+        assert_eq!(seen.usage.as_ref().unwrap().quantity, d("999999999999.999"));
+        assert_eq!(seen.previous_quantity, Some(d("0.1")));
+        assert_eq!(
+            seen.period_start,
+            Some(
+                DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+                    .unwrap()
+                    .with_timezone(&Utc)
+            )
+        );
+        assert_eq!(
+            o.summary(),
+            "amended event b7 usage b7 quantity 999999999999.999 previous 0.1 requested 999999999999.999"
+        );
+    }
+
+    #[test]
+    fn a_period_record_is_read_whole_and_nothing_else_is_taken_for_one() {
+        let body = r#"{"type": "usage-period-closed", "subscriptionId": "sub_1",
+            "periodStartTime": "2026-12-01T00:00:00.000Z", "periodEndTime": "2026-12-06T10:00:00.000Z",
+            "closedTime": "2026-12-06T10:00:01.000Z", "closedBy": "grace", "invoiceId": null,
+            "usageCount": 2, "quantity": 12.5, "amount": null, "currency": null, "voidedCount": 1,
+            "digest": "sha256:00"}"#;
+        let r = PeriodRecord::parse(body.as_bytes()).unwrap();
+        assert_eq!((r.usage_count, r.quantity, r.voided_count), (2, d("12.5"), 1));
+        assert_eq!(r.closed().unwrap() - r.end().unwrap(), chrono::Duration::seconds(1));
+        let extra = body.replace(r#""digest""#, r#""note": 1, "digest""#);
+        assert!(PeriodRecord::parse(extra.as_bytes()).is_err());
+    }
+}
