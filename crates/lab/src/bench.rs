@@ -66,9 +66,28 @@ pub struct BenchArgs {
     /// and rejections) are those of the default run.
     #[arg(long)]
     pub amount_limits: bool,
+    /// About 2 % of the stream are corrections (voids and amendments of
+    /// earlier reports, some of ids never sent, some sent again), and the
+    /// outcomes are checked in order against the usages they correct (a
+    /// ledger of them, which the bench's reader keeps: its CPU counts with
+    /// the bench's).
+    #[arg(long)]
+    pub corrections: bool,
 }
 
+/// The share of corrections with `--corrections`.
+pub const CORRECTIONS_PER_MILLE: u64 = 20;
+
 impl BenchArgs {
+    /// Corrections per 1,000 messages of the stream.
+    fn corrections_per_mille(&self) -> u64 {
+        if self.corrections {
+            CORRECTIONS_PER_MILLE
+        } else {
+            0
+        }
+    }
+
     fn limit_mode(&self) -> LimitMode {
         if self.amount_limits {
             LimitMode::Amount
@@ -77,6 +96,9 @@ impl BenchArgs {
         }
     }
 }
+
+/// One subscription in this many has a hard limit small enough to reach.
+const SMALL_EVERY: u64 = 10;
 
 /// How many events may be ahead of their outcomes.
 const MAX_IN_FLIGHT: u64 = 60_000;
@@ -117,7 +139,11 @@ async fn measure(
         "bench: mock Kafka at {}, database {database}",
         kafka.bootstrap_servers()
     );
-    eprintln!("bench: {} limits", args.limit_mode().name());
+    eprintln!(
+        "bench: {} limits, {} corrections per 1,000 messages",
+        args.limit_mode().name(),
+        args.corrections_per_mille()
+    );
     let mut bench = Bench::set_up(settings, args, kafka, database_url)?;
     let main = bench.throughput_and_latency(&pool, database).await?;
     let baseline = bench.baseline(&pool).await?;
@@ -166,7 +192,13 @@ impl Bench {
     ) -> anyhow::Result<Self> {
         let t = &settings.topics;
         let producer = load::producer(kafka.bootstrap_servers(), &[])?;
-        load::publish_subscriptions(&producer, &t.subscriptions, args.subscriptions, 10, args.limit_mode())?;
+        load::publish_subscriptions(
+            &producer,
+            &t.subscriptions,
+            args.subscriptions,
+            SMALL_EVERY,
+            args.limit_mode(),
+        )?;
         producer.flush(Duration::from_secs(30))?;
 
         let log = std::env::temp_dir().join("usage-worker-bench.log");
@@ -177,11 +209,20 @@ impl Bench {
             // The API is not under test, and several workers share the host.
             .set("USAGE_WORKER__HTTP__ENABLED", "false")
             .set_all(&args.worker_env)?;
+        // Without corrections usage only grows, so the periods' final
+        // `used` within the hard limit (ExactlyOnce) says it always was; with
+        // them, the outcomes are followed in order.
+        let ledger = args
+            .corrections
+            .then(|| std::sync::Arc::new(load::hard_limits(args.subscriptions, SMALL_EVERY)));
         let reader = ResultReader::start(
             kafka.bootstrap_servers(),
             &t.usage_results,
             args.partitions,
-            Records::Outcomes { keep_decisions: false },
+            Records::Outcomes {
+                keep_decisions: false,
+                ledger,
+            },
         )?;
         Ok(Self {
             spec,
@@ -189,7 +230,8 @@ impl Bench {
             topic: t.usage_events.clone(),
             producer,
             reader,
-            generator: Generator::new(args.subscriptions, 0x2545_F491_4F6C_DD1D),
+            generator: Generator::new(args.subscriptions, 0x2545_F491_4F6C_DD1D)
+                .with_corrections(args.corrections_per_mille()),
         })
     }
 
@@ -352,11 +394,23 @@ impl Bench {
 }
 
 /// Exactly one outcome per input offset, a decision stored for each, and
-/// no period over its hard limit, a quantity or an amount.
+/// no period over its hard limit, a quantity or an amount. With
+/// corrections, also the ledger's findings: no outcome that raised a
+/// period over its hard limit, none at odds with the usage it names.
 struct ExactlyOnce {
     check: Check,
     decided: i64,
     over_limit: i64,
+    ledger: Option<LedgerFindings>,
+}
+
+/// What the ledger of the outcomes found (see `ledger.rs`).
+struct LedgerFindings {
+    over_limit: u64,
+    inconsistent: u64,
+    /// Outcomes by status, rejections by code.
+    counts: std::collections::BTreeMap<String, u64>,
+    examples: Vec<String>,
 }
 
 impl ExactlyOnce {
@@ -380,10 +434,17 @@ impl ExactlyOnce {
             .fetch_one(pool)
             .await?;
         let over_limit = over_quantity + over_amount_limit(pool).await?;
+        let ledger = reader.with_ledger(|l| LedgerFindings {
+            over_limit: l.over_limit,
+            inconsistent: l.inconsistent,
+            counts: l.counts.clone(),
+            examples: l.examples.clone(),
+        });
         Ok(Self {
             check,
             decided,
             over_limit,
+            ledger,
         })
     }
 
@@ -392,10 +453,19 @@ impl ExactlyOnce {
             check,
             decided,
             over_limit,
+            ledger,
         } = self;
         if !check.ok() || *over_limit > 0 || *decided as u64 != check.inputs {
             bail!(
                 "the run broke a guarantee: {check:?}, {decided} decisions stored, {over_limit} periods over their limit"
+            );
+        }
+        if let Some(l) = ledger.as_ref().filter(|l| l.over_limit > 0 || l.inconsistent > 0) {
+            bail!(
+                "the outcomes broke a guarantee: {} raised a period over its hard limit, {} at odds with their usage: {:?}",
+                l.over_limit,
+                l.inconsistent,
+                l.examples
             );
         }
         Ok(())
@@ -525,6 +595,7 @@ impl CpuSnapshot {
 
 struct Report {
     limit_mode: LimitMode,
+    corrections_per_mille: u64,
     events: u64,
     events_per_sec: f64,
     baseline_events_per_sec: f64,
@@ -538,6 +609,7 @@ impl Report {
     fn new(args: &BenchArgs, main: &MainPhases, baseline: &Phase) -> Self {
         Self {
             limit_mode: args.limit_mode(),
+            corrections_per_mille: args.corrections_per_mille(),
             events: args.events,
             events_per_sec: main.throughput.events_per_sec,
             baseline_events_per_sec: baseline.events_per_sec,
@@ -551,6 +623,7 @@ impl Report {
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "limit_mode": self.limit_mode.name(),
+            "corrections_per_mille": self.corrections_per_mille,
             "events": self.events,
             "events_per_sec": self.events_per_sec.round(),
             "baseline_events_per_sec": self.baseline_events_per_sec.round(),
@@ -574,6 +647,7 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
         check,
         decided,
         over_limit,
+        ledger,
     } = exactly_once;
     println!("\n== usage-lab bench ==");
     println!(
@@ -588,6 +662,13 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
             LimitMode::Quantity => "quantity (hard and soft limits are quantities)",
             LimitMode::Amount =>
                 "amount (half the subscriptions priced, tiered, with amount hard and soft limits; --amount-limits)",
+        }
+    );
+    println!(
+        "stream               {}",
+        match report.corrections_per_mille {
+            0 => "reports only".to_owned(),
+            n => format!("about {n} corrections per 1,000 messages (voids and amendments; --corrections)"),
         }
     );
     for (i, (partitions, rss)) in assignments.iter().zip(rss).enumerate() {
@@ -630,6 +711,25 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
         over_limit,
         check.error.as_deref().map(|e| format!(", error: {e}")).unwrap_or_default()
     );
+    if let Some(l) = ledger {
+        let count = |what: &str| l.counts.get(what).copied().unwrap_or(0);
+        let rejected: Vec<String> = l
+            .counts
+            .iter()
+            .filter_map(|(k, n)| k.strip_prefix("rejected ").map(|code| format!("{code} {n}")))
+            .collect();
+        println!(
+            "corrections          {} voided, {} amended, {} duplicates; rejected: {}",
+            count("voided"),
+            count("amended"),
+            count("duplicate"),
+            rejected.join(", ")
+        );
+        println!(
+            "ledger               {} outcomes raised a period over its hard limit, {} at odds with their usage",
+            l.over_limit, l.inconsistent
+        );
+    }
 }
 
 #[cfg(test)]
@@ -677,9 +777,21 @@ mod tests {
     }
 
     #[test]
+    fn reports_only_are_the_default_and_corrections_an_option() {
+        assert_eq!(args(&[]).corrections_per_mille(), 0);
+        assert_eq!(args(&["--corrections"]).corrections_per_mille(), 20);
+        let both = args(&["--corrections", "--amount-limits"]);
+        assert_eq!(
+            (both.corrections_per_mille(), both.limit_mode()),
+            (20, LimitMode::Amount)
+        );
+    }
+
+    #[test]
     fn the_json_says_which_limits_ran_beside_the_figures() {
         let report = Report {
             limit_mode: LimitMode::Amount,
+            corrections_per_mille: 0,
             events: 3000,
             events_per_sec: 1234.4,
             baseline_events_per_sec: 99.6,
@@ -692,6 +804,7 @@ mod tests {
             report.json(),
             serde_json::json!({
                 "limit_mode": "amount",
+                "corrections_per_mille": 0,
                 "events": 3000,
                 "events_per_sec": 1234.0,
                 "baseline_events_per_sec": 100.0,
@@ -706,6 +819,11 @@ mod tests {
             ..report
         };
         assert_eq!(quantity.json()["limit_mode"], "quantity");
+        let corrections = Report {
+            corrections_per_mille: CORRECTIONS_PER_MILLE,
+            ..quantity
+        };
+        assert_eq!(corrections.json()["corrections_per_mille"], 20);
     }
 
     #[test]

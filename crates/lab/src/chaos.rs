@@ -17,15 +17,30 @@
 //!   again: no broker outages there).
 //! - Injections happen at random points of progress (seeded: `--seed`
 //!   replays a plan), one at a time.
+//! - The stream holds about 2 % corrections (voids and amendments, some
+//!   right after the report they correct, some of ids never sent, some
+//!   sent again): their outcomes are compared with the clean run's like
+//!   every other, and both runs' outcomes are followed in order by a
+//!   ledger (latest quantity of each usage; no raise over a hard limit).
+//! - Periods close by time during the run: `--period-closes` times, the
+//!   stream pauses until both runs have decided all of it, a new period
+//!   starts for one subscription in seven (a new snapshot), and the old one
+//!   closes once its end plus a grace of [`PERIOD_GRACE_SECS`] has passed,
+//!   while a worker is killed; the stream goes on after that instant, so
+//!   every decision and every record is the same in both runs whatever the
+//!   disturbance. Both runs' `usage-periods` must hold exactly one record
+//!   per closed period, equal in every field, with totals and digests that
+//!   the outcomes read back recompute.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
 use rdkafka::producer::Producer;
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgPool};
@@ -42,7 +57,7 @@ use usage_worker::store;
 use crate::load::{self, Generator, LimitMode, LoadProducer};
 use crate::local;
 use crate::progress::Progress;
-use crate::results::{self, Check, Key, Records, ResultReader};
+use crate::results::{self, Check, Key, PeriodRecord, Records, ResultReader};
 
 /// The Kafka the chaos run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -99,6 +114,13 @@ pub struct ChaosArgs {
     /// The Kafka to run on. On tansu no broker outages are injected.
     #[arg(long, value_enum, default_value_t = BrokerChoice::Mock)]
     pub broker: BrokerChoice,
+    /// Corrections (voids and amendments) per 1,000 messages of the stream.
+    #[arg(long, default_value_t = 20)]
+    pub corrections_per_mille: u64,
+    /// Times during the run that the current periods of one subscription
+    /// in seven end and close by time (each with a kill right after).
+    #[arg(long, default_value_t = 2)]
+    pub period_closes: u32,
 }
 
 /// Events produced ahead of the slower of the two runs.
@@ -107,6 +129,20 @@ const MAX_IN_FLIGHT: u64 = 24_000;
 /// lock for up to twice as long.
 const STATEMENT_TIMEOUT_MS: u64 = 3_000;
 const BROKERS: i32 = 3;
+/// One subscription in this many has a hard limit small enough to reach.
+const SMALL_EVERY: u64 = 5;
+/// One subscription in this many has its periods closed during the run.
+const CLOSING_EVERY: u64 = 7;
+/// The grace after a period's end before it closes, for every worker of
+/// the run (the clean one's included): short, so periods close while the
+/// run goes on.
+const PERIOD_GRACE_SECS: i64 = 1;
+
+/// Whether subscription `i` has its periods closed during the run: one in
+/// [`CLOSING_EVERY`], small and large hard limits alike.
+fn closes_periods(i: u64) -> bool {
+    i % CLOSING_EVERY == 1
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Injection {
@@ -151,6 +187,8 @@ struct Tally {
     slow_db: u32,
     joins: u32,
     leaves: u32,
+    /// Of `kills`, those right after a round of periods ended.
+    kills_at_closes: u32,
     /// A worker that exited on its own, or not with 0 on SIGTERM.
     unexpected_exits: Vec<String>,
     /// Per PostgreSQL outage: not ready seen, ready again, CPU of the
@@ -280,7 +318,12 @@ fn worker_spec(args: &ChaosArgs, bootstrap: &str, database: &str, log: PathBuf) 
             // tansu under-reports where a partition ends (docs/brokers.md).
             (args.broker == BrokerChoice::Tansu).to_string(),
         )
-        .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", "false"))
+        .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", "false")
+        .set(
+            "USAGE_WORKER__PIPELINE__PERIOD_GRACE_SECS",
+            PERIOD_GRACE_SECS.to_string(),
+        )
+        .set("USAGE_WORKER__PIPELINE__PERIOD_SWEEP_SECS", "1"))
 }
 
 /// The clean worker: a consumer group, output topics and a database of its
@@ -350,19 +393,40 @@ impl Databases {
 struct Readers {
     outcomes: [Arc<ResultReader>; 2],
     alerts: [ResultReader; 2],
+    periods: [ResultReader; 2],
 }
 
 impl Readers {
-    fn start(bootstrap: &str, topics: &[TopicSettings; 2], partitions: i32) -> anyhow::Result<Self> {
+    fn start(
+        bootstrap: &str,
+        topics: &[TopicSettings; 2],
+        partitions: i32,
+        hard_limits: Arc<HashMap<String, Decimal>>,
+    ) -> anyhow::Result<Self> {
         let outcomes = |topic: &str| {
-            let records = Records::Outcomes { keep_decisions: true };
+            let records = Records::Outcomes {
+                keep_decisions: true,
+                ledger: Some(hard_limits.clone()),
+            };
             ResultReader::start(bootstrap, topic, partitions, records).map(Arc::new)
         };
         let alerts = |topic: &str| ResultReader::start(bootstrap, topic, partitions, Records::Alerts);
+        let periods = |topic: &str| ResultReader::start(bootstrap, topic, partitions, Records::Periods);
         Ok(Self {
             outcomes: [outcomes(&topics[0].usage_results)?, outcomes(&topics[1].usage_results)?],
             alerts: [alerts(&topics[0].usage_alerts)?, alerts(&topics[1].usage_alerts)?],
+            periods: [periods(&topics[0].usage_periods)?, periods(&topics[1].usage_periods)?],
         })
+    }
+
+    /// Waits up to `limit` until both runs have published `expected` period
+    /// records: the last closes may still be in the sweep when the last
+    /// outcome is read. What is missing then is the verdict's to say.
+    async fn wait_for_periods(&self, expected: u64, limit: Duration) {
+        let start = Instant::now();
+        while self.periods.iter().any(|r| r.received() < expected) && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until each has read the last records on its topic, once the
@@ -373,6 +437,8 @@ impl Readers {
             (&*self.outcomes[1], &topics[1].usage_results),
             (&self.alerts[0], &topics[0].usage_alerts),
             (&self.alerts[1], &topics[1].usage_alerts),
+            (&self.periods[0], &topics[0].usage_periods),
+            (&self.periods[1], &topics[1].usage_periods),
         ] {
             let highs = results::high_watermarks(bootstrap, topic, partitions)?;
             tokio::task::block_in_place(|| reader.wait_for(&highs, Duration::from_secs(60)))?;
@@ -415,11 +481,12 @@ impl World {
             &producer,
             &topics[0].subscriptions,
             args.subscriptions,
-            5,
+            SMALL_EVERY,
             LimitMode::Quantity,
         )?;
         producer.flush(Duration::from_secs(30))?;
-        let readers = Readers::start(bootstrap, &topics, args.partitions)?;
+        let hard_limits = Arc::new(load::hard_limits(args.subscriptions, SMALL_EVERY));
+        let readers = Readers::start(bootstrap, &topics, args.partitions, hard_limits)?;
         let clean = start_clean_worker(args, bootstrap, &databases, &topics[1], work_dir)?;
         let pool = Pool::start(args, bootstrap, &databases.chaos_url, work_dir)?;
         let world = Self {
@@ -469,10 +536,11 @@ impl World {
 
     /// What the outputs and both databases say; the clean run's database is
     /// dropped after.
-    async fn verdict(&self, input_highs: &[i64]) -> anyhow::Result<Verdict> {
+    async fn verdict(&self, input_highs: &[i64], expected: &ExpectedPeriods) -> anyhow::Result<Verdict> {
         let chaos_pool = PgPool::connect(&self.databases.chaos_url).await?;
         let clean_pool = &self.databases.clean_pool;
-        let verdict = Verdict::gather(input_highs, &self.readers, [&chaos_pool, clean_pool], &self.topics).await?;
+        let pools = [&chaos_pool, clean_pool];
+        let verdict = Verdict::gather(input_highs, &self.readers, pools, &self.topics, expected).await?;
         chaos_pool.close().await;
         clean_pool.close().await;
         self.databases.clean.clone().drop_now().await?;
@@ -526,6 +594,8 @@ fn announce(kafka: &Cluster, pg: &PrivatePostgres) {
 struct Load {
     sent: Arc<AtomicU64>,
     producing: Arc<AtomicBool>,
+    /// Where each round of closing periods ended them (see [`PeriodCloser`]).
+    closes: Arc<Mutex<Vec<DateTime<Utc>>>>,
     thread: std::thread::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -533,20 +603,42 @@ impl Load {
     fn start(producer: LoadProducer, world: &World, args: &ChaosArgs, seed: u64) -> Self {
         let sent = Arc::new(AtomicU64::new(0));
         let producing = Arc::new(AtomicBool::new(true));
+        let closes = Arc::new(Mutex::new(Vec::new()));
+        let closer = PeriodCloser {
+            bootstrap: world.bootstrap().to_owned(),
+            topics: world.topics[0].clone(),
+            partitions: args.partitions,
+            database_urls: [world.databases.chaos_url.clone(), world.databases.clean_url.clone()],
+            subscriptions: (0..args.subscriptions).filter(|i| closes_periods(*i)).collect(),
+            results: world.readers.outcomes.clone(),
+            closes: closes.clone(),
+            producing: producing.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
         let thread = {
             let (sent, producing) = (sent.clone(), producing.clone());
             let [chaos_results, clean_results] = world.readers.outcomes.clone();
             let (topic, partitions, events) = (world.topics[0].usage_events.clone(), args.partitions, args.events);
-            let mut generator = Generator::new(args.subscriptions, seed);
+            let mut generator = Generator::new(args.subscriptions, seed).with_corrections(args.corrections_per_mille);
+            // Where the stream pauses for a round of closes.
+            let rounds = args.period_closes as u64;
+            let mut pauses: Vec<u64> = (1..=rounds).map(|r| events * r / (rounds + 1)).collect();
+            pauses.reverse();
             std::thread::spawn(move || -> anyhow::Result<()> {
                 while sent.load(Ordering::Relaxed) < events && producing.load(Ordering::Relaxed) {
-                    let done = chaos_results.received().min(clean_results.received());
                     let n = sent.load(Ordering::Relaxed);
+                    if pauses.last() == Some(&n) {
+                        pauses.pop();
+                        closer.close_round(&producer)?;
+                        continue;
+                    }
+                    let done = chaos_results.received().min(clean_results.received());
                     if n.saturating_sub(done) >= MAX_IN_FLIGHT {
                         std::thread::sleep(Duration::from_millis(2));
                         continue;
                     }
-                    for _ in 0..(MAX_IN_FLIGHT - n.saturating_sub(done)).min(events - n).min(500) {
+                    let until = pauses.last().copied().unwrap_or(events);
+                    for _ in 0..(MAX_IN_FLIGHT - n.saturating_sub(done)).min(until - n).min(500) {
                         load::send_next(&producer, &topic, partitions, &mut generator)?;
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
@@ -558,12 +650,18 @@ impl Load {
         Self {
             sent,
             producing,
+            closes,
             thread,
         }
     }
 
     fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Where the rounds of closes so far ended the periods.
+    fn closes(&self) -> Vec<DateTime<Utc>> {
+        self.closes.lock().unwrap().clone()
     }
 
     fn finished(&self) -> bool {
@@ -577,6 +675,109 @@ impl Load {
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the load thread panicked"))
+    }
+}
+
+/// Ends the current periods of the closing subscriptions at an instant
+/// that no decision of either run can straddle, so that both runs decide
+/// the same and close the same:
+/// 1. the stream pauses until both runs have decided every message on it
+///    (so what was sent before counts in the old periods, in both runs);
+/// 2. T = now: a new snapshot of each closing subscription names a new
+///    period from T, which cuts the old one short at T; the stream waits
+///    until both databases have applied it (a worker decides a batch
+///    after a bounded wait for snapshots, and the wait is not what this
+///    run is about);
+/// 3. the stream goes on once T + grace has passed: from then on every
+///    report has a time after T (the new period) and every correction of
+///    an old period's usage is `period_closed`, in both runs. The sweeps
+///    close the old periods meanwhile, at T + grace by the database's
+///    clock, and the driver kills a worker right then.
+struct PeriodCloser {
+    bootstrap: String,
+    /// The chaos run's topics: the input and the subscriptions.
+    topics: TopicSettings,
+    partitions: i32,
+    /// The chaos run's database, then the clean run's.
+    database_urls: [String; 2],
+    subscriptions: Vec<u64>,
+    results: [Arc<ResultReader>; 2],
+    closes: Arc<Mutex<Vec<DateTime<Utc>>>>,
+    producing: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PeriodCloser {
+    fn close_round(&self, producer: &LoadProducer) -> anyhow::Result<()> {
+        producer.flush(Duration::from_secs(120))?;
+        let highs = results::high_watermarks(&self.bootstrap, &self.topics.usage_events, self.partitions)?;
+        let inputs = highs.iter().sum::<i64>() as u64;
+        while self.results.iter().any(|r| r.received() < inputs) {
+            if !self.producing.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let round = self.closes.lock().unwrap().len() as u64;
+        // Whole milliseconds: message timestamps are, so every message sent
+        // from now on has a time at or after T.
+        let now = Utc::now();
+        let at = DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
+        let version = round + 2;
+        for i in &self.subscriptions {
+            let (key, snapshot) = load::subscription_snapshot(
+                *i,
+                SMALL_EVERY,
+                LimitMode::Quantity,
+                version,
+                at,
+                at + chrono::Duration::days(30),
+            );
+            load::send(producer, &self.topics.subscriptions, None, &key, &snapshot)?;
+        }
+        producer.flush(Duration::from_secs(60))?;
+        for url in &self.database_urls {
+            self.runtime.block_on(self.wait_until_applied(url, version))?;
+        }
+        self.closes.lock().unwrap().push(at);
+        let open_again = at + chrono::Duration::seconds(PERIOD_GRACE_SECS) + chrono::Duration::milliseconds(100);
+        if let Ok(wait) = (open_again - Utc::now()).to_std() {
+            std::thread::sleep(wait);
+        }
+        Ok(())
+    }
+
+    /// Until the database holds `version` of every closing subscription,
+    /// across the chaos run's database crashes; up to 5 minutes.
+    async fn wait_until_applied(&self, url: &str, version: u64) -> anyhow::Result<()> {
+        let ids: Vec<String> = self.subscriptions.iter().map(|i| format!("sub_{i}")).collect();
+        let started = Instant::now();
+        loop {
+            let applied = async {
+                let mut conn = sqlx::PgConnection::connect(url).await?;
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE id = ANY($1) AND version >= $2")
+                        .bind(&ids)
+                        .bind(version as i64)
+                        .fetch_one(&mut conn)
+                        .await?;
+                conn.close().await?;
+                anyhow::Ok(n as usize)
+            };
+            if let Ok(n) = applied.await {
+                if n == ids.len() {
+                    return Ok(());
+                }
+            }
+            if !self.producing.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "the snapshots of closes round {version} were not applied within 5 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -603,6 +804,7 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     let load = Load::start(producer, &world, &args, seed);
     let mut tally = Tally::default();
     let driven = drive(&mut world, &args, &load, plan, &mut rng, &mut tally, started).await;
+    let closes = load.closes();
     let produced = load.stop()?;
     let input_highs = match (driven, produced) {
         (Ok(input_highs), Ok(())) => input_highs,
@@ -611,15 +813,25 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    let closed_periods = (closes.len() * closing_subscriptions(&args).len()) as u64;
+    world
+        .readers
+        .wait_for_periods(closed_periods, Duration::from_secs(60))
+        .await;
     world.stop_workers(&mut tally).await?;
     world
         .readers
         .catch_up(world.bootstrap(), &world.topics, args.partitions)?;
 
     let statement_timeouts = statement_timeouts(&work_dir, args.workers + 1);
-    let verdict = world.verdict(&input_highs).await?;
+    let expected = ExpectedPeriods {
+        subscriptions: closing_subscriptions(&args),
+        closes,
+    };
+    let verdict = world.verdict(&input_highs, &expected).await?;
     let report = Report {
         seed,
+        period_closes: args.period_closes,
         events: args.events,
         inputs: input_highs.iter().sum::<i64>() as u64,
         seconds: started.elapsed().as_secs_f64(),
@@ -629,6 +841,14 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
         statement_timeouts,
     };
     report.finish(&args, &work_dir)
+}
+
+/// The subscriptions whose periods close during the run.
+fn closing_subscriptions(args: &ChaosArgs) -> Vec<String> {
+    (0..args.subscriptions)
+        .filter(|i| closes_periods(*i))
+        .map(|i| format!("sub_{i}"))
+        .collect()
 }
 
 /// On tansu no broker outages: only the mock cluster can take its brokers
@@ -676,10 +896,22 @@ async fn drive(
     let mut pending = plan.into_iter().peekable();
     let mut input_highs: Option<Vec<i64>> = None;
     let mut progress = Progress::every(Duration::from_secs(2));
+    let mut closes_seen = 0;
     let driven = async {
         loop {
             anyhow::ensure!(Instant::now() < deadline, "gave up after {} s", args.timeout_secs);
             world.check_workers(tally)?;
+            // A round of periods just ended: they close at its end plus the
+            // grace, while a worker is down.
+            if let Some(at) = load.closes().get(closes_seen) {
+                closes_seen += 1;
+                tally.note(format!(
+                    "periods of round {closes_seen} ended at {}",
+                    at.format("%H:%M:%S%.3f")
+                ));
+                kill(&mut world.pool, rng, tally).await?;
+                tally.kills_at_closes += 1;
+            }
             let share = world.readers.outcomes[0].received() as f64 / args.events as f64;
             if let Some(&(at, injection)) = pending.peek() {
                 if share >= at {
@@ -919,25 +1151,91 @@ async fn readyz(port: u16) -> Option<bool> {
     tokio::time::timeout(Duration::from_secs(5), ask).await.ok().flatten()
 }
 
+/// The periods that must have closed: per round, the current period of
+/// each closing subscription, ended at that round's instant.
+struct ExpectedPeriods {
+    subscriptions: Vec<String>,
+    /// Where each round ended the periods, in order.
+    closes: Vec<DateTime<Utc>>,
+}
+
+/// A period that must have closed.
+struct ExpectedPeriod {
+    subscription: String,
+    /// None for the first round's periods, which started with the run's
+    /// first snapshot (not checked).
+    start: Option<DateTime<Utc>>,
+    end: DateTime<Utc>,
+}
+
+impl ExpectedPeriods {
+    /// Each period that must have closed: the first round's started with
+    /// the run's first snapshot, later ones at the round before.
+    fn periods(&self) -> Vec<ExpectedPeriod> {
+        let mut periods = Vec::new();
+        for (round, end) in self.closes.iter().enumerate() {
+            let start = round.checked_sub(1).map(|r| self.closes[r]);
+            for sub in &self.subscriptions {
+                periods.push(ExpectedPeriod {
+                    subscription: sub.clone(),
+                    start,
+                    end: *end,
+                });
+            }
+        }
+        periods
+    }
+}
+
+/// What the ledgers of one run's outcomes found (see `ledger.rs`).
+#[derive(Debug, Default, Clone)]
+struct LedgerFindings {
+    /// Outcomes that raised a period over its hard limit.
+    over_limit: u64,
+    /// Outcomes at odds with the usage they name.
+    inconsistent: u64,
+    /// Outcomes by status, rejections by code.
+    counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// What one run's `usage-periods` held against the periods that closed.
+#[derive(Debug, Default, Clone)]
+struct PeriodFindings {
+    /// Records read (first copies).
+    records: u64,
+    /// Closed periods without a record.
+    missing: u64,
+    /// Records of periods that did not close.
+    unexpected: u64,
+    /// Records whose closing (grace, end + grace, no invoice, no price)
+    /// or totals (recomputed from the run's outcomes) are wrong.
+    wrong: u64,
+}
+
 /// What the output topics and the databases say, chaos run against clean.
 #[derive(Debug, Default)]
 struct Verdict {
     outcomes: [Check; 2],
     alerts: [Check; 2],
+    period_checks: [Check; 2],
     /// Decisions stored, and distinct input offsets among them.
     decisions: [(i64, i64); 2],
     /// A created outcome whose usage is not stored.
     usages_lost: u64,
     /// A stored usage without a created outcome, or a period whose `used`
-    /// is not the sum of its usages.
+    /// is not the sum of its usages that count.
     counted_twice: u64,
     over_limit: i64,
     /// Alerts on the topic against the alerts table.
     alerts_on_topic: [i64; 2],
     alerts_stored: [i64; 2],
+    ledgers: [LedgerFindings; 2],
+    periods_expected: u64,
+    periods: [PeriodFindings; 2],
     decisions_mismatched: u64,
     alerts_mismatched: u64,
     periods_mismatched: u64,
+    period_records_mismatched: u64,
     examples: Vec<String>,
 }
 
@@ -947,21 +1245,31 @@ impl Verdict {
         readers: &Readers,
         pools: [&PgPool; 2],
         topics: &[TopicSettings; 2],
+        expected: &ExpectedPeriods,
     ) -> anyhow::Result<Self> {
         let (outcomes, alerts) = (&readers.outcomes, &readers.alerts);
         let mut v = Verdict {
             outcomes: [outcomes[0].check(input_highs), outcomes[1].check(input_highs)],
             alerts: [alerts[0].check(&[]), alerts[1].check(&[])],
+            period_checks: [readers.periods[0].check(&[]), readers.periods[1].check(&[])],
             ..Verdict::default()
         };
         let decided = [outcomes[0].summaries(), outcomes[1].summaries()];
         let alerted = [alerts[0].summaries(), alerts[1].summaries()];
         v.alerts_on_topic = [alerted[0].len() as i64, alerted[1].len() as i64];
         let mut periods: [HashMap<String, Decimal>; 2] = Default::default();
+        let records = [readers.periods[0].period_records(), readers.periods[1].period_records()];
         for run in 0..2 {
-            periods[run] = v.read_database(run, pools[run], &topics[run], &decided[run]).await?;
+            periods[run] = v.read_database(run, pools[run], &topics[run], &outcomes[run]).await?;
+            v.read_ledger(run, &outcomes[run], &records[run], expected);
         }
         v.compare(&decided, &alerted, &periods);
+        for (key, chaos, clean) in differing(&records) {
+            v.period_records_mismatched += 1;
+            v.example(format!(
+                "period record {key:?}: chaos run {chaos:?}, clean run {clean:?}"
+            ));
+        }
         Ok(v)
     }
 
@@ -973,7 +1281,7 @@ impl Verdict {
         run: usize,
         pool: &PgPool,
         topics: &TopicSettings,
-        decided: &HashMap<Key, String>,
+        outcomes: &ResultReader,
     ) -> anyhow::Result<HashMap<String, Decimal>> {
         self.decisions[run] = sqlx::query_as(
             "SELECT count(*), count(DISTINCT (b.source_partition, o.offset_)) FROM outbox_batches b
@@ -988,15 +1296,17 @@ impl Verdict {
             .fetch_one(pool)
             .await?;
         let periods = self.check_periods(run, pool).await?;
-        self.check_usages(run, pool, decided).await?;
+        self.check_usages(run, pool, outcomes).await?;
         Ok(periods)
     }
 
-    /// Each period's `used` is the sum of its usages, and within its hard
-    /// limit. Each period's `used`.
+    /// Each period's `used` is the sum of its usages that count (not
+    /// voided, at their latest quantity), and within its hard limit. Each
+    /// period's `used`.
     async fn check_periods(&mut self, run: usize, pool: &PgPool) -> anyhow::Result<HashMap<String, Decimal>> {
         let rows: Vec<(String, Option<Decimal>, Decimal, Decimal)> = sqlx::query_as(
-            "SELECT p.subscription_id || ' ' || p.start_time, p.hard_limit, p.used, coalesce(sum(u.quantity), 0)
+            "SELECT p.subscription_id || ' ' || p.start_time, p.hard_limit, p.used,
+                    coalesce(sum(u.quantity) FILTER (WHERE u.voided_time IS NULL), 0)
              FROM service_periods p LEFT JOIN usages u
                ON u.subscription_id = p.subscription_id AND u.period_start_time = p.start_time
              GROUP BY p.subscription_id, p.start_time, p.hard_limit, p.used",
@@ -1020,27 +1330,86 @@ impl Verdict {
         Ok(periods)
     }
 
-    /// Created outcomes on the topic against usages in the table.
-    async fn check_usages(&mut self, run: usize, pool: &PgPool, decided: &HashMap<Key, String>) -> anyhow::Result<()> {
-        let created: HashSet<String> = decided
-            .values()
-            .filter(|s| s.starts_with("created "))
-            .filter_map(|s| s.split(" usage ").nth(1)?.split(' ').next().map(str::to_owned))
-            .collect();
-        let stored: HashSet<String> = sqlx::query_scalar("SELECT id FROM usages")
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .collect();
-        for id in created.difference(&stored) {
+    /// Created outcomes on the topic (the ledger's usages) against usages
+    /// in the table, and each stored quantity and void against the
+    /// outcomes' latest.
+    async fn check_usages(&mut self, run: usize, pool: &PgPool, outcomes: &ResultReader) -> anyhow::Result<()> {
+        let stored: Vec<(String, Decimal, bool)> =
+            sqlx::query_as("SELECT id, quantity, voided_time IS NOT NULL FROM usages")
+                .fetch_all(pool)
+                .await?;
+        let stored: HashMap<String, (Decimal, bool)> = stored.into_iter().map(|(id, q, v)| (id, (q, v))).collect();
+        let (lost, differ, extra) = outcomes
+            .with_ledger(|ledger| {
+                let lost: Vec<String> = ledger
+                    .usage_ids()
+                    .filter(|id| !stored.contains_key(*id))
+                    .cloned()
+                    .collect();
+                let differ: Vec<String> = stored
+                    .iter()
+                    .filter_map(|(id, (quantity, voided))| {
+                        let usage = ledger.usage(id)?;
+                        (usage.quantity != *quantity || usage.voided != *voided).then(|| {
+                            format!(
+                                "{id}: stored {quantity} voided {voided}, the outcomes say {} voided {}",
+                                usage.quantity, usage.voided
+                            )
+                        })
+                    })
+                    .collect();
+                let extra: Vec<String> = stored.keys().filter(|id| ledger.usage(id).is_none()).cloned().collect();
+                (lost, differ, extra)
+            })
+            .context("the outcome reader keeps no ledger")?;
+        for id in lost {
             self.usages_lost += 1;
             self.example(format!("run {run}: usage {id} created on the topic, not stored"));
         }
-        for id in stored.difference(&created) {
+        for id in extra {
             self.counted_twice += 1;
             self.example(format!("run {run}: usage {id} stored without a created outcome"));
         }
+        for what in differ {
+            self.ledgers[run].inconsistent += 1;
+            self.example(format!("run {run}: usage {what}"));
+        }
         Ok(())
+    }
+
+    /// The run's ledger of its outcomes, and its period records against
+    /// the periods that closed and the totals the ledger recomputes.
+    fn read_ledger(
+        &mut self,
+        run: usize,
+        outcomes: &ResultReader,
+        records: &HashMap<Key, PeriodRecord>,
+        expected: &ExpectedPeriods,
+    ) {
+        let expected_periods = expected.periods();
+        self.periods_expected = expected_periods.len() as u64;
+        let found = outcomes.with_ledger(|ledger| {
+            let findings = LedgerFindings {
+                over_limit: ledger.over_limit,
+                inconsistent: ledger.inconsistent,
+                counts: ledger.counts.clone(),
+            };
+            let mut examples = ledger.examples.clone();
+            let periods = check_period_records(records, &expected_periods, ledger, &mut examples);
+            (findings, periods, examples)
+        });
+        let Some((findings, periods, examples)) = found else {
+            self.example(format!("run {run}: the outcome reader keeps no ledger"));
+            self.ledgers[run].inconsistent += 1;
+            return;
+        };
+        self.ledgers[run].over_limit += findings.over_limit;
+        self.ledgers[run].inconsistent += findings.inconsistent;
+        self.ledgers[run].counts = findings.counts;
+        self.periods[run] = periods;
+        for e in examples {
+            self.example(format!("run {run}: {e}"));
+        }
     }
 
     /// The chaos run against the clean one: the same decision for each
@@ -1078,16 +1447,116 @@ impl Verdict {
     }
 
     fn lost(&self) -> u64 {
-        self.outcomes[0].missing + self.usages_lost
+        self.outcomes[0].missing + self.usages_lost + self.periods[0].missing
     }
 
     fn duplicated(&self) -> u64 {
-        self.outcomes[0].duplicated + self.counted_twice
+        self.outcomes[0].duplicated + self.counted_twice + self.period_checks[0].duplicated
     }
 
     fn mismatched(&self) -> u64 {
-        self.decisions_mismatched + self.alerts_mismatched + self.periods_mismatched
+        self.decisions_mismatched + self.alerts_mismatched + self.periods_mismatched + self.period_records_mismatched
     }
+
+    /// What the ledgers and the period records found wrong, both runs.
+    fn ledger_and_period_faults(&self) -> u64 {
+        self.ledgers
+            .iter()
+            .map(|l| l.over_limit + l.inconsistent)
+            .chain(self.periods.iter().map(|p| p.missing + p.unexpected + p.wrong))
+            .sum()
+    }
+}
+
+/// One run's period records against the periods that must have closed
+/// (exactly one `usage-period-closed` each: a second one is a duplicate in
+/// the reader's check, whatever its record id) and against the ledger:
+/// closed by grace at end + grace, no invoice, no price, and the totals and
+/// digest of the usages whose time falls in the period, at their latest
+/// quantity, voided ones apart.
+fn check_period_records(
+    records: &HashMap<Key, PeriodRecord>,
+    expected: &[ExpectedPeriod],
+    ledger: &crate::ledger::Ledger,
+    examples: &mut Vec<String>,
+) -> PeriodFindings {
+    let mut findings = PeriodFindings {
+        records: records.len() as u64,
+        ..PeriodFindings::default()
+    };
+    let mut note = |what: String| {
+        if examples.len() < 10 {
+            examples.push(what);
+        }
+    };
+    let mut by_end: HashMap<(&str, DateTime<Utc>), &PeriodRecord> = HashMap::new();
+    for record in records.values() {
+        match record.end() {
+            Ok(end) => {
+                by_end.insert((record.subscription_id.as_str(), end), record);
+            }
+            Err(e) => note(format!("period record of {}: {e}", record.subscription_id)),
+        }
+    }
+    let mut matched = 0;
+    for ExpectedPeriod {
+        subscription: sub,
+        start,
+        end,
+    } in expected
+    {
+        let end_text = end.to_rfc3339();
+        let Some(record) = by_end.get(&(sub.as_str(), *end)) else {
+            findings.missing += 1;
+            note(format!("no record of the period of {sub} ending {end_text}"));
+            continue;
+        };
+        matched += 1;
+        let mut faults = Vec::new();
+        let record_start = record.start();
+        if start.is_some() && record_start != Ok(*start) {
+            faults.push(format!("starts {:?}, not {start:?}", record.period_start_time));
+        }
+        if record.kind != "usage-period-closed" || record.closed_by != "grace" {
+            faults.push(format!("{} by {}", record.kind, record.closed_by));
+        }
+        if record.closed() != Ok(*end + chrono::Duration::seconds(PERIOD_GRACE_SECS)) {
+            faults.push(format!("closed {}, its end plus the grace is not", record.closed_time));
+        }
+        if record.invoice_id.is_some() || record.amount.is_some() || record.currency.is_some() {
+            faults.push("an invoice or a price where there is none".into());
+        }
+        match record_start {
+            Ok(record_start) => {
+                let (totals, elsewhere) = ledger.period_totals(sub, record_start, *end);
+                let stated = crate::ledger::Totals {
+                    usage_count: record.usage_count,
+                    quantity: record.quantity,
+                    voided_count: record.voided_count,
+                    digest: record.digest.clone(),
+                };
+                if stated != totals {
+                    faults.push(format!("states {stated:?}, the outcomes make {totals:?}"));
+                }
+                if elsewhere > 0 {
+                    faults.push(format!("{elsewhere} of its usages counted in another period"));
+                }
+            }
+            Err(e) => faults.push(e),
+        }
+        if !faults.is_empty() {
+            findings.wrong += 1;
+            note(format!(
+                "period record of {sub} ending {end_text}: {}",
+                faults.join("; ")
+            ));
+        }
+    }
+    findings.unexpected = findings.records - matched;
+    if findings.unexpected > 0 {
+        note(format!("{} records of periods that did not close", findings.unexpected));
+    }
+    findings
 }
 
 /// The keys of either map whose values differ between the two (one
@@ -1102,6 +1571,8 @@ fn differing<K: Eq + Hash, V: PartialEq>(maps: &[HashMap<K, V>; 2]) -> Vec<(&K, 
 
 struct Report {
     seed: u64,
+    /// Rounds of closes asked for.
+    period_closes: u32,
     events: u64,
     inputs: u64,
     seconds: f64,
@@ -1119,7 +1590,10 @@ impl Report {
             && v.duplicated() == 0
             && v.over_limit == 0
             && v.mismatched() == 0
-            && v.outcomes.iter().chain(&v.alerts).all(Check::ok)
+            && v.outcomes.iter().chain(&v.alerts).chain(&v.period_checks).all(Check::ok)
+            && v.ledger_and_period_faults() == 0
+            // Closes are compared only if some happened.
+            && (self.period_closes == 0 || v.periods_expected > 0)
             && v.decisions.iter().all(|d| *d == (inputs, inputs))
             && v.alerts_stored == v.alerts_on_topic
             // Alerts are compared only if some were raised.
@@ -1152,7 +1626,10 @@ impl Report {
             "workers              {} in the group, {} joined and {} left",
             self.workers, t.joins, t.leaves
         );
-        println!("kills (SIGKILL)      {}", t.kills);
+        println!(
+            "kills (SIGKILL)      {} ({} of them as periods closed)",
+            t.kills, t.kills_at_closes
+        );
         println!("PostgreSQL restarts  {}", t.pg_restarts);
         for o in &t.outages {
             println!("  {}", o.describe());
@@ -1182,15 +1659,51 @@ impl Report {
             "alerts               {} chaos ({} stored), {} clean ({} stored)",
             v.alerts_on_topic[0], v.alerts_stored[0], v.alerts_on_topic[1], v.alerts_stored[1]
         );
+        let chaos = &v.ledgers[0];
+        let count = |what: &str| chaos.counts.get(what).copied().unwrap_or(0);
+        let rejected: Vec<String> = chaos
+            .counts
+            .iter()
+            .filter_map(|(k, n)| k.strip_prefix("rejected ").map(|code| format!("{code} {n}")))
+            .collect();
+        println!(
+            "corrections          {} voided, {} amended, {} duplicates (reports' and corrections'); rejected: {}",
+            count("voided"),
+            count("amended"),
+            count("duplicate"),
+            rejected.join(", ")
+        );
+        println!(
+            "ledger               chaos {} raised over a hard limit, {} at odds with their usage; clean {}, {}",
+            v.ledgers[0].over_limit, v.ledgers[0].inconsistent, v.ledgers[1].over_limit, v.ledgers[1].inconsistent
+        );
+        let [pc, pk] = &v.periods;
+        println!(
+            "periods closed       {} expected; records {} chaos, {} clean; missing {}/{}, duplicated {}/{}, \
+             unexpected {}/{}, wrong closing or totals {}/{}, broker repeats {}",
+            v.periods_expected,
+            pc.records,
+            pk.records,
+            pc.missing,
+            pk.missing,
+            v.period_checks[0].duplicated,
+            v.period_checks[1].duplicated,
+            pc.unexpected,
+            pk.unexpected,
+            pc.wrong,
+            pk.wrong,
+            v.period_checks[0].broker_repeats
+        );
         println!("lost                 {}", v.lost());
         println!("duplicated           {}", v.duplicated() + v.alerts[0].duplicated);
         println!("over limit           {}", v.over_limit);
         println!(
-            "mismatched           {} ({} decisions, {} alerts, {} periods)",
+            "mismatched           {} ({} decisions, {} alerts, {} periods, {} period records)",
             v.mismatched(),
             v.decisions_mismatched,
             v.alerts_mismatched,
-            v.periods_mismatched
+            v.periods_mismatched,
+            v.period_records_mismatched
         );
     }
 
@@ -1198,11 +1711,16 @@ impl Report {
     /// the run failed.
     fn print_failures(&self) {
         let (t, v) = (&self.tally, &self.verdict);
-        let checks = v.outcomes.iter().chain(&v.alerts);
-        for (name, c) in ["chaos outcomes", "clean outcomes", "chaos alerts", "clean alerts"]
-            .iter()
-            .zip(checks)
-        {
+        let checks = v.outcomes.iter().chain(&v.alerts).chain(&v.period_checks);
+        let names = [
+            "chaos outcomes",
+            "clean outcomes",
+            "chaos alerts",
+            "clean alerts",
+            "chaos period records",
+            "clean period records",
+        ];
+        for (name, c) in names.iter().zip(checks) {
             if !c.ok() {
                 println!("{name}: {c:?}");
             }
@@ -1245,6 +1763,7 @@ impl Report {
             "inputs": self.inputs,
             "seconds": self.seconds.round(),
             "kills": t.kills,
+            "kills_at_closes": t.kills_at_closes,
             "pg_restarts": t.pg_restarts,
             "broker_outages": t.broker_outages,
             "slow_db": t.slow_db,
@@ -1257,6 +1776,16 @@ impl Report {
             "over_limit": v.over_limit,
             "mismatched": v.mismatched(),
             "alerts": v.alerts_on_topic[0],
+            "outcomes_by_status": v.ledgers[0].counts,
+            "ledger_over_limit": v.ledgers[0].over_limit + v.ledgers[1].over_limit,
+            "ledger_inconsistent": v.ledgers[0].inconsistent + v.ledgers[1].inconsistent,
+            "periods_closed": v.periods_expected,
+            "period_records": [v.periods[0].records, v.periods[1].records],
+            "period_records_missing": v.periods[0].missing + v.periods[1].missing,
+            "period_records_duplicated": v.period_checks[0].duplicated + v.period_checks[1].duplicated,
+            "period_records_unexpected": v.periods[0].unexpected + v.periods[1].unexpected,
+            "period_records_wrong": v.periods[0].wrong + v.periods[1].wrong,
+            "period_records_mismatched": v.period_records_mismatched,
             "unexpected_exits": t.unexpected_exits.len(),
             "passed": self.passed(),
         })
@@ -1266,4 +1795,131 @@ impl Report {
 fn seconds(d: Option<Duration>) -> String {
     d.map(|d| format!("{:.1} s", d.as_secs_f64()))
         .unwrap_or_else(|| "never".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{digest, Ledger, Seen, SeenUsage, Status};
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    const START: &str = "2026-11-26T00:00:00.000Z";
+    const CLOSE: &str = "2026-12-06T10:00:00.000Z";
+
+    /// sub_1's old period: a (2, then amended to 2.5) and b (3, voided);
+    /// its new one: c (5).
+    fn ledger() -> Ledger {
+        let mut l = Ledger::new(Arc::new(HashMap::new()));
+        let created = |id: &str, quantity: &str, time: &str, period: &str| Seen {
+            status: Status::Created,
+            code: None,
+            usage: Some(SeenUsage {
+                id: id.into(),
+                subscription_id: "sub_1".into(),
+                quantity: d(quantity),
+                usage_time: t(time),
+            }),
+            previous_quantity: None,
+            period_start: Some(t(period)),
+        };
+        l.apply(&created("a", "2", "2026-12-06T09:00:00Z", START));
+        l.apply(&created("b", "3", "2026-12-06T09:59:59.999Z", START));
+        l.apply(&created("c", "5", CLOSE, CLOSE));
+        let mut amended = created("a", "2.5", "2026-12-06T09:00:00Z", START);
+        amended.status = Status::Amended;
+        amended.previous_quantity = Some(d("2"));
+        l.apply(&amended);
+        let mut voided = created("b", "3", "2026-12-06T09:59:59.999Z", START);
+        voided.status = Status::Voided;
+        l.apply(&voided);
+        l
+    }
+
+    fn record(sub: &str) -> PeriodRecord {
+        PeriodRecord {
+            kind: "usage-period-closed".into(),
+            subscription_id: sub.into(),
+            period_start_time: Some(START.into()),
+            period_end_time: CLOSE.into(),
+            closed_time: "2026-12-06T10:00:01.000Z".into(),
+            closed_by: "grace".into(),
+            invoice_id: None,
+            usage_count: 1,
+            quantity: d("2.5"),
+            amount: None,
+            currency: None,
+            voided_count: 1,
+            digest: digest([("a", d("2.5"))]),
+        }
+    }
+
+    fn keyed(records: Vec<PeriodRecord>) -> HashMap<Key, PeriodRecord> {
+        records
+            .into_iter()
+            .map(|r| {
+                let key = Key::Period(
+                    r.kind.clone(),
+                    r.subscription_id.clone(),
+                    r.period_start_time.clone().unwrap(),
+                );
+                (key, r)
+            })
+            .collect()
+    }
+
+    fn expected() -> Vec<ExpectedPeriod> {
+        ["sub_1", "sub_2"]
+            .iter()
+            .map(|sub| ExpectedPeriod {
+                subscription: sub.to_string(),
+                start: None,
+                end: t(CLOSE),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_closed_period_needs_one_record_whose_totals_its_outcomes_recompute() {
+        let mut examples = Vec::new();
+        let mut other = record("sub_3");
+        other.period_end_time = "2026-12-07T10:00:00.000Z".into();
+        let found = check_period_records(
+            &keyed(vec![record("sub_1"), other]),
+            &expected(),
+            &ledger(),
+            &mut examples,
+        );
+        assert_eq!(
+            (found.records, found.missing, found.unexpected, found.wrong),
+            (2, 1, 1, 0),
+            "{examples:?}"
+        );
+    }
+
+    #[test]
+    fn a_record_with_other_totals_or_another_closing_is_wrong() {
+        let wrong: [fn(&mut PeriodRecord); 7] = [
+            |r| r.quantity = d("5.5"),
+            |r| r.usage_count = 2,
+            |r| r.voided_count = 0,
+            |r| r.digest = digest([("a", d("2"))]),
+            |r| r.closed_time = CLOSE.into(),
+            |r| r.closed_by = "invoice".into(),
+            |r| r.invoice_id = Some("inv_1".into()),
+        ];
+        for change in wrong {
+            let mut r = record("sub_1");
+            change(&mut r);
+            let mut examples = Vec::new();
+            let found = check_period_records(&keyed(vec![r]), &expected()[..1], &ledger(), &mut examples);
+            assert_eq!((found.wrong, found.missing), (1, 0), "{examples:?}");
+        }
+    }
 }

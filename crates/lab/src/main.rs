@@ -10,6 +10,7 @@
 
 mod bench;
 mod chaos;
+mod ledger;
 mod load;
 mod local;
 mod progress;

@@ -1,39 +1,58 @@
 //! Readers of the output topics, each in its own thread, from the first
 //! record. They check what a consumer of the topic would rely on:
-//! - one outcome per input offset (or one alert per alert id);
+//! - one outcome per input offset (or one alert per alert id, one period
+//!   record per period and type); a correction's outcome is one like any
+//!   other: it names its input offset in `source`, and its `eventId` (the
+//!   corrected usage) plays no part in telling outcomes apart;
 //! - a record that comes again with the same id, `outbox-seq` and
 //!   CreateTime is the broker's repeat of a retried send (librdkafka's mock
 //!   cluster, unlike Kafka, keeps an idempotent producer's retries): counted
 //!   apart, never as a duplicate; with anything else different it is a real
 //!   duplicate;
 //! - per output partition, first copies carry `outbox-seq` 1, 2, 3, ... with
-//!   no gap and no step back.
+//!   no gap and no step back;
+//! - with a [`Ledger`], outcomes in partition order against the usages they
+//!   created, amended and voided (see `ledger.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message};
+use rust_decimal::Decimal;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use usage_worker::embedded::TopicReader;
 
+use crate::ledger::{Ledger, Seen, SeenUsage, Status};
+
 /// What a reader reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Records {
     /// Outcomes, keyed by their input offset; `keep_decisions` keeps a
-    /// summary of each decision for comparison with another run.
-    Outcomes { keep_decisions: bool },
+    /// summary of each decision for comparison with another run; `ledger`
+    /// (the subscriptions' hard limits as quantities) keeps a [`Ledger`].
+    Outcomes {
+        keep_decisions: bool,
+        ledger: Option<Arc<HashMap<String, Decimal>>>,
+    },
     /// Limit alerts, keyed by alert id, summaries always kept.
     Alerts,
+    /// `usage-periods` records, keyed by type, subscription and period
+    /// start (so a second record of a period counts as a duplicate, whatever
+    /// its record id), kept whole.
+    Periods,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
     Source(i32, i64),
     Alert(String),
+    /// Type, subscription, period start ("" for none).
+    Period(String, String, String),
 }
 
 /// The first copy of a record.
@@ -54,6 +73,8 @@ struct State {
     examples: Vec<String>,
     latencies_ms: Vec<f64>,
     error: Option<String>,
+    ledger: Option<Ledger>,
+    periods: HashMap<Key, PeriodRecord>,
 }
 
 impl State {
@@ -97,10 +118,20 @@ impl Check {
 #[serde(rename_all = "camelCase")]
 struct Outcome {
     status: String,
+    event_id: Option<String>,
     source: Source,
     error: Option<ErrorCode>,
     usage: Option<Usage>,
     partial: Option<bool>,
+    previous_quantity: Option<Box<RawValue>>,
+    requested_quantity: Option<Box<RawValue>>,
+    limit: Option<LimitBlock>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LimitBlock {
+    period_start_time: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -116,9 +147,153 @@ struct ErrorCode {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Usage {
     id: String,
-    quantity: serde_json::Value,
+    subscription_id: String,
+    quantity: Box<RawValue>,
+    usage_time: String,
+}
+
+/// A JSON number read exactly, from its text.
+fn exact(raw: &RawValue) -> Result<Decimal, String> {
+    let text = raw.get();
+    text.parse::<Decimal>()
+        .or_else(|_| Decimal::from_scientific(text))
+        .map_err(|e| format!("{text} is not an exact decimal: {e}"))
+}
+
+fn time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{text}: {e}"))
+}
+
+impl Outcome {
+    /// What the ledger reads of it.
+    fn seen(&self) -> Result<Seen, String> {
+        let status = Status::parse(&self.status).ok_or_else(|| format!("unknown status {}", self.status))?;
+        let usage = match &self.usage {
+            Some(u) => Some(SeenUsage {
+                id: u.id.clone(),
+                subscription_id: u.subscription_id.clone(),
+                quantity: exact(&u.quantity)?,
+                usage_time: time(&u.usage_time)?,
+            }),
+            None => None,
+        };
+        let period_start = match self.limit.as_ref().and_then(|l| l.period_start_time.as_deref()) {
+            Some(t) => Some(time(t)?),
+            None => None,
+        };
+        Ok(Seen {
+            status,
+            code: self.error.as_ref().map(|e| e.code.clone()),
+            usage,
+            previous_quantity: self.previous_quantity.as_deref().map(exact).transpose()?,
+            period_start,
+        })
+    }
+
+    /// What was decided, in a form that compares across runs: the status,
+    /// the code, the usage named and its quantity, and for corrections the
+    /// quantities before and asked.
+    fn summary(&self) -> String {
+        let event = self
+            .event_id
+            .as_deref()
+            .map(|e| format!(" event {e}"))
+            .unwrap_or_default();
+        let usage = self
+            .usage
+            .as_ref()
+            .map(|u| format!(" usage {} quantity {}", u.id, u.quantity.get()))
+            .unwrap_or_default();
+        let code = self.error.as_ref().map(|e| format!(" {}", e.code)).unwrap_or_default();
+        let partial = if self.partial == Some(true) { " partial" } else { "" };
+        let previous = self
+            .previous_quantity
+            .as_ref()
+            .map(|q| format!(" previous {}", q.get()))
+            .unwrap_or_default();
+        let requested = self
+            .requested_quantity
+            .as_ref()
+            .map(|q| format!(" requested {}", q.get()))
+            .unwrap_or_default();
+        format!("{}{code}{event}{usage}{partial}{previous}{requested}", self.status)
+    }
+}
+
+/// A `usage-periods` record, every field of it (an unknown field fails the
+/// read: the body is exactly the contract's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodRecord {
+    pub kind: String,
+    pub subscription_id: String,
+    pub period_start_time: Option<String>,
+    pub period_end_time: String,
+    pub closed_time: String,
+    pub closed_by: String,
+    pub invoice_id: Option<String>,
+    pub usage_count: u64,
+    pub quantity: Decimal,
+    pub amount: Option<Decimal>,
+    pub currency: Option<String>,
+    pub voided_count: u64,
+    pub digest: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PeriodBody {
+    #[serde(rename = "type")]
+    kind: String,
+    subscription_id: String,
+    period_start_time: Option<String>,
+    period_end_time: String,
+    closed_time: String,
+    closed_by: String,
+    invoice_id: Option<String>,
+    usage_count: u64,
+    quantity: Box<RawValue>,
+    amount: Option<Box<RawValue>>,
+    currency: Option<String>,
+    voided_count: u64,
+    digest: String,
+}
+
+impl PeriodRecord {
+    fn parse(payload: &[u8]) -> Result<Self, String> {
+        let b: PeriodBody = serde_json::from_slice(payload).map_err(|e| format!("unreadable period record: {e}"))?;
+        Ok(Self {
+            quantity: exact(&b.quantity)?,
+            amount: b.amount.as_deref().map(exact).transpose()?,
+            kind: b.kind,
+            subscription_id: b.subscription_id,
+            period_start_time: b.period_start_time,
+            period_end_time: b.period_end_time,
+            closed_time: b.closed_time,
+            closed_by: b.closed_by,
+            invoice_id: b.invoice_id,
+            usage_count: b.usage_count,
+            currency: b.currency,
+            voided_count: b.voided_count,
+            digest: b.digest,
+        })
+    }
+
+    pub fn start(&self) -> Result<Option<DateTime<Utc>>, String> {
+        self.period_start_time.as_deref().map(time).transpose()
+    }
+
+    pub fn end(&self) -> Result<DateTime<Utc>, String> {
+        time(&self.period_end_time)
+    }
+
+    pub fn closed(&self) -> Result<DateTime<Utc>, String> {
+        time(&self.closed_time)
+    }
 }
 
 #[derive(Deserialize)]
@@ -145,7 +320,16 @@ impl ResultReader {
         let reader = TopicReader::open(bootstrap, topic, partitions)?;
         let received = Arc::new(AtomicU64::new(0));
         let consumed = Arc::new(AtomicU64::new(0));
-        let state = Arc::new(Mutex::new(State::default()));
+        let ledger = match &records {
+            Records::Outcomes {
+                ledger: Some(limits), ..
+            } => Some(Ledger::new(limits.clone())),
+            _ => None,
+        };
+        let state = Arc::new(Mutex::new(State {
+            ledger,
+            ..State::default()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (received, consumed, state, stop) = (received.clone(), consumed.clone(), state.clone(), stop.clone());
@@ -155,7 +339,7 @@ impl ResultReader {
                         Ok(Some(m)) => {
                             consumed.fetch_add(1, Ordering::Relaxed);
                             let mut st = state.lock().unwrap();
-                            match read(&m, records, &mut st) {
+                            match read(&m, &records, &mut st) {
                                 Ok(true) => {
                                     received.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -214,6 +398,17 @@ impl ResultReader {
         std::mem::take(&mut self.state.lock().unwrap().latencies_ms)
     }
 
+    /// Runs `f` on the ledger, if the reader keeps one.
+    pub fn with_ledger<R>(&self, f: impl FnOnce(&Ledger) -> R) -> Option<R> {
+        self.state.lock().unwrap().ledger.as_ref().map(f)
+    }
+
+    /// The period records read (first copies), by type, subscription and
+    /// period start.
+    pub fn period_records(&self) -> HashMap<Key, PeriodRecord> {
+        self.state.lock().unwrap().periods.clone()
+    }
+
     /// The summaries of the first copies (with `keep_decisions`, or alerts).
     pub fn summaries(&self) -> HashMap<Key, String> {
         let state = self.state.lock().unwrap();
@@ -263,31 +458,28 @@ impl ResultReader {
 }
 
 /// Reads one record into the state; true for a first copy.
-fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<bool, String> {
+fn read(m: &BorrowedMessage<'_>, records: &Records, st: &mut State) -> Result<bool, String> {
     let headers = usage_worker::kafka::headers::of_borrowed(m);
     let header = |name: &str| headers.text(name).map(str::to_owned);
     let seq: i64 = header("outbox-seq")
         .and_then(|s| s.parse().ok())
         .ok_or("no outbox-seq header")?;
     let payload = m.payload().ok_or("no payload")?;
+    // What a first copy adds to the ledger or the period records.
+    let mut seen = None;
+    let mut period = None;
     let (key, id, summary) = match records {
-        Records::Outcomes { keep_decisions } => {
+        Records::Outcomes { keep_decisions, ledger } => {
             let o: Outcome = serde_json::from_slice(payload).map_err(|e| format!("unreadable outcome: {e}"))?;
             if let Some(sent) = o.source.timestamp.as_deref() {
                 let sent = chrono::DateTime::parse_from_rfc3339(sent).map_err(|e| format!("source.timestamp: {e}"))?;
                 let ms = (Utc::now() - sent.with_timezone(&Utc)).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 st.latencies_ms.push(ms);
             }
-            let summary = keep_decisions.then(|| {
-                let usage = o
-                    .usage
-                    .as_ref()
-                    .map(|u| format!(" usage {} quantity {}", u.id, u.quantity))
-                    .unwrap_or_default();
-                let code = o.error.as_ref().map(|e| format!(" {}", e.code)).unwrap_or_default();
-                let partial = if o.partial == Some(true) { " partial" } else { "" };
-                format!("{}{code}{usage}{partial}", o.status)
-            });
+            let summary = keep_decisions.then(|| o.summary());
+            if ledger.is_some() {
+                seen = Some(o.seen()?);
+            }
             if o.source.partition != m.partition() {
                 return Err(format!(
                     "the outcome of input partition {} is on partition {}",
@@ -305,6 +497,18 @@ fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<boo
                 a.kind, a.subscription_id, a.threshold, a.limit, a.used, a.used_amount, a.limit_amount, a.usage_id
             );
             (Key::Alert(a.alert_id.clone()), a.alert_id, Some(summary))
+        }
+        Records::Periods => {
+            let r = PeriodRecord::parse(payload)?;
+            let id = header("record-id").ok_or("no record-id header")?;
+            let key = Key::Period(
+                r.kind.clone(),
+                r.subscription_id.clone(),
+                r.period_start_time.clone().unwrap_or_default(),
+            );
+            let summary = format!("{r:?}");
+            period = Some(r);
+            (key, id, Some(summary))
         }
     };
     let identity = (id, seq, m.timestamp().to_millis());
@@ -332,6 +536,12 @@ fn read(m: &BorrowedMessage<'_>, records: Records, st: &mut State) -> Result<boo
     } else {
         *last = seq;
     }
+    if let (Some(ledger), Some(seen)) = (st.ledger.as_mut(), seen) {
+        ledger.apply(&seen);
+    }
+    if let Some(record) = period {
+        st.periods.insert(key.clone(), record);
+    }
     st.first.insert(key, First { identity, summary });
     Ok(true)
 }
@@ -356,4 +566,64 @@ pub fn high_watermarks(bootstrap: &str, topic: &str, partitions: i32) -> anyhow:
     let ends = usage_worker::kafka::ends::EndReader::new(&config)?;
     let ends = ends.ends(&[(topic, partitions)], Duration::from_secs(60))?;
     Ok((0..partitions).map(|p| ends[0][&p]).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    /// An amendment's outcome as the worker writes it (SPEC: a
+    /// correction's eventId is the usage's; previousQuantity on top).
+    const AMENDED: &str = r#"{"outcomeId": "oc_1", "eventId": "b7", "status": "amended", "partial": false,
+        "requestedQuantity": 999999999999.999, "previousQuantity": 0.1,
+        "subscriptionId": "sub_1",
+        "usage": {"id": "b7", "subscriptionId": "sub_1", "quantity": 999999999999.999,
+                  "usageTime": "2026-12-06T10:00:00.123Z", "invoiceId": null, "invoiceItemId": null,
+                  "createdTime": "2026-12-06T10:00:00.200Z", "updatedTime": "2026-12-06T10:01:00.000Z",
+                  "_links": [{"href": "/usages/b7", "rel": "self"}]},
+        "limit": {"applied": "hardLimit", "limit": 1000000000000, "used": 999999999999.999, "available": 0.001,
+                  "periodStartTime": "2026-12-01T00:00:00.000Z", "periodEndTime": null},
+        "source": {"topic": "usage-events", "partition": 3, "offset": 17, "timestamp": "2026-12-06T10:01:00.000Z"},
+        "processedTime": "2026-12-06T10:01:00.010Z"}"#;
+
+    #[test]
+    fn a_correction_is_read_exactly_and_summarised_with_its_quantities() {
+        let o: Outcome = serde_json::from_str(AMENDED).unwrap();
+        assert_eq!((o.source.partition, o.source.offset), (3, 17));
+        let seen = o.seen().unwrap();
+        assert_eq!(seen.status, Status::Amended);
+        // Beyond what a double holds: read from the text.
+        assert_eq!(seen.usage.as_ref().unwrap().quantity, d("999999999999.999"));
+        assert_eq!(seen.previous_quantity, Some(d("0.1")));
+        assert_eq!(
+            seen.period_start,
+            Some(
+                DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+                    .unwrap()
+                    .with_timezone(&Utc)
+            )
+        );
+        assert_eq!(
+            o.summary(),
+            "amended event b7 usage b7 quantity 999999999999.999 previous 0.1 requested 999999999999.999"
+        );
+    }
+
+    #[test]
+    fn a_period_record_is_read_whole_and_nothing_else_is_taken_for_one() {
+        let body = r#"{"type": "usage-period-closed", "subscriptionId": "sub_1",
+            "periodStartTime": "2026-12-01T00:00:00.000Z", "periodEndTime": "2026-12-06T10:00:00.000Z",
+            "closedTime": "2026-12-06T10:00:01.000Z", "closedBy": "grace", "invoiceId": null,
+            "usageCount": 2, "quantity": 12.5, "amount": null, "currency": null, "voidedCount": 1,
+            "digest": "sha256:00"}"#;
+        let r = PeriodRecord::parse(body.as_bytes()).unwrap();
+        assert_eq!((r.usage_count, r.quantity, r.voided_count), (2, d("12.5"), 1));
+        assert_eq!(r.closed().unwrap() - r.end().unwrap(), chrono::Duration::seconds(1));
+        let extra = body.replace(r#""digest""#, r#""note": 1, "digest""#);
+        assert!(PeriodRecord::parse(extra.as_bytes()).is_err());
+    }
 }
