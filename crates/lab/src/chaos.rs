@@ -138,6 +138,9 @@ const CLOSING_EVERY: u64 = 7;
 /// the run (the clean one's included): short, so periods close while the
 /// run goes on.
 const PERIOD_GRACE_SECS: i64 = 1;
+/// How long the chaos run may go without an outcome before the next planned
+/// injection comes early.
+const STALLED: Duration = Duration::from_secs(20);
 
 /// Of `--kills`, those made as a round of periods ends: one a round.
 fn kills_at_closes(args: &ChaosArgs) -> u32 {
@@ -197,6 +200,8 @@ struct Tally {
     leaves: u32,
     /// Of `kills`, those right after a round of periods ended.
     kills_at_closes: u32,
+    /// Planned injections made early, the run having stalled.
+    early_injections: u32,
     /// A worker that exited on its own, or not with 0 on SIGTERM.
     unexpected_exits: Vec<String>,
     /// Per PostgreSQL outage: not ready seen, ready again, CPU of the
@@ -917,6 +922,7 @@ async fn drive(
     let mut input_highs: Option<Vec<i64>> = None;
     let mut progress = Progress::every(Duration::from_secs(2));
     let mut closes_seen = 0;
+    let (mut last_received, mut last_progress) = (0, Instant::now());
     let Rngs {
         plan: mut rng,
         closes: mut close_rng,
@@ -947,11 +953,27 @@ async fn drive(
                     wait_for_readiness(Some(world.pool.ports[slot]), true, Duration::from_secs(30)).await;
                 }
             }
-            let share = world.readers.outcomes[0].received() as f64 / args.events as f64;
+            let received = world.readers.outcomes[0].received();
+            if received != last_received {
+                (last_received, last_progress) = (received, Instant::now());
+            }
+            let share = received as f64 / args.events as f64;
             if let Some(&(at, injection)) = pending.peek() {
-                if share >= at {
+                // The plan goes by progress, which stops while the load
+                // waits for both runs before a close: a chaos run stuck
+                // then (on tansu, partitions left with a killed member
+                // until a membership change, docs/brokers.md) would never
+                // reach its next point. After STALLED without an outcome,
+                // the next injection comes at once.
+                let stalled = last_progress.elapsed() >= STALLED;
+                if share >= at || stalled {
                     pending.next();
+                    if stalled && share < at {
+                        tally.note(format!("no outcome for {} s: the next injection now", STALLED.as_secs()));
+                        tally.early_injections += 1;
+                    }
                     inject(injection, rng, world, tally, args.workers).await?;
+                    last_progress = Instant::now();
                 }
             }
             let [chaos_results, clean_results] = &world.readers.outcomes;
@@ -1665,6 +1687,13 @@ impl Report {
             "kills (SIGKILL)      {} ({} of them as periods closed)",
             t.kills, t.kills_at_closes
         );
+        if t.early_injections > 0 {
+            println!(
+                "early injections     {} (the run went {} s without an outcome)",
+                t.early_injections,
+                STALLED.as_secs()
+            );
+        }
         println!("PostgreSQL restarts  {}", t.pg_restarts);
         for o in &t.outages {
             println!("  {}", o.describe());
@@ -1799,6 +1828,7 @@ impl Report {
             "seconds": self.seconds.round(),
             "kills": t.kills,
             "kills_at_closes": t.kills_at_closes,
+            "early_injections": t.early_injections,
             "pg_restarts": t.pg_restarts,
             "broker_outages": t.broker_outages,
             "slow_db": t.slow_db,
