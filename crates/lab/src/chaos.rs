@@ -139,7 +139,7 @@ const CLOSING_EVERY: u64 = 7;
 /// run goes on.
 const PERIOD_GRACE_SECS: i64 = 1;
 /// How long the chaos run may go without an outcome before the next planned
-/// injection comes early.
+/// injection comes early (or, with none left, a kill more).
 const STALLED: Duration = Duration::from_secs(20);
 
 /// Of `--kills`, those made as a round of periods ends: one a round.
@@ -200,7 +200,8 @@ struct Tally {
     leaves: u32,
     /// Of `kills`, those right after a round of periods ended.
     kills_at_closes: u32,
-    /// Planned injections made early, the run having stalled.
+    /// Planned injections made early, the run having stalled, and kills
+    /// made when it stalled with none left (counted in `kills` too).
     early_injections: u32,
     /// A worker that exited on its own, or not with 0 on SIGTERM.
     unexpected_exits: Vec<String>,
@@ -958,6 +959,8 @@ async fn drive(
                 (last_received, last_progress) = (received, Instant::now());
             }
             let share = received as f64 / args.events as f64;
+            // Stalled: no outcome for a while although messages wait for one.
+            let stalled = last_progress.elapsed() >= STALLED && received < load.sent();
             if let Some(&(at, injection)) = pending.peek() {
                 // The plan goes by progress, which stops while the load
                 // waits for both runs before a close: a chaos run stuck
@@ -965,7 +968,6 @@ async fn drive(
                 // until a membership change, docs/brokers.md) would never
                 // reach its next point. After STALLED without an outcome,
                 // the next injection comes at once.
-                let stalled = last_progress.elapsed() >= STALLED;
                 if share >= at || stalled {
                     pending.next();
                     if stalled && share < at {
@@ -975,6 +977,13 @@ async fn drive(
                     inject(injection, rng, world, tally, args.workers).await?;
                     last_progress = Instant::now();
                 }
+            } else if stalled {
+                // Stalled with no injection left to come: a kill is the
+                // membership change that frees what a dead member holds.
+                tally.note(format!("no outcome for {} s and nothing planned: a kill", STALLED.as_secs()));
+                tally.early_injections += 1;
+                kill(&mut world.pool, &mut close_rng, tally).await?;
+                last_progress = Instant::now();
             }
             let [chaos_results, clean_results] = &world.readers.outcomes;
             if input_highs.is_none() && load.finished() {
