@@ -81,7 +81,8 @@ pub struct ChaosArgs {
     /// `--joins` times).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// kill -9 of a worker, which is restarted.
+    /// kill -9 of a worker, which is restarted (one of them as each round
+    /// of periods ends, the others at random points).
     #[arg(long, default_value_t = 20)]
     pub kills: u32,
     /// Crashes (pg_ctl -m immediate) and restarts of the private PostgreSQL.
@@ -118,7 +119,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 20)]
     pub corrections_per_mille: u64,
     /// Times during the run that the current periods of one subscription
-    /// in seven end and close by time (each with a kill right after).
+    /// in seven end and close by time (each with one of the kills).
     #[arg(long, default_value_t = 2)]
     pub period_closes: u32,
 }
@@ -137,6 +138,14 @@ const CLOSING_EVERY: u64 = 7;
 /// the run (the clean one's included): short, so periods close while the
 /// run goes on.
 const PERIOD_GRACE_SECS: i64 = 1;
+/// How long the chaos run may go without an outcome before the next planned
+/// injection comes early (or, with none left, a kill more).
+const STALLED: Duration = Duration::from_secs(20);
+
+/// Of `--kills`, those made as a round of periods ends: one a round.
+fn kills_at_closes(args: &ChaosArgs) -> u32 {
+    args.kills.min(args.period_closes)
+}
 
 /// Whether subscription `i` has its periods closed during the run: one in
 /// [`CLOSING_EVERY`], small and large hard limits alike.
@@ -158,9 +167,11 @@ enum Injection {
 /// read back). Joins and leaves pair up in disjoint stretches, so that at
 /// most one extra worker runs.
 fn plan(args: &ChaosArgs, rng: &mut Rng) -> Vec<(f64, Injection)> {
+    // The kills at closes are some of `--kills`, not more: the run's
+    // disturbance stays what its options say.
     let mut plan = Vec::new();
     for (count, injection) in [
-        (args.kills, Injection::Kill),
+        (args.kills - kills_at_closes(args), Injection::Kill),
         (args.pg_restarts, Injection::PgRestart),
         (args.broker_outages, Injection::BrokerOutage),
         (args.slow_db, Injection::SlowDb),
@@ -189,6 +200,9 @@ struct Tally {
     leaves: u32,
     /// Of `kills`, those right after a round of periods ended.
     kills_at_closes: u32,
+    /// Planned injections made early, the run having stalled, and kills
+    /// made when it stalled with none left (counted in `kills` too).
+    early_injections: u32,
     /// A worker that exited on its own, or not with 0 on SIGTERM.
     unexpected_exits: Vec<String>,
     /// Per PostgreSQL outage: not ready seen, ready again, CPU of the
@@ -803,7 +817,13 @@ pub async fn run(settings: Settings, args: ChaosArgs) -> anyhow::Result<()> {
     let (mut world, producer) = World::set_up(&settings, &args, &work_dir).await?;
     let load = Load::start(producer, &world, &args, seed);
     let mut tally = Tally::default();
-    let driven = drive(&mut world, &args, &load, plan, &mut rng, &mut tally, started).await;
+    let rngs = Rngs {
+        plan: rng,
+        // The kills at closes draw from a stream of their own, so that the
+        // planned injections draw what they would without them.
+        closes: Rng((seed ^ 0x9E37_79B9_7F4A_7C15).max(1)),
+    };
+    let driven = drive(&mut world, &args, &load, plan, rngs, &mut tally, started).await;
     let closes = load.closes();
     let produced = load.stop()?;
     let input_highs = match (driven, produced) {
@@ -883,12 +903,18 @@ fn statement_timeouts(work_dir: &Path, slots: usize) -> usize {
 /// Drives the run until both runs have an outcome for every input,
 /// injecting each planned fault at its point of progress, one at a time:
 /// the input's high watermarks, read once the load has finished.
+/// The planned injections' random draws, and the kills at closes'.
+struct Rngs {
+    plan: Rng,
+    closes: Rng,
+}
+
 async fn drive(
     world: &mut World,
     args: &ChaosArgs,
     load: &Load,
     plan: Vec<(f64, Injection)>,
-    rng: &mut Rng,
+    rngs: Rngs,
     tally: &mut Tally,
     started: Instant,
 ) -> anyhow::Result<Vec<i64>> {
@@ -897,6 +923,12 @@ async fn drive(
     let mut input_highs: Option<Vec<i64>> = None;
     let mut progress = Progress::every(Duration::from_secs(2));
     let mut closes_seen = 0;
+    let (mut last_received, mut last_progress) = (0, Instant::now());
+    let Rngs {
+        plan: mut rng,
+        closes: mut close_rng,
+    } = rngs;
+    let rng = &mut rng;
     let driven = async {
         loop {
             anyhow::ensure!(Instant::now() < deadline, "gave up after {} s", args.timeout_secs);
@@ -909,15 +941,49 @@ async fn drive(
                     "periods of round {closes_seen} ended at {}",
                     at.format("%H:%M:%S%.3f")
                 ));
-                kill(&mut world.pool, rng, tally).await?;
-                tally.kills_at_closes += 1;
             }
-            let share = world.readers.outcomes[0].received() as f64 / args.events as f64;
-            if let Some(&(at, injection)) = pending.peek() {
-                if share >= at {
-                    pending.next();
-                    inject(injection, rng, world, tally, args.workers).await?;
+            if tally.kills_at_closes < closes_seen.min(kills_at_closes(args) as usize) as u32 {
+                kill(&mut world.pool, &mut close_rng, tally).await?;
+                tally.kills_at_closes += 1;
+                // The planned injections go on once the workers are ready
+                // again: this kill is placed by the closes, not by the plan,
+                // and is not meant to stack with the next planned injection
+                // (a kill whose restarted worker rejoins during a broker
+                // outage, say) in a way the plan alone would not.
+                for slot in world.pool.live() {
+                    wait_for_readiness(Some(world.pool.ports[slot]), true, Duration::from_secs(30)).await;
                 }
+            }
+            let received = world.readers.outcomes[0].received();
+            if received != last_received {
+                (last_received, last_progress) = (received, Instant::now());
+            }
+            let share = received as f64 / args.events as f64;
+            // Stalled: no outcome for a while although messages wait for one.
+            let stalled = last_progress.elapsed() >= STALLED && received < load.sent();
+            if let Some(&(at, injection)) = pending.peek() {
+                // The plan goes by progress, which stops while the load
+                // waits for both runs before a close: a chaos run stuck
+                // then (on tansu, partitions left with a killed member
+                // until a membership change, docs/brokers.md) would never
+                // reach its next point. After STALLED without an outcome,
+                // the next injection comes at once.
+                if share >= at || stalled {
+                    pending.next();
+                    if stalled && share < at {
+                        tally.note(format!("no outcome for {} s: the next injection now", STALLED.as_secs()));
+                        tally.early_injections += 1;
+                    }
+                    inject(injection, rng, world, tally, args.workers).await?;
+                    last_progress = Instant::now();
+                }
+            } else if stalled {
+                // Stalled with no injection left to come: a kill is the
+                // membership change that frees what a dead member holds.
+                tally.note(format!("no outcome for {} s and nothing planned: a kill", STALLED.as_secs()));
+                tally.early_injections += 1;
+                kill(&mut world.pool, &mut close_rng, tally).await?;
+                last_progress = Instant::now();
             }
             let [chaos_results, clean_results] = &world.readers.outcomes;
             if input_highs.is_none() && load.finished() {
@@ -1630,6 +1696,13 @@ impl Report {
             "kills (SIGKILL)      {} ({} of them as periods closed)",
             t.kills, t.kills_at_closes
         );
+        if t.early_injections > 0 {
+            println!(
+                "early injections     {} (the run went {} s without an outcome)",
+                t.early_injections,
+                STALLED.as_secs()
+            );
+        }
         println!("PostgreSQL restarts  {}", t.pg_restarts);
         for o in &t.outages {
             println!("  {}", o.describe());
@@ -1764,6 +1837,7 @@ impl Report {
             "seconds": self.seconds.round(),
             "kills": t.kills,
             "kills_at_closes": t.kills_at_closes,
+            "early_injections": t.early_injections,
             "pg_restarts": t.pg_restarts,
             "broker_outages": t.broker_outages,
             "slow_db": t.slow_db,
