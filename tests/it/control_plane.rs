@@ -198,7 +198,7 @@ impl Model {
         let trial_used_until = |end: Option<DateTime<Utc>>| -> Decimal {
             usages
                 .values()
-                .filter(|u| u.sub == s.id && end.is_some_and(|end| u.usage_time < end))
+                .filter(|u| u.sub == s.id && !u.voided && end.is_some_and(|end| u.usage_time < end))
                 .map(|u| u.quantity)
                 .sum()
         };
