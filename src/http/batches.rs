@@ -22,7 +22,7 @@
 //! committed.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use super::auth::Caller;
 use super::idempotency::IdempotencyKey;
 use super::problem::Problem;
-use super::transactions::{lost_a_race, CreateAnswer, CreateFailure, IdTaken, RACE_ATTEMPTS};
+use super::transactions::{retrying_races, CreateAnswer, CreateFailure, IdTaken};
 use super::usages::{is_json, new_usage_id, request_time};
 use super::{new_outcome_id, Api};
 use crate::domain::correction::decode_report_body;
@@ -277,23 +277,7 @@ async fn create_usages(
     if bodies.is_empty() {
         return Ok(Vec::new());
     }
-    let mut attempt = 1;
-    loop {
-        match try_create_usages(api, bodies, now).await {
-            Ok(answers) => return Ok(answers),
-            Err(e) if store::classify(&e) == FailureKind::Permanent => return Err(CreateFailure::Refused(e)),
-            Err(e) if attempt < RACE_ATTEMPTS && lost_a_race(&e) => {
-                tracing::debug!(
-                    error = format!("{e:#}"),
-                    attempt,
-                    "usage batch lost a race; trying again"
-                );
-                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(CreateFailure::Unavailable(e)),
-        }
-    }
+    retrying_races("usage batch", || try_create_usages(api, bodies, now)).await
 }
 
 async fn try_create_usages(

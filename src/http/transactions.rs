@@ -31,7 +31,7 @@ use crate::store::{self, BatchTx};
 
 /// How often a create that lost a race (the same new id inserted
 /// concurrently for another subscription, a deadlock) is tried again.
-pub(super) const RACE_ATTEMPTS: u32 = 3;
+const RACE_ATTEMPTS: u32 = 3;
 
 /// What a decided create request is answered.
 #[derive(Debug)]
@@ -64,13 +64,24 @@ pub async fn create_usage(
     id: &str,
     now: DateTime<Utc>,
 ) -> Result<CreateAnswer, CreateFailure> {
+    retrying_races("create", || try_create(api, request, id, now)).await
+}
+
+/// Runs a transaction, and runs it again (up to [`RACE_ATTEMPTS`] in all)
+/// when it lost a race to a concurrent one; tells a refusal of the data
+/// from an outage.
+pub(super) async fn retrying_races<T, F, Fut>(what: &str, mut transaction: F) -> Result<T, CreateFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let mut attempt = 1;
     loop {
-        match try_create(api, request, id, now).await {
+        match transaction().await {
             Ok(answer) => return Ok(answer),
             Err(e) if store::classify(&e) == store::FailureKind::Permanent => return Err(CreateFailure::Refused(e)),
             Err(e) if attempt < RACE_ATTEMPTS && lost_a_race(&e) => {
-                tracing::debug!(error = format!("{e:#}"), attempt, "create lost a race; trying again");
+                tracing::debug!(error = format!("{e:#}"), attempt, "{what} lost a race; trying again");
                 tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
                 attempt += 1;
             }
@@ -88,7 +99,7 @@ pub(super) struct IdTaken(pub(super) String);
 /// A conflict with a concurrent transaction rather than an outage: the id
 /// taken meanwhile, a unique violation, a serialization failure or a
 /// deadlock. The next attempt sees what the other transaction committed.
-pub(super) fn lost_a_race(error: &anyhow::Error) -> bool {
+fn lost_a_race(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause.is::<IdTaken>()
             || match cause.downcast_ref::<sqlx::Error>() {
@@ -174,23 +185,7 @@ pub async fn correct_usage(
     caller: &str,
     now: DateTime<Utc>,
 ) -> Result<CorrectAnswer, CreateFailure> {
-    let mut attempt = 1;
-    loop {
-        match try_correct(api, correction, caller, now).await {
-            Ok(answer) => return Ok(answer),
-            Err(e) if store::classify(&e) == store::FailureKind::Permanent => return Err(CreateFailure::Refused(e)),
-            Err(e) if attempt < RACE_ATTEMPTS && lost_a_race(&e) => {
-                tracing::debug!(
-                    error = format!("{e:#}"),
-                    attempt,
-                    "correction lost a race; trying again"
-                );
-                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(CreateFailure::Unavailable(e)),
-        }
-    }
+    retrying_races("correction", || try_correct(api, correction, caller, now)).await
 }
 
 async fn try_correct(
