@@ -43,17 +43,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    if !is_json(&headers) {
-        return Err(Problem::unsupported_media_type());
-    }
-    let body = body.map_err(|rejection| body_problem(&api, rejection))?;
-    let now = request_time();
-    let ctx = DecodeContext {
-        request_time: now,
-        max_future: api.config.max_future,
-        max_payload_bytes: api.config.max_body_bytes,
-    };
-    let request = decode_report_body(&body, &ctx).map_err(|rejection| rejected(&api, &rejection, None))?;
+    let (request, now) = read_report(&api, &headers, body)?;
     let (id, retry_finds_it) = match &request.id {
         Some(id) => (id.clone(), true),
         None => match IdempotencyKey::from_headers(&headers).map_err(|rejection| rejected(&api, &rejection, None))? {
@@ -182,17 +172,7 @@ pub async fn put(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let id = usage_id(id)?;
-    if !is_json(&headers) {
-        return Err(Problem::unsupported_media_type());
-    }
-    let body = body.map_err(|rejection| body_problem(&api, rejection))?;
-    let now = request_time();
-    let ctx = DecodeContext {
-        request_time: now,
-        max_future: api.config.max_future,
-        max_payload_bytes: api.config.max_body_bytes,
-    };
-    let request = decode_report_body(&body, &ctx).map_err(|rejection| rejected(&api, &rejection, None))?;
+    let (request, now) = read_report(&api, &headers, body)?;
     if let Err(message) = check_id(&id) {
         let rejection = Rejection::on_field(ReasonCode::InvalidField, "id", format!("id {message}"));
         return Err(rejected(&api, &rejection, None));
@@ -353,6 +333,27 @@ fn history_entries(history: &UsageHistory) -> Vec<HistoryEntry<'_>> {
             reason: c.reason.as_deref(),
         }))
         .collect()
+}
+
+/// A request body that must be a usage report (`POST`, `PUT`): JSON, read
+/// whole, decoded and validated; with the time of the request.
+fn read_report(
+    api: &Api,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(UsageRequest, DateTime<Utc>), Problem> {
+    if !is_json(headers) {
+        return Err(Problem::unsupported_media_type());
+    }
+    let body = body.map_err(|rejection| body_problem(api, rejection))?;
+    let now = request_time();
+    let ctx = DecodeContext {
+        request_time: now,
+        max_future: api.config.max_future,
+        max_payload_bytes: api.config.max_body_bytes,
+    };
+    let request = decode_report_body(&body, &ctx).map_err(|rejection| rejected(api, &rejection, None))?;
+    Ok((request, now))
 }
 
 /// The time of the request, at the precision PostgreSQL stores, so that
