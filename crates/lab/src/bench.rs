@@ -69,8 +69,8 @@ pub struct BenchArgs {
     /// About 2 % of the stream are corrections (voids and amendments of
     /// earlier reports, some of ids never sent, some sent again), and the
     /// outcomes are checked in order against the usages they correct (a
-    /// ledger of them, which the bench's reader keeps: its CPU counts with
-    /// the bench's).
+    /// ledger of them, which the bench's reader builds once the timed run
+    /// is over: while it runs, the reader only keeps the outcomes it read).
     #[arg(long)]
     pub corrections: bool,
 }
