@@ -45,6 +45,8 @@ use usage_worker::store;
 
 const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "documents-test-token";
+/// A token with the `metrics:read` scope alone.
+const SCRAPER_TOKEN: &str = "documents-test-scraper";
 
 /// Reason codes no test traffic can produce: `unprocessable` needs the
 /// database to refuse data that validation let through, which validation
@@ -1757,6 +1759,15 @@ async fn real_responses_and_records_match_the_documents() {
     //     database does not answer, and the gauge sampler.
     let mut settings = env.settings();
     settings.http.bearer_token = Some(Secret::new(TOKEN));
+    // A caller whose token has no usages scope, for the 403s.
+    settings.http.tokens = vec![usage_worker::config::TokenEntry {
+        name: "scraper".into(),
+        sha256: usage_worker::config::sha256(SCRAPER_TOKEN)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        scopes: vec!["metrics:read".into()],
+    }];
     let worker = env.worker_with(settings.clone()).await;
     let metrics = worker.counts.metrics.clone();
     let api = TestApi::start(
@@ -2253,6 +2264,38 @@ async fn real_responses_and_records_match_the_documents() {
         .await;
     assert!(check("GET", "/usages", &wrong)["detail"].is_string());
     assert!(wrong.header("www-authenticate").unwrap().contains("invalid_token"));
+    // With a valid token that lacks the scope.
+    let scraper = TestApi {
+        addr: api.addr.clone(),
+        client: reqwest::Client::new(),
+        token: Some(SCRAPER_TOKEN),
+        server: None,
+    };
+    check("POST", "/usages", &scraper.post(&json!({})).await);
+    check("POST", "/usage-batches", &scraper.post_batch(&[json!({})]).await);
+    check("GET", "/usages", &scraper.call("GET", "/usages").await);
+    check("GET", "/usages/{id}", &scraper.call("GET", "/usages/h1").await);
+    check("DELETE", "/usages/{id}", &scraper.call("DELETE", "/usages/h1").await);
+    check("PUT", "/usages/{id}", &scraper.put("h1", &json!({})).await);
+    check(
+        "GET",
+        "/usages/{id}/history",
+        &scraper.call("GET", "/usages/h1/history").await,
+    );
+    check(
+        "GET",
+        "/subscriptions/{id}/usage",
+        &scraper.call("GET", "/subscriptions/sub_a/usage").await,
+    );
+    let lacking = scraper.call("GET", "/subscriptions/sub_a/periods").await;
+    assert_eq!(
+        check("GET", "/subscriptions/{id}/periods", &lacking)["code"],
+        "insufficient_scope"
+    );
+    assert!(lacking
+        .header("www-authenticate")
+        .unwrap()
+        .contains(r#"error="insufficient_scope""#));
 
     // The router: each documented path answers exactly its documented
     // methods (405 with Allow for the others); an unknown path is 404.
