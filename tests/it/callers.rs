@@ -326,3 +326,39 @@ async fn the_production_profile_refuses_an_api_open_to_anyone() {
     let (cmd, base) = production(&env, "serve", &[("HTTP_BEARER_TOKEN", "tok-v1-legacy")]);
     serves(cmd, &base, Some("tok-v1-legacy")).await;
 }
+
+#[test]
+fn docker_compose_gives_its_workers_a_token_and_hides_the_database() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/docker-compose.yml")).unwrap();
+    let compose: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let services = &compose["services"];
+    assert!(
+        services["postgres"].get("ports").is_none(),
+        "the database publishes no port"
+    );
+    // The worker's settings, as compose gives them, start under the
+    // production profile.
+    let mut vars: Vec<(String, String)> = services["worker"]["environment"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_owned(), v.as_str().unwrap().to_owned()))
+        .collect();
+    assert!(vars.contains(&("USAGE_WORKER_ENV".into(), "production".into())));
+    vars.push(("USAGE_WORKER_CONFIG_DIR".into(), test_kit::env::CONFIG_DIR.into()));
+    let http = Settings::load_from(&vars).unwrap().http;
+    http.check_callers_required().unwrap();
+    // The token the comment hands out is the one whose digest is configured.
+    let token = text
+        .lines()
+        .skip_while(|line| !line.contains("its token is"))
+        .nth(1)
+        .unwrap()
+        .trim_start_matches([' ', '#'])
+        .trim();
+    let callers = http.callers().unwrap();
+    assert_eq!(callers.len(), 1);
+    assert_eq!(callers[0].digest, sha256(token));
+    assert_eq!(callers[0].scopes.len(), 4, "every scope, metrics:read included");
+}
