@@ -6,16 +6,12 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use test_kit::{active_subscription, ApiServer, TestEnv, PARTITIONS};
+use test_kit::{active_subscription, ApiServer, TestEnv};
 use usage_worker::config::{sha256, Secret, Settings, TokenEntry};
-use usage_worker::http::ApiConfig;
-use usage_worker::metrics::Metrics;
-use usage_worker::store;
 
 use super::http::{problem, subscribe};
 
@@ -52,10 +48,8 @@ struct TestApi {
 
 impl TestApi {
     async fn serve(settings: &Settings) -> Self {
-        let pool = store::connect(&settings.database).await.unwrap();
-        let config = ApiConfig::from_settings(settings, PARTITIONS, false);
         Self {
-            server: ApiServer::start(pool, config, Arc::new(Metrics::default())).await,
+            server: ApiServer::serve(settings).await,
             client: reqwest::Client::new(),
         }
     }

@@ -2231,71 +2231,50 @@ async fn real_responses_and_records_match_the_documents() {
         );
     }
 
-    // Without the token, and with a wrong one.
-    let anonymous = TestApi {
-        addr: api.addr.clone(),
-        client: reqwest::Client::new(),
-        token: None,
-        server: None,
-    };
-    check("POST", "/usages", &anonymous.post(&json!({})).await);
-    check("POST", "/usage-batches", &anonymous.post_batch(&[json!({})]).await);
-    check("GET", "/usages", &anonymous.call("GET", "/usages").await);
-    check("GET", "/usages/{id}", &anonymous.call("GET", "/usages/h1").await);
-    check("DELETE", "/usages/{id}", &anonymous.call("DELETE", "/usages/h1").await);
-    check("PUT", "/usages/{id}", &anonymous.put("h1", &json!({})).await);
-    check(
-        "GET",
-        "/usages/{id}/history",
-        &anonymous.call("GET", "/usages/h1/history").await,
-    );
-    check(
-        "GET",
-        "/subscriptions/{id}/usage",
-        &anonymous.call("GET", "/subscriptions/sub_a/usage").await,
-    );
-    check(
-        "GET",
-        "/subscriptions/{id}/periods",
-        &anonymous.call("GET", "/subscriptions/sub_a/periods").await,
-    );
-    let wrong = anonymous
-        .send(anonymous.request("GET", "/usages").bearer_auth("guess"))
-        .await;
-    assert!(check("GET", "/usages", &wrong)["detail"].is_string());
-    assert!(wrong.header("www-authenticate").unwrap().contains("invalid_token"));
-    // With a valid token that lacks the scope.
-    let scraper = TestApi {
-        addr: api.addr.clone(),
-        client: reqwest::Client::new(),
-        token: Some(SCRAPER_TOKEN),
-        server: None,
-    };
-    check("POST", "/usages", &scraper.post(&json!({})).await);
-    check("POST", "/usage-batches", &scraper.post_batch(&[json!({})]).await);
-    check("GET", "/usages", &scraper.call("GET", "/usages").await);
-    check("GET", "/usages/{id}", &scraper.call("GET", "/usages/h1").await);
-    check("DELETE", "/usages/{id}", &scraper.call("DELETE", "/usages/h1").await);
-    check("PUT", "/usages/{id}", &scraper.put("h1", &json!({})).await);
-    check(
-        "GET",
-        "/usages/{id}/history",
-        &scraper.call("GET", "/usages/h1/history").await,
-    );
-    check(
-        "GET",
-        "/subscriptions/{id}/usage",
-        &scraper.call("GET", "/subscriptions/sub_a/usage").await,
-    );
-    let lacking = scraper.call("GET", "/subscriptions/sub_a/periods").await;
-    assert_eq!(
-        check("GET", "/subscriptions/{id}/periods", &lacking)["code"],
-        "insufficient_scope"
-    );
-    assert!(lacking
-        .header("www-authenticate")
-        .unwrap()
-        .contains(r#"error="insufficient_scope""#));
+    // Without the token (and with a wrong one), and with a valid token
+    // that lacks the scope.
+    for (token, code) in [(None, "unauthorized"), (Some(SCRAPER_TOKEN), "insufficient_scope")] {
+        let caller = TestApi {
+            addr: api.addr.clone(),
+            client: reqwest::Client::new(),
+            token,
+            server: None,
+        };
+        let replies = [
+            ("POST", "/usages", caller.post(&json!({})).await),
+            ("POST", "/usage-batches", caller.post_batch(&[json!({})]).await),
+            ("GET", "/usages", caller.call("GET", "/usages").await),
+            ("GET", "/usages/{id}", caller.call("GET", "/usages/h1").await),
+            ("DELETE", "/usages/{id}", caller.call("DELETE", "/usages/h1").await),
+            ("PUT", "/usages/{id}", caller.put("h1", &json!({})).await),
+            (
+                "GET",
+                "/usages/{id}/history",
+                caller.call("GET", "/usages/h1/history").await,
+            ),
+            (
+                "GET",
+                "/subscriptions/{id}/usage",
+                caller.call("GET", "/subscriptions/sub_a/usage").await,
+            ),
+            (
+                "GET",
+                "/subscriptions/{id}/periods",
+                caller.call("GET", "/subscriptions/sub_a/periods").await,
+            ),
+        ];
+        for (method, template, reply) in &replies {
+            assert_eq!(check(method, template, reply)["code"], code, "{method} {template}");
+        }
+        if token.is_some() {
+            let challenge = replies[0].2.header("www-authenticate").unwrap();
+            assert!(challenge.contains(r#"error="insufficient_scope""#), "{challenge}");
+            continue;
+        }
+        let wrong = caller.send(caller.request("GET", "/usages").bearer_auth("guess")).await;
+        assert!(check("GET", "/usages", &wrong)["detail"].is_string());
+        assert!(wrong.header("www-authenticate").unwrap().contains("invalid_token"));
+    }
 
     // The router: each documented path answers exactly its documented
     // methods (405 with Allow for the others); an unknown path is 404.
