@@ -15,6 +15,10 @@ use serde::Deserialize;
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// `http.tokens` from the environment: a JSON array, since an environment
+/// variable cannot hold TOML's array of tables.
+const TOKENS_VAR: &str = "USAGE_WORKER__HTTP__TOKENS";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -230,12 +234,105 @@ pub struct HttpSettings {
     /// The same for `POST /usage-batches`, whose body holds up to 1,000
     /// usage bodies (each still held to `max_body_bytes`).
     pub max_batch_bytes: usize,
-    /// When set, `/usages` requires `Authorization: Bearer <token>`. Read
-    /// from `HTTP_BEARER_TOKEN` or `USAGE_WORKER__HTTP__BEARER_TOKEN`.
+    /// Version 1's single token: a caller named `bearer_token` with every
+    /// scope. Read from `HTTP_BEARER_TOKEN` or
+    /// `USAGE_WORKER__HTTP__BEARER_TOKEN`.
     pub bearer_token: Option<Secret>,
+    /// Named tokens with scopes (`[[http.tokens]]`), each by its SHA-256
+    /// digest; or `USAGE_WORKER__HTTP__TOKENS` as a JSON array, which
+    /// replaces them. Parsed and checked by [`HttpSettings::callers`].
+    #[serde(default)]
+    pub tokens: Vec<TokenEntry>,
+    /// `/metrics` needs a token with the `metrics:read` scope.
+    pub metrics_requires_token: bool,
+    /// `run` (with the API on) and `serve` refuse to start with no token
+    /// configured, unless `allow_anonymous` (the `production` profile).
+    pub require_token: bool,
+    /// Lets `require_token` start an API that anyone may call.
+    pub allow_anonymous: bool,
     /// `/readyz` fails while more outbox records than this wait to be published.
     pub ready_max_outbox_backlog: i64,
 }
+
+/// One `[[http.tokens]]` entry as written: `name`, `sha256` (64 lowercase
+/// hex digits of the token's SHA-256) and `scopes`. Never the token itself.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    pub name: String,
+    pub sha256: String,
+    pub scopes: Vec<String>,
+}
+
+/// Settings are logged at start: a digest of a weak token could be
+/// searched for, so it is left out.
+impl std::fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("name", &self.name)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a token lets its caller do; each guarded route needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// `GET` of usages, their history and subscriptions' usage and periods.
+    UsagesRead,
+    /// Creates, amendments (`PUT`) and batches.
+    UsagesWrite,
+    /// Voids (`DELETE`).
+    UsagesVoid,
+    /// `/metrics`, when `http.metrics_requires_token`.
+    MetricsRead,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Self::UsagesRead, Self::UsagesWrite, Self::UsagesVoid, Self::MetricsRead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UsagesRead => "usages:read",
+            Self::UsagesWrite => "usages:write",
+            Self::UsagesVoid => "usages:void",
+            Self::MetricsRead => "metrics:read",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|scope| scope.as_str() == text)
+    }
+}
+
+/// A configured token, parsed: who presents it and what it may do.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NamedToken {
+    pub name: String,
+    /// SHA-256 of the token.
+    pub digest: [u8; 32],
+    pub scopes: Vec<Scope>,
+}
+
+impl NamedToken {
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+}
+
+/// Digests are not secrets, but nothing gains from printing them.
+impl std::fmt::Debug for NamedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedToken")
+            .field("name", &self.name)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The name of whoever presents `http.bearer_token`: idempotency keys are
+/// scoped by it, so it stays what version 1 called it.
+pub const BEARER_TOKEN_CALLER: &str = "bearer_token";
 
 /// A setting that must never reach a log line: `Debug` prints `***`.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -366,6 +463,9 @@ impl Settings {
             let Some(rest) = key.strip_prefix("USAGE_WORKER__") else {
                 continue;
             };
+            if key == TOKENS_VAR {
+                continue; // JSON, read below
+            }
             let path = rest.to_ascii_lowercase().replace("__", ".");
             builder = builder
                 .set_override(&path, value.as_str())
@@ -383,11 +483,19 @@ impl Settings {
         if let Some(token) = var("HTTP_BEARER_TOKEN") {
             builder = builder.set_override("http.bearer_token", token)?;
         }
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .context("loading settings")?
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+        if let Some(json) = var(TOKENS_VAR) {
+            settings.http.tokens = serde_json::from_str(&json).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid setting http.tokens ({TOKENS_VAR}): want a JSON array of \
+                     {{\"name\", \"sha256\", \"scopes\"}} objects: {e}"
+                )
+            })?;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -527,6 +635,68 @@ impl HttpSettings {
         if self.bearer_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
             bail!("invalid setting http.bearer_token (HTTP_BEARER_TOKEN): must not be empty; unset it to turn authentication off");
         }
+        let callers = self.callers()?;
+        if self.metrics_requires_token && !callers.iter().any(|t| t.allows(Scope::MetricsRead)) {
+            bail!(
+                "invalid setting http.metrics_requires_token: no token in http.tokens (or http.bearer_token) \
+                 has the metrics:read scope, so nobody could read /metrics"
+            );
+        }
+        Ok(())
+    }
+
+    /// Every configured token, parsed: `http.tokens`, then
+    /// `http.bearer_token` as a caller named `bearer_token` with every
+    /// scope. Names and digests are unique; errors name the entry
+    /// (`http.tokens[2].sha256: ...`).
+    pub fn callers(&self) -> anyhow::Result<Vec<NamedToken>> {
+        let mut callers = Vec::with_capacity(self.tokens.len() + 1);
+        for (index, entry) in self.tokens.iter().enumerate() {
+            let key = format!("http.tokens[{index}]");
+            callers.push(parse_token(&key, entry)?);
+        }
+        if let Some(secret) = &self.bearer_token {
+            callers.push(NamedToken {
+                name: BEARER_TOKEN_CALLER.to_owned(),
+                digest: sha256(secret.expose()),
+                scopes: Scope::ALL.to_vec(),
+            });
+        }
+        for (index, token) in callers.iter().enumerate() {
+            let key = key_of(self, index);
+            if let Some(other) = callers[..index].iter().position(|t| t.name == token.name) {
+                bail!(
+                    "invalid setting {key}.name: {:?} is also the name of {}",
+                    token.name,
+                    key_of(self, other)
+                );
+            }
+            if let Some(other) = callers[..index].iter().position(|t| t.digest == token.digest) {
+                bail!(
+                    "invalid setting {key}: the same token (sha256) as {}",
+                    key_of(self, other)
+                );
+            }
+        }
+        Ok(callers)
+    }
+
+    /// Whether anyone can call the API: no token is configured.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty() && self.bearer_token.is_none()
+    }
+
+    /// Refuses to serve the API to anyone when a token is required
+    /// (`http.require_token`, the `production` profile) and none is
+    /// configured, unless `http.allow_anonymous` says so.
+    pub fn check_callers_required(&self) -> anyhow::Result<()> {
+        if self.require_token && !self.allow_anonymous && self.is_open() {
+            bail!(
+                "refusing to serve the HTTP API to anyone: http.require_token is set (the production profile) \
+                 and no token is configured; add http.tokens entries (or USAGE_WORKER__HTTP__TOKENS, or \
+                 HTTP_BEARER_TOKEN), or set http.allow_anonymous = true to serve it without authentication"
+            );
+        }
         Ok(())
     }
 
@@ -535,6 +705,68 @@ impl HttpSettings {
             .parse()
             .map_err(|e| anyhow::anyhow!("invalid setting http.addr (HTTP_ADDR): {:?}: {e}", self.addr))
     }
+}
+
+/// How a caller is named in errors: its `http.tokens` entry, or
+/// `http.bearer_token`, which comes last.
+fn key_of(http: &HttpSettings, index: usize) -> String {
+    if index < http.tokens.len() {
+        format!("http.tokens[{index}]")
+    } else {
+        "http.bearer_token (HTTP_BEARER_TOKEN)".to_owned()
+    }
+}
+
+fn parse_token(key: &str, entry: &TokenEntry) -> anyhow::Result<NamedToken> {
+    let name = entry.name.trim();
+    if name.is_empty() || name != entry.name || name.chars().any(char::is_control) {
+        bail!(
+            "invalid setting {key}.name: must not be empty, nor start or end with spaces, nor hold control characters"
+        );
+    }
+    // What `anonymous` and version 1's token are recorded as stays theirs.
+    if [BEARER_TOKEN_CALLER, "anonymous"].contains(&name) {
+        bail!("invalid setting {key}.name: {name:?} is reserved");
+    }
+    let digest = &entry.sha256;
+    let hex_ok = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex_ok {
+        bail!(
+            "invalid setting {key}.sha256: must be the token's SHA-256 as 64 lowercase hex digits \
+             (printf %s \"$token\" | sha256sum), never the token itself"
+        );
+    }
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&digest[2 * i..2 * i + 2], 16).expect("checked hex digits");
+    }
+    if entry.scopes.is_empty() {
+        bail!("invalid setting {key}.scopes: must name at least one scope");
+    }
+    let mut scopes = Vec::with_capacity(entry.scopes.len());
+    for text in &entry.scopes {
+        let scope = Scope::parse(text).ok_or_else(|| {
+            let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+            anyhow::anyhow!(
+                "invalid setting {key}.scopes: unknown scope {text:?}; known: {}",
+                known.join(", ")
+            )
+        })?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    Ok(NamedToken {
+        name: entry.name.clone(),
+        digest: bytes,
+        scopes,
+    })
+}
+
+/// SHA-256 of a token, as configured digests hold it.
+pub fn sha256(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 impl PipelineSettings {
@@ -692,6 +924,180 @@ mod tests {
         assert!(format!("{err:#}").contains("http.bearer_token"), "{err:#}");
         let err = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__MAX_BATCH_BYTES", "0")])).unwrap_err();
         assert!(format!("{err:#}").contains("http.max_batch_bytes"), "{err:#}");
+    }
+
+    const DIGEST_A: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"; // "secret"
+    const DIGEST_B: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; // "test"
+
+    fn tokens_json(entries: &[(&str, &str, &[&str])]) -> String {
+        let entries: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(name, sha256, scopes)| serde_json::json!({"name": name, "sha256": sha256, "scopes": scopes}))
+            .collect();
+        serde_json::Value::from(entries).to_string()
+    }
+
+    fn tokens_error(entries: &[(&str, &str, &[&str])]) -> String {
+        let json = tokens_json(entries);
+        format!(
+            "{:#}",
+            Settings::load_from(&env(&[("USAGE_WORKER__HTTP__TOKENS", &json)])).unwrap_err()
+        )
+    }
+
+    #[test]
+    fn named_tokens_load_from_a_file_and_from_the_environment() {
+        let dir = std::env::temp_dir().join(format!("usage-worker-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("callers.toml"),
+            format!(
+                "[[http.tokens]]\nname = \"invoicing\"\nsha256 = \"{DIGEST_A}\"\nscopes = [\"usages:read\", \"usages:write\"]\n\n\
+                 [[http.tokens]]\nname = \"scraper\"\nsha256 = \"{DIGEST_B}\"\nscopes = [\"metrics:read\"]\n"
+            ),
+        )
+        .unwrap();
+        let loaded = Settings::load_from(&env(&[
+            ("USAGE_WORKER_ENV", "callers"),
+            ("USAGE_WORKER_CONFIG_DIR", dir.to_str().unwrap()),
+        ]));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let callers = loaded.unwrap().http.callers().unwrap();
+        assert_eq!(callers.len(), 2);
+        assert_eq!(callers[0].name, "invoicing");
+        assert_eq!(callers[0].digest, sha256("secret"));
+        assert_eq!(callers[0].scopes, [Scope::UsagesRead, Scope::UsagesWrite]);
+        assert_eq!(callers[1].scopes, [Scope::MetricsRead]);
+
+        let json = tokens_json(&[("voider", DIGEST_B, &["usages:void"])]);
+        let s = Settings::load_from(&env(&[
+            ("USAGE_WORKER__HTTP__TOKENS", &json),
+            ("HTTP_BEARER_TOKEN", "v1"),
+        ]))
+        .unwrap();
+        let callers = s.http.callers().unwrap();
+        assert_eq!(callers[0].name, "voider");
+        assert_eq!(callers[0].scopes, [Scope::UsagesVoid]);
+        // Version 1's token: every scope, under the name its idempotency
+        // keys have always been scoped by.
+        assert_eq!(callers[1].name, BEARER_TOKEN_CALLER);
+        assert_eq!(callers[1].digest, sha256("v1"));
+        assert_eq!(callers[1].scopes, Scope::ALL);
+        assert!(!s.http.is_open());
+        assert!(Settings::load_from(&[]).unwrap().http.is_open());
+    }
+
+    #[test]
+    fn bad_tokens_are_named_by_their_entry() {
+        let ok: (&str, &str, &[&str]) = ("a", DIGEST_A, &["usages:read"]);
+        let err = tokens_error(&[ok, ("b", DIGEST_B, &["usages:read"]), ("c", "secret", &["usages:read"])]);
+        assert!(err.contains("http.tokens[2].sha256"), "{err}");
+        assert!(!err.contains("secret\""), "{err}");
+        let upper = DIGEST_B.to_uppercase();
+        let err = tokens_error(&[ok, ("b", &upper, &["usages:read"])]);
+        assert!(err.contains("http.tokens[1].sha256"), "{err}");
+        let err = tokens_error(&[ok, ("b", DIGEST_B, &["usages:delete"])]);
+        assert!(
+            err.contains("http.tokens[1].scopes: unknown scope \"usages:delete\""),
+            "{err}"
+        );
+        let err = tokens_error(&[ok, ("b", DIGEST_B, &[])]);
+        assert!(err.contains("http.tokens[1].scopes"), "{err}");
+        let err = tokens_error(&[ok, ("", DIGEST_B, &["usages:read"])]);
+        assert!(err.contains("http.tokens[1].name"), "{err}");
+        let err = tokens_error(&[ok, ("a", DIGEST_B, &["usages:read"])]);
+        assert!(
+            err.contains("http.tokens[1].name: \"a\" is also the name of http.tokens[0]"),
+            "{err}"
+        );
+        let err = tokens_error(&[ok, ("b", DIGEST_A, &["usages:read"])]);
+        assert!(
+            err.contains("http.tokens[1]: the same token (sha256) as http.tokens[0]"),
+            "{err}"
+        );
+        for reserved in ["bearer_token", "anonymous"] {
+            let err = tokens_error(&[(reserved, DIGEST_A, &["usages:read"])]);
+            assert!(
+                err.contains("http.tokens[0].name: ") && err.contains("is reserved"),
+                "{err}"
+            );
+        }
+        let json = tokens_json(&[ok]);
+        let err = Settings::load_from(&env(&[
+            ("USAGE_WORKER__HTTP__TOKENS", &json),
+            ("HTTP_BEARER_TOKEN", "secret"),
+        ]))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("http.bearer_token (HTTP_BEARER_TOKEN): the same token"),
+            "{err:#}"
+        );
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__TOKENS", "{\"name\": \"a\"}")])).unwrap_err();
+        assert!(format!("{err:#}").contains("USAGE_WORKER__HTTP__TOKENS"), "{err:#}");
+        let err = Settings::load_from(&env(&[(
+            "USAGE_WORKER__HTTP__TOKENS",
+            &format!("[{{\"name\": \"a\", \"sha256\": \"{DIGEST_A}\", \"scopes\": [], \"token\": \"x\"}}]"),
+        )]))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn metrics_behind_a_token_need_a_token_with_its_scope() {
+        let err = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__METRICS_REQUIRES_TOKEN", "true")])).unwrap_err();
+        assert!(format!("{err:#}").contains("http.metrics_requires_token"), "{err:#}");
+        let readers = tokens_json(&[("a", DIGEST_A, &["usages:read"])]);
+        let err = Settings::load_from(&env(&[
+            ("USAGE_WORKER__HTTP__METRICS_REQUIRES_TOKEN", "true"),
+            ("USAGE_WORKER__HTTP__TOKENS", &readers),
+        ]))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("metrics:read"), "{err:#}");
+        let scraper = tokens_json(&[("a", DIGEST_A, &["metrics:read"])]);
+        let s = Settings::load_from(&env(&[
+            ("USAGE_WORKER__HTTP__METRICS_REQUIRES_TOKEN", "true"),
+            ("USAGE_WORKER__HTTP__TOKENS", &scraper),
+        ]))
+        .unwrap();
+        assert!(s.http.metrics_requires_token);
+    }
+
+    #[test]
+    fn the_production_profile_requires_a_token_unless_anonymous_is_allowed() {
+        let production = |extra: &[(&str, &str)]| {
+            let mut vars = env(&[
+                ("USAGE_WORKER_ENV", "production"),
+                (
+                    "USAGE_WORKER_CONFIG_DIR",
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
+                ),
+            ]);
+            vars.extend(env(extra));
+            Settings::load_from(&vars).unwrap().http
+        };
+        let err = production(&[]).check_callers_required().unwrap_err();
+        assert!(format!("{err:#}").contains("http.tokens"), "{err:#}");
+        production(&[("USAGE_WORKER__HTTP__ALLOW_ANONYMOUS", "true")])
+            .check_callers_required()
+            .unwrap();
+        production(&[("HTTP_BEARER_TOKEN", "v1")])
+            .check_callers_required()
+            .unwrap();
+        let json = tokens_json(&[("a", DIGEST_A, &["usages:read"])]);
+        production(&[("USAGE_WORKER__HTTP__TOKENS", &json)])
+            .check_callers_required()
+            .unwrap();
+        // The default profile stays open for a newcomer.
+        Settings::load_from(&[]).unwrap().http.check_callers_required().unwrap();
+    }
+
+    #[test]
+    fn token_digests_never_print() {
+        let json = tokens_json(&[("invoicing", DIGEST_A, &["usages:read"])]);
+        let s = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__TOKENS", &json)])).unwrap();
+        let printed = format!("{s:?} {:?}", s.http.callers().unwrap());
+        assert!(printed.contains("invoicing"), "{printed}");
+        assert!(!printed.contains(&DIGEST_A[..16]), "{printed}");
     }
 
     #[test]

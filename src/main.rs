@@ -75,6 +75,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A setting that would serve the API to anyone where that is refused
+    // (the production profile) stops start-up as a bad setting does.
+    let serves_http = match &cli.command {
+        Command::Run { .. } => settings.http.enabled,
+        Command::Serve { .. } => true,
+        Command::Migrate | Command::Demo(_) => false,
+    };
+    if serves_http {
+        if let Err(e) = settings.http.check_callers_required() {
+            eprintln!("usage-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     match &cli.command {
         Command::Demo(args) => {
             if let Err(e) = demo::init_logging(&settings.log, args) {

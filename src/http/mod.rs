@@ -5,8 +5,9 @@
 //!
 //! Routes ([`routes`]): `/usages`, `/usages/{id}`, `/usages/{id}/history`,
 //! `/usage-batches`, `/subscriptions/{id}/usage` and
-//! `/subscriptions/{id}/periods` behind the optional bearer token; `/healthz`,
-//! `/readyz` and `/metrics` open.
+//! `/subscriptions/{id}/periods`, each behind a scope when tokens are
+//! configured ([`auth`]); `/healthz` and `/readyz` open, `/metrics` open
+//! unless `http.metrics_requires_token`.
 //!
 //! Errors are RFC 9457 problem details ([`problem`]).
 
@@ -35,9 +36,10 @@ use axum::Router;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::config::{Partitioner, Secret, Settings};
+use crate::config::{Partitioner, Scope, Settings};
 use crate::kafka::partition::output_partition;
 use crate::metrics::Metrics;
+use auth::Callers;
 use problem::Problem;
 
 /// What the API needs to know besides the database.
@@ -46,7 +48,10 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// The body limit of `POST /usage-batches`.
     pub max_batch_bytes: usize,
-    pub bearer_token: Option<Secret>,
+    /// The configured tokens (none: everyone is anonymous).
+    pub callers: Arc<Callers>,
+    /// `/metrics` needs the `metrics:read` scope.
+    pub metrics_requires_token: bool,
     /// How far after the request a `usageTime` may lie.
     pub max_future: chrono::Duration,
     /// A period closes for new usage at its end plus this.
@@ -67,7 +72,10 @@ impl ApiConfig {
         Self {
             max_body_bytes: settings.http.max_body_bytes,
             max_batch_bytes: settings.http.max_batch_bytes,
-            bearer_token: settings.http.bearer_token.clone(),
+            callers: Arc::new(
+                Callers::from_settings(&settings.http).expect("http.tokens are checked when settings load"),
+            ),
+            metrics_requires_token: settings.http.metrics_requires_token,
             max_future: settings.pipeline.max_future(),
             grace: settings.pipeline.period_grace(),
             results_topic: settings.topics.usage_results.clone(),
@@ -108,10 +116,24 @@ fn new_outcome_id() -> String {
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Behind the bearer token, when one is set.
-    Token,
-    /// Anyone: probes and metrics.
+    /// A caller whose token has this scope, when tokens are configured.
+    Scoped(Scope),
+    /// `/metrics`: anyone, or with `http.metrics_requires_token` a caller
+    /// with `metrics:read`.
+    Metrics,
+    /// Anyone: the probes.
     Open,
+}
+
+impl Access {
+    /// The scope the route needs under this configuration, if any.
+    pub fn scope(self, config: &ApiConfig) -> Option<Scope> {
+        match self {
+            Self::Scoped(scope) => Some(scope),
+            Self::Metrics => config.metrics_requires_token.then_some(Scope::MetricsRead),
+            Self::Open => None,
+        }
+    }
 }
 
 /// Which limit a route reads its request body under.
@@ -157,25 +179,23 @@ impl Route {
 /// Every route the API serves; [`router`] is built from this list, so it is
 /// also what the router serves.
 pub fn routes() -> Vec<Route> {
-    use Access::{Open, Token};
+    use Access::{Metrics, Open, Scoped};
+    const READ: Access = Scoped(Scope::UsagesRead);
+    const WRITE: Access = Scoped(Scope::UsagesWrite);
+    const VOID: Access = Scoped(Scope::UsagesVoid);
     vec![
-        Route::new(Method::GET, "/usages", Token, usages::list),
-        Route::new(Method::POST, "/usages", Token, usages::create),
-        Route::new(Method::GET, "/usages/{id}", Token, usages::get),
-        Route::new(Method::PUT, "/usages/{id}", Token, usages::put),
-        Route::new(Method::DELETE, "/usages/{id}", Token, usages::delete),
-        Route::new(Method::GET, "/usages/{id}/history", Token, usages::history),
-        Route::new(Method::POST, "/usage-batches", Token, batches::create).with_body_limit(BodyLimit::Batch),
-        Route::new(Method::GET, "/subscriptions/{id}/usage", Token, subscriptions::usage),
-        Route::new(
-            Method::GET,
-            "/subscriptions/{id}/periods",
-            Token,
-            subscriptions::periods,
-        ),
+        Route::new(Method::GET, "/usages", READ, usages::list),
+        Route::new(Method::POST, "/usages", WRITE, usages::create),
+        Route::new(Method::GET, "/usages/{id}", READ, usages::get),
+        Route::new(Method::PUT, "/usages/{id}", WRITE, usages::put),
+        Route::new(Method::DELETE, "/usages/{id}", VOID, usages::delete),
+        Route::new(Method::GET, "/usages/{id}/history", READ, usages::history),
+        Route::new(Method::POST, "/usage-batches", WRITE, batches::create).with_body_limit(BodyLimit::Batch),
+        Route::new(Method::GET, "/subscriptions/{id}/usage", READ, subscriptions::usage),
+        Route::new(Method::GET, "/subscriptions/{id}/periods", READ, subscriptions::periods),
         Route::new(Method::GET, "/healthz", Open, health::healthz),
         Route::new(Method::GET, "/readyz", Open, health::readyz),
-        Route::new(Method::GET, "/metrics", Open, health::metrics),
+        Route::new(Method::GET, "/metrics", Metrics, health::metrics),
     ]
 }
 
@@ -189,14 +209,19 @@ pub fn router(api: Arc<Api>) -> Router {
                 BodyLimit::Usage => route.handler,
                 BodyLimit::Batch => route.handler.layer(DefaultBodyLimit::max(api.config.max_batch_bytes)),
             };
-            match route.access {
-                Access::Token => (guarded.route(route.path, handler), open),
-                Access::Open => (guarded, open.route(route.path, handler)),
+            match route.access.scope(&api.config) {
+                Some(scope) => {
+                    let guard = auth::Guard {
+                        callers: api.config.callers.clone(),
+                        scope,
+                    };
+                    let handler = handler.layer(middleware::from_fn_with_state(guard, auth::require_scope));
+                    (guarded.route(route.path, handler), open)
+                }
+                None => (guarded, open.route(route.path, handler)),
             }
         });
-    let guarded = guarded
-        .layer(DefaultBodyLimit::max(api.config.max_body_bytes))
-        .route_layer(middleware::from_fn_with_state(api.clone(), auth::require_bearer));
+    let guarded = guarded.layer(DefaultBodyLimit::max(api.config.max_body_bytes));
     Router::new()
         .merge(guarded)
         .merge(open)
@@ -259,7 +284,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the HTTP listener's address")?;
-    tracing::info!(%addr, auth = api.config.bearer_token.is_some(), "HTTP API listening");
+    tracing::info!(%addr, tokens = api.config.callers.count(), "HTTP API listening");
     axum::serve(listener, router(api))
         .with_graceful_shutdown(shutdown)
         .await

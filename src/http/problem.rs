@@ -164,6 +164,22 @@ impl Problem {
         .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge))
     }
 
+    /// A valid token that lacks the route's scope (RFC 6750
+    /// `insufficient_scope`).
+    pub fn insufficient_scope(caller: &str, scope: &str) -> Self {
+        let challenge = format!(r#"Bearer realm="usage-worker", error="insufficient_scope", scope="{scope}""#);
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            "Insufficient scope",
+            format!("the token of {caller:?} lacks the scope {scope}"),
+        )
+        .with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_str(&challenge).expect("a scope is a header-safe token"),
+        )
+    }
+
     pub fn not_found() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -45,6 +45,8 @@ use usage_worker::store;
 
 const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "documents-test-token";
+/// A token with the `metrics:read` scope alone.
+const SCRAPER_TOKEN: &str = "documents-test-scraper";
 
 /// Reason codes no test traffic can produce: `unprocessable` needs the
 /// database to refuse data that validation let through, which validation
@@ -1757,6 +1759,15 @@ async fn real_responses_and_records_match_the_documents() {
     //     database does not answer, and the gauge sampler.
     let mut settings = env.settings();
     settings.http.bearer_token = Some(Secret::new(TOKEN));
+    // A caller whose token has no usages scope, for the 403s.
+    settings.http.tokens = vec![usage_worker::config::TokenEntry {
+        name: "scraper".into(),
+        sha256: usage_worker::config::sha256(SCRAPER_TOKEN)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        scopes: vec!["metrics:read".into()],
+    }];
     let worker = env.worker_with(settings.clone()).await;
     let metrics = worker.counts.metrics.clone();
     let api = TestApi::start(
@@ -2220,39 +2231,50 @@ async fn real_responses_and_records_match_the_documents() {
         );
     }
 
-    // Without the token, and with a wrong one.
-    let anonymous = TestApi {
-        addr: api.addr.clone(),
-        client: reqwest::Client::new(),
-        token: None,
-        server: None,
-    };
-    check("POST", "/usages", &anonymous.post(&json!({})).await);
-    check("POST", "/usage-batches", &anonymous.post_batch(&[json!({})]).await);
-    check("GET", "/usages", &anonymous.call("GET", "/usages").await);
-    check("GET", "/usages/{id}", &anonymous.call("GET", "/usages/h1").await);
-    check("DELETE", "/usages/{id}", &anonymous.call("DELETE", "/usages/h1").await);
-    check("PUT", "/usages/{id}", &anonymous.put("h1", &json!({})).await);
-    check(
-        "GET",
-        "/usages/{id}/history",
-        &anonymous.call("GET", "/usages/h1/history").await,
-    );
-    check(
-        "GET",
-        "/subscriptions/{id}/usage",
-        &anonymous.call("GET", "/subscriptions/sub_a/usage").await,
-    );
-    check(
-        "GET",
-        "/subscriptions/{id}/periods",
-        &anonymous.call("GET", "/subscriptions/sub_a/periods").await,
-    );
-    let wrong = anonymous
-        .send(anonymous.request("GET", "/usages").bearer_auth("guess"))
-        .await;
-    assert!(check("GET", "/usages", &wrong)["detail"].is_string());
-    assert!(wrong.header("www-authenticate").unwrap().contains("invalid_token"));
+    // Without the token (and with a wrong one), and with a valid token
+    // that lacks the scope.
+    for (token, code) in [(None, "unauthorized"), (Some(SCRAPER_TOKEN), "insufficient_scope")] {
+        let caller = TestApi {
+            addr: api.addr.clone(),
+            client: reqwest::Client::new(),
+            token,
+            server: None,
+        };
+        let replies = [
+            ("POST", "/usages", caller.post(&json!({})).await),
+            ("POST", "/usage-batches", caller.post_batch(&[json!({})]).await),
+            ("GET", "/usages", caller.call("GET", "/usages").await),
+            ("GET", "/usages/{id}", caller.call("GET", "/usages/h1").await),
+            ("DELETE", "/usages/{id}", caller.call("DELETE", "/usages/h1").await),
+            ("PUT", "/usages/{id}", caller.put("h1", &json!({})).await),
+            (
+                "GET",
+                "/usages/{id}/history",
+                caller.call("GET", "/usages/h1/history").await,
+            ),
+            (
+                "GET",
+                "/subscriptions/{id}/usage",
+                caller.call("GET", "/subscriptions/sub_a/usage").await,
+            ),
+            (
+                "GET",
+                "/subscriptions/{id}/periods",
+                caller.call("GET", "/subscriptions/sub_a/periods").await,
+            ),
+        ];
+        for (method, template, reply) in &replies {
+            assert_eq!(check(method, template, reply)["code"], code, "{method} {template}");
+        }
+        if token.is_some() {
+            let challenge = replies[0].2.header("www-authenticate").unwrap();
+            assert!(challenge.contains(r#"error="insufficient_scope""#), "{challenge}");
+            continue;
+        }
+        let wrong = caller.send(caller.request("GET", "/usages").bearer_auth("guess")).await;
+        assert!(check("GET", "/usages", &wrong)["detail"].is_string());
+        assert!(wrong.header("www-authenticate").unwrap().contains("invalid_token"));
+    }
 
     // The router: each documented path answers exactly its documented
     // methods (405 with Allow for the others); an unknown path is 404.

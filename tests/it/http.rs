@@ -117,7 +117,7 @@ impl TestApi {
 }
 
 /// Stores a subscription snapshot directly, as the worker would.
-async fn subscribe(env: &TestEnv, snapshot: Value) {
+pub(crate) async fn subscribe(env: &TestEnv, snapshot: Value) {
     let snapshot = decode_snapshot(snapshot.to_string().as_bytes()).unwrap();
     apply_snapshots(
         &env.pool,
@@ -140,7 +140,7 @@ fn days(n: i64) -> String {
 }
 
 /// Checks the RFC 9457 members of a problem response and returns its body.
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+pub(crate) async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status().as_u16(), status, "{:?}", response);
     assert_eq!(response.headers()["content-type"], "application/problem+json");
     let body: Value = response.json().await.unwrap();

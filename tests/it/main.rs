@@ -4,6 +4,7 @@
 
 mod batches;
 mod billing;
+mod callers;
 mod cli;
 mod concurrency;
 mod control_plane;

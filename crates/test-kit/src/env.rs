@@ -327,6 +327,13 @@ impl ApiServer {
         }
     }
 
+    /// The API alone (`serve`), with these settings, on [`PARTITIONS`].
+    pub async fn serve(settings: &Settings) -> Self {
+        let pool = store::connect(&settings.database).await.expect("pool");
+        let config = ApiConfig::from_settings(settings, PARTITIONS, false);
+        Self::start(pool, config, Arc::new(Metrics::default())).await
+    }
+
     /// Stops it as SIGTERM would, and waits for it.
     pub async fn shutdown(mut self) {
         let _ = self.stop.take().unwrap().send(());
