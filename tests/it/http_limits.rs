@@ -287,6 +287,50 @@ async fn the_offset_is_capped_and_a_forged_cursor_is_422_on_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_total_is_counted_up_to_its_cap_and_the_deepest_offset_still_links_on() {
+    let env = TestEnv::start().await;
+    // More usages than the count reads, stored directly (the count and the
+    // pages do not care how they came).
+    sqlx::query(
+        "INSERT INTO usages (id, subscription_id, quantity, requested_quantity, accept_partial, usage_time,
+                             period_start_time, created_time, updated_time)
+         SELECT 'u' || lpad(n::text, 5, '0'), 'sub_a', 1, 1, false, timestamptz '2026-11-01' + n * interval '1 s',
+                timestamptz '2026-11-01', now(), now()
+         FROM generate_series(1, 10005) AS n",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let api = serve(&env, |_| {}).await;
+    let deepest = reqwest::get(format!("http://{}/usages?limit=3&offset=10000", api.addr))
+        .await
+        .unwrap();
+    assert_eq!(deepest.status(), StatusCode::OK);
+    assert_eq!(deepest.headers()["pagination-total"], "10001");
+    let link = deepest.headers()["link"].to_str().unwrap().to_owned();
+    let body: Value = deepest.json().await.unwrap();
+    let ids: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["u10001", "u10002", "u10003"]);
+    // Past the offset cap the cursor goes on, to the end.
+    let next = link.split(", ").find(|l| l.ends_with("rel=\"next\"")).unwrap();
+    assert_eq!(
+        page_through(&api, &next[1..next.find('>').unwrap()]).await,
+        ["u10004", "u10005"]
+    );
+    // Under the cap the total is exact.
+    let few = reqwest::get(format!("http://{}/usages?usageTimeTo=2026-11-01T00:00:10Z", api.addr))
+        .await
+        .unwrap();
+    assert_eq!(few.headers()["pagination-total"], "9");
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_list_order_has_an_index_that_an_interrupted_build_gets_back() {
     let env = TestEnv::start().await;
     let plan = || async {
