@@ -39,6 +39,7 @@ use hyper_util::service::TowerToHyperService;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::config::{Partitioner, Secret, Settings};
 use crate::kafka::partition::output_partition;
@@ -316,8 +317,11 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // The connections' tasks, so that those left at the end are aborted.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot.expect("the connection slots are never closed"),
             () = &mut shutdown => break,
@@ -336,7 +340,7 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(app.clone());
         let served = graceful.watch(connection.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = served.await {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
@@ -348,7 +352,12 @@ pub async fn serve(
     // its answer be written.
     let drain = limits.request_timeout + Duration::from_secs(1);
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain, "HTTP connections still open at shutdown were dropped");
+        tracing::warn!(
+            ?drain,
+            open = connections.len(),
+            "HTTP connections still open at shutdown are dropped"
+        );
+        connections.shutdown().await;
     }
     tracing::info!("HTTP API stopped");
     Ok(())

@@ -29,8 +29,12 @@ async fn serve(env: &TestEnv, edit: impl FnOnce(&mut ApiConfig)) -> ApiServer {
 }
 
 async fn post(api: &ApiServer, body: &Value) -> reqwest::Response {
+    post_to(&api.addr, body).await
+}
+
+async fn post_to(addr: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
-        .post(format!("http://{}/usages", api.addr))
+        .post(format!("http://{addr}/usages"))
         .json(body)
         .send()
         .await
@@ -134,11 +138,7 @@ async fn a_request_past_its_timeout_is_503_and_its_transaction_stores_nothing() 
     let body = json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 4});
 
     // The create waits for the subscription's row lock, held here.
-    let mut lock = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM subscriptions WHERE id = 'sub_a' FOR UPDATE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_subscription(&env, "sub_a").await;
     let timed_out = post(&api, &body).await;
     assert_eq!(timed_out.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(timed_out.headers()["retry-after"], "1");
@@ -170,6 +170,49 @@ async fn a_request_past_its_timeout_is_503_and_its_transaction_stores_nothing() 
     assert_eq!(retried.status(), StatusCode::CREATED);
     assert_eq!(env.scalar_i64("SELECT sum(used)::bigint FROM service_periods").await, 4);
     api.shutdown().await;
+}
+
+/// Holds the subscription's row lock until committed, so that a create
+/// for it waits.
+async fn lock_subscription(env: &TestEnv, id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_shutdown_the_server_stops_accepting_and_lets_the_request_in_flight_finish() {
+    let env = TestEnv::start().await;
+    subscribe(&env, active_subscription("sub_a", Some("10"))).await;
+    let api = serve(&env, |_| {}).await;
+    let addr = api.addr.clone();
+    let lock = lock_subscription(&env, "sub_a").await;
+    let in_flight = tokio::spawn({
+        let addr = addr.clone();
+        async move { post_to(&addr, &json!({"id": "u1", "subscriptionId": "sub_a", "quantity": 4})).await }
+    });
+    wait_until("the create to wait for the lock", || async {
+        env.scalar_i64(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let stopping = tokio::spawn(api.shutdown());
+    wait_until("the listener to close", || async {
+        TcpStream::connect(&addr).await.is_err()
+    })
+    .await;
+    assert!(!stopping.is_finished(), "the server stopped with a request in flight");
+    lock.commit().await.unwrap();
+    assert_eq!(in_flight.await.unwrap().status(), StatusCode::CREATED);
+    stopping.await.unwrap();
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 1);
 }
 
 /// One page: its usages' ids and the path of the next page, if any.
