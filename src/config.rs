@@ -252,6 +252,14 @@ pub struct HttpSettings {
     pub allow_anonymous: bool,
     /// `/readyz` fails while more outbox records than this wait to be published.
     pub ready_max_outbox_backlog: i64,
+    /// A connection that has not sent a whole request head this long after
+    /// it began one is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request not answered this long after its head was read is answered
+    /// 503 and its work dropped (an open transaction rolls back).
+    pub request_timeout_ms: u64,
+    /// Connections served at once; further ones wait in the listen queue.
+    pub max_connections: usize,
 }
 
 /// One `[[http.tokens]]` entry as written: `name`, `sha256` (64 lowercase
@@ -630,6 +638,15 @@ impl HttpSettings {
         if self.ready_max_outbox_backlog <= 0 {
             bail!("invalid setting http.ready_max_outbox_backlog: must be greater than 0");
         }
+        for (name, value) in [
+            ("http.header_read_timeout_ms", self.header_read_timeout_ms),
+            ("http.request_timeout_ms", self.request_timeout_ms),
+            ("http.max_connections", self.max_connections as u64),
+        ] {
+            if value == 0 {
+                bail!("invalid setting {name}: must be greater than 0");
+            }
+        }
         // An empty token would look like authentication while letting
         // nobody in (or, read carelessly, everybody): refuse it.
         if self.bearer_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
@@ -924,6 +941,36 @@ mod tests {
         assert!(format!("{err:#}").contains("http.bearer_token"), "{err:#}");
         let err = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__MAX_BATCH_BYTES", "0")])).unwrap_err();
         assert!(format!("{err:#}").contains("http.max_batch_bytes"), "{err:#}");
+        for key in ["HEADER_READ_TIMEOUT_MS", "REQUEST_TIMEOUT_MS", "MAX_CONNECTIONS"] {
+            let name = format!("http.{}", key.to_lowercase());
+            let var = format!("USAGE_WORKER__HTTP__{key}");
+            let err = Settings::load_from(&env(&[(var.as_str(), "0")])).unwrap_err();
+            assert!(format!("{err:#}").contains(&name), "{err:#}");
+            let err = Settings::load_from(&env(&[(var.as_str(), "soon")])).unwrap_err();
+            assert!(format!("{err:#}").contains(&key.to_lowercase()), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn the_server_limits_default_to_spec_and_can_be_set() {
+        let s = Settings::load_from(&[]).unwrap();
+        assert_eq!(s.http.header_read_timeout_ms, 10_000);
+        assert_eq!(s.http.request_timeout_ms, 30_000);
+        assert_eq!(s.http.max_connections, 1024);
+        let s = Settings::load_from(&env(&[
+            ("USAGE_WORKER__HTTP__HEADER_READ_TIMEOUT_MS", "300"),
+            ("USAGE_WORKER__HTTP__REQUEST_TIMEOUT_MS", "500"),
+            ("USAGE_WORKER__HTTP__MAX_CONNECTIONS", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (
+                s.http.header_read_timeout_ms,
+                s.http.request_timeout_ms,
+                s.http.max_connections
+            ),
+            (300, 500, 2)
+        );
     }
 
     const DIGEST_A: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"; // "secret"

@@ -23,18 +23,24 @@ mod usages;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::config::{Partitioner, Scope, Settings};
 use crate::kafka::partition::output_partition;
@@ -65,6 +71,22 @@ pub struct ApiConfig {
     pub ready_max_outbox_backlog: i64,
     /// `/readyz` also requires the consumer's assignment (`run`, not `serve`).
     pub requires_assignment: bool,
+    /// The server's limits against slow and numerous clients.
+    pub limits: ServerLimits,
+}
+
+/// How the server bounds what clients hold: see [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// A connection whose request head (line and headers) is not complete
+    /// this long after the server began reading it is closed; an idle
+    /// keep-alive connection is closed after it too.
+    pub header_read_timeout: Duration,
+    /// A request not answered this long after its head was read is
+    /// answered 503 `request_timeout` and its work dropped.
+    pub request_timeout: Duration,
+    /// Connections served at once; the rest wait in the listen queue.
+    pub max_connections: usize,
 }
 
 impl ApiConfig {
@@ -84,6 +106,11 @@ impl ApiConfig {
             partitioner: settings.kafka.partitioner,
             ready_max_outbox_backlog: settings.http.ready_max_outbox_backlog,
             requires_assignment,
+            limits: ServerLimits {
+                header_read_timeout: Duration::from_millis(settings.http.header_read_timeout_ms),
+                request_timeout: Duration::from_millis(settings.http.request_timeout_ms),
+                max_connections: settings.http.max_connections,
+            },
         }
     }
 }
@@ -227,6 +254,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .merge(open)
         .fallback(|| async { Problem::not_found() })
         .method_not_allowed_fallback(|| async { Problem::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(api.clone(), deadline))
         .layer(middleware::from_fn_with_state(api.clone(), observe))
         .with_state(api)
 }
@@ -246,6 +274,19 @@ async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> R
     api.metrics
         .observe_http(method, &route, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// Answers 503 `request_timeout` when the request is not answered within
+/// `http.request_timeout_ms`, reading its body included. The handler's
+/// future is dropped: a transaction it holds rolls back (sqlx rolls back a
+/// dropped transaction before its connection is used again) and its row
+/// locks go with it.
+async fn deadline(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let limit = api.config.limits.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::request_timeout(limit).into_response(),
+    }
 }
 
 /// The method as a metric label: a standard method's name, or `other` for
@@ -276,19 +317,73 @@ pub async fn bind(settings: &Settings) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding the HTTP API to {addr} (http.addr, HTTP_ADDR)"))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then lets the
-/// requests in flight finish.
+/// Serves the API on `listener` until `shutdown` resolves, then stops
+/// accepting and lets the requests in flight finish.
+///
+/// Each connection is served on a task of its own under
+/// [`ServerLimits`]: at most `max_connections` at once (the next one is
+/// accepted when one closes; until then it waits in the kernel's listen
+/// queue), each closed when a request head takes longer than
+/// `header_read_timeout`, each request bounded by `request_timeout`. So
+/// the wait for the requests in flight at shutdown is bounded by the
+/// request timeout too; connections still open after it are dropped.
 pub async fn serve(
     listener: TcpListener,
     api: Arc<Api>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the HTTP listener's address")?;
+    let limits = api.config.limits;
     tracing::info!(%addr, tokens = api.config.callers.count(), "HTTP API listening");
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the HTTP API")?;
+    let app = router(api);
+    let mut connection = http1::Builder::new();
+    connection
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    // The connections' tasks, so that those left at the end are aborted.
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the connection slots are never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let served = graceful.watch(connection.serve_connection(TokioIo::new(stream), service));
+        connections.spawn(async move {
+            if let Err(e) = served.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    // Every request ends within the request timeout; a little more lets
+    // its answer be written.
+    let drain = limits.request_timeout + Duration::from_secs(1);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            open = connections.len(),
+            "HTTP connections still open at shutdown are dropped"
+        );
+        connections.shutdown().await;
+    }
     tracing::info!("HTTP API stopped");
     Ok(())
 }

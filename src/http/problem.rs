@@ -198,6 +198,25 @@ impl Problem {
         )
     }
 
+    /// A request not answered within `http.request_timeout_ms`. Its work
+    /// was dropped: an open transaction rolled back, unless the timeout
+    /// came while its commit was on the way, so a create may be stored.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        tracing::warn!(timeout_ms = limit.as_millis(), "HTTP request timed out");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            "Request timed out",
+            format!(
+                "the request was not answered within {} ms; its transaction was rolled back unless it was \
+                 already committing: retry the same request (a usage sent with an id or Idempotency-Key and \
+                 stored meanwhile is answered 200 and not counted again)",
+                limit.as_millis()
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS))
+    }
+
     /// The database did not answer (or not in time): the request changed
     /// nothing and may be sent again. The cause is logged, not returned.
     pub fn unavailable(error: &anyhow::Error) -> Self {

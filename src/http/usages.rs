@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::auth::Caller;
 use super::idempotency::IdempotencyKey;
 use super::listing::invalid;
-use super::listing::ListQuery;
+use super::listing::{Cursor, ListQuery, TOTAL_CAP};
 use super::problem::FieldProblem;
 use super::problem::Problem;
 use super::transactions::{correct_usage, create_usage, CorrectAnswer, CreateAnswer, CreateFailure};
@@ -113,11 +113,21 @@ pub async fn history(
 /// `GET /usages`, filtered and paginated (see [`super::listing`]).
 pub async fn list(State(api): State<Arc<Api>>, RawQuery(query): RawQuery) -> Result<Response, Problem> {
     let query = ListQuery::parse(query.as_deref()).map_err(Problem::invalid_query)?;
-    let (usages, total) = store::list_usages(&api.pool, &query.filter, query.limit, query.offset)
+    // One usage more than the page tells whether a next page exists.
+    let (mut usages, total) = store::list_usages(&api.pool, &query.filter, &query.start(), query.limit + 1, TOTAL_CAP)
         .await
         .map_err(|e| Problem::unavailable(&e))?;
+    let more = usages.len() as i64 > query.limit;
+    usages.truncate(query.limit as usize);
+    let next = match usages.last() {
+        Some(last) if more => Some(Cursor {
+            usage_time: last.usage_time,
+            id: last.id.clone(),
+        }),
+        _ => None,
+    };
     let body: Vec<UsageBody> = usages.iter().map(UsageBody::from).collect();
-    Ok((query.headers(total), Json(body)).into_response())
+    Ok((query.headers(total, next.as_ref()), Json(body)).into_response())
 }
 
 /// `DELETE /usages/{id}[?reason=]`: voids the usage (204). Its quantity is

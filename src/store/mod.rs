@@ -31,8 +31,8 @@ pub use periods::{close_due_periods, read_periods, PeriodClosing, SweepRound};
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};
 pub use subscriptions::{read_subscription, SubscriptionRead};
 pub use usages::{
-    get_usage, list_usages, outbox_backlog, ping, usage_history, usage_subscription, CorrectionRecord, StatusFilter,
-    UsageFilter, UsageHistory,
+    get_usage, list_usages, outbox_backlog, ping, usage_history, usage_subscription, CorrectionRecord, PageStart,
+    StatusFilter, UsageFilter, UsageHistory,
 };
 
 use crate::config::DatabaseSettings;
@@ -68,9 +68,49 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .execute(&mut *conn)
         .await
         .context("applying migrations: lifting the statement time-out")?;
-    let applied = MIGRATOR.run(&mut *conn).await.context("applying migrations");
+    let applied = migrate_on(&mut conn).await;
     let _ = conn.close().await;
     applied
+}
+
+/// Indexes that migrations build `CONCURRENTLY` (and `IF NOT EXISTS`).
+const CONCURRENT_INDEXES: [&str; 1] = ["usages_in_list_order"];
+
+/// Drops what an interrupted concurrent build left behind, then applies
+/// the migrations, all under the migrator's lock (a session lock that the
+/// migrator takes again), so that no other instance's build in progress
+/// is taken for a leftover.
+async fn migrate_on(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    use sqlx::migrate::Migrate;
+    conn.lock()
+        .await
+        .context("applying migrations: taking the migration lock")?;
+    let outcome = async {
+        for name in CONCURRENT_INDEXES {
+            let invalid: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                 WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace AND NOT i.indisvalid)",
+            )
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .context("applying migrations: looking for invalid indexes")?;
+            if invalid {
+                tracing::warn!(index = name, "dropping an index an interrupted build left invalid");
+                sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                    .execute(&mut *conn)
+                    .await
+                    .with_context(|| format!("applying migrations: dropping the invalid index {name}"))?;
+            }
+        }
+        MIGRATOR.run(&mut *conn).await.context("applying migrations")
+    }
+    .await;
+    let unlocked = conn
+        .unlock()
+        .await
+        .context("applying migrations: releasing the migration lock");
+    outcome.and(unlocked)
 }
 
 /// Stored next offsets of a group on a topic, for the given partitions.

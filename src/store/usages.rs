@@ -118,16 +118,31 @@ impl UsageFilter {
     }
 }
 
-/// One page of usages in `usageTime` order (then id, so that pages never
-/// overlap), and how many match in all.
+/// Where a page of a listing starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageStart {
+    /// After skipping this many usages (the caller caps it: PostgreSQL
+    /// still reads every skipped row).
+    Offset(i64),
+    /// Right after this usage in list order: a keyset seek on the
+    /// `usages_in_list_order` index, as cheap on the last page as on the
+    /// first.
+    After { usage_time: DateTime<Utc>, id: String },
+}
+
+/// One page of at most `limit` usages in `usageTime` order (then id, so
+/// that pages never overlap), and how many match in all, counted up to
+/// `count_cap` so that the count's cost is bounded too.
 pub async fn list_usages(
     pool: &PgPool,
     filter: &UsageFilter,
+    start: &PageStart,
     limit: i64,
-    offset: i64,
+    count_cap: i64,
 ) -> anyhow::Result<(Vec<StoredUsage>, i64)> {
-    let mut count = QueryBuilder::new("SELECT count(*) FROM usages");
+    let mut count = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM usages");
     filter.push_where(&mut count);
+    count.push(" LIMIT ").push_bind(count_cap).push(") AS matching");
     let total: i64 = count
         .build_query_scalar()
         .fetch_one(pool)
@@ -135,10 +150,17 @@ pub async fn list_usages(
         .context("counting usages")?;
     let mut page = QueryBuilder::new(format!("SELECT {USAGE_COLUMNS} FROM usages"));
     filter.push_where(&mut page);
-    page.push(" ORDER BY usage_time, id LIMIT ")
-        .push_bind(limit)
-        .push(" OFFSET ")
-        .push_bind(offset);
+    if let PageStart::After { usage_time, id } = start {
+        page.push(" AND (usage_time, id) > (")
+            .push_bind(*usage_time)
+            .push(", ")
+            .push_bind(id.clone())
+            .push(")");
+    }
+    page.push(" ORDER BY usage_time, id LIMIT ").push_bind(limit);
+    if let PageStart::Offset(offset) = start {
+        page.push(" OFFSET ").push_bind(*offset);
+    }
     let rows: Vec<UsageRow> = page.build_query_as().fetch_all(pool).await.context("listing usages")?;
     Ok((rows.into_iter().map(stored).collect(), total))
 }

@@ -2325,6 +2325,33 @@ async fn real_responses_and_records_match_the_documents() {
     let not_ready = check("GET", "/readyz", &e);
     assert_eq!(not_ready["code"], "not_ready");
 
+    // A database that takes connections and never answers: the request
+    // timeout answers instead.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("postgres://postgres@{}/silent", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut config = ApiConfig::from_settings(&env.settings(), PARTITIONS, false);
+    config.limits.request_timeout = Duration::from_millis(300);
+    let stalled = TestApi::start(
+        sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_lazy(&silent_url)
+            .unwrap(),
+        config,
+        Arc::new(Metrics::default()),
+        None,
+    )
+    .await;
+    let timed_out = check("GET", "/usages", &stalled.call("GET", "/usages").await);
+    assert_eq!(timed_out["code"], "request_timeout");
+    stalled.shutdown().await;
+    holder.abort();
+
     // --- The invoice: stamps inv-u1 and closes its period.
     env.wait_for_count("SELECT count(*) FROM usages WHERE id = 'inv-u1'", 1)
         .await;

@@ -967,11 +967,16 @@ async fn listing_filters_by_subscription_and_time_and_paginates() {
     assert_eq!(headers["pagination-total"], "5");
     assert_eq!(headers["pagination-limit"], "2");
     assert_eq!(headers["pagination-offset"], "0");
-    assert_eq!(
-        headers["link"],
-        "</usages?subscriptionId=sub_a&limit=2&offset=2>; rel=\"next\""
+    // The next page is by cursor, with the same filters.
+    let link = headers["link"].to_str().unwrap();
+    assert!(
+        link.starts_with("</usages?subscriptionId=sub_a&limit=2&cursor=") && link.ends_with(">; rel=\"next\""),
+        "{link}"
     );
     assert_eq!(ids(&first.json().await.unwrap()), ["a0", "a1"]);
+    let second = api.get(&link[1..link.find('>').unwrap()]).await;
+    assert_eq!(second.headers()["pagination-total"], "5");
+    assert_eq!(ids(&second.json().await.unwrap()), ["a2", "a3"]);
 
     let last = api.get("/usages?subscriptionId=sub_a&limit=2&offset=4").await;
     assert_eq!(

@@ -16,6 +16,7 @@ mod documents;
 mod faults;
 mod hostile;
 mod http;
+mod http_limits;
 mod periods;
 mod pipeline;
 mod store;

@@ -1,0 +1,12 @@
+-- no-transaction
+-- GET /usages pages in (usage_time, id) order, by cursor or by a capped
+-- offset: with this index a page reads about as many rows as it returns,
+-- whatever the size of the table.
+--
+-- Built CONCURRENTLY, so that inserts go on while it is built on a big
+-- table, hence outside a transaction and alone in its file (PostgreSQL runs
+-- a script of several statements as one implicit transaction, where
+-- CONCURRENTLY is refused). An interrupted build leaves an invalid index
+-- that IF NOT EXISTS would keep: `store::migrate` drops such a leftover
+-- before the migrations run, so that running this again builds it anew.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS usages_in_list_order ON usages (usage_time, id);
