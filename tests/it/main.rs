@@ -19,3 +19,4 @@ mod periods;
 mod pipeline;
 mod store;
 mod tls;
+mod upgrades;
