@@ -273,3 +273,227 @@ fn the_migration_rules_tell_safe_from_unsafe() {
         assert_eq!(breaches(sql), Vec::<String>::new(), "taken as unsafe: {sql}");
     }
 }
+
+/// Names the previous release's `usage-worker` binary for the rolling
+/// deploy test; scripts/rolling-deploy builds it (commit 9662572).
+const PREVIOUS_BIN: &str = "USAGE_WORKER_PREVIOUS_BIN";
+
+/// Subscriptions of the rolling deploy, each with this hard limit.
+const SUBSCRIPTIONS: usize = 8;
+const HARD_LIMIT: i64 = 40;
+
+/// A rolling deploy: the previous release and this one run side by side in
+/// one group on the schema this release migrated, both with their HTTP
+/// API, while usage events and HTTP reports arrive; then the previous one
+/// stops (as the deploy replaces it) and this one goes on alone. Every
+/// event gets exactly one outcome, whichever release decided it, and no
+/// subscription passes its hard limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the previous release's binary (USAGE_WORKER_PREVIOUS_BIN): run by scripts/rolling-deploy"]
+async fn the_previous_release_and_this_one_run_side_by_side() {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use rust_decimal::Decimal;
+    use serde_json::{json, Value};
+    use test_kit::postgres::free_port;
+    use test_kit::process::{WorkerProcess, WorkerSpec};
+    use test_kit::{active_subscription, wait_until, Reader, TestEnv, PARTITIONS};
+
+    let previous = std::env::var(PREVIOUS_BIN).unwrap_or_else(|_| panic!("{PREVIOUS_BIN} names no binary"));
+    let env = TestEnv::start().await;
+    for s in 0..SUBSCRIPTIONS {
+        env.subscription(active_subscription(&format!("sub_{s}"), Some(&HARD_LIMIT.to_string())));
+    }
+    let vars = env.env_vars(test_kit::env::CONFIG_DIR);
+    // The schema as a later release leaves it: a migration this one does
+    // not know. The previous release refuses it when it migrates
+    // (docs/operations.md#rolling-deploy); this one starts on it.
+    applied_by_a_later_release(&env.pool).await;
+    let refused = std::process::Command::new(&previous)
+        .arg("migrate")
+        .envs(vars.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "the previous release migrated a later schema"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("previously applied but is missing"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let log = |name: &str| std::env::temp_dir().join(format!("usage-worker-rolling-{}-{name}.log", std::process::id()));
+    let start = |exe: &str, name: &str, port: u16, migrate: bool| -> WorkerProcess {
+        WorkerSpec::with_env(exe, vars.clone(), log(name))
+            .set("HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .set("USAGE_WORKER__DATABASE__MIGRATE_ON_START", migrate.to_string())
+            .spawn()
+            .unwrap()
+    };
+    let (old_port, new_port) = (free_port().unwrap(), free_port().unwrap());
+    let mut old = start(&previous, "previous", old_port, false);
+    let mut new = start(env!("CARGO_BIN_EXE_usage-worker"), "this", new_port, true);
+    let client = reqwest::Client::new();
+    for port in [old_port, new_port] {
+        wait_until("both releases ready", || {
+            let client = client.clone();
+            async move {
+                let url = format!("http://127.0.0.1:{port}/readyz");
+                client.get(url).send().await.is_ok_and(|r| r.status() == 200)
+            }
+        })
+        .await;
+    }
+    wait_until("the partitions shared between the two", || {
+        let shared = old.assignment().is_some_and(|a| a != "[]") && new.assignment().is_some_and(|a| a != "[]");
+        async move { shared }
+    })
+    .await;
+
+    // Events and HTTP reports while both run, then while the previous
+    // release shuts down, then with this one alone.
+    let mut sent = Vec::new();
+    let mut created_over_http: HashMap<String, (usize, Decimal)> = HashMap::new();
+    let mut old_created = 0;
+    let results = Reader::new(env.kafka.bootstrap_servers(), "usage-results", PARTITIONS);
+    let mut outcomes: HashMap<String, Vec<Value>> = HashMap::new();
+    for round in 0..3 {
+        for i in 0..150 {
+            let id = format!("ev_{round}_{i}");
+            let sub = i % SUBSCRIPTIONS;
+            env.usage(json!({"id": id, "subscriptionId": format!("sub_{sub}"), "quantity": 1}));
+            sent.push(id);
+        }
+        env.flush();
+        for i in 0..20 {
+            let port = if round == 0 && i % 2 == 0 { old_port } else { new_port };
+            let id = format!("http_{round}_{i}");
+            let sub = i % SUBSCRIPTIONS;
+            let body = json!({"id": id, "subscriptionId": format!("sub_{sub}"), "quantity": 1});
+            let status = loop {
+                let answer = client
+                    .post(format!("http://127.0.0.1:{port}/usages"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                match answer.status().as_u16() {
+                    // Retried with the same id: found if it was stored.
+                    503 => tokio::time::sleep(Duration::from_millis(100)).await,
+                    status => break status,
+                }
+            };
+            assert!([201, 409].contains(&status), "{id}: {status}");
+            if status == 201 {
+                old_created += usize::from(port == old_port);
+                created_over_http.insert(id, (sub, Decimal::ONE));
+            }
+        }
+        if round == 0 {
+            // Both releases decided: the previous one answered HTTP reports,
+            // and every event of this round has its outcome before it stops.
+            assert!(old_created > 0, "the previous release created nothing over HTTP");
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !sent.iter().all(|id| outcomes.contains_key(id)) {
+                assert!(std::time::Instant::now() < deadline, "the first round was not decided");
+                for record in results.read_rest(Duration::from_millis(500)) {
+                    let id = record.value["eventId"].as_str().unwrap().to_owned();
+                    outcomes.entry(id).or_default().push(record.value);
+                }
+            }
+            // The deploy replaces the previous release: SIGTERM, as an
+            // orchestrator stops a container.
+            let status = old.terminate(Duration::from_secs(40)).unwrap();
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "the previous release stopped cleanly"
+            );
+        }
+    }
+    new.check_running().unwrap();
+
+    // Exactly one outcome for each event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        for record in results.read_rest(Duration::from_secs(2)) {
+            let id = record.value["eventId"].as_str().unwrap().to_owned();
+            outcomes.entry(id).or_default().push(record.value);
+        }
+        let all = sent
+            .iter()
+            .chain(created_over_http.keys())
+            .all(|id| outcomes.contains_key(id));
+        if all {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not every event was decided");
+    }
+    // A second outcome of any, had one come late.
+    for record in results.read_rest(Duration::from_secs(3)) {
+        let id = record.value["eventId"].as_str().unwrap().to_owned();
+        outcomes.entry(id).or_default().push(record.value);
+    }
+    let mut used = [Decimal::ZERO; SUBSCRIPTIONS];
+    for id in &sent {
+        let theirs = outcomes.get(id).map_or(0, Vec::len);
+        assert_eq!(theirs, 1, "{id} has {theirs} outcomes");
+        let outcome = &outcomes[id][0];
+        let sub: usize = outcome["subscriptionId"].as_str().unwrap()[4..].parse().unwrap();
+        match outcome["status"].as_str().unwrap() {
+            "created" => used[sub] += Decimal::ONE,
+            "rejected" => assert_eq!(outcome["error"]["code"], "usage_limit_exceeded", "{outcome}"),
+            other => panic!("{id}: {other}"),
+        }
+    }
+    for (id, (sub, quantity)) in &created_over_http {
+        let created: Vec<&Value> = outcomes[id].iter().filter(|o| o["status"] == "created").collect();
+        assert_eq!(created.len(), 1, "{id}");
+        used[*sub] += quantity;
+    }
+    // No subscription past its limit, and the limit reached: the test
+    // decided enough to be at the edge.
+    for (sub, used) in used.iter().enumerate() {
+        assert_eq!(*used, Decimal::from(HARD_LIMIT), "sub_{sub}");
+        let stored: Decimal = sqlx::query_scalar("SELECT used FROM service_periods WHERE subscription_id = $1")
+            .bind(format!("sub_{sub}"))
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, *used, "sub_{sub}");
+    }
+    new.terminate(Duration::from_secs(40)).unwrap();
+    for name in ["previous", "this"] {
+        let _ = std::fs::remove_file(log(name));
+    }
+}
+
+/// Records a migration no release of this repository has, as a later
+/// release would leave it applied.
+async fn applied_by_a_later_release(pool: &sqlx::PgPool) {
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'a later release', true, '\\x00', 1)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_release_starts_on_a_schema_a_later_release_migrated() {
+    let env = test_kit::TestEnv::start().await;
+    applied_by_a_later_release(&env.pool).await;
+    usage_worker::store::migrate(&env.pool)
+        .await
+        .expect("a migration of a later release does not stop this one");
+    // One of its own that differs from what was applied still does.
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = $1")
+        .bind(LAST_REVIEWED)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let err = usage_worker::store::migrate(&env.pool).await.unwrap_err();
+    assert!(format!("{err:#}").contains(&LAST_REVIEWED.to_string()), "{err:#}");
+}
