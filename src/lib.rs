@@ -6,6 +6,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod embedded;
+pub mod healthcheck;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

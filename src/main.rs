@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use clap::{Parser, Subcommand};
 use usage_worker::config::Settings;
-use usage_worker::{app, demo, store, telemetry};
+use usage_worker::{app, demo, healthcheck, store, telemetry};
 
 /// jemalloc: with glibc's per-thread arenas, memory freed by one thread
 /// (tokio workers, the producer and consumer threads) was held on to, and
@@ -61,6 +61,17 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Ask the running process's HTTP API whether it answers (GET /healthz
+    /// on http.addr's port): exit 0 on a 200, 1 otherwise. The container's
+    /// HEALTHCHECK.
+    Healthcheck {
+        /// The URL to GET instead (plain http).
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Run the whole pipeline on an embedded Kafka mock cluster and a fresh
     /// local database, with generated data, and print a summary.
     Demo(demo::DemoArgs),
@@ -95,6 +106,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        // A probe every few seconds: its answer is its exit status and one
+        // line, not log records (nor an exporter started each time).
+        Command::Healthcheck { .. } => {}
         _ => telemetry::init(&settings.log),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -114,6 +128,7 @@ fn main() -> ExitCode {
                 tracing::info!("migrations applied");
                 Ok(())
             }
+            Command::Healthcheck { url, timeout } => healthcheck(&settings, url, timeout).await,
             Command::Demo(args) => demo::run(settings, args).await,
         }
     });
@@ -145,6 +160,24 @@ async fn serve(settings: Settings, no_migrate: bool) -> anyhow::Result<()> {
         _ = &mut shutdown => return Ok(()),
     };
     app::serve(settings, pool, shutdown).await
+}
+
+/// `usage-worker healthcheck`: fails unless the API answers 200.
+async fn healthcheck(settings: &Settings, url: Option<String>, timeout: u64) -> anyhow::Result<()> {
+    let url = match url {
+        Some(url) => url,
+        None if !settings.http.enabled => {
+            // Nothing listens: a worker without its API has no probe, and
+            // reporting it unhealthy would have it restarted for nothing.
+            println!("http.enabled is false: no HTTP API to probe");
+            return Ok(());
+        }
+        None => healthcheck::default_url(&settings.http.addr)?,
+    };
+    let status = healthcheck::probe(&url, Duration::from_secs(timeout)).await?;
+    anyhow::ensure!(status == 200, "{url} answered {status}");
+    println!("{url}: {status}");
+    Ok(())
 }
 
 /// Connects, and applies pending migrations unless told not to; while the

@@ -39,6 +39,21 @@ use crate::config::DatabaseSettings;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// [`MIGRATOR`], tolerating migrations applied that this release does not
+/// know: those of a later release. During a rolling deploy, and after a
+/// rollback, this release runs on the schema a later one migrated (the
+/// migration rules of docs/operations.md keep that schema readable and
+/// writable by it); sqlx's default would refuse to start. A migration of
+/// its own that differs from the applied one (checksum) still fails.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate::Migrator {
+        migrations: MIGRATOR.migrations.clone(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 /// Opens a pool. Every connection gets the statement time-out, so that a slow
 /// database cannot hang a batch forever; `synchronous_commit` is left on.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
@@ -103,7 +118,7 @@ async fn migrate_on(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
                     .with_context(|| format!("applying migrations: dropping the invalid index {name}"))?;
             }
         }
-        MIGRATOR.run(&mut *conn).await.context("applying migrations")
+        migrator().run(&mut *conn).await.context("applying migrations")
     }
     .await;
     let unlocked = conn

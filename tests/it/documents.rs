@@ -946,6 +946,220 @@ fn the_schemas_compile_are_portable_and_output_objects_are_closed() {
     }
 }
 
+/// Every `pattern` of the documents (JSON Schemas, OpenAPI, AsyncAPI), with
+/// where it is.
+fn document_patterns() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut files = schema_files();
+    files.extend([OpenApi::FILE.to_owned(), AsyncApi::FILE.to_owned()]);
+    for file in files {
+        let mut here = Vec::new();
+        strings_under(&read_document(&file), "pattern", "", &mut here);
+        found.extend(here.into_iter().map(|(at, pattern)| (format!("{file}#{at}"), pattern)));
+    }
+    found
+}
+
+/// What keeps `pattern` out of the regular-expression subset that JSON
+/// Schema and OpenAPI recommend (ECMA-262, and what Python's `re`, Go's
+/// RE2, Java and the regex crate all read alike), if anything: escapes
+/// other than `\uXXXX`, the control escapes and escaped syntax characters
+/// (so no `\p{..}`, `\x{..}`, `\A`, nor the shorthand classes `\s` `\d` `\w`,
+/// whose sets differ from engine to engine); groups other than `(...)`,
+/// `(?:`, `(?=` and `(?!` (so no lookbehind, named groups or inline flags);
+/// POSIX classes; possessive quantifiers.
+fn unportable(pattern: &str) -> Option<String> {
+    const SYNTAX: &str = "^$\\.*+?()[]{}|/-";
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut i = 0;
+    let mut after_quantifier = false;
+    while i < chars.len() {
+        let c = chars[i];
+        let quantifier = match c {
+            '\\' => {
+                let next = chars.get(i + 1).copied().unwrap_or(' ');
+                if next == 'u' {
+                    let hex: String = chars.iter().skip(i + 2).take(4).collect();
+                    if hex.len() != 4 || !hex.chars().all(|h| h.is_ascii_hexdigit()) {
+                        return Some(format!("\\u needs four hex digits at {i}"));
+                    }
+                    i += 6;
+                    after_quantifier = false;
+                    continue;
+                }
+                if !"tnrfv".contains(next) && !SYNTAX.contains(next) {
+                    return Some(format!("the escape \\{next} at {i}"));
+                }
+                i += 2;
+                after_quantifier = false;
+                continue;
+            }
+            '(' if chars.get(i + 1) == Some(&'?') => {
+                let kind = chars.get(i + 2).copied().unwrap_or(' ');
+                if !":=!".contains(kind) {
+                    return Some(format!("the group (?{kind} at {i}"));
+                }
+                false
+            }
+            '[' if chars.get(i + 1) == Some(&'[') || chars.get(i + 1) == Some(&':') => {
+                return Some(format!("a POSIX or nested class at {i}"));
+            }
+            '+' if after_quantifier => return Some(format!("a possessive quantifier at {i}")),
+            '*' | '+' | '?' | '}' => true,
+            _ => false,
+        };
+        after_quantifier = quantifier;
+        i += 1;
+    }
+    None
+}
+
+/// The pattern of a document, compiled by the regex crate (which reads
+/// `\uXXXX` as ECMA-262 does): the test of what it accepts.
+fn pattern_at(file: &str, pointer: &str) -> regex::Regex {
+    let document = read_document(file);
+    let pattern = document
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{file}#{pointer}: no pattern"));
+    regex::Regex::new(pattern).unwrap_or_else(|e| panic!("{file}#{pointer}: {e}"))
+}
+
+/// Every Unicode scalar value, as a one-character string.
+fn every_character() -> impl Iterator<Item = (char, String)> {
+    (0..=0x10FFFF_u32)
+        .filter_map(char::from_u32)
+        .map(|c| (c, c.to_string()))
+}
+
+#[test]
+fn every_pattern_is_portable_and_accepts_what_the_service_accepts() {
+    let patterns = document_patterns();
+    assert!(patterns.len() >= 20, "too few patterns found: {patterns:?}");
+    for (at, pattern) in &patterns {
+        if let Some(problem) = unportable(pattern) {
+            panic!("{at}: {problem} is not in the portable ECMA-262 subset: {pattern}");
+        }
+        regex::Regex::new(pattern).unwrap_or_else(|e| panic!("{at}: {e}"));
+    }
+    // The checker itself: what it must refuse.
+    for bad in [
+        r"^\p{Cc}$",
+        r"^[^\s]$",
+        r"(?<=a)b",
+        r"(?i)abc",
+        r"\x{7F}",
+        r"[[:alpha:]]",
+        r"a++",
+        r"\d",
+    ] {
+        assert!(unportable(bad).is_some(), "{bad} passed as portable");
+    }
+
+    // Spelled out, the patterns accept exactly the characters the service
+    // accepts: ids (src/domain/ids.rs), void reasons (correction.rs) and the
+    // whitespace before a CloudEvents content type (cloudevents.rs).
+    let id = pattern_at("docs/schemas/common.json", "/$defs/id/pattern");
+    let reason = pattern_at("docs/schemas/common.json", "/$defs/voidReason/pattern");
+    let content_type = pattern_at(
+        "docs/schemas/usage-cloudevent-structured-headers.json",
+        "/properties/content-type/pattern",
+    );
+    let structured = |value: &str| {
+        let mut headers = usage_worker::domain::headers::Headers::new();
+        headers.push("content-type", value);
+        usage_worker::domain::cloudevents::framing(&headers) == usage_worker::domain::cloudevents::Framing::Structured
+    };
+    let (mut ids_refused, mut reasons_refused) = (0, 0);
+    for (c, text) in every_character() {
+        let in_id = format!("a{text}b");
+        let id_ok = usage_worker::domain::ids::check_id(&in_id).is_ok();
+        assert_eq!(id.is_match(&in_id), id_ok, "U+{:04X} in an id", c as u32);
+        ids_refused += usize::from(!id_ok);
+        let reason_ok = usage_worker::domain::correction::check_reason(&text).is_ok();
+        assert_eq!(reason.is_match(&text), reason_ok, "U+{:04X} in a void reason", c as u32);
+        reasons_refused += usize::from(!reason_ok);
+        let typed = format!("{text}application/cloudevents+json");
+        assert_eq!(
+            content_type.is_match(&typed),
+            structured(&typed),
+            "U+{:04X} before a content type",
+            c as u32
+        );
+    }
+    // Not vacuous: both rules refuse characters, astral ones included.
+    assert!(
+        ids_refused > 300 && reasons_refused == 65,
+        "{ids_refused} {reasons_refused}"
+    );
+    assert!(!id.is_match("a\u{E0001}b") && id.is_match("a\u{1F600}b"));
+    for good in ["usg_1", "ü_ok-ids.too", "order/7781", "ünïcödé"] {
+        assert!(id.is_match(good), "{good}");
+    }
+}
+
+#[test]
+fn a_created_usage_links_to_the_operations_on_it() {
+    let openapi = OpenApi::load();
+    let mut operations: HashMap<String, &Value> = HashMap::new();
+    for item in openapi.paths().values() {
+        for operation in item.as_object().unwrap().values() {
+            if let Some(id) = operation.get("operationId").and_then(Value::as_str) {
+                operations.insert(id.to_owned(), operation);
+            }
+        }
+    }
+    let paths = openapi.paths();
+    let by_id = &paths["/usages/{id}"];
+    // The path parameters of an operation: what a link must fill in.
+    let path_parameters = |operation_id: &str| -> BTreeSet<String> {
+        let template = if operation_id == "getUsageHistory" {
+            "/usages/{id}/history"
+        } else {
+            "/usages/{id}"
+        };
+        let mut names = BTreeSet::new();
+        let shared = paths[template]["parameters"].as_array().into_iter().flatten();
+        let own = operations[operation_id]["parameters"].as_array().into_iter().flatten();
+        for parameter in shared.chain(own).map(|p| openapi.resolve(p)) {
+            if parameter["in"] == "path" {
+                names.insert(parameter["name"].as_str().unwrap().to_owned());
+            }
+        }
+        names
+    };
+    assert!(by_id.get("get").is_some());
+    let wanted = strings(&["getUsage", "putUsage", "voidUsage", "getUsageHistory"]);
+    for (method, path, status) in [
+        ("post", "/usages", "201"),
+        ("post", "/usages", "200"),
+        ("put", "/usages/{id}", "201"),
+    ] {
+        let response = openapi.resolve(&paths[path][method]["responses"][status]);
+        let links = response["links"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{method} {path} {status} has no links"));
+        let mut targets = BTreeSet::new();
+        for link in links.values() {
+            let link = openapi.resolve(link);
+            let target = link["operationId"].as_str().unwrap();
+            assert!(operations.contains_key(target), "no operation {target}");
+            let parameters: BTreeSet<String> = link["parameters"].as_object().unwrap().keys().cloned().collect();
+            assert_eq!(
+                parameters,
+                path_parameters(target),
+                "the parameters of the link to {target}"
+            );
+            assert_eq!(link["parameters"]["id"], "$response.body#/id");
+            targets.insert(target.to_owned());
+        }
+        assert_eq!(targets, wanted, "{method} {path} {status}");
+    }
+    // The usage's `id` is where the links say: in the schema of the body.
+    let usage = read_json("docs/schemas/usage.json");
+    assert!(usage["required"].as_array().unwrap().contains(&json!("id")));
+}
+
 #[test]
 fn every_example_in_the_documents_matches_its_schema() {
     let openapi = OpenApi::load();
@@ -1682,6 +1896,111 @@ fn compose_prometheus_and_grafana_agree_on_names_ports_and_paths() {
         datasource["datasources"][0]["jsonData"]["timeInterval"], prometheus["global"]["scrape_interval"],
         "$__rate_interval needs the scrape interval"
     );
+}
+
+const ALERTS: &str = "dashboards/alerts.yml";
+
+/// The anchors GitHub makes of a Markdown page's headings.
+fn anchors_of(page: &str) -> BTreeSet<String> {
+    page.lines()
+        .filter(|line| line.starts_with('#'))
+        .map(|line| {
+            line.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_alerting_rules_use_only_exported_metrics_and_are_loaded() {
+    let metrics = registered_metrics();
+    let rules = read_yaml(ALERTS);
+    let operations = anchors_of(&read_text("docs/operations.md"));
+    let mut used = BTreeSet::new();
+    let mut alerts = BTreeSet::new();
+    for group in rules["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let name = rule["alert"].as_str().expect("every rule is an alert").to_owned();
+            let expr = rule["expr"].as_str().unwrap_or_else(|| panic!("{name} has no expr"));
+            for series in series_in(expr) {
+                let metric = metric_of(&series, &metrics)
+                    .unwrap_or_else(|| panic!("{name} queries {series}, which the service does not export"));
+                used.insert(metric.clone());
+            }
+            assert!(
+                ["warning", "critical"].contains(&rule["labels"]["severity"].as_str().unwrap_or_default()),
+                "{name}: severity"
+            );
+            assert!(rule["annotations"]["summary"].is_string(), "{name}: summary");
+            let runbook = rule["annotations"]["runbook"].as_str().unwrap_or_default();
+            let anchor = runbook
+                .strip_prefix("docs/operations.md#")
+                .unwrap_or_else(|| panic!("{name}: the runbook is a section of docs/operations.md"));
+            assert!(
+                operations.contains(anchor),
+                "{name}: docs/operations.md has no #{anchor}"
+            );
+            assert!(alerts.insert(name.clone()), "{name} twice");
+        }
+    }
+    // Lag, backlog, dead letters, readiness and errors are all watched.
+    for metric in [
+        "usage_worker_consumer_lag",
+        "usage_worker_outbox_backlog",
+        "usage_worker_messages_decided_total",
+        "usage_worker_assigned_partitions",
+        "usage_worker_http_requests_total",
+        "usage_worker_period_sweep_errors_total",
+        "usage_worker_stopped_partitions_total",
+    ] {
+        assert!(used.contains(metric), "no alert on {metric}");
+    }
+    // The readiness alert fires where /readyz starts failing by default.
+    let threshold = alerts.contains("UsageWorkerNotReady").then(|| {
+        let rule = rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["alert"] == "UsageWorkerNotReady")
+            .unwrap();
+        rule["expr"]
+            .as_str()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    });
+    assert_eq!(
+        threshold,
+        Some(
+            usage_worker::config::Settings::load_from(&[])
+                .unwrap()
+                .http
+                .ready_max_outbox_backlog
+        )
+    );
+    // The monitoring Prometheus of docker-compose.yml loads them.
+    let compose = read_yaml("docker-compose.yml");
+    let mounted = compose["services"]["prometheus"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str()?.strip_prefix(&format!("./{ALERTS}:")))
+        .map(|rest| rest.trim_end_matches(":ro").to_owned())
+        .next()
+        .expect("compose mounts the rules into Prometheus");
+    let prometheus = read_yaml("dashboards/prometheus.yml");
+    assert_eq!(prometheus["rule_files"], json!([mounted]));
 }
 
 // ---------------------------------------------------------------------------

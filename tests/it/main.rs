@@ -21,3 +21,4 @@ mod periods;
 mod pipeline;
 mod store;
 mod tls;
+mod upgrades;

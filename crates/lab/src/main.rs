@@ -3,13 +3,16 @@
 //!
 //! - `bench`: throughput, latency and memory, with every guarantee on;
 //! - `chaos`: kill -9, PostgreSQL crashes, broker outages, rebalances and a
-//!   slow database, checked against a clean run over the same input.
+//!   slow database, checked against a clean run over the same input;
+//! - `kafka`: a mock cluster with the service's topics, for scripts that
+//!   run worker processes (scripts/schemathesis, scripts/rolling-deploy).
 //!
 //! It runs the `usage-worker` binary beside its own (`cargo build --release
 //! --workspace` builds both), or the one `USAGE_WORKER_BIN` names.
 
 mod bench;
 mod chaos;
+mod kafka;
 mod ledger;
 mod load;
 mod local;
@@ -37,6 +40,9 @@ enum Command {
     /// Prove the guarantees under kill -9, PostgreSQL crashes, broker
     /// outages, rebalances and a slow database, against a clean run.
     Chaos(chaos::ChaosArgs),
+    /// Host a Kafka mock cluster with the service's topics: its bootstrap
+    /// servers go to stdout; it stops on SIGTERM, or SIGINT.
+    Kafka(kafka::KafkaArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Bench(args) => bench::run(settings, args).await,
             Command::Chaos(args) => chaos::run(settings, args).await,
+            Command::Kafka(args) => kafka::run(settings, args).await,
         }
     });
     match result {
