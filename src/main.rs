@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     let serves_http = match &cli.command {
         Command::Run { .. } => settings.http.enabled,
         Command::Serve { .. } => true,
-        Command::Migrate | Command::Demo(_) => false,
+        Command::Migrate | Command::Demo(_) | Command::Healthcheck { .. } => false,
     };
     if serves_http {
         if let Err(e) = settings.http.check_callers_required() {
