@@ -62,6 +62,11 @@ pub struct KafkaSettings {
     pub auto_offset_reset: OffsetReset,
     pub session_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// Longest time between two polls of the usage consumer before the group
+    /// evicts it (librdkafka's `max.poll.interval.ms`). The consumer keeps
+    /// polling, with its partitions paused, while a batch cannot be decided
+    /// (a database outage), so this bounds only a stuck consumer thread.
+    pub max_poll_interval_ms: u64,
     /// How long a request to a broker may go unanswered before the
     /// connection is given up (librdkafka's `socket.timeout.ms`).
     pub socket_timeout_ms: u64,
@@ -412,6 +417,9 @@ impl Settings {
         }
         positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
         positive("kafka.heartbeat_interval_ms", self.kafka.heartbeat_interval_ms)?;
+        if self.kafka.max_poll_interval_ms < self.kafka.session_timeout_ms {
+            bail!("invalid setting kafka.max_poll_interval_ms: must be at least kafka.session_timeout_ms");
+        }
         positive("kafka.socket_timeout_ms", self.kafka.socket_timeout_ms)?;
         self.kafka.validate_security()?;
         for (name, topic) in [
