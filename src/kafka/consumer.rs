@@ -18,8 +18,8 @@
 //! block it until the pipeline answers, which is the point: the group waits
 //! for the answer, and publishing stops before another worker starts.
 //!
-//! While every lane is busy and nothing more may be gathered (a database
-//! outage holds the batches in their lanes), the thread keeps polling with
+//! When every lane has been busy for a second with nothing more to gather
+//! (a database outage holds the batches in their lanes), the thread polls on with
 //! its partitions paused: a consumer that stops polling for longer than
 //! `max.poll.interval.ms` is evicted from the group, and its partitions
 //! move while its batches still wait to be decided. What was read stays
@@ -312,6 +312,10 @@ struct Resume {
 /// records past the position before its read is sent further back.
 const RESUME_QUIET: Duration = Duration::from_millis(1000);
 
+/// How long every lane may stay busy, with nothing more to gather and no
+/// batch finishing, before the consumer pauses its partitions.
+const HOLD_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, PartialEq, Eq)]
 enum ResumeCheck {
     /// The position was served: read on.
@@ -399,6 +403,7 @@ fn subscribe(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Resul
         positions: Positions::default(),
         gathered: Gathered::default(),
         held: None,
+        pressed_since: None,
         decided_tx,
         decided,
     };
@@ -420,6 +425,9 @@ struct UsageReader {
     /// The partitions paused while nothing more may be gathered; `None`
     /// while reading.
     held: Option<TopicPartitionList>,
+    /// Since when every lane is busy and nothing more may be gathered,
+    /// without a lane finishing.
+    pressed_since: Option<Instant>,
     /// Lanes without a batch: a batch is sent only for one of them.
     free_lanes: usize,
     decided_tx: std_mpsc::Sender<Decided>,
@@ -453,10 +461,16 @@ impl UsageReader {
             }
             if full || batch_ready {
                 // Back-pressure: wait for a lane to finish its batch (its
-                // partitions may hold what is gathered), polling all the
-                // while with the partitions paused, so that the group keeps
-                // us however long the lanes take.
-                self.hold();
+                // partitions may hold what is gathered). When none has for
+                // a while (the database is down), the partitions are paused
+                // and polled, so that the group keeps us however long the
+                // lanes take. (Not at once: a pause drops what librdkafka
+                // has fetched ahead, which a busy worker would fetch again
+                // after every batch.)
+                let pressed = *self.pressed_since.get_or_insert_with(Instant::now);
+                if pressed.elapsed() >= HOLD_AFTER {
+                    self.hold();
+                }
                 if let Ok(decided) = self.decided.recv_timeout(Duration::from_millis(100)) {
                     self.on_decided(decided);
                 }
@@ -467,6 +481,7 @@ impl UsageReader {
                 }
                 continue;
             }
+            self.pressed_since = None;
             self.release();
             let wait = match oldest {
                 // Ready but every lane is busy: look for a free one often.
@@ -556,6 +571,7 @@ impl UsageReader {
     }
 
     fn on_decided(&mut self, decided: Decided) {
+        self.pressed_since = None;
         if !decided.reread.is_empty() {
             // A seek goes to a partition that is read from.
             self.release();

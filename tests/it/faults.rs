@@ -324,6 +324,23 @@ async fn a_control_position_no_longer_on_its_topic_stops_that_partition_and_neve
     worker.shutdown().await.unwrap();
 }
 
+/// A worker with these settings that has decided and published a first
+/// event of a new subscription (its partitions are assigned), and a reader
+/// of `usage-results` past that outcome.
+async fn worker_past_a_first_event(
+    env: &TestEnv,
+    subscription: &str,
+    settings: usage_worker::config::Settings,
+) -> (test_kit::Worker, test_kit::Reader) {
+    env.subscription(active_subscription(subscription, Some("1000")));
+    let worker = env.worker_with(settings).await;
+    env.usage(json!({"id": format!("{subscription}-first"), "subscriptionId": subscription, "quantity": 1}));
+    env.flush();
+    let reader = env.results_reader();
+    reader.read(1, WAIT);
+    (worker, reader)
+}
+
 /// Cuts a database off (or lets it back): no new connection is accepted,
 /// and every open one is ended.
 async fn cut_database_off(admin: &mut sqlx::PgConnection, database: &str, allow: bool) {
@@ -345,7 +362,6 @@ async fn cut_database_off(admin: &mut sqlx::PgConnection, database: &str, allow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_outage_longer_than_the_poll_interval_keeps_the_consumer_in_the_group() {
     let env = TestEnv::start().await;
-    env.subscription(active_subscription("sub_o", Some("1000")));
     let mut settings = env.settings();
     settings.kafka.session_timeout_ms = 6000;
     settings.kafka.max_poll_interval_ms = 10_000;
@@ -353,11 +369,7 @@ async fn a_database_outage_longer_than_the_poll_interval_keeps_the_consumer_in_t
     // thread waits for its one lane.
     settings.pipeline.batch_size = 5;
     settings.pipeline.lanes = 1;
-    let worker = env.worker_with(settings).await;
-    env.usage(json!({"id": "o0", "subscriptionId": "sub_o", "quantity": 1}));
-    env.flush();
-    let reader = env.results_reader();
-    reader.read(1, WAIT);
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_o", settings).await;
     let metrics = worker.counts.metrics.clone();
     assert_eq!(metrics.revocations(), 0);
 
@@ -404,12 +416,7 @@ async fn a_database_outage_longer_than_the_poll_interval_keeps_the_consumer_in_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_transaction_stays_open_while_the_relay_waits_for_the_brokers() {
     let env = TestEnv::start().await;
-    env.subscription(active_subscription("sub_f", None));
-    let worker = env.worker().await;
-    env.usage(json!({"id": "f0", "subscriptionId": "sub_f", "quantity": 1}));
-    env.flush();
-    let reader = env.results_reader();
-    reader.read(1, WAIT);
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_f", env.settings()).await;
 
     env.kafka.mock().unwrap().broker_down(1).unwrap();
     // Committed while the broker is away: the relay's round waits for it.
@@ -448,12 +455,7 @@ async fn no_transaction_stays_open_while_the_relay_waits_for_the_brokers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fatal_producer_error_stops_the_worker_and_a_restart_loses_nothing() {
     let env = TestEnv::start().await;
-    env.subscription(active_subscription("sub_x", None));
-    let worker = env.worker().await;
-    env.usage(json!({"id": "x0", "subscriptionId": "sub_x", "quantity": 1}));
-    env.flush();
-    let reader = env.results_reader();
-    reader.read(1, WAIT);
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_x", env.settings()).await;
 
     // The broker says it lost the producer's sequence: librdkafka's
     // idempotent producer cannot go on (a fatal error). (Only the relay
