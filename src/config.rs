@@ -621,6 +621,21 @@ mod tests {
     }
 
     #[test]
+    fn the_poll_interval_is_a_setting_no_shorter_than_the_session() {
+        let settings = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__MAX_POLL_INTERVAL_MS", "20000")])).unwrap();
+        assert_eq!(settings.kafka.max_poll_interval_ms, 20000);
+        let err = Settings::load_from(&env(&[
+            ("USAGE_WORKER__KAFKA__MAX_POLL_INTERVAL_MS", "5000"),
+            ("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "10000"),
+        ]))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kafka.max_poll_interval_ms: must be at least kafka.session_timeout_ms"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn lanes_need_connections_of_their_own() {
         let err = Settings::load_from(&env(&[("USAGE_WORKER__PIPELINE__LANES", "0")])).unwrap_err();
         assert!(format!("{err:#}").contains("pipeline.lanes"), "{err:#}");

@@ -19,8 +19,8 @@
 //! for the answer, and publishing stops before another worker starts.
 //!
 //! When every lane has been busy for a second with nothing more to gather
-//! (a database outage holds the batches in their lanes), the thread polls on with
-//! its partitions paused: a consumer that stops polling for longer than
+//! (a database outage holds the batches in their lanes), the thread polls
+//! on with its partitions paused: a consumer that stops polling for longer than
 //! `max.poll.interval.ms` is evicted from the group, and its partitions
 //! move while its batches still wait to be decided. What was read stays
 //! gathered in memory, in order, and the partitions resume where the

@@ -18,10 +18,11 @@
 //! drops the partition: two relays never publish a partition at once. No
 //! transaction stays open for the round: a round waits on the brokers for
 //! as long as an outage lasts, and an open transaction would hold back
-//! vacuum all that time (a row lock held the fence before). A revocation waits for the round in flight only `REVOKE_WAIT`,
-//! then purges the producer's queue and in-flight requests, so that a round
-//! stuck on unreachable brokers ends (its records are not retried later)
-//! and frees the rows for the new owner.
+//! vacuum all that time (a row lock held the fence before). A revocation
+//! waits for the round in flight only `REVOKE_WAIT`, then purges the
+//! producer's queue and in-flight requests, so that a round stuck on
+//! unreachable brokers ends (its records are not retried later) and frees
+//! the fences for the new owner.
 //!
 //! What the worker's own batches committed is handed over in memory
 //! ([`Relay::offer`]), so that it is not read back: a partition's records go

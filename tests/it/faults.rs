@@ -442,6 +442,12 @@ async fn no_transaction_stays_open_while_the_relay_waits_for_the_brokers() {
             == 0,
         "the record waited for the broker"
     );
+    // The producer's errors are counted (a transport error: the broker is
+    // unreachable).
+    let transport = r#"usage_worker_kafka_errors_total{client="producer",kind="transport"} "#;
+    let counted = worker.counts.metrics.render();
+    let counted = counted.lines().find_map(|l| l.strip_prefix(transport)).unwrap();
+    assert!(counted.parse::<u64>().unwrap() > 0, "{counted}");
     env.kafka.mock().unwrap().broker_up(1).unwrap();
     let mut records = reader.read(1, WAIT);
     records.extend(reader.read_rest(Duration::from_secs(2)));
