@@ -66,6 +66,11 @@ pub struct KafkaSettings {
     pub auto_offset_reset: OffsetReset,
     pub session_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// Longest time between two polls of the usage consumer before the group
+    /// evicts it (librdkafka's `max.poll.interval.ms`). The consumer keeps
+    /// polling, with its partitions paused, while a batch cannot be decided
+    /// (a database outage), so this bounds only a stuck consumer thread.
+    pub max_poll_interval_ms: u64,
     /// How long a request to a broker may go unanswered before the
     /// connection is given up (librdkafka's `socket.timeout.ms`).
     pub socket_timeout_ms: u64,
@@ -528,6 +533,9 @@ impl Settings {
         }
         positive("kafka.session_timeout_ms", self.kafka.session_timeout_ms)?;
         positive("kafka.heartbeat_interval_ms", self.kafka.heartbeat_interval_ms)?;
+        if self.kafka.max_poll_interval_ms < self.kafka.session_timeout_ms {
+            bail!("invalid setting kafka.max_poll_interval_ms: must be at least kafka.session_timeout_ms");
+        }
         positive("kafka.socket_timeout_ms", self.kafka.socket_timeout_ms)?;
         self.kafka.validate_security()?;
         for (name, topic) in [
@@ -859,6 +867,21 @@ mod tests {
         assert!(format!("{err:#}").contains("pipeline.batch_size"), "{err:#}");
         let err = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__AUTO_OFFSET_RESET", "middle")])).unwrap_err();
         assert!(format!("{err:#}").contains("auto_offset_reset"), "{err:#}");
+    }
+
+    #[test]
+    fn the_poll_interval_is_a_setting_no_shorter_than_the_session() {
+        let settings = Settings::load_from(&env(&[("USAGE_WORKER__KAFKA__MAX_POLL_INTERVAL_MS", "20000")])).unwrap();
+        assert_eq!(settings.kafka.max_poll_interval_ms, 20000);
+        let err = Settings::load_from(&env(&[
+            ("USAGE_WORKER__KAFKA__MAX_POLL_INTERVAL_MS", "5000"),
+            ("USAGE_WORKER__KAFKA__SESSION_TIMEOUT_MS", "10000"),
+        ]))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kafka.max_poll_interval_ms: must be at least kafka.session_timeout_ms"),
+            "{err:#}"
+        );
     }
 
     #[test]

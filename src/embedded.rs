@@ -77,6 +77,16 @@ impl EmbeddedKafka {
             .broker_down(broker)?)
     }
 
+    /// The next produce requests fail with these errors, one each.
+    pub fn produce_errors(&self, errors: &[rdkafka::types::RDKafkaRespErr]) -> anyhow::Result<()> {
+        self.owner
+            .client()
+            .mock_cluster()
+            .context("mock cluster gone")?
+            .request_errors(rdkafka::types::RDKafkaApiKey::Produce, errors);
+        Ok(())
+    }
+
     pub fn broker_up(&self, broker: i32) -> anyhow::Result<()> {
         Ok(self
             .owner

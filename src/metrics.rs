@@ -60,6 +60,74 @@ impl TransactionKind {
     }
 }
 
+/// A Kafka client of the worker: the `client` label of `kafka_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaClient {
+    Consumer,
+    Producer,
+}
+
+impl KafkaClient {
+    const ALL: [Self; 2] = [Self::Consumer, Self::Producer];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Consumer => "consumer",
+            Self::Producer => "producer",
+        }
+    }
+}
+
+/// The `kind` label of `kafka_errors_total`: librdkafka's error codes
+/// (dozens, and growing) mapped to a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaErrorKind {
+    /// The client could not reach or talk to a broker (connection refused or
+    /// lost, time-outs, name resolution, all brokers down).
+    Transport,
+    /// A broker answered with an error.
+    Broker,
+    /// The client cannot go on (librdkafka's fatal error: the idempotent
+    /// producer's state is lost).
+    Fatal,
+    Other,
+}
+
+impl KafkaErrorKind {
+    const ALL: [Self; 4] = [Self::Transport, Self::Broker, Self::Fatal, Self::Other];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Transport => "transport",
+            Self::Broker => "broker",
+            Self::Fatal => "fatal",
+            Self::Other => "other",
+        }
+    }
+
+    /// The kind of an rdkafka error code. Codes below zero are the client's
+    /// own; codes above zero are the broker's answers.
+    pub fn of(code: rdkafka::types::RDKafkaErrorCode) -> Self {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        match code {
+            C::Fatal => Self::Fatal,
+            C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::MessageTimedOut
+            | C::RequestTimedOut
+            | C::OperationTimedOut
+            | C::TimedOutQueue
+            | C::NetworkException
+            | C::Authentication
+            | C::SaslAuthenticationFailed
+            | C::SSL => Self::Transport,
+            c if (c as i32) > 0 => Self::Broker,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// The prefix of every metric's name.
 const NAMESPACE: &str = "usage_worker";
 
@@ -82,6 +150,8 @@ pub struct Metrics {
     http_request_seconds: HistogramVec,
     period_records: IntCounterVec,
     period_sweep_errors: IntCounter,
+    kafka_errors: IntCounterVec,
+    rebalances: IntCounterVec,
     /// The partitions of `usage-events` held now; `None` before the first
     /// assignment and while a rebalance has taken them away (for `/readyz`).
     assignment: Mutex<Option<Vec<i32>>>,
@@ -204,8 +274,30 @@ impl Metrics {
             "period_sweep_errors_total",
             "Period sweep rounds that failed (and were tried again)",
         )?;
+        let kafka_errors = IntCounterVec::new(
+            Opts::new(
+                "kafka_errors_total",
+                "Errors of the Kafka clients, by client (consumer, producer) and kind (transport, broker, fatal, other)",
+            ),
+            &["client", "kind"],
+        )?;
+        for client in KafkaClient::ALL {
+            for kind in KafkaErrorKind::ALL {
+                kafka_errors.with_label_values(&[client.as_str(), kind.as_str()]);
+            }
+        }
+        let rebalances = IntCounterVec::new(
+            Opts::new(
+                "consumer_rebalances_total",
+                "Partitions of usage-events assigned to or revoked from this worker's consumer, by event (assigned, revoked)",
+            ),
+            &["event"],
+        )?;
+        for event in ["assigned", "revoked"] {
+            rebalances.with_label_values(&[event]);
+        }
         let mut names = Vec::new();
-        let collectors: [Box<dyn Collector>; 15] = [
+        let collectors: [Box<dyn Collector>; 17] = [
             Box::new(consumed.clone()),
             Box::new(decided.clone()),
             Box::new(batch_size.clone()),
@@ -221,6 +313,8 @@ impl Metrics {
             Box::new(http_request_seconds.clone()),
             Box::new(period_records.clone()),
             Box::new(period_sweep_errors.clone()),
+            Box::new(kafka_errors.clone()),
+            Box::new(rebalances.clone()),
         ];
         for collector in collectors {
             names.extend(collector.desc().iter().map(|d| format!("{NAMESPACE}_{}", d.fq_name)));
@@ -244,6 +338,8 @@ impl Metrics {
             http_request_seconds,
             period_records,
             period_sweep_errors,
+            kafka_errors,
+            rebalances,
             assignment: Mutex::new(None),
         })
     }
@@ -339,6 +435,25 @@ impl Metrics {
         self.period_sweep_errors.inc();
     }
 
+    /// An error of a Kafka client (from its error callback, or a failed
+    /// delivery).
+    pub fn kafka_error(&self, client: KafkaClient, kind: KafkaErrorKind) {
+        self.kafka_errors
+            .with_label_values(&[client.as_str(), kind.as_str()])
+            .inc();
+    }
+
+    /// The consumer's partitions were assigned (`true`) or revoked.
+    pub fn rebalanced(&self, assigned: bool) {
+        let event = if assigned { "assigned" } else { "revoked" };
+        self.rebalances.with_label_values(&[event]).inc();
+    }
+
+    /// How many times the consumer's partitions were revoked.
+    pub fn revocations(&self) -> u64 {
+        self.rebalances.with_label_values(&["revoked"]).get()
+    }
+
     /// Everything, in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -413,6 +528,34 @@ mod tests {
         assert!(metrics
             .render()
             .contains(r#"usage_worker_db_pool_connections{pool="http",state="in_use"} 0"#));
+    }
+
+    #[test]
+    fn kafka_errors_have_a_closed_set_of_labels_counted_from_zero() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let metrics = Metrics::default();
+        assert!(metrics.names().iter().any(|n| n == "usage_worker_kafka_errors_total"));
+        assert!(metrics
+            .names()
+            .iter()
+            .any(|n| n == "usage_worker_consumer_rebalances_total"));
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"usage_worker_kafka_errors_total{client="producer",kind="fatal"} 0"#),
+            "{text}"
+        );
+        assert_eq!(KafkaErrorKind::of(C::AllBrokersDown), KafkaErrorKind::Transport);
+        assert_eq!(KafkaErrorKind::of(C::Fatal), KafkaErrorKind::Fatal);
+        assert_eq!(KafkaErrorKind::of(C::NotLeaderForPartition), KafkaErrorKind::Broker);
+        assert_eq!(KafkaErrorKind::of(C::QueueFull), KafkaErrorKind::Other);
+        metrics.kafka_error(KafkaClient::Consumer, KafkaErrorKind::of(C::BrokerTransportFailure));
+        metrics.rebalanced(false);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"usage_worker_kafka_errors_total{client="consumer",kind="transport"} 1"#),
+            "{text}"
+        );
+        assert_eq!(metrics.revocations(), 1);
     }
 
     #[test]

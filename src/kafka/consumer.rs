@@ -17,6 +17,14 @@
 //! that aged while they waited. Rebalances run inside the thread's poll and
 //! block it until the pipeline answers, which is the point: the group waits
 //! for the answer, and publishing stops before another worker starts.
+//!
+//! When every lane has been busy for a second with nothing more to gather
+//! (a database outage holds the batches in their lanes), the thread polls
+//! on with its partitions paused: a consumer that stops polling for longer than
+//! `max.poll.interval.ms` is evicted from the group, and its partitions
+//! move while its batches still wait to be decided. What was read stays
+//! gathered in memory, in order, and the partitions resume where the
+//! thread's positions stand (see [`UsageReader::hold`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
@@ -31,6 +39,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
+
+use super::producer::ErrorCounter;
 
 /// What the consumer thread tells the pipeline; each event carries its
 /// answer's way back.
@@ -146,6 +156,7 @@ struct RebalanceContext {
     /// The owned partitions and where each resumes, after a rebalance the
     /// loop has not taken up yet.
     reassigned: Mutex<Option<HashMap<i32, i64>>>,
+    errors: ErrorCounter,
 }
 
 impl RebalanceContext {
@@ -195,7 +206,12 @@ impl RebalanceContext {
     }
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.count(&error);
+        tracing::warn!(error = %error, reason, "consumer error");
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RespErr, tpl: &mut TopicPartitionList) {
@@ -222,6 +238,7 @@ impl ConsumerContext for RebalanceContext {
                     next.insert(*p, offset);
                 }
                 self.reassign(next);
+                self.errors.metrics.rebalanced(true);
                 tracing::info!(?partitions, ?offsets, "partitions assigned");
                 if let Err(e) = consumer.assign(&assignment) {
                     tracing::error!(error = %e, "assigning partitions failed");
@@ -229,6 +246,7 @@ impl ConsumerContext for RebalanceContext {
             }
             RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, "partitions revoked");
+                self.errors.metrics.rebalanced(false);
                 self.reassign(HashMap::new());
                 self.stop_publishing(&partitions);
                 if let Err(e) = consumer.unassign() {
@@ -294,6 +312,10 @@ struct Resume {
 /// records past the position before its read is sent further back.
 const RESUME_QUIET: Duration = Duration::from_millis(1000);
 
+/// How long every lane may stay busy, with nothing more to gather and no
+/// batch finishing, before the consumer pauses its partitions.
+const HOLD_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, PartialEq, Eq)]
 enum ResumeCheck {
     /// The position was served: read on.
@@ -333,6 +355,8 @@ pub struct ConsumerSettings {
     pub linger: Duration,
     /// Batches the pipeline decides at once.
     pub lanes: usize,
+    /// Where the consumer's errors and rebalances are counted.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Starts the consumer thread. It leaves the group (revoking its partitions
@@ -358,6 +382,10 @@ fn subscribe(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Resul
         topic: settings.topic.clone(),
         events: events_tx,
         reassigned: Mutex::new(None),
+        errors: ErrorCounter {
+            client: crate::metrics::KafkaClient::Consumer,
+            metrics: settings.metrics.clone(),
+        },
     };
     let consumer: UsageKafkaConsumer = config
         .create_with_context(context)
@@ -374,6 +402,8 @@ fn subscribe(config: &ClientConfig, settings: ConsumerSettings) -> anyhow::Resul
         leave,
         positions: Positions::default(),
         gathered: Gathered::default(),
+        held: None,
+        pressed_since: None,
         decided_tx,
         decided,
     };
@@ -392,6 +422,12 @@ struct UsageReader {
     leave: oneshot::Receiver<()>,
     positions: Positions,
     gathered: Gathered,
+    /// The partitions paused while nothing more may be gathered; `None`
+    /// while reading.
+    held: Option<TopicPartitionList>,
+    /// Since when every lane is busy and nothing more may be gathered,
+    /// without a lane finishing.
+    pressed_since: Option<Instant>,
     /// Lanes without a batch: a batch is sent only for one of them.
     free_lanes: usize,
     decided_tx: std_mpsc::Sender<Decided>,
@@ -425,12 +461,28 @@ impl UsageReader {
             }
             if full || batch_ready {
                 // Back-pressure: wait for a lane to finish its batch (its
-                // partitions may hold what is gathered).
+                // partitions may hold what is gathered). When none has for
+                // a while (the database is down), the partitions are paused
+                // and polled, so that the group keeps us however long the
+                // lanes take. (Not at once: a pause drops what librdkafka
+                // has fetched ahead, which a busy worker would fetch again
+                // after every batch.)
+                let pressed = *self.pressed_since.get_or_insert_with(Instant::now);
+                if pressed.elapsed() >= HOLD_AFTER {
+                    self.hold();
+                }
                 if let Ok(decided) = self.decided.recv_timeout(Duration::from_millis(100)) {
                     self.on_decided(decided);
                 }
+                // (Without anything to read, the poll only serves the group;
+                // should pausing have failed, nothing is polled.)
+                if self.held.is_some() || self.positions.next.is_empty() {
+                    self.poll(Duration::ZERO);
+                }
                 continue;
             }
+            self.pressed_since = None;
+            self.release();
             let wait = match oldest {
                 // Ready but every lane is busy: look for a free one often.
                 Some(_) if lingered => Duration::from_millis(2),
@@ -470,7 +522,60 @@ impl UsageReader {
         self.consumer.context().events.blocking_send(event).is_ok()
     }
 
+    /// Pauses every partition read from (once): nothing more is fetched,
+    /// and polling goes on, which keeps the consumer in the group (librdkafka
+    /// evicts a consumer that does not poll for `max.poll.interval.ms`).
+    ///
+    /// Nothing is lost or read out of order: what the thread has read is
+    /// gathered in memory and stays there until a batch takes it, and
+    /// librdkafka drops what it had fetched but not yet returned, and on
+    /// resume fetches again from the position after the last message
+    /// returned, which is where `positions` stand. (Seeking back to the
+    /// batches' start instead would read again what is already gathered or
+    /// in a lane.)
+    fn hold(&mut self) {
+        if self.held.is_some() || self.positions.next.is_empty() {
+            return;
+        }
+        let mut held = TopicPartitionList::new();
+        for partition in self.positions.next.keys() {
+            held.add_partition(&self.settings.topic, *partition);
+        }
+        match self.consumer.pause(&held) {
+            Ok(()) => {
+                tracing::debug!(partitions = held.count(), "every lane is busy: reading paused");
+                self.held = Some(held);
+            }
+            Err(e) => tracing::warn!(error = %e, "pausing the partitions failed"),
+        }
+    }
+
+    /// Resumes the partitions `hold` paused (those still read from). Each
+    /// is checked as after a seek: a broker that serves a position inside a
+    /// record batch from the next batch (tansu) is read from further back.
+    fn release(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let mut resumed = TopicPartitionList::new();
+        for element in held.elements() {
+            let partition = element.partition();
+            if let Some(next) = self.positions.next.get(&partition).copied() {
+                resumed.add_partition(&self.settings.topic, partition);
+                self.positions.resume(partition, next);
+            }
+        }
+        if let Err(e) = self.consumer.resume(&resumed) {
+            tracing::error!(error = %e, "resuming the partitions failed");
+        }
+    }
+
     fn on_decided(&mut self, decided: Decided) {
+        self.pressed_since = None;
+        if !decided.reread.is_empty() {
+            // A seek goes to a partition that is read from.
+            self.release();
+        }
         for (partition, offset) in decided.reread {
             seek(
                 &self.consumer,
@@ -493,8 +598,10 @@ impl UsageReader {
         if let Some(next) = consumer.context().take_reassigned() {
             // What was gathered under the former assignment is dropped (the
             // partitions' owners read it again); batches in lanes stay so.
+            // A new assignment is read from, not paused.
             self.positions.reassign(next);
             self.gathered.clear();
+            self.held = None;
         }
         match polled {
             Some(Ok(message)) => {
@@ -521,10 +628,15 @@ impl UsageReader {
                     }
                 }
             }
-            Some(Err(e)) => on_error(consumer, topic, &mut self.positions, e),
+            Some(Err(e)) => {
+                consumer.context().errors.count(&e);
+                on_error(consumer, topic, &mut self.positions, e);
+            }
             None => {}
         }
-        check_quiet_resumes(consumer, topic, &mut self.positions);
+        if self.held.is_none() {
+            check_quiet_resumes(consumer, topic, &mut self.positions);
+        }
     }
 }
 
@@ -869,6 +981,7 @@ mod tests {
             max_batch_bytes: usize::MAX,
             linger: Duration::ZERO,
             lanes,
+            metrics: Default::default(),
         };
         subscribe(&config, settings).unwrap()
     }

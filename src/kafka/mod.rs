@@ -53,6 +53,7 @@ pub fn usage_consumer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("partition.assignment.strategy", "range")
         .set("session.timeout.ms", settings.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", settings.heartbeat_interval_ms.to_string())
+        .set("max.poll.interval.ms", settings.max_poll_interval_ms.to_string())
         .set("enable.partition.eof", "false")
         // Latency: a fetch that finds nothing new is answered after at most
         // this long (some brokers, librdkafka's mock among them, hold it the

@@ -1,4 +1,6 @@
-//! Handing records to a producer.
+//! Handing records to a producer, and the producer's own errors.
+
+use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -6,6 +8,51 @@ use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::AsyncRuntime;
+use tokio::sync::watch;
+
+use crate::metrics::{KafkaClient, KafkaErrorKind, Metrics};
+
+/// Counts a Kafka client's errors (`kafka_errors_total`) and logs them.
+#[derive(Clone)]
+pub struct ErrorCounter {
+    pub client: KafkaClient,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ErrorCounter {
+    /// An error from the client's error callback, a poll or a delivery.
+    pub fn count(&self, error: &KafkaError) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or(KafkaErrorKind::Other, KafkaErrorKind::of);
+        self.metrics.kafka_error(self.client, kind);
+    }
+}
+
+/// A producer's fatal error, once there is one: the producer can deliver
+/// nothing more (librdkafka's idempotent producer has lost its sequence
+/// state), and the worker exits so that the orchestrator restarts it.
+pub type FatalError = Arc<watch::Sender<Option<String>>>;
+
+/// The outcome producer's context: counts its errors and raises its fatal
+/// error.
+pub struct ProducerErrors {
+    pub errors: ErrorCounter,
+    pub fatal: FatalError,
+}
+
+impl ClientContext for ProducerErrors {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.count(&error);
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(error = %error, reason, "FATAL PRODUCER ERROR");
+            self.fatal
+                .send_replace(Some(format!("fatal producer error: {error}: {reason}")));
+        } else {
+            tracing::warn!(error = %error, reason, "producer error");
+        }
+    }
+}
 
 /// A producer's own send of a record `R`, which gives the record back when
 /// the producer cannot take it.

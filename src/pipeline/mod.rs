@@ -48,7 +48,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let topics = check_topics(&settings).await?;
-    let relay = RelayService::start(&settings, &pool)?;
+    let relay = RelayService::start(&settings, &pool, &counts.metrics)?;
     let sweep = SweepService::start(&settings, &pool, &topics, &relay.relay, &counts);
     let stop_threads = Arc::new(AtomicBool::new(false));
     let controls = start_control_readers(&settings, &pool, &topics, &counts, &stop_threads).await?;
@@ -63,7 +63,18 @@ pub async fn run(
         shutting_down: AtomicBool::new(false),
     });
     let mut input = start_usage_input(&settings, &worker.pool, &relay.relay, &worker.counts)?;
-    if let Err(e) = worker.decide_until(&mut input, shutdown).await {
+    let decided = tokio::select! {
+        decided = worker.decide_until(&mut input, shutdown) => decided,
+        // The producer cannot deliver anything more: the worker exits
+        // (non-zero), loudly, for the orchestrator to restart it. The
+        // batches in flight are cut short (their transactions roll back);
+        // everything committed stays in the outbox for the next run.
+        fatal = relay.relay.fatal() => {
+            tracing::error!(error = fatal, "the producer failed fatally; exiting so that the worker is restarted");
+            Err(anyhow::anyhow!("{fatal}; the worker must be restarted"))
+        }
+    };
+    if let Err(e) = decided {
         // The relay and the control readers stop (what was committed stays
         // in the outbox); the consumer leaves the group, and its revocation
         // is still answered, after the worker has returned.
@@ -147,7 +158,7 @@ struct RelayService {
 }
 
 impl RelayService {
-    fn start(settings: &Settings, pool: &PgPool) -> anyhow::Result<Self> {
+    fn start(settings: &Settings, pool: &PgPool, metrics: &Arc<crate::metrics::Metrics>) -> anyhow::Result<Self> {
         let (k, p) = (&settings.kafka, &settings.pipeline);
         let retry_max = Duration::from_millis(p.retry_max_backoff_ms);
         let relay = Arc::new(Relay::new(
@@ -156,14 +167,43 @@ impl RelayService {
             kafka::reader_config(k, "relay"),
             settings.topics.outputs().iter().map(|t| t.to_string()).collect(),
             retry_max,
+            metrics.clone(),
         )?);
         let (stop, stopped) = watch::channel(false);
         let task = {
             let relay = relay.clone();
-            let retention = p.outcome_retention_days;
-            tokio::spawn(async move { relay.run(retry_max, retention, stopped).await })
+            tokio::spawn(async move { relay.run(retry_max, stopped).await })
         };
+        // The purge runs beside the relay, on a task of its own: a long
+        // purge never holds back publishing.
+        tokio::spawn(purge_expired(pool.clone(), p.outcome_retention_days, stop.subscribe()));
         Ok(Self { relay, stop, task })
+    }
+}
+
+/// Rows a purge statement deletes at most, and the pause between two.
+const PURGE_CHUNK_ROWS: i64 = 10_000;
+const PURGE_PAUSE: Duration = Duration::from_millis(100);
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Deletes published outcome records older than the retention time, every
+/// hour, in bounded chunks, until `stop` is set.
+async fn purge_expired(pool: PgPool, retention_days: u32, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PURGE_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let purge = crate::store::delete_expired(&pool, retention_days, PURGE_CHUNK_ROWS, PURGE_PAUSE);
+        tokio::select! {
+            purged = purge => match purged {
+                Ok((records, _)) if records > 0 => tracing::info!(deleted = records, "deleted expired outcome records"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "deleting expired outcome records failed"),
+            },
+            // A chunk in flight is rolled back; the next purge goes on.
+            _ = stop.changed() => return,
+        }
     }
 }
 
@@ -282,6 +322,7 @@ fn start_usage_input(
             max_batch_bytes: p.max_batch_bytes,
             linger: p.linger(),
             lanes: p.lanes,
+            metrics: counts.metrics.clone(),
         },
     )?;
     Ok(UsageInput { consumer, ownership })

@@ -6,15 +6,23 @@
 //!
 //! A partition's former owner may still be alive and publishing: a worker
 //! evicted from the group that has not noticed yet (it could not reach the
-//! brokers, or its consumer thread was blocked on the database). PostgreSQL
-//! fences it (`outbox_owners`): a round runs with the rows of its partitions
-//! locked, and only for partitions this relay has claimed; taking a
-//! partition over claims its row first, which waits for a former owner's
-//! round in flight and stops its later rounds, and only then reads the
-//! topic. A revocation waits for the round in flight only `REVOKE_WAIT`,
-//! then purges the producer's queue and in-flight requests, so that a round
-//! stuck on unreachable brokers ends (its records are not retried later)
-//! and frees the rows for the new owner.
+//! brokers, or its consumer thread was blocked). PostgreSQL fences it: a
+//! round runs holding its partitions' fences (session-level advisory locks
+//! on the relay's own connection, [`store::take_fences`]), and only for the
+//! partitions this relay has claimed in `outbox_owners`, read after the
+//! fences are taken; taking a partition over claims its row first, then
+//! waits until no session holds its fence (a former owner's round in flight
+//! has ended), and only then reads the topic. Either the former owner took
+//! the fence before the claimant looked, and the claimant waits for its
+//! round to end, or it takes the fence after, and then reads the claim and
+//! drops the partition: two relays never publish a partition at once. No
+//! transaction stays open for the round: a round waits on the brokers for
+//! as long as an outage lasts, and an open transaction would hold back
+//! vacuum all that time (a row lock held the fence before). A revocation
+//! waits for the round in flight only `REVOKE_WAIT`, then purges the
+//! producer's queue and in-flight requests, so that a round stuck on
+//! unreachable brokers ends (its records are not retried later) and frees
+//! the fences for the new owner.
 //!
 //! What the worker's own batches committed is handed over in memory
 //! ([`Relay::offer`]), so that it is not read back: a partition's records go
@@ -34,7 +42,7 @@ use rdkafka::ClientConfig;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::kafka::producer::send_with_retry_async;
+use crate::kafka::producer::{send_with_retry_async, ErrorCounter, FatalError, ProducerErrors};
 use crate::retry::Backoff;
 use crate::store;
 
@@ -61,7 +69,11 @@ const MAX_OFFERED_BYTES: usize = 64 << 20;
 
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerErrors>,
+    /// The producer's fatal error, once it has one (see [`Relay::fatal`]).
+    fatal: FatalError,
+    /// Counts failed deliveries (the producer's context counts the rest).
+    errors: ErrorCounter,
     reader_config: ClientConfig,
     topics: Vec<String>,
     /// (topic, partition) -> last sequence known to be on the topic; `None`
@@ -74,8 +86,11 @@ pub struct Relay {
     /// delivery, say) could take it back from a newer owner.
     claimed: Mutex<HashSet<(String, i32)>>,
     /// Held for the length of a publishing round; a revocation waits for it,
-    /// so that a partition's next owner never publishes alongside us.
-    round: tokio::sync::Mutex<()>,
+    /// so that a partition's next owner never publishes alongside us. It
+    /// keeps the connection the rounds hold their fences on (none after a
+    /// failure: a round that fails or is cut short drops it, and its fences
+    /// go with it).
+    round: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
     wake: Notify,
     /// (topic, partition) -> committed records in sequence order, without
     /// gaps, handed over by the deciding transaction.
@@ -169,21 +184,65 @@ impl Relay {
         reader_config: ClientConfig,
         topics: Vec<String>,
         retry_max: Duration,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
+        let fatal: FatalError = std::sync::Arc::new(tokio::sync::watch::channel(None).0);
+        let errors = ErrorCounter {
+            client: crate::metrics::KafkaClient::Producer,
+            metrics,
+        };
+        let context = ProducerErrors {
+            errors: errors.clone(),
+            fatal: fatal.clone(),
+        };
         Ok(Self {
             pool,
-            producer: producer_config.create().context("creating the producer")?,
+            producer: producer_config
+                .create_with_context(context)
+                .context("creating the producer")?,
+            fatal,
+            errors,
             reader_config,
             topics,
             owned: Mutex::new(HashMap::new()),
             instance: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
             claimed: Mutex::new(HashSet::new()),
-            round: tokio::sync::Mutex::new(()),
+            round: tokio::sync::Mutex::new(None),
             wake: Notify::new(),
             offered: Mutex::new(Offered::default()),
             failing: Mutex::new(HashMap::new()),
             retry_max,
         })
+    }
+
+    /// Resolves with the producer's fatal error, once it has one. The
+    /// producer delivers nothing more then (librdkafka's idempotent producer
+    /// lost its sequence state): the worker exits, non-zero, and is
+    /// restarted; what was not delivered stays in the outbox, and the next
+    /// run publishes it after reading back where each partition stands.
+    pub async fn fatal(&self) -> String {
+        let mut fatal = self.fatal.subscribe();
+        loop {
+            if let Some(error) = fatal.borrow_and_update().clone() {
+                return error;
+            }
+            if fatal.changed().await.is_err() {
+                // The sender lives as long as the relay.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// After a failed delivery: whether the producer has a fatal error that
+    /// its error callback has not raised yet.
+    fn check_fatal(&self) {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            if self.fatal.borrow().is_none() {
+                tracing::error!(?code, reason, "FATAL PRODUCER ERROR");
+                self.fatal
+                    .send_replace(Some(format!("fatal producer error: {code:?}: {reason}")));
+            }
+        }
     }
 
     /// Whether a failing partition waits still.
@@ -336,9 +395,8 @@ impl Relay {
     }
 
     /// Runs rounds until `stop` resolves.
-    pub async fn run(&self, retry_max: Duration, retention_days: u32, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(&self, retry_max: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = Backoff::new(FIRST_RETRY, retry_max);
-        let mut last_cleanup = tokio::time::Instant::now();
         loop {
             if *stop.borrow() {
                 return;
@@ -358,16 +416,6 @@ impl Relay {
                     continue;
                 }
             }
-            if last_cleanup.elapsed() > Duration::from_secs(3600) {
-                last_cleanup = tokio::time::Instant::now();
-                match store::delete_expired(&self.pool, retention_days).await {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(deleted = n, "deleted expired outcome records");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "deleting expired outcome records failed"),
-                }
-            }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -378,14 +426,24 @@ impl Relay {
 
     /// One pass over the owned partitions; returns how many records went out.
     async fn round_once(&self) -> anyhow::Result<usize> {
-        let _round = self.round.lock().await;
+        let mut round = self.round.lock().await;
         let mut after = self.published_positions().await;
         if after.is_empty() {
             return Ok(0);
         }
-        // The fence: the round holds its partitions' rows until its
-        // deliveries are settled (the transaction ends with the function).
-        let mut fence = self.pool.begin().await.context("starting a publishing round")?;
+        // The fence: the round holds its partitions' fences until its
+        // deliveries are settled. The connection is out of `round` until the
+        // round ends well: dropped (an error, a shutdown's time-out), it
+        // closes, and the server lets go of its fences.
+        let mut fence = match round.take() {
+            Some(connection) => connection,
+            None => self
+                .pool
+                .acquire()
+                .await
+                .context("connecting for a publishing round")?
+                .detach(),
+        };
         self.keep_claimed(&mut fence, &mut after).await?;
         let clock = std::time::Instant::now();
         let (records, from_memory) = self.pending_records(&mut after).await?;
@@ -396,7 +454,10 @@ impl Relay {
         // and only that partition backs off.
         let mut failed: HashMap<(String, i32), anyhow::Error> = HashMap::new();
         let deliveries = self.enqueue(&records, &mut failed).await;
-        let mut last = settle(&records, deliveries, &mut failed).await;
+        let mut last = settle(&records, deliveries, &mut failed, &self.errors).await;
+        if !failed.is_empty() {
+            self.check_fatal();
+        }
         self.conclude_failures(&after, &failed, &mut last);
         // What was delivered is on the topic whatever happens next: the
         // relay goes on from there, even when recording it in the database
@@ -408,7 +469,9 @@ impl Relay {
         for (topic, partition, seq) in &published {
             self.set_published(topic, *partition, *seq);
         }
-        fence.commit().await.context("ending a publishing round")?;
+        store::release_fences(&mut fence).await?;
+        *round = Some(fence);
+        drop(round);
         store::mark_published_many(&self.pool, &published).await?;
         if !records.is_empty() {
             tracing::debug!(
@@ -465,15 +528,19 @@ impl Relay {
         after
     }
 
-    /// Locks the rows of the round's partitions, and drops from the round
-    /// (and from what this relay owns) those another worker has claimed.
+    /// Takes the fences of the round's partitions, and drops from the round
+    /// those whose fence another session holds (for this round), and those
+    /// another worker has claimed (also from what this relay owns).
     async fn keep_claimed(
         &self,
         fence: &mut sqlx::PgConnection,
         after: &mut Vec<(String, i32, i64)>,
     ) -> anyhow::Result<()> {
         let keys: Vec<(String, i32)> = after.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
-        let claimed = store::lock_claimed(fence, &self.instance, &keys).await?;
+        let fenced = store::take_fences(fence, &keys).await?;
+        after.retain(|(t, p, _)| fenced.contains(&(t.clone(), *p)));
+        let keys: Vec<(String, i32)> = after.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+        let claimed = store::still_claimed(fence, &self.instance, &keys).await?;
         for (topic, partition) in keys.iter().filter(|k| !claimed.contains(*k)) {
             tracing::error!(
                 topic,
@@ -543,6 +610,9 @@ impl Relay {
             match self.send(topic, *partition, record).await {
                 Ok(delivery) => deliveries.push(Some(delivery)),
                 Err(e) => {
+                    if let Some(kafka) = e.downcast_ref::<rdkafka::error::KafkaError>() {
+                        self.errors.count(kafka);
+                    }
                     failed.insert(
                         key,
                         e.context(format!("publishing seq {} to {topic}/{partition}", record.seq)),
@@ -673,6 +743,7 @@ async fn settle(
     records: &[(String, i32, store::StoredRecord)],
     deliveries: Vec<Option<DeliveryFuture>>,
     failed: &mut HashMap<(String, i32), anyhow::Error>,
+    errors: &ErrorCounter,
 ) -> HashMap<(String, i32), i64> {
     let mut last: HashMap<(String, i32), i64> = HashMap::new();
     for ((topic, partition, record), delivery) in records.iter().zip(deliveries) {
@@ -682,7 +753,12 @@ async fn settle(
         let result = delivery
             .await
             .map_err(|_| anyhow::anyhow!("producer dropped a delivery"))
-            .and_then(|r| r.map_err(|(e, _)| anyhow::Error::from(e)));
+            .and_then(|r| {
+                r.map_err(|(e, _)| {
+                    errors.count(&e);
+                    anyhow::Error::from(e)
+                })
+            });
         let key = (topic.clone(), *partition);
         if failed.contains_key(&key) {
             continue;

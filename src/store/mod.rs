@@ -24,8 +24,8 @@ pub use control::{ControlMessage, StoredPositions};
 pub use errors::{classify, is_unavailable, until_available, FailureKind};
 pub use invoices::{apply_invoices, InvoicesApplied, ItemResult};
 pub use outbox::{
-    claim_partition, delete_expired, lock_claimed, mark_published, mark_published_many, pending_many, published_seq,
-    OutboxRecord, SourcePosition, StoredRecord,
+    claim_partition, delete_expired, delete_expired_chunk, mark_published, mark_published_many, pending_many,
+    published_seq, release_fences, still_claimed, take_fences, OutboxRecord, SourcePosition, StoredRecord,
 };
 pub use periods::{close_due_periods, read_periods, PeriodClosing, SweepRound};
 pub use snapshots::{apply_snapshots, SnapshotChange, SnapshotOutcome};

@@ -208,9 +208,12 @@ fn segments<'a>(records: &'a [OutboxRecord], seqs: &[i64], order: &[usize]) -> V
     rows
 }
 
-/// Makes `owner` the publisher of an output partition. It waits for the
-/// round in flight of a former owner, which holds the row until its
-/// deliveries are settled; that owner's next round finds the row claimed.
+/// Makes `owner` the publisher of an output partition, and then waits until
+/// no round of a former owner is in flight: until no session holds the
+/// partition's fence (see [`take_fences`]). The former owner's next round
+/// takes the fence after the claim is committed, and so finds the partition
+/// claimed. No transaction stays open while it waits (the fence is polled,
+/// one short statement at a time).
 pub async fn claim_partition(pool: &PgPool, topic: &str, partition: i32, owner: &str) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO outbox_owners (topic, partition, owner) VALUES ($1, $2, $3)
@@ -222,13 +225,59 @@ pub async fn claim_partition(pool: &PgPool, topic: &str, partition: i32, owner: 
     .execute(pool)
     .await
     .context("claiming an output partition")?;
+    loop {
+        // One statement takes the fence and lets it go at once: nothing
+        // can leave it held on a pooled connection.
+        let free: bool = sqlx::query_scalar(
+            "SELECT CASE WHEN pg_try_advisory_lock(hashtext($1), $2)
+                         THEN pg_advisory_unlock(hashtext($1), $2) ELSE false END",
+        )
+        .bind(topic)
+        .bind(partition)
+        .fetch_one(pool)
+        .await
+        .context("waiting for a former owner's publishing round")?;
+        if free {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts a publishing round on the relay's own connection: takes the
+/// fences (session-level advisory locks, one per output partition) that no
+/// other session holds, and returns their partitions. They are held, with
+/// no transaction open, until [`release_fences`] or the connection ends (a
+/// relay that dies lets go of them).
+pub async fn take_fences(
+    conn: &mut PgConnection,
+    partitions: &[(String, i32)],
+) -> anyhow::Result<std::collections::HashSet<(String, i32)>> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT w.topic, w.partition FROM UNNEST($1::text[], $2::int[]) AS w(topic, partition)
+         WHERE pg_try_advisory_lock(hashtext(w.topic), w.partition)",
+    )
+    .bind(partitions.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
+    .bind(partitions.iter().map(|p| p.1).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await
+    .context("taking the fences of output partitions")?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Ends a publishing round: lets go of every fence the connection holds.
+pub async fn release_fences(conn: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(conn)
+        .await
+        .context("releasing the fences of output partitions")?;
     Ok(())
 }
 
-/// Starts a publishing round: locks, in order, the rows of those partitions
-/// that `owner` still publishes, and returns them. The transaction holds
-/// them until the round ends.
-pub async fn lock_claimed(
+/// Which of these partitions `owner` still publishes. Read after their
+/// fences are taken (a statement of its own, so that it sees every claim
+/// committed before): a claim committed later waits for the round.
+pub async fn still_claimed(
     conn: &mut PgConnection,
     owner: &str,
     partitions: &[(String, i32)],
@@ -236,16 +285,14 @@ pub async fn lock_claimed(
     let rows: Vec<(String, i32)> = sqlx::query_as(
         "SELECT o.topic, o.partition FROM outbox_owners o
          JOIN UNNEST($1::text[], $2::int[]) AS w(topic, partition) USING (topic, partition)
-         WHERE o.owner = $3
-         ORDER BY o.topic, o.partition
-         FOR UPDATE OF o",
+         WHERE o.owner = $3",
     )
     .bind(partitions.iter().map(|p| p.0.clone()).collect::<Vec<_>>())
     .bind(partitions.iter().map(|p| p.1).collect::<Vec<_>>())
     .bind(owner)
     .fetch_all(conn)
     .await
-    .context("locking claimed output partitions")?;
+    .context("reading claimed output partitions")?;
     Ok(rows.into_iter().collect())
 }
 
@@ -264,7 +311,9 @@ pub async fn published_seq(pool: &PgPool, topic: &str, partition: i32) -> anyhow
 /// Records after the given sequence of each (topic, partition), in order,
 /// at most about `limit` records and `byte_limit` bytes per partition (whole
 /// rows: a row of a batch is not cut, and the first row is always read):
-/// one round trip for every owned partition.
+/// one round trip for every owned partition. Each partition's scan reads at
+/// most `limit` rows, in the primary key's order from `after` (every row
+/// holds a record at least): a round costs the same whatever the backlog.
 pub async fn pending_many(
     pool: &PgPool,
     after: &[(String, i32, i64)],
@@ -281,8 +330,12 @@ pub async fn pending_many(
                         sum(last_seq - GREATEST(first_seq, w.after_seq + 1) + 1)
                             OVER (ORDER BY last_seq) AS through,
                         sum(record_bytes) OVER (ORDER BY last_seq) AS through_bytes
-                 FROM outbox_batches o
-                 WHERE o.topic = w.topic AND o.partition = w.partition AND o.last_seq > w.after_seq
+                 FROM (
+                     SELECT * FROM outbox_batches o
+                     WHERE o.topic = w.topic AND o.partition = w.partition AND o.last_seq > w.after_seq
+                     ORDER BY o.last_seq
+                     LIMIT $4
+                 ) o
              ) r
              WHERE r.through - (r.last_seq - GREATEST(r.first_seq, w.after_seq + 1) + 1) < $4
                AND r.through_bytes - r.record_bytes < $5
@@ -363,23 +416,62 @@ pub async fn mark_published(pool: &PgPool, topic: &str, partition: i32, seq: i64
     Ok(())
 }
 
-/// Deletes published records older than the retention time; returns how
-/// many records that was.
-pub async fn delete_expired(pool: &PgPool, retention_days: u32) -> anyhow::Result<u64> {
-    let deleted: i64 = sqlx::query_scalar(
-        "WITH deleted AS (
-             DELETE FROM outbox_batches o USING outbox_published p
-             WHERE o.topic = p.topic AND o.partition = p.partition AND o.last_seq <= p.published_seq
-               AND o.created_time < now() - make_interval(days => $1)
+/// Deletes up to `chunk` rows of published records older than the
+/// retention time; returns how many rows and records that was. A statement
+/// reads at most `chunk` rows of each output partition, the oldest first
+/// (the primary key's order), and stops at `chunk` rows in all: its cost
+/// does not grow with the outbox. Rows are stored in sequence order, so the
+/// expired ones come first; one stored out of that order by a few moments
+/// goes at a later purge. (One unbounded `DELETE` held the locks and the
+/// WAL of a whole retention period's worth of rows in one transaction.)
+pub async fn delete_expired_chunk(pool: &PgPool, retention_days: u32, chunk: i64) -> anyhow::Result<(u64, u64)> {
+    let (rows, records): (i64, i64) = sqlx::query_as(
+        "WITH doomed AS (
+             SELECT d.topic, d.partition, d.last_seq
+             FROM outbox_published p
+             CROSS JOIN LATERAL (
+                 SELECT o.topic, o.partition, o.last_seq, o.created_time FROM outbox_batches o
+                 WHERE o.topic = p.topic AND o.partition = p.partition AND o.last_seq <= p.published_seq
+                 ORDER BY o.last_seq
+                 LIMIT $2
+             ) d
+             WHERE d.created_time < now() - make_interval(days => $1)
+             LIMIT $2
+         ), deleted AS (
+             DELETE FROM outbox_batches o USING doomed d
+             WHERE o.topic = d.topic AND o.partition = d.partition AND o.last_seq = d.last_seq
              RETURNING o.last_seq - o.first_seq + 1 AS records
          )
-         SELECT COALESCE(sum(records), 0)::bigint FROM deleted",
+         SELECT count(*), COALESCE(sum(records), 0)::bigint FROM deleted",
     )
     .bind(retention_days as i32)
+    .bind(chunk)
     .fetch_one(pool)
     .await
     .context("deleting expired outbox records")?;
-    Ok(deleted as u64)
+    Ok((rows as u64, records as u64))
+}
+
+/// Deletes published records older than the retention time, `chunk` rows a
+/// statement with `pause` between statements (each its own short
+/// transaction), until a statement finds none; returns how many records,
+/// and how many statements deleted some.
+pub async fn delete_expired(
+    pool: &PgPool,
+    retention_days: u32,
+    chunk: i64,
+    pause: std::time::Duration,
+) -> anyhow::Result<(u64, u32)> {
+    let (mut records, mut statements) = (0, 0);
+    loop {
+        let (rows, deleted) = delete_expired_chunk(pool, retention_days, chunk).await?;
+        if rows == 0 {
+            return Ok((records, statements));
+        }
+        records += deleted;
+        statements += 1;
+        tokio::time::sleep(pause).await;
+    }
 }
 
 #[cfg(test)]

@@ -323,3 +323,183 @@ async fn a_control_position_no_longer_on_its_topic_stops_that_partition_and_neve
     assert!(!worker.is_finished(), "the other partitions go on");
     worker.shutdown().await.unwrap();
 }
+
+/// A worker with these settings that has decided and published a first
+/// event of a new subscription (its partitions are assigned), and a reader
+/// of `usage-results` past that outcome.
+async fn worker_past_a_first_event(
+    env: &TestEnv,
+    subscription: &str,
+    settings: usage_worker::config::Settings,
+) -> (test_kit::Worker, test_kit::Reader) {
+    env.subscription(active_subscription(subscription, Some("1000")));
+    let worker = env.worker_with(settings).await;
+    env.usage(json!({"id": format!("{subscription}-first"), "subscriptionId": subscription, "quantity": 1}));
+    env.flush();
+    let reader = env.results_reader();
+    reader.read(1, WAIT);
+    (worker, reader)
+}
+
+/// Cuts a database off (or lets it back): no new connection is accepted,
+/// and every open one is ended.
+async fn cut_database_off(admin: &mut sqlx::PgConnection, database: &str, allow: bool) {
+    sqlx::query(&format!("ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {allow}"))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    if !allow {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(database)
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_longer_than_the_poll_interval_keeps_the_consumer_in_the_group() {
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.kafka.session_timeout_ms = 6000;
+    settings.kafka.max_poll_interval_ms = 10_000;
+    // Room for few messages: the outage's events fill it, and the consumer
+    // thread waits for its one lane.
+    settings.pipeline.batch_size = 5;
+    settings.pipeline.lanes = 1;
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_o", settings).await;
+    let metrics = worker.counts.metrics.clone();
+    assert_eq!(metrics.revocations(), 0);
+
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    // From the server's maintenance database (a database cannot cut itself
+    // off).
+    let server = test_kit::env::base_database_url();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
+        .await
+        .unwrap();
+    cut_database_off(&mut admin, &database, false).await;
+    for i in 1..=60 {
+        env.usage(json!({"id": format!("o{i}"), "subscriptionId": "sub_o", "quantity": 1}));
+    }
+    env.flush();
+    // Two and a half times max.poll.interval.ms.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(!worker.is_finished(), "an outage is waited out, not fatal");
+    assert!(
+        reader.read_rest(Duration::from_millis(500)).is_empty(),
+        "nothing is decided while the database is down"
+    );
+    cut_database_off(&mut admin, &database, true).await;
+
+    let mut records = reader.read(60, WAIT);
+    records.extend(reader.read_rest(Duration::from_secs(2)));
+    let mut ids: Vec<&str> = records.iter().map(|r| r.value["eventId"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((records.len(), ids.len()), (60, 60), "every event once");
+    assert!(records.iter().all(|r| r.value["status"] == "created"), "{records:#?}");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 61);
+    assert_eq!(
+        metrics.revocations(),
+        0,
+        "the consumer was evicted from the group during the outage"
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_transaction_stays_open_while_the_relay_waits_for_the_brokers() {
+    let env = TestEnv::start().await;
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_f", env.settings()).await;
+
+    env.kafka.mock().unwrap().broker_down(1).unwrap();
+    // Committed while the broker is away: the relay's round waits for it.
+    let mut tx = usage_worker::store::BatchTx::begin(&env.pool).await.unwrap();
+    tx.append_outbox(&[outbox_record(0, br#"{"eventId": "during"}"#.to_vec())])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for _ in 0..20 {
+        let open = env
+            .scalar_i64(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND xact_start < now() - interval '5 seconds'",
+            )
+            .await;
+        assert_eq!(open, 0, "a transaction stays open while the relay waits for the broker");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        env.scalar_i64("SELECT count(*) FROM outbox_published WHERE topic = 'usage-results' AND partition = 0 AND published_seq >= 2")
+            .await
+            == 0,
+        "the record waited for the broker"
+    );
+    // The producer's errors are counted (a transport error: the broker is
+    // unreachable).
+    let transport = r#"usage_worker_kafka_errors_total{client="producer",kind="transport"} "#;
+    let counted = worker.counts.metrics.render();
+    let counted = counted.lines().find_map(|l| l.strip_prefix(transport)).unwrap();
+    assert!(counted.parse::<u64>().unwrap() > 0, "{counted}");
+    env.kafka.mock().unwrap().broker_up(1).unwrap();
+    let mut records = reader.read(1, WAIT);
+    records.extend(reader.read_rest(Duration::from_secs(2)));
+    // The mock cluster may repeat a retried send (the same outbox-seq).
+    let seqs: std::collections::BTreeSet<&str> = records.iter().map(|r| r.headers["outbox-seq"].as_str()).collect();
+    assert_eq!(records[0].value["eventId"], "during");
+    assert_eq!(seqs.len(), 1, "{records:?}");
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fatal_producer_error_stops_the_worker_and_a_restart_loses_nothing() {
+    let env = TestEnv::start().await;
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_x", env.settings()).await;
+
+    // The broker says it lost the producer's sequence: librdkafka's
+    // idempotent producer cannot go on (a fatal error). (Only the relay
+    // produces from here on: the mock fails whichever client's requests.)
+    use rdkafka::types::RDKafkaRespErr;
+    env.kafka
+        .mock()
+        .unwrap()
+        .produce_errors(&[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER])
+        .unwrap();
+    let mut tx = usage_worker::store::BatchTx::begin(&env.pool).await.unwrap();
+    let committed: Vec<_> = (1..=5)
+        .map(|i| {
+            outbox_record(
+                i % 2,
+                format!(r#"{{"eventId": "x{i}", "outcomeId": "o{i}"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    tx.append_outbox(&committed).await.unwrap();
+    tx.commit().await.unwrap();
+    test_kit::wait_until("the worker stops", || async { worker.is_finished() }).await;
+    let stopped = worker.shutdown().await;
+    assert!(
+        stopped
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("fatal producer error")),
+        "{stopped:?}"
+    );
+
+    // The next run publishes what the failed one could not.
+    let worker = env.worker().await;
+    let mut records = reader.read(5, WAIT);
+    records.extend(reader.read_rest(Duration::from_secs(2)));
+    let ids: std::collections::BTreeSet<&str> = records.iter().map(|r| r.value["eventId"].as_str().unwrap()).collect();
+    let outcomes: std::collections::BTreeSet<&str> =
+        records.iter().map(|r| r.value["outcomeId"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["x1", "x2", "x3", "x4", "x5"].into_iter().collect(), "{records:?}");
+    assert_eq!(outcomes.len(), 5);
+    worker.shutdown().await.unwrap();
+}

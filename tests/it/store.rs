@@ -1,6 +1,8 @@
 //! The store's rules, against a real PostgreSQL database: snapshots, the
 //! outbox, and the fence between relays.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use test_kit::TestEnv;
@@ -8,8 +10,8 @@ use usage_worker::domain::decision::{AlertStep, LimitKind, LimitReached, Subscri
 use usage_worker::domain::headers::Headers;
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
-    apply_snapshots, claim_partition, delete_expired, lock_claimed, mark_published_many, pending_many, BatchTx,
-    ControlMessage, NewAlert, NewUsage, OutboxRecord, SnapshotChange, SourcePosition,
+    apply_snapshots, claim_partition, delete_expired, mark_published_many, pending_many, release_fences, still_claimed,
+    take_fences, BatchTx, ControlMessage, NewAlert, NewUsage, OutboxRecord, SnapshotChange, SourcePosition,
 };
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -526,49 +528,45 @@ async fn database_migrated_before(env: &TestEnv, version: i64, name: &str) -> (s
 
 /// Two relays and one output partition: taking it over waits for the former
 /// owner's round in flight, and the former owner's next round finds it gone.
+/// No transaction is open meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_waits_for_the_former_owners_round_and_ends_its_publishing() {
     let env = TestEnv::start().await;
     let partition = vec![("usage-results".to_owned(), 3)];
     claim_partition(&env.pool, "usage-results", 3, "old").await.unwrap();
 
-    // The old owner's round is in flight: it holds the row.
-    let mut round = env.pool.begin().await.unwrap();
-    assert_eq!(
-        lock_claimed(&mut round, "old", &partition).await.unwrap(),
-        partition.iter().cloned().collect()
-    );
+    // The old owner's round is in flight: it holds the fence.
+    let mut old = env.pool.acquire().await.unwrap().detach();
+    assert_eq!(take_fences(&mut old, &partition).await.unwrap().len(), 1);
+    assert_eq!(still_claimed(&mut old, "old", &partition).await.unwrap().len(), 1);
     let claim = tokio::spawn({
         let pool = env.pool.clone();
         async move { claim_partition(&pool, "usage-results", 3, "new").await }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let waiting = env
-            .scalar_i64(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO outbox_owners%'",
-            )
-            .await;
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the claim never waited for the round"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(!claim.is_finished());
-    round.commit().await.unwrap();
+    // The claim is committed, and waits.
+    env.wait_for_count("SELECT count(*) FROM outbox_owners WHERE owner = 'new'", 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!claim.is_finished(), "the claim did not wait for the round");
+    let open = env
+        .scalar_i64("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid()")
+        .await;
+    assert_eq!(open, 0, "a transaction is open while the claim waits");
+    // A second session cannot take the fence meanwhile.
+    let mut other = env.pool.acquire().await.unwrap().detach();
+    assert!(take_fences(&mut other, &partition).await.unwrap().is_empty());
+    release_fences(&mut old).await.unwrap();
     claim.await.unwrap().unwrap();
 
-    let mut old_next = env.pool.begin().await.unwrap();
-    assert!(lock_claimed(&mut old_next, "old", &partition).await.unwrap().is_empty());
-    old_next.commit().await.unwrap();
-    let mut new_round = env.pool.begin().await.unwrap();
-    assert_eq!(lock_claimed(&mut new_round, "new", &partition).await.unwrap().len(), 1);
-    new_round.commit().await.unwrap();
+    // The old owner's next round takes the fence and finds the claim.
+    assert_eq!(take_fences(&mut old, &partition).await.unwrap().len(), 1);
+    assert!(still_claimed(&mut old, "old", &partition).await.unwrap().is_empty());
+    release_fences(&mut old).await.unwrap();
+    assert_eq!(take_fences(&mut other, &partition).await.unwrap().len(), 1);
+    assert_eq!(still_claimed(&mut other, "new", &partition).await.unwrap().len(), 1);
+    // A relay's connection that ends lets go of its fences.
+    drop(other);
+    claim_partition(&env.pool, "usage-results", 3, "third").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -779,13 +777,49 @@ async fn expired_outbox_rows_go_once_every_record_in_them_is_published() {
         .await
         .unwrap();
     assert_eq!(
-        delete_expired(&env.pool, 0).await.unwrap(),
-        3,
+        delete_expired(&env.pool, 0, 10_000, Duration::ZERO).await.unwrap(),
+        (3, 1),
         "the first row's records"
     );
     let left = env.scalar_i64("SELECT count(*) FROM outbox").await;
     assert_eq!(left, 2, "a row with a record not yet published stays whole");
-    assert_eq!(delete_expired(&env.pool, 30).await.unwrap(), 0);
+    assert_eq!(
+        delete_expired(&env.pool, 30, 10_000, Duration::ZERO).await.unwrap(),
+        (0, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_deletes_in_chunks_of_bounded_rows() {
+    let env = TestEnv::start().await;
+    for partition in 0..2 {
+        for offset in 0..7 {
+            append(&env, &[outbox_record("results", partition, Some(offset))])
+                .await
+                .unwrap();
+        }
+    }
+    // Partition 0 is published up to its sixth record, partition 1 whole.
+    mark_published_many(&env.pool, &[("results".to_owned(), 0, 6), ("results".to_owned(), 1, 7)])
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE outbox_batches SET created_time = now() - interval '40 days' WHERE (partition, last_seq) <> (0, 5)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // 12 expired published rows (not partition 0's fifth, too recent, nor
+    // its seventh, unpublished), 5 a statement: three statements.
+    let (deleted, statements) = delete_expired(&env.pool, 30, 5, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!((deleted, statements), (12, 3));
+    let left: Vec<(i32, i64)> = sqlx::query_as("SELECT partition, last_seq FROM outbox_batches ORDER BY 1, 2")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, [(0, 5), (0, 7)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
