@@ -145,6 +145,7 @@ pub struct Metrics {
     db_pool_connections: IntGaugeVec,
     db_pool_max_connections: IntGaugeVec,
     assigned_partitions: IntGauge,
+    ready: IntGauge,
     stopped_partitions: IntCounterVec,
     http_requests: IntCounterVec,
     http_request_seconds: HistogramVec,
@@ -237,6 +238,10 @@ impl Metrics {
             "assigned_partitions",
             "Partitions of usage-events assigned to this worker",
         )?;
+        let ready = IntGauge::new(
+            "ready",
+            "1 when the last readiness check (GET /readyz, and each scrape of /metrics) passed, else 0",
+        )?;
         let stopped_partitions = IntCounterVec::new(
             Opts::new(
                 "stopped_partitions_total",
@@ -297,7 +302,7 @@ impl Metrics {
             rebalances.with_label_values(&[event]);
         }
         let mut names = Vec::new();
-        let collectors: [Box<dyn Collector>; 17] = [
+        let collectors: [Box<dyn Collector>; 18] = [
             Box::new(consumed.clone()),
             Box::new(decided.clone()),
             Box::new(batch_size.clone()),
@@ -308,6 +313,7 @@ impl Metrics {
             Box::new(db_pool_connections.clone()),
             Box::new(db_pool_max_connections.clone()),
             Box::new(assigned_partitions.clone()),
+            Box::new(ready.clone()),
             Box::new(stopped_partitions.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_request_seconds.clone()),
@@ -333,6 +339,7 @@ impl Metrics {
             db_pool_connections,
             db_pool_max_connections,
             assigned_partitions,
+            ready,
             stopped_partitions,
             http_requests,
             http_request_seconds,
@@ -410,6 +417,11 @@ impl Metrics {
     pub fn set_assignment(&self, partitions: Option<&[i32]>) {
         self.assigned_partitions.set(partitions.map_or(0, |p| p.len() as i64));
         *self.assignment.lock().expect("assignment lock") = partitions.map(<[i32]>::to_vec);
+    }
+
+    /// What the latest readiness check found.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     pub fn assignment(&self) -> Option<Vec<i32>> {

@@ -62,24 +62,7 @@ impl Check {
 /// consumer holds an assignment (possibly empty: a standby replica still
 /// serves the API). 200 with the checks, or a 503 problem that lists them.
 pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
-    let mut checks = serde_json::Map::new();
-    let database = database_check(&api).await;
-    let outbox = if database.ok {
-        outbox_check(&api).await
-    } else {
-        Check::fail("not checked: the database does not answer")
-    };
-    let mut failing = Vec::new();
-    for (name, check) in [("database", database), ("outbox", outbox)].into_iter().chain(
-        api.config
-            .requires_assignment
-            .then(|| ("consumer", consumer_check(&api))),
-    ) {
-        if !check.ok {
-            failing.push(name);
-        }
-        checks.insert(name.to_owned(), serde_json::to_value(check).expect("checks serialize"));
-    }
+    let (failing, checks) = readiness(&api).await;
     if failing.is_empty() {
         return Json(json!({"status": "ready", "checks": checks})).into_response();
     }
@@ -91,6 +74,31 @@ pub async fn readyz(State(api): State<Arc<Api>>) -> Response {
     )
     .with("checks", checks)
     .into_response()
+}
+
+/// Runs the readiness checks and sets the `ready` gauge: the names of the
+/// checks that failed, and every check's findings.
+async fn readiness(api: &Api) -> (Vec<&'static str>, serde_json::Map<String, serde_json::Value>) {
+    let mut checks = serde_json::Map::new();
+    let database = database_check(api).await;
+    let outbox = if database.ok {
+        outbox_check(api).await
+    } else {
+        Check::fail("not checked: the database does not answer")
+    };
+    let mut failing = Vec::new();
+    for (name, check) in [("database", database), ("outbox", outbox)].into_iter().chain(
+        api.config
+            .requires_assignment
+            .then(|| ("consumer", consumer_check(api))),
+    ) {
+        if !check.ok {
+            failing.push(name);
+        }
+        checks.insert(name.to_owned(), serde_json::to_value(check).expect("checks serialize"));
+    }
+    api.metrics.set_ready(failing.is_empty());
+    (failing, checks)
 }
 
 async fn database_check(api: &Api) -> Check {
@@ -131,8 +139,11 @@ fn consumer_check(api: &Api) -> Check {
     }
 }
 
-/// Every metric, in the Prometheus text exposition format.
+/// Every metric, in the Prometheus text exposition format. Readiness is
+/// checked first, so that `ready` is current on every scrape whether or
+/// not anything probes `/readyz`.
 pub async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    readiness(&api).await;
     (
         [(
             header::CONTENT_TYPE,

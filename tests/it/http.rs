@@ -1107,6 +1107,9 @@ async fn an_unreachable_database_is_503_with_retry_after_and_not_ready() {
 
     let ready = problem(api.get("/readyz").await, 503, "not_ready").await;
     assert_eq!(ready["checks"]["database"]["ok"], false, "{ready}");
+    // A scrape runs the same checks.
+    let scraped = api.get("/metrics").await.text().await.unwrap();
+    assert!(scraped.lines().any(|l| l == "usage_worker_ready 0"), "{scraped}");
     let health = api.get("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
     assert_eq!(health.json::<Value>().await.unwrap(), json!({"status": "ok"}));
@@ -1152,6 +1155,8 @@ async fn http_creates_and_deletes_reach_usage_results_beside_the_worker() {
         4,
         "{ready}"
     );
+    let scraped = api.get("/metrics").await.text().await.unwrap();
+    assert!(scraped.lines().any(|l| l == "usage_worker_ready 1"), "{scraped}");
     env.wait_for_count("SELECT count(*) FROM subscriptions", 1).await;
     let before = api.metrics().await;
 
