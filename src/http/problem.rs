@@ -209,8 +209,9 @@ impl Problem {
             "Request timed out",
             format!(
                 "the request was not answered within {} ms; its transaction was rolled back unless it was \
-                 already committing: retry the same request (a usage sent with an id or Idempotency-Key and \
-                 stored meanwhile is answered 200 and not counted again)",
+                 already committing, so a usage may have been stored: retry the same request with the same id \
+                 or Idempotency-Key (a usage stored meanwhile is answered 200 and not counted again); a usage \
+                 sent with neither may count twice if sent again",
                 limit.as_millis()
             ),
         )

@@ -243,6 +243,13 @@ impl ConsumerContext for RebalanceContext {
                 if let Err(e) = consumer.assign(&assignment) {
                     tracing::error!(error = %e, "assigning partitions failed");
                 }
+                // A partition paused under a former assignment (a hold that a
+                // rebalance cut short, or an error) stays paused through
+                // unassign and assign in librdkafka: nothing would be fetched
+                // from it again, and no other member would read it.
+                if let Err(e) = consumer.resume(&assignment) {
+                    tracing::error!(error = %e, "resuming the assigned partitions failed");
+                }
             }
             RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, "partitions revoked");
@@ -475,9 +482,12 @@ impl UsageReader {
                     self.on_decided(decided);
                 }
                 // (Without anything to read, the poll only serves the group;
-                // should pausing have failed, nothing is polled.)
+                // should pausing have failed, nothing is polled.) Not with a
+                // zero wait: librdkafka counts `max.poll.interval.ms` on
+                // through a rebalance callback served by a poll that does not
+                // block, and the assignment callback waits for the database.
                 if self.held.is_some() || self.positions.next.is_empty() {
-                    self.poll(Duration::ZERO);
+                    self.poll(Duration::from_millis(10));
                 }
                 continue;
             }

@@ -97,9 +97,7 @@ const CONCURRENT_INDEXES: [&str; 1] = ["usages_in_list_order"];
 /// is taken for a leftover.
 async fn migrate_on(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
     use sqlx::migrate::Migrate;
-    conn.lock()
-        .await
-        .context("applying migrations: taking the migration lock")?;
+    wait_for_migration_lock(conn).await?;
     let outcome = async {
         for name in CONCURRENT_INDEXES {
             let invalid: bool = sqlx::query_scalar(
@@ -126,6 +124,42 @@ async fn migrate_on(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
         .await
         .context("applying migrations: releasing the migration lock");
     outcome.and(unlocked)
+}
+
+/// Takes the migrator's lock (the key sqlx's own `lock` takes, which the
+/// migrator then takes again on this session) by polling it, never by
+/// waiting in `pg_advisory_lock`: a waiting statement holds a snapshot,
+/// and a concurrent index build of the instance that migrates waits for
+/// every older snapshot, so two replicas starting together would deadlock.
+async fn wait_for_migration_lock(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await
+        .context("applying migrations: reading the database's name")?;
+    let key = migration_lock_id(&database);
+    let mut logged = false;
+    loop {
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .context("applying migrations: taking the migration lock")?;
+        if taken {
+            return Ok(());
+        }
+        if !logged {
+            tracing::info!("waiting for another instance's migrations");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The advisory lock key of sqlx's migrator for a database (sqlx-postgres's
+/// `generate_lock_id`).
+pub fn migration_lock_id(database: &str) -> i64 {
+    const CRC_IEEE: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    0x3d32ad9e * i64::from(CRC_IEEE.checksum(database.as_bytes()))
 }
 
 /// Stored next offsets of a group on a topic, for the given partitions.

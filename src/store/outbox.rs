@@ -210,7 +210,7 @@ fn segments<'a>(records: &'a [OutboxRecord], seqs: &[i64], order: &[usize]) -> V
 
 /// Makes `owner` the publisher of an output partition, and then waits until
 /// no round of a former owner is in flight: until no session holds the
-/// partition's fence (see [`take_fences`]). The former owner's next round
+/// partition's fence (see [`take_fences`]), for at most [`FENCE_PATIENCE`]. The former owner's next round
 /// takes the fence after the claim is committed, and so finds the partition
 /// claimed. No transaction stays open while it waits (the fence is polled,
 /// one short statement at a time).
@@ -225,6 +225,10 @@ pub async fn claim_partition(pool: &PgPool, topic: &str, partition: i32, owner: 
     .execute(pool)
     .await
     .context("claiming an output partition")?;
+    // Bounded: a former owner whose round hangs on unreachable brokers must
+    // not stall this relay's other partitions (nor a revocation waiting for
+    // the round). The claim stays; the next round waits again.
+    let deadline = std::time::Instant::now() + FENCE_PATIENCE;
     loop {
         // One statement takes the fence and lets it go at once: nothing
         // can leave it held on a pooled connection.
@@ -240,9 +244,17 @@ pub async fn claim_partition(pool: &PgPool, topic: &str, partition: i32, owner: 
         if free {
             return Ok(());
         }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a former owner's publishing round on {topic} partition {partition} is still in flight after {FENCE_PATIENCE:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// How long a claim waits for a former owner's round before it gives up
+/// for this round.
+pub const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Starts a publishing round on the relay's own connection: takes the
 /// fences (session-level advisory locks, one per output partition) that no

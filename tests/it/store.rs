@@ -567,6 +567,45 @@ async fn a_claim_waits_for_the_former_owners_round_and_ends_its_publishing() {
     // A relay's connection that ends lets go of its fences.
     drop(other);
     claim_partition(&env.pool, "usage-results", 3, "third").await.unwrap();
+    // A round that never ends (brokers unreachable) holds up a claim for
+    // a bounded time only; the claim is made and the next round waits again.
+    assert_eq!(take_fences(&mut old, &partition).await.unwrap().len(), 1);
+    let err = claim_partition(&env.pool, "usage-results", 3, "fourth")
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("still in flight"), "{err:#}");
+    env.wait_for_count("SELECT count(*) FROM outbox_owners WHERE owner = 'fourth'", 1)
+        .await;
+    release_fences(&mut old).await.unwrap();
+    claim_partition(&env.pool, "usage-results", 3, "fourth").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_lock_polled_is_the_one_sqlx_takes() {
+    use sqlx::migrate::Migrate;
+    let env = TestEnv::start().await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let key = usage_worker::store::migration_lock_id(&database);
+    let mut migrator = env.pool.acquire().await.unwrap().detach();
+    migrator.lock().await.unwrap();
+    let try_lock = |pool: sqlx::PgPool| async move {
+        let mut conn = pool.acquire().await.unwrap().detach();
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        taken
+    };
+    assert!(
+        !try_lock(env.pool.clone()).await,
+        "sqlx's migration lock is another key"
+    );
+    migrator.unlock().await.unwrap();
+    assert!(try_lock(env.pool.clone()).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
