@@ -414,6 +414,81 @@ async fn a_database_outage_longer_than_the_poll_interval_keeps_the_consumer_in_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_held_through_a_rebalance_are_read_again_after_the_outage() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let env = TestEnv::start().await;
+    let mut settings = env.settings();
+    settings.kafka.session_timeout_ms = 6000;
+    settings.pipeline.batch_size = 5;
+    settings.pipeline.lanes = 1;
+    let (group, topic) = (settings.kafka.group_id.clone(), settings.topics.usage_events.clone());
+    let (worker, reader) = worker_past_a_first_event(&env, "sub_h", settings).await;
+    let metrics = worker.counts.metrics.clone();
+    // Subscriptions on every partition.
+    let subscriptions: Vec<String> = (0..8).map(|i| format!("sub_h{i}")).collect();
+    for id in &subscriptions {
+        env.subscription(active_subscription(id, Some("1000")));
+    }
+    env.flush();
+    env.wait_for_count("SELECT count(*) FROM subscriptions", 9).await;
+
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let server = test_kit::env::base_database_url();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
+        .await
+        .unwrap();
+    cut_database_off(&mut admin, &database, false).await;
+    for i in 0..80 {
+        let subscription = &subscriptions[i % subscriptions.len()];
+        env.usage(json!({"id": format!("h{i}"), "subscriptionId": subscription, "quantity": 1}));
+    }
+    env.flush();
+    // Every lane waits for the database: the worker pauses its partitions.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // Another member joins the group: the worker's held partitions are
+    // revoked and assigned again during the outage.
+    let intruder: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("group.id", &group)
+        .set("session.timeout.ms", "6000")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    intruder.subscribe(&[&topic]).unwrap();
+    let intruder = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        while intruder.assignment().unwrap().count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second member got no partition"
+            );
+            let _ = intruder.poll(Duration::from_millis(100));
+        }
+        intruder
+    })
+    .await
+    .unwrap();
+    assert!(metrics.revocations() >= 1, "the worker's partitions were not revoked");
+    cut_database_off(&mut admin, &database, true).await;
+    // The second member leaves: the worker gets every partition back.
+    drop(intruder);
+
+    let mut records = reader.read(80, WAIT);
+    records.extend(reader.read_rest(Duration::from_secs(2)));
+    let mut ids: Vec<&str> = records.iter().map(|r| r.value["eventId"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 80, "every event decided after the outage");
+    assert_eq!(env.scalar_i64("SELECT count(*) FROM usages").await, 81);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_transaction_stays_open_while_the_relay_waits_for_the_brokers() {
     let env = TestEnv::start().await;
     let (worker, reader) = worker_past_a_first_event(&env, "sub_f", env.settings()).await;
