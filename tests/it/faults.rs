@@ -341,6 +341,22 @@ async fn worker_past_a_first_event(
     (worker, reader)
 }
 
+/// Cuts the test's database off, from a connection to the server's
+/// maintenance database (a database cannot cut itself off), which lets it
+/// back with [`cut_database_off`].
+async fn test_database_cut_off(env: &TestEnv) -> (sqlx::PgConnection, String) {
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let server = test_kit::env::base_database_url();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
+        .await
+        .unwrap();
+    cut_database_off(&mut admin, &database, false).await;
+    (admin, database)
+}
+
 /// Cuts a database off (or lets it back): no new connection is accepted,
 /// and every open one is ended.
 async fn cut_database_off(admin: &mut sqlx::PgConnection, database: &str, allow: bool) {
@@ -373,17 +389,7 @@ async fn a_database_outage_longer_than_the_poll_interval_keeps_the_consumer_in_t
     let metrics = worker.counts.metrics.clone();
     assert_eq!(metrics.revocations(), 0);
 
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    // From the server's maintenance database (a database cannot cut itself
-    // off).
-    let server = test_kit::env::base_database_url();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
-        .await
-        .unwrap();
-    cut_database_off(&mut admin, &database, false).await;
+    let (mut admin, database) = test_database_cut_off(&env).await;
     for i in 1..=60 {
         env.usage(json!({"id": format!("o{i}"), "subscriptionId": "sub_o", "quantity": 1}));
     }
@@ -432,15 +438,7 @@ async fn partitions_held_through_a_rebalance_are_read_again_after_the_outage() {
     env.flush();
     env.wait_for_count("SELECT count(*) FROM subscriptions", 9).await;
 
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    let server = test_kit::env::base_database_url();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server)
-        .await
-        .unwrap();
-    cut_database_off(&mut admin, &database, false).await;
+    let (mut admin, database) = test_database_cut_off(&env).await;
     for i in 0..80 {
         let subscription = &subscriptions[i % subscriptions.len()];
         env.usage(json!({"id": format!("h{i}"), "subscriptionId": subscription, "quantity": 1}));
