@@ -277,21 +277,7 @@ async fn a_moved_trial_end_counts_usage_committed_while_the_snapshot_waited_for_
     // after the trial's end as it stands.
     let mut batch = BatchTx::begin(&env.pool).await.unwrap();
     batch.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
-    let collided = batch
-        .insert_usages(&[NewUsage {
-            id: "u1".into(),
-            subscription_id: "sub_1".into(),
-            quantity: Decimal::from(4),
-            requested_quantity: Decimal::from(4),
-            accept_partial: false,
-            usage_time: t("2026-11-10T00:00:00Z"),
-            period_start: t("2026-11-01T00:00:00Z"),
-            created_time: t("2026-11-10T00:00:00Z"),
-            source_partition: None,
-            source_offset: None,
-        }])
-        .await
-        .unwrap();
+    let collided = batch.insert_usages(&[usage_in_november("u1", 4)]).await.unwrap();
     assert!(collided.is_empty());
     // A snapshot moves the trial end past that usage while the batch holds
     // the lock; the batch commits while the snapshot waits.
@@ -314,11 +300,9 @@ async fn a_moved_trial_end_counts_usage_committed_while_the_snapshot_waited_for_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_moved_trial_end_does_not_count_voided_usage_again() {
-    let env = TestEnv::start().await;
-    apply(&env, &[trial_snapshot(1, "2026-11-20T00:00:00Z")]).await;
-    let usage = |id: &str, quantity: i64| NewUsage {
+/// A usage of `sub_1` on 10 November, in the period from 1 November.
+fn usage_in_november(id: &str, quantity: i64) -> NewUsage {
+    NewUsage {
         id: id.into(),
         subscription_id: "sub_1".into(),
         quantity: Decimal::from(quantity),
@@ -329,7 +313,14 @@ async fn a_moved_trial_end_does_not_count_voided_usage_again() {
         created_time: t("2026-11-10T00:00:00Z"),
         source_partition: None,
         source_offset: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_trial_end_does_not_count_voided_usage_again() {
+    let env = TestEnv::start().await;
+    apply(&env, &[trial_snapshot(1, "2026-11-20T00:00:00Z")]).await;
+    let usage = usage_in_november;
     let mut batch = BatchTx::begin(&env.pool).await.unwrap();
     batch.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
     assert!(batch
