@@ -237,6 +237,17 @@ impl BatchTx {
         Ok((states, database_now))
     }
 
+    /// The subscription of each stored usage among these ids. A usage's
+    /// subscription never changes, so this can be read before the locks.
+    pub async fn usage_owners(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, String>> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, subscription_id FROM usages WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .context("reading the subscriptions of corrected usages")?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Usages already stored under any of these ids.
     pub async fn stored_usages(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, StoredUsage>> {
         let rows: Vec<UsageRow> = sqlx::query_as(&format!("SELECT {USAGE_COLUMNS} FROM usages WHERE id = ANY($1)"))

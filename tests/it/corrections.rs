@@ -205,3 +205,41 @@ async fn a_correction_in_the_same_batch_as_its_usage_corrects_it() {
     assert_eq!(b1, Decimal::from(6));
     worker.shutdown().await.unwrap();
 }
+
+/// A correction that names another subscription than its usage's is
+/// decided without locking the subscription it names. That subscription is
+/// usually on another partition, so in the worker its lock is held by the
+/// lane deciding that partition's batch: waiting for it would stall this
+/// batch until that whole transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_correction_naming_another_subscription_waits_for_no_lock_of_it() {
+    let env = TestEnv::start().await;
+    env.subscription(active_subscription("sub_own", None));
+    env.subscription(active_subscription("sub_held", None));
+    let worker = env.worker().await;
+    env.usage(json!({"id": "o1", "subscriptionId": "sub_own", "quantity": 1}));
+    env.flush();
+    let results = env.results_reader();
+    assert_eq!(results.read(1, WAIT)[0].value["status"], "created");
+    env.wait_for_count("SELECT count(*) FROM subscriptions WHERE id = 'sub_held'", 1)
+        .await;
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM subscriptions WHERE id = 'sub_held' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    env.usage(json!({"action": "void", "id": "o1", "subscriptionId": "sub_held"}));
+    env.flush();
+    // Read while the lock is held (a worker waiting for it would decide
+    // nothing until the statement time-out, and then retry).
+    let outcome = results.read(1, Duration::from_secs(20));
+    holder.rollback().await.unwrap();
+    assert_eq!(outcome[0].value["error"]["code"], "subscription_mismatch");
+    assert_eq!(outcome[0].value["subscriptionId"], "sub_held");
+    let voided: bool = sqlx::query_scalar("SELECT voided_time IS NOT NULL FROM usages WHERE id = 'o1'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(!voided, "a mismatching void changes nothing");
+    worker.shutdown().await.unwrap();
+}
