@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::BaseConsumer;
@@ -31,16 +32,17 @@ pub async fn run(
     let partitions = input_partitions(&settings, &metadata).await?;
     let mut pools = vec![("worker", pool.clone())];
     let mut api_task = None;
+    let mut api_drain = Duration::ZERO;
     if settings.http.enabled {
         let listener = http::bind(&settings).await?;
         let api_pool = store::connect(&settings.database).await?;
         pools.push(("http", api_pool.clone()));
         let config = ApiConfig::from_settings(&settings, partitions, true);
+        api_drain = config.limits.drain();
         let api = Arc::new(Api::new(api_pool, config, counts.metrics.clone()));
         api_task = Some(tokio::spawn(http::serve(listener, api, stop.wait())));
     }
     tokio::spawn(sampler(&settings, &counts.metrics, pools, partitions, metadata).run(stop.wait()));
-    let shutdown_timeout = settings.pipeline.shutdown_timeout();
     let worker = pipeline::run(settings, pool, counts, stop.wait());
     let Some(mut api_task) = api_task else {
         return worker.await;
@@ -48,9 +50,11 @@ pub async fn run(
     tokio::pin!(worker);
     let (worker_result, api_result) = tokio::select! {
         result = &mut worker => {
-            // Stopped by the signal, or failed: the API stops with it.
+            // Stopped by the signal, or failed: the API stops with it. It
+            // bounds its own drain; the second more only guards against a
+            // drain that does not end.
             stop.trigger();
-            let api = tokio::time::timeout(shutdown_timeout, &mut api_task)
+            let api = tokio::time::timeout(api_drain + Duration::from_secs(1), &mut api_task)
                 .await
                 .context("the HTTP API did not stop in time");
             (result, api.and_then(joined))

@@ -89,6 +89,15 @@ pub struct ServerLimits {
     pub max_connections: usize,
 }
 
+impl ServerLimits {
+    /// How long a graceful shutdown waits for the requests in flight: each
+    /// ends within the request timeout, and a little more lets its answer
+    /// be written. Connections still open after it are dropped.
+    pub fn drain(&self) -> Duration {
+        self.request_timeout + Duration::from_secs(1)
+    }
+}
+
 impl ApiConfig {
     pub fn from_settings(settings: &Settings, partitions: i32, requires_assignment: bool) -> Self {
         Self {
@@ -373,9 +382,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    // Every request ends within the request timeout; a little more lets
-    // its answer be written.
-    let drain = limits.request_timeout + Duration::from_secs(1);
+    let drain = limits.drain();
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             ?drain,
