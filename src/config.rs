@@ -660,6 +660,19 @@ impl HttpSettings {
         if self.bearer_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
             bail!("invalid setting http.bearer_token (HTTP_BEARER_TOKEN): must not be empty; unset it to turn authentication off");
         }
+        // A bearer token has no whitespace (RFC 6750's b64token), and the
+        // one presented is trimmed: a configured one with spaces or a line
+        // break (a file read with its newline) would lock every caller out.
+        if self
+            .bearer_token
+            .as_ref()
+            .is_some_and(|t| t.expose().contains(char::is_whitespace))
+        {
+            bail!(
+                "invalid setting http.bearer_token (HTTP_BEARER_TOKEN): contains whitespace (a trailing \
+                 newline?), so no presented token could match it"
+            );
+        }
         let callers = self.callers()?;
         if self.metrics_requires_token && !callers.iter().any(|t| t.allows(Scope::MetricsRead)) {
             bail!(
@@ -962,6 +975,11 @@ mod tests {
         assert!(format!("{err:#}").contains("HTTP_ADDR"), "{err:#}");
         let err = Settings::load_from(&env(&[("HTTP_BEARER_TOKEN", " ")])).unwrap_err();
         assert!(format!("{err:#}").contains("http.bearer_token"), "{err:#}");
+        let err = Settings::load_from(&env(&[("HTTP_BEARER_TOKEN", "t0ken\n")])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("http.bearer_token (HTTP_BEARER_TOKEN): contains whitespace"),
+            "{err:#}"
+        );
         let err = Settings::load_from(&env(&[("USAGE_WORKER__HTTP__MAX_BATCH_BYTES", "0")])).unwrap_err();
         assert!(format!("{err:#}").contains("http.max_batch_bytes"), "{err:#}");
         for key in ["HEADER_READ_TIMEOUT_MS", "REQUEST_TIMEOUT_MS", "MAX_CONNECTIONS"] {
