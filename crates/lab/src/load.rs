@@ -177,9 +177,11 @@ pub struct Generator {
     recent: Vec<(String, String)>,
     /// Corrections per 1,000 messages; 0 leaves the stream as it always was.
     corrections_per_mille: u64,
-    /// Per subscription, ids of reports sent with the quantity asked (up to
-    /// [`IDS_KEPT`] each): what corrections name.
-    sent: std::collections::HashMap<u64, Vec<(String, String)>>,
+    /// Per subscription (by index), reports sent (up to [`IDS_KEPT`] each),
+    /// as the sequence number and the draw that made them: what corrections
+    /// name. Their id and quantity are written out only for a correction,
+    /// so that remembering costs a report no allocation.
+    sent: Vec<Vec<(u64, u64)>>,
     /// Corrections sent, to be sent again.
     recent_corrections: Vec<(String, String)>,
     /// A correction to send right after the report it corrects.
@@ -198,7 +200,7 @@ impl Generator {
             sequence: 0,
             recent: Vec::new(),
             corrections_per_mille: 0,
-            sent: std::collections::HashMap::new(),
+            sent: Vec::new(),
             recent_corrections: Vec::new(),
             follow_up: None,
         }
@@ -253,7 +255,7 @@ impl Generator {
         let i = self.sequence;
         let n = r % self.subscriptions;
         let sub = format!("sub_{n}");
-        let quantity = format!("{}.{:03}", 1 + (r >> 20) % 9, (r >> 30) % 1000);
+        let quantity = quantity_of(r);
         let event = match (r >> 40) % 100 {
             0..=1 if !self.recent.is_empty() => {
                 let n = self.recent.len();
@@ -281,8 +283,11 @@ impl Generator {
             self.recent[slot] = event.clone();
         }
         if self.corrections_per_mille > 0 && (r >> 40) % 100 != 2 {
-            let ids = self.sent.entry(n).or_default();
-            let sent = (format!("b{i}"), quantity);
+            if self.sent.is_empty() {
+                self.sent = vec![Vec::new(); self.subscriptions as usize];
+            }
+            let ids = &mut self.sent[n as usize];
+            let sent = (i, r);
             if ids.len() < IDS_KEPT {
                 ids.push(sent);
             } else {
@@ -301,10 +306,10 @@ impl Generator {
             let report = self.report();
             let (key, payload) = &report;
             let n: u64 = key.trim_start_matches("sub_").parse().ok()?;
-            let id = self.sent.get(&n).and_then(|ids| {
+            let id = self.sent.get(n as usize).and_then(|ids| {
                 ids.iter()
-                    .find(|(id, _)| payload.contains(&format!(r#""id": "{id}""#)))
-                    .cloned()
+                    .find(|(i, _)| payload.contains(&format!(r#""id": "b{i}""#)))
+                    .map(|&(i, r)| (format!("b{i}"), quantity_of(r)))
             });
             if let Some((id, quantity)) = id {
                 let correction = if c & (1 << 40) == 0 {
@@ -335,8 +340,9 @@ impl Generator {
                 amend(&id, &sub, "1", c)
             }
         } else {
-            let ids = self.sent.get(&n)?;
-            let (id, quantity) = ids[(c >> 32) as usize % ids.len()].clone();
+            let ids = self.sent.get(n as usize).filter(|ids| !ids.is_empty())?;
+            let (i, r) = ids[(c >> 32) as usize % ids.len()];
+            let (id, quantity) = (format!("b{i}"), quantity_of(r));
             match kind {
                 0..=29 => void(&id, &sub, &sub, c),
                 30..=59 => amend(&id, &sub, &quantity, c),
@@ -359,6 +365,11 @@ impl Generator {
             self.recent_corrections[(c >> 44) as usize % 200] = correction;
         }
     }
+}
+
+/// The quantity a report drawn from `r` asks for.
+fn quantity_of(r: u64) -> String {
+    format!("{}.{:03}", 1 + (r >> 20) % 9, (r >> 30) % 1000)
 }
 
 /// A void of `id`, keyed by `key`, naming `sub`; some with a reason.
