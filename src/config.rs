@@ -657,21 +657,20 @@ impl HttpSettings {
         }
         // An empty token would look like authentication while letting
         // nobody in (or, read carelessly, everybody): refuse it.
-        if self.bearer_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
-            bail!("invalid setting http.bearer_token (HTTP_BEARER_TOKEN): must not be empty; unset it to turn authentication off");
-        }
-        // A bearer token has no whitespace (RFC 6750's b64token), and the
-        // one presented is trimmed: a configured one with spaces or a line
-        // break (a file read with its newline) would lock every caller out.
-        if self
-            .bearer_token
-            .as_ref()
-            .is_some_and(|t| t.expose().contains(char::is_whitespace))
-        {
-            bail!(
-                "invalid setting http.bearer_token (HTTP_BEARER_TOKEN): contains whitespace (a trailing \
-                 newline?), so no presented token could match it"
-            );
+        if let Some(token) = self.bearer_token.as_ref().map(Secret::expose) {
+            if token.trim().is_empty() {
+                bail!("invalid setting http.bearer_token (HTTP_BEARER_TOKEN): must not be empty; unset it to turn authentication off");
+            }
+            // A bearer token has no whitespace (RFC 6750's b64token), and the
+            // one presented is trimmed: a configured one with spaces or a
+            // line break (a file read with its newline) would lock every
+            // caller out.
+            if token.contains(char::is_whitespace) {
+                bail!(
+                    "invalid setting http.bearer_token (HTTP_BEARER_TOKEN): contains whitespace (a trailing \
+                     newline?), so no presented token could match it"
+                );
+            }
         }
         let callers = self.callers()?;
         if self.metrics_requires_token && !callers.iter().any(|t| t.allows(Scope::MetricsRead)) {
