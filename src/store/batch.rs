@@ -214,38 +214,63 @@ impl BatchTx {
         &mut self,
         ids: &[String],
     ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
-        let mut sorted = ids.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let subs: Vec<SubscriptionRow> = sqlx::query_as(&format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-        ))
-        .bind(&sorted)
-        .fetch_all(&mut *self.tx)
-        .await
+        self.lock_batch_at(ids, &[]).await
+    }
+
+    /// [`Self::lock_subscriptions_at`] for a batch that also corrects usages:
+    /// `corrected` holds each correction's usage id and the subscription it
+    /// names. That subscription is locked unless the usage is stored under
+    /// another one: such a correction is `subscription_mismatch` whatever
+    /// any subscription holds (a usage's subscription never changes and its
+    /// row is never deleted), and the subscription it names is usually on
+    /// another partition, so locking it would make this batch wait for the
+    /// lane that holds that partition until its whole transaction ends. A
+    /// usage not stored yet locks the subscription named, as a report before
+    /// the correction may create it. The owners are read in the locking
+    /// statement itself (what it reads never changes once stored).
+    pub async fn lock_batch_at(
+        &mut self,
+        reported: &[String],
+        corrected: &[(String, String)],
+    ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
+        let subs: Vec<SubscriptionRow> = if corrected.is_empty() {
+            sqlx::query_as(&format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            ))
+            .bind(reported)
+            .fetch_all(&mut *self.tx)
+            .await
+        } else {
+            sqlx::query_as(&format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
+                 WHERE id = ANY(ARRAY(
+                     SELECT unnest($1::text[])
+                     UNION
+                     SELECT c.sub FROM UNNEST($2::text[], $3::text[]) AS c(usage_id, sub)
+                          LEFT JOIN usages u ON u.id = c.usage_id
+                     WHERE u.id IS NULL OR u.subscription_id = c.sub))
+                 ORDER BY id FOR UPDATE"
+            ))
+            .bind(reported)
+            .bind(corrected.iter().map(|(usage, _)| usage.as_str()).collect::<Vec<_>>())
+            .bind(corrected.iter().map(|(_, sub)| sub.as_str()).collect::<Vec<_>>())
+            .fetch_all(&mut *self.tx)
+            .await
+        }
         .context("locking subscriptions")?;
+        // In id order, as locked.
+        let locked: Vec<String> = subs.iter().map(|row| row.id.clone()).collect();
         let mut states: HashMap<String, SubscriptionState> = subs
             .into_iter()
             .map(|row| (row.id.clone(), SubscriptionState::from(row)))
             .collect();
-        let (periods, database_now) = load_periods(&mut self.tx, &sorted).await?;
+        let (periods, database_now) = load_periods(&mut self.tx, &locked).await?;
         for (sub, period) in periods {
             if let Some(state) = states.get_mut(&sub) {
                 state.periods.push(period);
             }
         }
         Ok((states, database_now))
-    }
-
-    /// The subscription of each stored usage among these ids. A usage's
-    /// subscription never changes, so this can be read before the locks.
-    pub async fn usage_owners(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, String>> {
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, subscription_id FROM usages WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(&mut *self.tx)
-            .await
-            .context("reading the subscriptions of corrected usages")?;
-        Ok(rows.into_iter().collect())
     }
 
     /// Usages already stored under any of these ids.
@@ -379,14 +404,26 @@ impl BatchTx {
         usages.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         let voided =
             |f: fn(&Voided) -> Option<String>| usages.iter().map(|u| u.voided.as_ref().and_then(f)).collect::<Vec<_>>();
+        // One statement, one round trip: the update runs to completion
+        // whether or not the insert reads it.
         sqlx::query(
-            "UPDATE usages u SET quantity = c.quantity, last_requested_quantity = c.last_requested,
-                    voided_time = c.voided_time, void_reason = c.void_reason, voided_by = c.voided_by,
-                    updated_time = c.updated_time
-             FROM UNNEST($1::text[], $2::numeric[], $3::numeric[], $4::timestamptz[], $5::text[], $6::text[],
-                         $7::timestamptz[])
-                  AS c(id, quantity, last_requested, voided_time, void_reason, voided_by, updated_time)
-             WHERE u.id = c.id",
+            "WITH corrected AS (
+                 UPDATE usages u SET quantity = c.quantity, last_requested_quantity = c.last_requested,
+                        voided_time = c.voided_time, void_reason = c.void_reason, voided_by = c.voided_by,
+                        updated_time = c.updated_time
+                 FROM UNNEST($1::text[], $2::numeric[], $3::numeric[], $4::timestamptz[], $5::text[], $6::text[],
+                             $7::timestamptz[])
+                      AS c(id, quantity, last_requested, voided_time, void_reason, voided_by, updated_time)
+                 WHERE u.id = c.id
+             )
+             INSERT INTO usage_corrections (usage_id, time, action, quantity, previous_quantity,
+                                            requested_quantity, by, reason)
+             SELECT usage_id, time, action, quantity, previous_quantity, requested_quantity, by, reason
+             FROM UNNEST($8::text[], $9::timestamptz[], $10::text[], $11::numeric[], $12::numeric[],
+                         $13::numeric[], $14::text[], $15::text[])
+                  WITH ORDINALITY AS c(usage_id, time, action, quantity, previous_quantity, requested_quantity,
+                                       by, reason, n)
+             ORDER BY n",
         )
         .bind(usages.iter().map(|u| u.id.as_str()).collect::<Vec<_>>())
         .bind(usages.iter().map(|u| u.quantity).collect::<Vec<_>>())
@@ -400,19 +437,6 @@ impl BatchTx {
         .bind(voided(|v| v.reason.clone()))
         .bind(voided(|v| Some(v.by.clone())))
         .bind(usages.iter().map(|u| u.updated_time).collect::<Vec<_>>())
-        .execute(&mut *self.tx)
-        .await
-        .context("correcting usages")?;
-        sqlx::query(
-            "INSERT INTO usage_corrections (usage_id, time, action, quantity, previous_quantity,
-                                            requested_quantity, by, reason)
-             SELECT usage_id, time, action, quantity, previous_quantity, requested_quantity, by, reason
-             FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::numeric[], $5::numeric[], $6::numeric[],
-                         $7::text[], $8::text[])
-                  WITH ORDINALITY AS c(usage_id, time, action, quantity, previous_quantity, requested_quantity,
-                                       by, reason, n)
-             ORDER BY n",
-        )
         .bind(corrections.iter().map(|c| c.usage.id.as_str()).collect::<Vec<_>>())
         .bind(corrections.iter().map(|c| c.time).collect::<Vec<_>>())
         .bind(corrections.iter().map(|c| c.action.as_str()).collect::<Vec<_>>())
@@ -423,7 +447,7 @@ impl BatchTx {
         .bind(corrections.iter().map(|c| c.reason.as_deref()).collect::<Vec<_>>())
         .execute(&mut *self.tx)
         .await
-        .context("recording usage corrections")?;
+        .context("correcting usages and recording their corrections")?;
         Ok(())
     }
 
