@@ -212,13 +212,27 @@ async fn decide_and_insert(
     now: DateTime<Utc>,
     laps: &mut Laps,
 ) -> anyhow::Result<Staged> {
-    let (reported, corrected) = lock_targets(todo);
+    let commands: Vec<&UsageCommand> = todo.iter().filter_map(|m| m.request.as_ref().ok()).collect();
+    let corrected: Vec<String> = commands
+        .iter()
+        .filter_map(|command| match command {
+            UsageCommand::Correct(correction) => Some(correction.id.clone()),
+            UsageCommand::Report(_) => None,
+        })
+        .collect();
+    // Read before any lock: what it reads never changes once stored.
+    let owners = if corrected.is_empty() || forced.is_some() {
+        HashMap::new()
+    } else {
+        tx.usage_owners(&corrected).await?
+    };
+    let sub_ids = subscriptions_to_lock(&commands, &owners);
     let ids: Vec<String> = todo.iter().map(|m| m.event_id(&ctx.input_topic)).collect();
     let mut attempt = 0;
     loop {
         attempt += 1;
         let (subscriptions, database_now) = if forced.is_none() {
-            tx.lock_batch_at(&reported, &corrected).await?
+            tx.lock_subscriptions_at(&sub_ids).await?
         } else {
             (HashMap::new(), now)
         };
@@ -250,20 +264,23 @@ async fn decide_and_insert(
     }
 }
 
-/// What a batch locks ([`BatchTx::lock_batch_at`]): each report's
-/// subscription, and each correction's usage id with the subscription it
-/// names. Messages already rejected lock nothing.
-fn lock_targets(todo: &[&DecodedMessage]) -> (Vec<String>, Vec<(String, String)>) {
-    let mut reported = Vec::with_capacity(todo.len());
-    let mut corrected = Vec::new();
-    for message in todo {
-        match &message.request {
-            Ok(UsageCommand::Report(report)) => reported.push(report.subscription_id.clone()),
-            Ok(UsageCommand::Correct(c)) => corrected.push((c.id.clone(), c.subscription_id.clone())),
-            Err(_) => {}
-        }
-    }
-    (reported, corrected)
+/// The subscriptions a batch locks: each report's, and each correction's
+/// unless the usage it names is stored under another subscription. That
+/// correction is `subscription_mismatch` whatever any subscription holds (a
+/// usage's subscription never changes and its row is never deleted), and the
+/// subscription it names is usually on another partition: locking it would
+/// make this batch wait for the lane that holds that partition, until its
+/// whole transaction ends. `owners` maps stored usage ids to their
+/// subscriptions.
+fn subscriptions_to_lock(commands: &[&UsageCommand], owners: &HashMap<String, String>) -> Vec<String> {
+    commands
+        .iter()
+        .filter(|command| match command {
+            UsageCommand::Correct(c) => owners.get(&c.id).is_none_or(|owner| *owner == c.subscription_id),
+            UsageCommand::Report(_) => true,
+        })
+        .map(|command| command.subscription_id().to_owned())
+        .collect()
 }
 
 /// Who a correction read from Kafka was made by, in the usage's history.
@@ -335,7 +352,38 @@ fn dead_letter(ctx: &DecideContext, message: &DecodedMessage, raw: &RawMessage, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::correction::{Correction, CorrectionAction};
+    use crate::domain::event::UsageRequest;
     use crate::kafka::record_size::outbox_record_size;
+    use rust_decimal::Decimal;
+
+    #[test]
+    fn a_correction_of_another_subscriptions_usage_locks_nothing() {
+        let report = UsageCommand::Report(UsageRequest {
+            id: Some("u9".into()),
+            subscription_id: "sub_a".into(),
+            quantity: Decimal::ONE,
+            usage_time: None,
+            accept_partial: false,
+        });
+        let void = |id: &str, sub: &str| {
+            UsageCommand::Correct(Correction {
+                id: id.into(),
+                subscription_id: sub.into(),
+                action: CorrectionAction::Void { reason: None },
+            })
+        };
+        let (own, foreign, unknown) = (void("u1", "sub_b"), void("u2", "sub_c"), void("u3", "sub_d"));
+        let owners = HashMap::from([
+            ("u1".to_owned(), "sub_b".to_owned()),
+            // Stored under sub_a: a correction naming sub_c is a mismatch.
+            ("u2".to_owned(), "sub_a".to_owned()),
+        ]);
+        let locked = subscriptions_to_lock(&[&report, &own, &foreign, &unknown], &owners);
+        // u3 is not stored (yet): its subscription is locked, as it may be
+        // created before the correction is decided.
+        assert_eq!(locked, ["sub_a", "sub_b", "sub_d"]);
+    }
 
     fn record_size(record: &OutboxRecord) -> usize {
         outbox_record_size(record.key.as_deref(), &record.payload, &record.headers)

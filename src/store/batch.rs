@@ -214,63 +214,38 @@ impl BatchTx {
         &mut self,
         ids: &[String],
     ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
-        self.lock_batch_at(ids, &[]).await
-    }
-
-    /// [`Self::lock_subscriptions_at`] for a batch that also corrects usages:
-    /// `corrected` holds each correction's usage id and the subscription it
-    /// names. That subscription is locked unless the usage is stored under
-    /// another one: such a correction is `subscription_mismatch` whatever
-    /// any subscription holds (a usage's subscription never changes and its
-    /// row is never deleted), and the subscription it names is usually on
-    /// another partition, so locking it would make this batch wait for the
-    /// lane that holds that partition until its whole transaction ends. A
-    /// usage not stored yet locks the subscription named, as a report before
-    /// the correction may create it. The owners are read in the locking
-    /// statement itself (what it reads never changes once stored).
-    pub async fn lock_batch_at(
-        &mut self,
-        reported: &[String],
-        corrected: &[(String, String)],
-    ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
-        let subs: Vec<SubscriptionRow> = if corrected.is_empty() {
-            sqlx::query_as(&format!(
-                "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-            ))
-            .bind(reported)
-            .fetch_all(&mut *self.tx)
-            .await
-        } else {
-            sqlx::query_as(&format!(
-                "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
-                 WHERE id = ANY(ARRAY(
-                     SELECT unnest($1::text[])
-                     UNION
-                     SELECT c.sub FROM UNNEST($2::text[], $3::text[]) AS c(usage_id, sub)
-                          LEFT JOIN usages u ON u.id = c.usage_id
-                     WHERE u.id IS NULL OR u.subscription_id = c.sub))
-                 ORDER BY id FOR UPDATE"
-            ))
-            .bind(reported)
-            .bind(corrected.iter().map(|(usage, _)| usage.as_str()).collect::<Vec<_>>())
-            .bind(corrected.iter().map(|(_, sub)| sub.as_str()).collect::<Vec<_>>())
-            .fetch_all(&mut *self.tx)
-            .await
-        }
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let subs: Vec<SubscriptionRow> = sqlx::query_as(&format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
+        .bind(&sorted)
+        .fetch_all(&mut *self.tx)
+        .await
         .context("locking subscriptions")?;
-        // In id order, as locked.
-        let locked: Vec<String> = subs.iter().map(|row| row.id.clone()).collect();
         let mut states: HashMap<String, SubscriptionState> = subs
             .into_iter()
             .map(|row| (row.id.clone(), SubscriptionState::from(row)))
             .collect();
-        let (periods, database_now) = load_periods(&mut self.tx, &locked).await?;
+        let (periods, database_now) = load_periods(&mut self.tx, &sorted).await?;
         for (sub, period) in periods {
             if let Some(state) = states.get_mut(&sub) {
                 state.periods.push(period);
             }
         }
         Ok((states, database_now))
+    }
+
+    /// The subscription of each stored usage among these ids. A usage's
+    /// subscription never changes, so this can be read before the locks.
+    pub async fn usage_owners(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, String>> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, subscription_id FROM usages WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *self.tx)
+            .await
+            .context("reading the subscriptions of corrected usages")?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Usages already stored under any of these ids.

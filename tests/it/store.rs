@@ -341,62 +341,6 @@ async fn a_moved_trial_end_does_not_count_voided_usage_again() {
     assert_eq!(trial_used, Decimal::from(3), "the voided usage counts nowhere");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_correction_locks_the_subscription_it_names_unless_its_usage_is_stored_under_another() {
-    let env = TestEnv::start().await;
-    let active = |id: &str| snapshot_of(serde_json::json!({"id": id, "status": "active", "version": 1}));
-    apply(
-        &env,
-        &[
-            trial_snapshot(1, "2026-11-20T00:00:00Z"),
-            active("sub_2"),
-            active("sub_3"),
-        ],
-    )
-    .await;
-    let mut setup = BatchTx::begin(&env.pool).await.unwrap();
-    assert!(setup
-        .insert_usages(&[usage_in_november("u1", 1)])
-        .await
-        .unwrap()
-        .is_empty());
-    setup.commit().await.unwrap();
-
-    let named = |usage: &str, sub: &str| (usage.to_owned(), sub.to_owned());
-    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
-    let (locked, _) = batch
-        .lock_batch_at(
-            &[],
-            // u1 is stored under sub_1; u9 is not stored (yet).
-            &[named("u1", "sub_2"), named("u1", "sub_1"), named("u9", "sub_3")],
-        )
-        .await
-        .unwrap();
-    let mut locked: Vec<String> = locked.into_keys().collect();
-    locked.sort();
-    assert_eq!(locked, ["sub_1", "sub_3"]);
-    let mut free: Vec<String> = sqlx::query_scalar("SELECT id FROM subscriptions FOR UPDATE SKIP LOCKED")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-    free.sort();
-    assert_eq!(
-        free,
-        ["sub_2"],
-        "only the mismatching correction's subscription stays free"
-    );
-    batch.commit().await.unwrap();
-
-    // A report of that subscription in the same batch locks it.
-    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
-    let (locked, _) = batch
-        .lock_batch_at(&["sub_2".to_owned()], &[named("u1", "sub_2")])
-        .await
-        .unwrap();
-    assert_eq!(locked.into_keys().collect::<Vec<_>>(), ["sub_2"]);
-    batch.commit().await.unwrap();
-}
-
 fn dead_letter(source: (&str, i32, i64)) -> OutboxRecord {
     OutboxRecord {
         topic: "usage-events-dlq".into(),
