@@ -1,6 +1,6 @@
 //! The outcome published on `usage-results`: one per decided message.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use rust_decimal::Decimal;
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -35,11 +35,44 @@ pub(crate) fn serialize_opt_decimal<S: Serializer>(value: &Option<Decimal>, s: S
 
 /// RFC 3339 in UTC with milliseconds: one spelling for every time we write.
 pub fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    with_time_text(t, str::to_owned)
+}
+
+/// [`format_time`]'s text, lent to `f` from the stack. An outcome carries
+/// up to seven times, and chrono's general formatter (a `String` and a
+/// format-spec walk each) showed in the worker's profile; four-digit years
+/// without a leap second (every time a usage can have) are written here
+/// digit by digit, anything else by chrono.
+fn with_time_text<R>(t: DateTime<Utc>, f: impl FnOnce(&str) -> R) -> R {
+    let (year, nanos) = (t.year(), t.nanosecond());
+    let Ok(year @ 0..=9999) = u32::try_from(year) else {
+        return f(&t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    };
+    if nanos >= 1_000_000_000 {
+        return f(&t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    }
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    // (end of the field in `text`, width, value)
+    for (end, width, value) in [
+        (4, 4, year),
+        (7, 2, t.month()),
+        (10, 2, t.day()),
+        (13, 2, t.hour()),
+        (16, 2, t.minute()),
+        (19, 2, t.second()),
+        (23, 3, nanos / 1_000_000),
+    ] {
+        let mut rest = value;
+        for digit in text[end - width..end].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+    }
+    f(std::str::from_utf8(&text).expect("ASCII digits and separators"))
 }
 
 pub(crate) fn serialize_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*t))
+    with_time_text(*t, |text| s.serialize_str(text))
 }
 
 pub(crate) fn serialize_opt_time<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
@@ -579,7 +612,55 @@ impl Alert {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::str::FromStr;
+
+    fn chrono_text(t: DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    proptest! {
+        /// From year -300 to 10300, at any nanosecond.
+        #[test]
+        fn times_are_written_as_chrono_writes_them(
+            seconds in -71_640_000_000i64..262_880_000_000,
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let t = DateTime::from_timestamp(seconds, nanos).unwrap();
+            prop_assert_eq!(format_time(t), chrono_text(t));
+        }
+    }
+
+    #[test]
+    fn times_at_the_edges_are_written_as_chrono_writes_them() {
+        let leap_second = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        for t in [
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+            "2026-11-27T10:00:00.000999Z",
+            "1970-01-01T00:00:00.001Z",
+        ]
+        .map(|text| text.parse::<DateTime<Utc>>().unwrap())
+        .into_iter()
+        .chain([
+            leap_second,
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+            DateTime::from_timestamp(-62_167_219_201, 0).unwrap(),
+            DateTime::from_timestamp(253_402_300_800, 0).unwrap(),
+        ]) {
+            assert_eq!(format_time(t), chrono_text(t), "{t:?}");
+        }
+        assert_eq!(format_time(leap_second), "2016-12-31T23:59:60.500Z");
+        assert_eq!(
+            format_time("2026-11-27T10:00:00.123999Z".parse().unwrap()),
+            "2026-11-27T10:00:00.123Z"
+        );
+    }
 
     #[test]
     fn decimals_are_json_numbers_with_exact_digits() {
