@@ -680,7 +680,7 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
     );
     let per_1000 = |d: Duration| d.as_secs_f64() * 1e3 / throughput.events as f64 * 1e3;
     println!(
-        "CPU per 1000 events  {:.0} ms: worker {:.0}, PostgreSQL {:.0}, bench (load, mock cluster, reader) {:.0}{}",
+        "CPU per 1000 events  {:.1} ms: worker {:.1}, PostgreSQL {:.1}, bench (load, mock cluster, reader) {:.1}{}",
         per_1000(cpu.workers + cpu.postgres + cpu.bench),
         per_1000(cpu.workers),
         per_1000(cpu.postgres),
