@@ -41,16 +41,13 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 /// [`format_time`]'s text, lent to `f` from the stack. An outcome carries
 /// up to seven times, and chrono's general formatter (a `String` and a
 /// format-spec walk each) showed in the worker's profile; four-digit years
-/// without a leap second (every time a usage can have) are written here
-/// digit by digit, anything else by chrono.
+/// without a leap second are written here digit by digit, anything else by
+/// chrono.
 fn with_time_text<R>(t: DateTime<Utc>, f: impl FnOnce(&str) -> R) -> R {
-    let (year, nanos) = (t.year(), t.nanosecond());
-    let Ok(year @ 0..=9999) = u32::try_from(year) else {
+    let nanos = t.nanosecond();
+    let (Ok(year @ 0..=9999), 0..=999_999_999) = (u32::try_from(t.year()), nanos) else {
         return f(&t.to_rfc3339_opts(SecondsFormat::Millis, true));
     };
-    if nanos >= 1_000_000_000 {
-        return f(&t.to_rfc3339_opts(SecondsFormat::Millis, true));
-    }
     let mut text = *b"0000-00-00T00:00:00.000Z";
     // (end of the field in `text`, width, value)
     for (end, width, value) in [
