@@ -11,7 +11,8 @@ use usage_worker::domain::headers::Headers;
 use usage_worker::domain::subscription::decode_snapshot;
 use usage_worker::store::{
     apply_snapshots, claim_partition, delete_expired, mark_published_many, pending_many, release_fences, still_claimed,
-    take_fences, BatchTx, ControlMessage, NewAlert, NewUsage, OutboxRecord, SnapshotChange, SourcePosition,
+    take_fences, BatchTx, ControlMessage, CorrectionKind, NewAlert, NewUsage, OutboxRecord, SnapshotChange,
+    SourcePosition, StagedWrites, UsageCorrection,
 };
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -339,6 +340,73 @@ async fn a_moved_trial_end_does_not_count_voided_usage_again() {
         .await
         .unwrap();
     assert_eq!(trial_used, Decimal::from(3), "the voided usage counts nowhere");
+}
+
+/// The heap page of a usage's current row version.
+async fn page_of(env: &TestEnv, id: &str) -> i64 {
+    sqlx::query_scalar("SELECT (ctid::text::point)[0]::bigint FROM usages WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_rewrites_its_usage_on_the_page_it_is_on() {
+    let env = TestEnv::start().await;
+    apply(
+        &env,
+        &[snapshot(
+            1,
+            Some(("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z")),
+            "1000000",
+        )],
+    )
+    .await;
+    // Enough usages for several pages, inserted as a batch inserts them.
+    let usages: Vec<NewUsage> = (0..400).map(|i| usage_in_november(&format!("u{i:03}"), 1)).collect();
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    assert!(batch.insert_usages(&usages).await.unwrap().is_empty());
+    batch.commit().await.unwrap();
+    let last_page: i64 = sqlx::query_scalar("SELECT max((ctid::text::point)[0])::bigint FROM usages")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(last_page >= 2, "the usages fill several pages ({last_page})");
+    let first = &usages[0];
+    let page = page_of(&env, &first.id).await;
+    assert!(page < last_page, "a page that inserts filled");
+
+    let mut amended = first.as_stored();
+    amended.quantity = Decimal::from(2);
+    amended.last_requested_quantity = Some(Decimal::from(2));
+    let correction = UsageCorrection {
+        usage: amended,
+        action: CorrectionKind::Amended,
+        previous_quantity: Decimal::ONE,
+        requested_quantity: Some(Decimal::from(2)),
+        by: "kafka".into(),
+        reason: None,
+        time: t("2026-11-11T00:00:00Z"),
+    };
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    batch.lock_subscriptions(&["sub_1".to_owned()]).await.unwrap();
+    let writes = StagedWrites {
+        corrections: vec![correction],
+        ..StagedWrites::default()
+    };
+    batch.write_staged(&writes).await.unwrap();
+    batch.commit().await.unwrap();
+
+    let quantity: Decimal = sqlx::query_scalar("SELECT quantity FROM usages WHERE id = $1")
+        .bind(&first.id)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(quantity, Decimal::from(2));
+    // Room was left on the page: the new version stays beside the old one,
+    // and no index gets a new entry for it.
+    assert_eq!(page_of(&env, &first.id).await, page);
 }
 
 fn dead_letter(source: (&str, i32, i64)) -> OutboxRecord {
