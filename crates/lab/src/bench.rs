@@ -25,7 +25,6 @@ use test_kit::process::{self, WorkerProcess, WorkerSpec};
 use usage_worker::config::{Settings, TopicSettings};
 use usage_worker::domain::subscription::decode_pricing;
 use usage_worker::embedded::{EmbeddedKafka, ScratchDatabase};
-use usage_worker::store;
 
 use crate::load::{self, Generator, LimitMode, LoadProducer};
 use crate::local;
@@ -134,7 +133,6 @@ async fn measure(
     database: &str,
 ) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(database_url).await?;
-    store::migrate(&pool).await?;
     eprintln!(
         "bench: mock Kafka at {}, database {database}",
         kafka.bootstrap_servers()
@@ -145,6 +143,10 @@ async fn measure(
         args.corrections_per_mille()
     );
     let mut bench = Bench::set_up(settings, args, kafka, database_url)?;
+    // The schema of the worker under test, by its own `migrate`: so this
+    // bench can also measure an earlier build (USAGE_WORKER_BIN), with the
+    // same load, mock cluster and reader as the build beside it.
+    bench.spec.migrate()?;
     let main = bench.throughput_and_latency(&pool, database).await?;
     let baseline = bench.baseline(&pool).await?;
     let exactly_once = ExactlyOnce::check(kafka, &settings.topics, args.partitions, &bench.reader, &pool).await?;

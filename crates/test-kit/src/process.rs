@@ -58,13 +58,41 @@ impl WorkerSpec {
 
     /// Starts `usage-worker run`, appending to its log.
     pub fn spawn(&self) -> anyhow::Result<WorkerProcess> {
+        let child = self.command("run")?.spawn().context("starting a worker process")?;
+        Ok(WorkerProcess {
+            child,
+            log: self.log.clone(),
+        })
+    }
+
+    /// Runs `usage-worker migrate` to its end: the database gets the schema
+    /// of this binary, which may be an earlier build than the caller's.
+    pub fn migrate(&self) -> anyhow::Result<()> {
+        let status = self
+            .command("migrate")?
+            .status()
+            .context("running usage-worker migrate")?;
+        anyhow::ensure!(
+            status.success(),
+            "a worker exited ({status}) migrating the database; see {}",
+            self.log.display()
+        );
+        Ok(())
+    }
+
+    /// The binary with this subcommand, the spec's settings and none of the
+    /// caller's, its stderr appended to the log.
+    fn command(&self, subcommand: &str) -> anyhow::Result<Command> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
         let mut cmd = Command::new(&self.exe);
-        cmd.arg("run").stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
+        cmd.arg(subcommand)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
         // Only the spec's settings: none of the caller's own.
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();
@@ -84,11 +112,7 @@ impl WorkerSpec {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().context("starting a worker process")?;
-        Ok(WorkerProcess {
-            child,
-            log: self.log.clone(),
-        })
+        Ok(cmd)
     }
 }
 
