@@ -6,8 +6,8 @@
 //! own), one or more of them in one consumer group. Three phases:
 //! 1. throughput: N events as fast as the worker takes them (production is
 //!    paced by the outcomes read back, because the mock cluster keeps only
-//!    about 5 MiB per partition), from the first event produced to the last
-//!    outcome read;
+//!    about 5 MiB per partition, and sent in chunks, see [`REFILL_CHUNK`]),
+//!    from the first event produced to the last outcome read;
 //! 2. latency: a fixed offered load, event-to-outcome times;
 //! 3. baseline: the same pipeline forced to one event per transaction.
 //!
@@ -101,6 +101,15 @@ const SMALL_EVERY: u64 = 10;
 
 /// How many events may be ahead of their outcomes.
 const MAX_IN_FLIGHT: u64 = 60_000;
+
+/// An unpaced phase sends its events in chunks of this many (about 1,000 a
+/// partition at the default 12), not a few at a time as outcomes come back.
+/// The mock cluster answers a fetch with one message set a partition, found
+/// by walking the partition's log from its start, so its cost per event
+/// grows as message sets shrink; sent as outcomes arrived, they shrank with
+/// the pace, and the bench process cost more per event the slower the build
+/// it measured. Chunks keep the message sets about as large at any pace.
+const REFILL_CHUNK: u64 = 12_000;
 
 pub async fn run(settings: Settings, args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
@@ -370,19 +379,17 @@ impl Bench {
                     "bench: {sent} sent, {received}/{count} outcomes ({rate_now:.0}/s)"
                 ));
             }
-            let allowed = match rate {
-                Some(r) => (started.elapsed().as_secs_f64() * r as f64) as u64,
-                None => received + MAX_IN_FLIGHT,
-            }
-            .min(count);
-            if sent < allowed {
-                while sent < allowed {
-                    load::send_next(&self.producer, &self.topic, self.args.partitions, &mut self.generator)?;
-                    sent += 1;
-                }
-            } else {
+            let due = match rate {
+                Some(r) => due((started.elapsed().as_secs_f64() * r as f64) as u64, sent, count, 1),
+                None => due(received + MAX_IN_FLIGHT, sent, count, REFILL_CHUNK),
+            };
+            if due == 0 {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            for _ in 0..due {
+                load::send_next(&self.producer, &self.topic, self.args.partitions, &mut self.generator)?;
+            }
+            sent += due;
         }
         let elapsed = started.elapsed();
         progress.end();
@@ -392,6 +399,19 @@ impl Bench {
             events_per_sec: count as f64 / elapsed.as_secs_f64(),
             latencies_ms: self.reader.take_latencies(),
         })
+    }
+}
+
+/// How many of a phase's `count` events to send now, `sent` of them sent
+/// and `allowed` by the pace or the in-flight cap: all that are allowed,
+/// once that is a whole `chunk` or the rest of the phase; else none.
+fn due(allowed: u64, sent: u64, count: u64, chunk: u64) -> u64 {
+    let allowed = allowed.min(count);
+    let room = allowed.saturating_sub(sent);
+    if room >= chunk || (allowed == count && room > 0) {
+        room
+    } else {
+        0
     }
 }
 
@@ -737,6 +757,35 @@ fn print_report(report: &Report, args: &BenchArgs, main: &MainPhases, exactly_on
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unpaced_phase_sends_whole_chunks_and_then_its_rest() {
+        let chunk = REFILL_CHUNK;
+        // The first fill: all the in-flight cap allows.
+        assert_eq!(due(MAX_IN_FLIGHT, 0, 1_000_000, chunk), MAX_IN_FLIGHT);
+        // Outcomes came back, but less than a chunk's worth: wait.
+        assert_eq!(due(MAX_IN_FLIGHT + chunk - 1, MAX_IN_FLIGHT, 1_000_000, chunk), 0);
+        // A whole chunk's worth, or more.
+        assert_eq!(due(MAX_IN_FLIGHT + chunk, MAX_IN_FLIGHT, 1_000_000, chunk), chunk);
+        assert_eq!(
+            due(MAX_IN_FLIGHT + chunk + 5, MAX_IN_FLIGHT, 1_000_000, chunk),
+            chunk + 5
+        );
+        // The last events of the phase, fewer than a chunk, go at once…
+        assert_eq!(due(1_000_000 + 50_000, 996_000, 1_000_000, chunk), 4_000);
+        // …and a phase smaller than a chunk is sent whole.
+        assert_eq!(due(MAX_IN_FLIGHT, 0, 2_000, chunk), 2_000);
+        // Nothing is sent past the phase's end.
+        assert_eq!(due(1_000_000 + 50_000, 1_000_000, 1_000_000, chunk), 0);
+    }
+
+    #[test]
+    fn a_paced_phase_sends_each_event_when_its_time_comes() {
+        assert_eq!(due(0, 0, 25_000, 1), 0);
+        assert_eq!(due(1, 0, 25_000, 1), 1);
+        assert_eq!(due(7, 5, 25_000, 1), 2);
+        assert_eq!(due(30_000, 24_999, 25_000, 1), 1);
+    }
 
     fn snapshot(workers: u64, bench: u64, postgres: &[(i32, u64)]) -> CpuSnapshot {
         CpuSnapshot {
