@@ -213,26 +213,13 @@ async fn decide_and_insert(
     laps: &mut Laps,
 ) -> anyhow::Result<Staged> {
     let commands: Vec<&UsageCommand> = todo.iter().filter_map(|m| m.request.as_ref().ok()).collect();
-    let corrected: Vec<String> = commands
-        .iter()
-        .filter_map(|command| match command {
-            UsageCommand::Correct(correction) => Some(correction.id.clone()),
-            UsageCommand::Report(_) => None,
-        })
-        .collect();
-    // Read before any lock: what it reads never changes once stored.
-    let owners = if corrected.is_empty() || forced.is_some() {
-        HashMap::new()
-    } else {
-        tx.usage_owners(&corrected).await?
-    };
-    let sub_ids = subscriptions_to_lock(&commands, &owners);
+    let (reports, corrections) = lock_request(&commands);
     let ids: Vec<String> = todo.iter().map(|m| m.event_id(&ctx.input_topic)).collect();
     let mut attempt = 0;
     loop {
         attempt += 1;
         let (subscriptions, database_now) = if forced.is_none() {
-            tx.lock_subscriptions_at(&sub_ids).await?
+            tx.lock_subscriptions_for(&reports, &corrections).await?
         } else {
             (HashMap::new(), now)
         };
@@ -264,23 +251,24 @@ async fn decide_and_insert(
     }
 }
 
-/// The subscriptions a batch locks: each report's, and each correction's
-/// unless the usage it names is stored under another subscription. That
-/// correction is `subscription_mismatch` whatever any subscription holds (a
-/// usage's subscription never changes and its row is never deleted), and the
-/// subscription it names is usually on another partition: locking it would
-/// make this batch wait for the lane that holds that partition, until its
-/// whole transaction ends. `owners` maps stored usage ids to their
-/// subscriptions.
-fn subscriptions_to_lock(commands: &[&UsageCommand], owners: &HashMap<String, String>) -> Vec<String> {
-    commands
-        .iter()
-        .filter(|command| match command {
-            UsageCommand::Correct(c) => owners.get(&c.id).is_none_or(|owner| *owner == c.subscription_id),
-            UsageCommand::Report(_) => true,
-        })
-        .map(|command| command.subscription_id().to_owned())
-        .collect()
+/// What a batch asks to lock: the subscription of each report, and each
+/// correction's usage id with the subscription it names. The store locks
+/// that subscription unless the usage is stored under another one
+/// ([`BatchTx::lock_subscriptions_for`]): that correction is
+/// `subscription_mismatch` whatever any subscription holds, and the
+/// subscription it names is usually on another partition, so locking it
+/// would make this batch wait for the lane that holds that partition, until
+/// its whole transaction ends.
+fn lock_request(commands: &[&UsageCommand]) -> (Vec<String>, Vec<(String, String)>) {
+    let mut reports = Vec::with_capacity(commands.len());
+    let mut corrections = Vec::new();
+    for command in commands {
+        match command {
+            UsageCommand::Report(report) => reports.push(report.subscription_id.clone()),
+            UsageCommand::Correct(c) => corrections.push((c.id.clone(), c.subscription_id.clone())),
+        }
+    }
+    (reports, corrections)
 }
 
 /// Who a correction read from Kafka was made by, in the usage's history.
@@ -358,31 +346,25 @@ mod tests {
     use rust_decimal::Decimal;
 
     #[test]
-    fn a_correction_of_another_subscriptions_usage_locks_nothing() {
-        let report = UsageCommand::Report(UsageRequest {
-            id: Some("u9".into()),
-            subscription_id: "sub_a".into(),
-            quantity: Decimal::ONE,
-            usage_time: None,
-            accept_partial: false,
-        });
-        let void = |id: &str, sub: &str| {
-            UsageCommand::Correct(Correction {
-                id: id.into(),
+    fn a_batch_asks_to_lock_each_reports_subscription_and_each_corrections_with_its_usage() {
+        let report = |sub: &str| {
+            UsageCommand::Report(UsageRequest {
+                id: Some("u9".into()),
                 subscription_id: sub.into(),
-                action: CorrectionAction::Void { reason: None },
+                quantity: Decimal::ONE,
+                usage_time: None,
+                accept_partial: false,
             })
         };
-        let (own, foreign, unknown) = (void("u1", "sub_b"), void("u2", "sub_c"), void("u3", "sub_d"));
-        let owners = HashMap::from([
-            ("u1".to_owned(), "sub_b".to_owned()),
-            // Stored under sub_a: a correction naming sub_c is a mismatch.
-            ("u2".to_owned(), "sub_a".to_owned()),
-        ]);
-        let locked = subscriptions_to_lock(&[&report, &own, &foreign, &unknown], &owners);
-        // u3 is not stored (yet): its subscription is locked, as it may be
-        // created before the correction is decided.
-        assert_eq!(locked, ["sub_a", "sub_b", "sub_d"]);
+        let void = UsageCommand::Correct(Correction {
+            id: "u1".into(),
+            subscription_id: "sub_c".into(),
+            action: CorrectionAction::Void { reason: None },
+        });
+        let (a, b) = (report("sub_a"), report("sub_b"));
+        let (reports, corrections) = lock_request(&[&a, &void, &b]);
+        assert_eq!(reports, ["sub_a", "sub_b"]);
+        assert_eq!(corrections, [("u1".to_owned(), "sub_c".to_owned())]);
     }
 
     fn record_size(record: &OutboxRecord) -> usize {

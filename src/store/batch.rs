@@ -214,38 +214,55 @@ impl BatchTx {
         &mut self,
         ids: &[String],
     ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
-        let mut sorted = ids.to_vec();
+        self.lock_subscriptions_for(ids, &[]).await
+    }
+
+    /// [`Self::lock_subscriptions_at`] for reports and corrections: the
+    /// subscriptions `reports` names, and for each correction (the usage id
+    /// and the subscription it names) that subscription, unless the usage
+    /// is stored under another one. Such a correction is
+    /// `subscription_mismatch` whatever any subscription holds, and locking
+    /// the one it names would make the batch wait for whichever transaction
+    /// holds it (`decide.rs`). A usage's subscription never changes and its
+    /// row is never deleted, so the statement's snapshot can tell; reading
+    /// it there saves a batch with corrections a round trip of its own.
+    pub async fn lock_subscriptions_for(
+        &mut self,
+        reports: &[String],
+        corrections: &[(String, String)],
+    ) -> anyhow::Result<(HashMap<String, SubscriptionState>, DateTime<Utc>)> {
+        let mut sorted = reports.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
+        // `= ANY` of one array, whatever the corrections add to it: the
+        // subscriptions are found through their primary key.
         let subs: Vec<SubscriptionRow> = sqlx::query_as(&format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions
+             WHERE id = ANY($1::text[] || ARRAY(
+                 SELECT c.subscription_id
+                 FROM UNNEST($2::text[], $3::text[]) AS c(usage_id, subscription_id)
+                 WHERE NOT EXISTS (SELECT 1 FROM usages u
+                                   WHERE u.id = c.usage_id AND u.subscription_id <> c.subscription_id)))
+             ORDER BY id FOR UPDATE"
         ))
         .bind(&sorted)
+        .bind(corrections.iter().map(|(usage, _)| usage.as_str()).collect::<Vec<_>>())
+        .bind(corrections.iter().map(|(_, sub)| sub.as_str()).collect::<Vec<_>>())
         .fetch_all(&mut *self.tx)
         .await
         .context("locking subscriptions")?;
+        let locked: Vec<String> = subs.iter().map(|row| row.id.clone()).collect();
         let mut states: HashMap<String, SubscriptionState> = subs
             .into_iter()
             .map(|row| (row.id.clone(), SubscriptionState::from(row)))
             .collect();
-        let (periods, database_now) = load_periods(&mut self.tx, &sorted).await?;
+        let (periods, database_now) = load_periods(&mut self.tx, &locked).await?;
         for (sub, period) in periods {
             if let Some(state) = states.get_mut(&sub) {
                 state.periods.push(period);
             }
         }
         Ok((states, database_now))
-    }
-
-    /// The subscription of each stored usage among these ids. A usage's
-    /// subscription never changes, so this can be read before the locks.
-    pub async fn usage_owners(&mut self, ids: &[String]) -> anyhow::Result<HashMap<String, String>> {
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, subscription_id FROM usages WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(&mut *self.tx)
-            .await
-            .context("reading the subscriptions of corrected usages")?;
-        Ok(rows.into_iter().collect())
     }
 
     /// Usages already stored under any of these ids.

@@ -301,6 +301,65 @@ async fn a_moved_trial_end_counts_usage_committed_while_the_snapshot_waited_for_
     );
 }
 
+/// A batch locks the subscription of each report, and the one each
+/// correction names unless its usage is stored under another: that
+/// correction is a mismatch, and its lock would only make the batch wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_of_another_subscriptions_usage_locks_nothing() {
+    let env = TestEnv::start().await;
+    let subscription = |id: &str| {
+        snapshot_of(serde_json::json!({
+            "id": id, "status": "active", "version": 1,
+            "currentPeriodStartTime": "2026-11-01T00:00:00Z", "currentPeriodEndTime": "2026-12-01T00:00:00Z",
+            "usageLimits": {"hardLimit": 100}
+        }))
+    };
+    apply(&env, &["sub_a", "sub_b", "sub_c", "sub_d"].map(subscription)).await;
+    let stored_under = |id: &str, sub: &str| NewUsage {
+        subscription_id: sub.into(),
+        ..usage_in_november(id, 1)
+    };
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    batch
+        .lock_subscriptions(&["sub_a".to_owned(), "sub_b".to_owned()])
+        .await
+        .unwrap();
+    let collided = batch
+        .insert_usages(&[stored_under("u1", "sub_b"), stored_under("u2", "sub_a")])
+        .await
+        .unwrap();
+    assert!(collided.is_empty());
+    batch.commit().await.unwrap();
+
+    let mut batch = BatchTx::begin(&env.pool).await.unwrap();
+    let corrections = [
+        // Its own subscription's usage.
+        ("u1".to_owned(), "sub_b".to_owned()),
+        // Stored under sub_a: naming sub_c is a mismatch.
+        ("u2".to_owned(), "sub_c".to_owned()),
+        // Not stored (yet): it may be created before the correction is
+        // decided, so its subscription is locked.
+        ("u3".to_owned(), "sub_d".to_owned()),
+    ];
+    let (locked, _) = batch
+        .lock_subscriptions_for(&["sub_a".to_owned(), "sub_a".to_owned()], &corrections)
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = locked.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["sub_a", "sub_b", "sub_d"]);
+    assert!(locked.values().all(|s| s.periods.len() == 1), "{locked:?}");
+    // Held until the batch ends: another transaction can lock sub_c only.
+    let mut other = env.pool.begin().await.unwrap();
+    let free: Vec<String> = sqlx::query_scalar("SELECT id FROM subscriptions ORDER BY id FOR UPDATE SKIP LOCKED")
+        .fetch_all(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(free, ["sub_c"]);
+    other.rollback().await.unwrap();
+    batch.commit().await.unwrap();
+}
+
 /// A usage of `sub_1` on 10 November, in the period from 1 November.
 fn usage_in_november(id: &str, quantity: i64) -> NewUsage {
     NewUsage {
